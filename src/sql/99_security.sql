@@ -1,0 +1,68 @@
+-- 99_security.sql: runs last.  Ownership, row-level security and privileges
+-- for everything the parts above created, so no part can forget them.
+
+DO $security$
+DECLARE
+  r record;
+BEGIN
+  -- Tables: owned by fluxrate_owner, RLS enabled and FORCED (the owner is
+  -- subject to it too).  Tenant tables get one policy: the row's org_id is the
+  -- organization the running API call resolved.  fluxrate_system bypasses RLS
+  -- (its few cross-organization functions check org_id themselves).
+  FOR r IN
+    SELECT c.oid::regclass AS tbl,
+           EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                   WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attname OPERATOR(pg_catalog.=) 'org_id'
+                     AND NOT a.attisdropped) AS has_org
+      FROM pg_catalog.pg_class c
+     WHERE c.relnamespace OPERATOR(pg_catalog.=) 'fluxrate_internal'::regnamespace
+       AND c.relkind IN ('r', 'p')
+  LOOP
+    EXECUTE pg_catalog.format('ALTER TABLE %s OWNER TO fluxrate_owner', r.tbl);
+    EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', r.tbl);
+    EXECUTE pg_catalog.format('ALTER TABLE %s FORCE ROW LEVEL SECURITY', r.tbl);
+    IF r.has_org THEN
+      EXECUTE pg_catalog.format(
+        'CREATE POLICY tenant_wall ON %s FOR ALL TO fluxrate_owner '
+        'USING (org_id OPERATOR(pg_catalog.=) fluxrate_internal.current_org_id()) '
+        'WITH CHECK (org_id OPERATOR(pg_catalog.=) fluxrate_internal.current_org_id())', r.tbl);
+    END IF;
+    EXECUTE pg_catalog.format('GRANT ALL ON TABLE %s TO fluxrate_system', r.tbl);
+  END LOOP;
+
+  FOR r IN
+    SELECT c.oid::regclass AS seq FROM pg_catalog.pg_class c
+     WHERE c.relnamespace OPERATOR(pg_catalog.=) 'fluxrate_internal'::regnamespace AND c.relkind OPERATOR(pg_catalog.=) 'S'
+  LOOP
+    EXECUTE pg_catalog.format('ALTER SEQUENCE %s OWNER TO fluxrate_owner', r.seq);
+    EXECUTE pg_catalog.format('GRANT USAGE, SELECT, UPDATE ON SEQUENCE %s TO fluxrate_system', r.seq);
+  END LOOP;
+
+  -- Functions: SECURITY DEFINER ones run as their owner.  Internal functions
+  -- named sys_* work across organizations and are owned by fluxrate_system;
+  -- everything else by fluxrate_owner, which row-level security confines to
+  -- one organization.  Every definer function must pin search_path (tested).
+  FOR r IN
+    SELECT p.oid::regprocedure AS fn, p.prokind, p.proname
+      FROM pg_catalog.pg_proc p
+     WHERE p.pronamespace IN ('fluxrate'::regnamespace, 'fluxrate_internal'::regnamespace)
+  LOOP
+    EXECUTE pg_catalog.format('ALTER %s %s OWNER TO %s',
+      CASE r.prokind WHEN 'p' THEN 'PROCEDURE' WHEN 'a' THEN 'AGGREGATE' ELSE 'FUNCTION' END, r.fn,
+      CASE WHEN r.proname LIKE 'sys\_%' THEN 'fluxrate_system' ELSE 'fluxrate_owner' END);
+    EXECUTE pg_catalog.format('REVOKE ALL ON %s %s FROM PUBLIC',
+      CASE r.prokind WHEN 'p' THEN 'PROCEDURE' ELSE 'FUNCTION' END, r.fn);
+  END LOOP;
+END
+$security$;
+
+ALTER SCHEMA fluxrate_internal OWNER TO fluxrate_owner;
+REVOKE ALL ON SCHEMA fluxrate_internal FROM PUBLIC;
+GRANT USAGE ON SCHEMA fluxrate_internal TO fluxrate_system;
+GRANT USAGE ON SCHEMA fluxrate TO fluxrate_owner, fluxrate_system, fluxrate_app;
+-- fluxrate_owner calls a few sys_* helpers (API-key lookup) and vice versa
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA fluxrate_internal TO fluxrate_owner, fluxrate_system;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA fluxrate TO fluxrate_owner, fluxrate_system;
+-- The trusted application role may call the whole public API.
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA fluxrate TO fluxrate_app;
+GRANT EXECUTE ON ALL PROCEDURES IN SCHEMA fluxrate TO fluxrate_app;

@@ -1,0 +1,75 @@
+/*-------------------------------------------------------------------------
+ * util.c
+ *	  Identifiers and random tokens from libsodium's CSPRNG.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <sodium.h>
+
+#include "fmgr.h"
+#include "utils/builtins.h"
+#include "utils/timestamp.h"
+#include "utils/uuid.h"
+
+#include "fluxrate.h"
+
+static const char base62[] =
+"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/*
+ * UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then randomness.  Time-ordered
+ * ids keep the events' primary-key index appending at its right edge instead
+ * of writing all over it, as random UUIDs do (baseline notes).
+ */
+void
+FrUuidV7(unsigned char out[16], TimestampTz ts)
+{
+	uint64		ms = (uint64) (ts / 1000 +
+							   (int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY * 1000);
+
+	randombytes_buf(out + 6, 10);
+	out[0] = (ms >> 40) & 0xff;
+	out[1] = (ms >> 32) & 0xff;
+	out[2] = (ms >> 24) & 0xff;
+	out[3] = (ms >> 16) & 0xff;
+	out[4] = (ms >> 8) & 0xff;
+	out[5] = ms & 0xff;
+	out[6] = (out[6] & 0x0f) | 0x70;	/* version 7 */
+	out[8] = (out[8] & 0x3f) | 0x80;	/* variant 10 */
+}
+
+/* len characters drawn uniformly from [0-9A-Za-z] (no modulo bias) */
+void
+FrRandomBase62(char *out, int len)
+{
+	for (int i = 0; i < len; i++)
+		out[i] = base62[randombytes_uniform(62)];
+	out[len] = '\0';
+}
+
+PG_FUNCTION_INFO_V1(fr_uuid_v7);
+Datum
+fr_uuid_v7(PG_FUNCTION_ARGS)
+{
+	pg_uuid_t  *u = palloc(sizeof(pg_uuid_t));
+
+	FrUuidV7(u->data, GetCurrentTimestamp());
+	PG_RETURN_UUID_P(u);
+}
+
+PG_FUNCTION_INFO_V1(fr_random_token);
+Datum
+fr_random_token(PG_FUNCTION_ARGS)
+{
+	int32		len = PG_GETARG_INT32(0);
+	char	   *buf;
+
+	if (len < 1 || len > 1024)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("token length must be between 1 and 1024")));
+	buf = palloc(len + 1);
+	FrRandomBase62(buf, len);
+	PG_RETURN_TEXT_P(cstring_to_text(buf));
+}

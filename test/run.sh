@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# make test: set everything up (packages, build, private install), then run
+#   1. the pg_regress suite: sql/<name>.sql against expected/<name>.out, in a
+#      temp instance with pg_cron and fluxrate preloaded;
+#   2. the scenario scripts test/scripts/*.sh, each against its own throwaway
+#      cluster (concurrency with pgbench, real SMTP and HTTP peers on loopback).
+# Prints "N passed, N failed" last.  TESTS="a b" or SCRIPTS="x" narrow the run.
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$ROOT"
+OUT=$ROOT/build/regress
+rm -rf "$OUT"; mkdir -p "$OUT"; chown -R "$RUNAS" "$OUT" 2>/dev/null || true
+pass=0; fail=0
+
+if [ "${TESTS-unset}" = unset ]; then
+  TESTS=$(ls sql/*.sql | sed 's#sql/##; s#\.sql$##' | sort | tr '\n' ' ')
+fi
+if [ -n "$TESTS" ]; then
+  as_user "$PG_REGRESS" --bindir="$PGBIN" --inputdir="$ROOT" --outputdir="$OUT" \
+    --temp-instance="$OUT/tmp_check" --temp-config="$ROOT/test/postgresql.conf" \
+    --dbname=contrib_regression --load-extension=pg_cron --load-extension=fluxrate \
+    $TESTS 2>&1 | tee "$OUT/pg_regress.txt"
+  p=$(grep -E '\.\.\. ok' "$OUT/pg_regress.txt" | wc -l)
+  f=$(grep -E '\.\.\. (FAILED|failed)' "$OUT/pg_regress.txt" | wc -l)
+  n=$(echo $TESTS | wc -w)
+  # a test that never reported (crash of the whole run) counts as failed
+  if [ $((p + f)) -lt "$n" ]; then f=$((n - p)); fi
+  pass=$((pass + p)); fail=$((fail + f))
+  if [ -s "$OUT/regression.diffs" ]; then
+    echo "---- regression.diffs (first 200 lines) ----"; head -200 "$OUT/regression.diffs"
+  fi
+fi
+
+if [ "${SCRIPTS-unset}" = unset ]; then
+  SCRIPTS=$(ls test/scripts/*.sh 2>/dev/null | sort | tr '\n' ' ')
+fi
+for s in $SCRIPTS; do
+  name=$(basename "$s" .sh)
+  log="$OUT/script-$name.log"
+  start=$(date +%s)
+  if as_user env ROOT="$ROOT" PGBIN="$PGBIN" OUT="$OUT" bash "$s" >"$log" 2>&1; then
+    echo "script $name ... ok $(( $(date +%s) - start )) s"; pass=$((pass + 1))
+  else
+    echo "script $name ... FAILED $(( $(date +%s) - start )) s (log follows)"; tail -40 "$log"
+    fail=$((fail + 1))
+  fi
+done
+echo "$pass passed, $fail failed"
+[ "$fail" = 0 ]
