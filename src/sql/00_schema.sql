@@ -306,3 +306,16 @@ CREATE TABLE fluxrate_internal.tax_rates (
   PRIMARY KEY (org_id, id),
   UNIQUE (org_id, country, state)
 );
+
+-- The outbox: business events written in the same transaction as the change
+-- that caused them (invoice.finalized, invoice.paid, subscription.canceled, ...),
+-- so nothing is announced for a rolled-back change and nothing is lost for a
+-- committed one.  Delivery (e-mail, webhooks) consumes it.
+CREATE TABLE fluxrate_internal.outbox (
+  org_id      uuid NOT NULL,
+  id          uuid NOT NULL,                 -- UUIDv7: the stable event id receivers de-duplicate on
+  event       text NOT NULL,
+  payload     jsonb NOT NULL,                -- {event, timestamp, data}
+  created_at  timestamptz NOT NULL,
+  PRIMARY KEY (org_id, id)
+);

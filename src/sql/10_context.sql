@@ -170,3 +170,20 @@ EXCEPTION WHEN check_violation THEN
     'billing_country is a 2-letter code, payment_terms_days 0..3650, grace_period not negative.');
 END
 $$;
+
+-- Record a business event in the outbox, in the caller's transaction.
+CREATE FUNCTION fluxrate_internal.emit_event(org_id uuid, event text, data jsonb) RETURNS uuid
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_id uuid := fluxrate_internal.uuid_v7();
+  v_now timestamptz := fluxrate.now();
+BEGIN
+  INSERT INTO fluxrate_internal.outbox (org_id, id, event, payload, created_at)
+  VALUES (emit_event.org_id, v_id, emit_event.event,
+          jsonb_build_object('id', v_id, 'event', emit_event.event, 'timestamp', v_now, 'data', emit_event.data),
+          v_now);
+  RETURN v_id;
+END
+$$;
