@@ -29,8 +29,16 @@ CREATE FUNCTION fluxrate_internal.fail(code text, message text, detail text DEFA
   RETURNS void LANGUAGE plpgsql
   AS $$
 BEGIN
-  RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message,
-        DETAIL = coalesce(detail, ''), HINT = coalesce(hint, '');
+  -- RAISE refuses NULL options, and an empty DETAIL/HINT would still be printed
+  IF detail IS NOT NULL AND hint IS NOT NULL THEN
+    RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message, DETAIL = detail, HINT = hint;
+  ELSIF detail IS NOT NULL THEN
+    RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message, DETAIL = detail;
+  ELSIF hint IS NOT NULL THEN
+    RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message, HINT = hint;
+  ELSE
+    RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message;
+  END IF;
 END
 $$;
 

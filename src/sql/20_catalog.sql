@@ -170,8 +170,12 @@ BEGIN
     INSERT INTO fluxrate_internal.meters (org_id, feature_id, meter_name, property_name, aggregation_type,
         unique_property, unit, filters, created_at)
     VALUES (v_org, f.id, create_feature.meter_name,
+            -- UNIQUE_COUNT counts distinct metadata[property_name] (default user_id);
+            -- COUNT needs no property
             coalesce(create_feature.property_name, CASE v_agg WHEN 'UNIQUE_COUNT' THEN coalesce(create_feature.unique_property, 'user_id') ELSE 'quantity' END),
-            v_agg, coalesce(create_feature.unique_property, create_feature.property_name, 'user_id'),
+            v_agg,
+            CASE WHEN v_agg = 'UNIQUE_COUNT' THEN coalesce(create_feature.unique_property, create_feature.property_name, 'user_id')
+                 ELSE coalesce(create_feature.unique_property, 'user_id') END,
             create_feature.unit, v_filters, fluxrate.now());
   END IF;
   PERFORM set_config('response.status', '201', true);
@@ -835,6 +839,7 @@ BEGIN
   s.start_date := v_start;
   s.trial_end_date := v_trial_end;
   s.created_at := fluxrate.now();
+  s.cancel_at_period_end := false;
   IF v_trial_end IS NOT NULL THEN
     -- the trial is period 0 of its own; billing periods start at the trial end
     s.status := 'TRIAL';
@@ -850,6 +855,8 @@ BEGIN
     s.current_period_end := fluxrate_internal.period_boundary(v_start, p.billing_interval, v_align, 1);
   END IF;
   INSERT INTO fluxrate_internal.subscriptions SELECT s.*;
+  PERFORM fluxrate_internal.emit_event(v_org, 'subscription.created',
+    jsonb_build_object('subscription_id', s.id, 'customer_id', s.customer_id, 'plan_id', s.plan_id, 'status', s.status));
   PERFORM set_config('response.status', '201', true);
   RETURN fluxrate_internal.subscription_json(s);
 END
