@@ -44,4 +44,10 @@ extern Datum FrRequireOrg(const char *scope);
 extern void FrUuidV7(unsigned char out[16], TimestampTz ts);
 extern void FrRandomBase62(char *out, int len);
 
+
+
+/* apikey.c */
+#include "utils/array.h"
+extern void FrVerifyApiKey(const char *key, Datum *org, Datum *key_id, ArrayType **scopes);
+extern bool FrScopesGrant(ArrayType *scopes, const char *scope);
 #endif							/* FLUXRATE_H */

@@ -1,0 +1,312 @@
+/*-------------------------------------------------------------------------
+ * apikey.c
+ *	  API keys: generation, keyed hashing, verification.
+ *
+ * A key is "org_live_" followed by 43 base62 characters from libsodium's
+ * CSPRNG (about 256 bits).  Only a keyed BLAKE2b-256 hash of the whole key is
+ * stored, with a display prefix.  The hashing key (the "pepper") is 32 random
+ * bytes generated at CREATE EXTENSION time into fluxrate_internal.server_secrets,
+ * a table only fluxrate_system can read; it never leaves the database.  A stolen
+ * copy of api_keys alone is useless, and high-entropy keys need no slow hash
+ * (argon2 per request would cost tens of milliseconds: notes 6.3).
+ *
+ * Keys are looked up by hash, before the organization is known, so the lookup
+ * runs as fluxrate_system (which bypasses row-level security) and returns the
+ * key's organization; everything after it is confined to that organization.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <sodium.h>
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/acl.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+#include "utils/uuid.h"
+
+#include "fluxrate.h"
+
+#define FR_KEY_PREFIX		"org_live_"
+#define FR_KEY_PREFIX_LEN	9
+#define FR_KEY_RANDOM_LEN	43
+#define FR_KEY_LEN			(FR_KEY_PREFIX_LEN + FR_KEY_RANDOM_LEN)
+
+static unsigned char *pepper = NULL;	/* crypto_generichash_KEYBYTES, mlocked */
+static SPIPlanPtr lookup_plan = NULL;
+static SPIPlanPtr touch_plan = NULL;
+
+/* Run SPI work as fluxrate_system; the caller restores with RestoreUser */
+static void
+BecomeSystem(Oid *save_user, int *save_sec)
+{
+	Oid			sys = get_role_oid("fluxrate_system", false);
+
+	GetUserIdAndSecContext(save_user, save_sec);
+	SetUserIdAndSecContext(sys, *save_sec | SECURITY_LOCAL_USERID_CHANGE);
+}
+
+/* Load the pepper once per backend (as fluxrate_system) */
+static void
+LoadPepper(void)
+{
+	Oid			save_user;
+	int			save_sec;
+	bool		isnull;
+	Datum		d;
+	bytea	   *b;
+
+	if (pepper != NULL)
+		return;
+	BecomeSystem(&save_user, &save_sec);
+	PG_TRY();
+	{
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
+		if (SPI_execute("SELECT secret FROM fluxrate_internal.server_secrets WHERE name OPERATOR(pg_catalog.=) 'api_key_pepper'",
+						true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+			ereport(ERROR,
+					(errcode(ERRCODE_INTERNAL_ERROR),
+					 errmsg("fluxrate server secret is missing"),
+					 errhint("Reinstall the extension.")));
+		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+		b = DatumGetByteaPP(d);
+		if (isnull || VARSIZE_ANY_EXHDR(b) != crypto_generichash_KEYBYTES)
+			ereport(ERROR,
+					(errcode(ERRCODE_INTERNAL_ERROR),
+					 errmsg("fluxrate server secret has the wrong length")));
+		pepper = MemoryContextAlloc(TopMemoryContext, crypto_generichash_KEYBYTES);
+		memcpy(pepper, VARDATA_ANY(b), crypto_generichash_KEYBYTES);
+		sodium_mlock(pepper, crypto_generichash_KEYBYTES);
+		SPI_finish();
+	}
+	PG_FINALLY();
+	{
+		SetUserIdAndSecContext(save_user, save_sec);
+	}
+	PG_END_TRY();
+}
+
+/* Keyed BLAKE2b-256 of a key */
+static void
+HashKey(const char *key, size_t len, unsigned char out[32])
+{
+	LoadPepper();
+	crypto_generichash(out, 32, (const unsigned char *) key, len,
+					   pepper, crypto_generichash_KEYBYTES);
+}
+
+/* 32 random bytes, for the pepper and other server secrets */
+PG_FUNCTION_INFO_V1(fr_random_bytes);
+Datum
+fr_random_bytes(PG_FUNCTION_ARGS)
+{
+	int32		n = PG_GETARG_INT32(0);
+	bytea	   *b;
+
+	if (n < 1 || n > 1024)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("byte count must be between 1 and 1024")));
+	b = palloc(VARHDRSZ + n);
+	SET_VARSIZE(b, VARHDRSZ + n);
+	randombytes_buf(VARDATA(b), n);
+	PG_RETURN_BYTEA_P(b);
+}
+
+/*
+ * fluxrate_internal.new_api_key() -> (key text, prefix text, key_hash bytea)
+ * The SQL wrapper stores prefix and hash and returns key exactly once.
+ */
+PG_FUNCTION_INFO_V1(fr_new_api_key);
+Datum
+fr_new_api_key(PG_FUNCTION_ARGS)
+{
+	char		key[FR_KEY_LEN + 1];
+	unsigned char hash[32];
+	TupleDesc	tupdesc;
+	Datum		values[3];
+	bool		nulls[3] = {false, false, false};
+	bytea	   *h;
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	memcpy(key, FR_KEY_PREFIX, FR_KEY_PREFIX_LEN);
+	FrRandomBase62(key + FR_KEY_PREFIX_LEN, FR_KEY_RANDOM_LEN);
+	HashKey(key, FR_KEY_LEN, hash);
+	h = palloc(VARHDRSZ + 32);
+	SET_VARSIZE(h, VARHDRSZ + 32);
+	memcpy(VARDATA(h), hash, 32);
+	values[0] = CStringGetTextDatum(key);
+	values[1] = PointerGetDatum(cstring_to_text_with_len(key, 12));
+	values[2] = PointerGetDatum(h);
+	sodium_memzero(key, sizeof(key));
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/*
+ * Verify a key: returns its organization, id and scopes, or raises PT401.
+ * Runs as fluxrate_system.  last_used_at is written at most once a minute per
+ * key, so verification does not add a write to every call.
+ */
+void
+FrVerifyApiKey(const char *key, Datum *org, Datum *key_id, ArrayType **scopes)
+{
+	size_t		len = strlen(key);
+	unsigned char hash[32];
+	bytea	   *h;
+	Datum		args[2];
+	Oid			save_user;
+	int			save_sec;
+	MemoryContext caller = CurrentMemoryContext;
+
+	if (len != FR_KEY_LEN || strncmp(key, FR_KEY_PREFIX, FR_KEY_PREFIX_LEN) != 0)
+		ereport(ERROR,
+				(errcode(FR_ERRCODE_UNAUTHENTICATED),
+				 errmsg("invalid api key"),
+				 errdetail("An API key is \"org_live_\" followed by 43 letters and digits."),
+				 errhint("Create a key with fluxrate.create_api_key.")));
+	HashKey(key, len, hash);
+	h = palloc(VARHDRSZ + 32);
+	SET_VARSIZE(h, VARHDRSZ + 32);
+	memcpy(VARDATA(h), hash, 32);
+
+	BecomeSystem(&save_user, &save_sec);
+	PG_TRY();
+	{
+		bool		isnull;
+		HeapTuple	tup;
+		TupleDesc	td;
+		bytea	   *stored;
+		char	   *status;
+		TimestampTz now = FrNow();
+
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
+		if (lookup_plan == NULL)
+		{
+			SPIPlanPtr	p = SPI_prepare("SELECT org_id, id, scopes, status, key_hash, "
+										"(last_used_at IS NULL OR last_used_at OPERATOR(pg_catalog.<) ($2 OPERATOR(pg_catalog.-) interval '1 minute')) AS stale "
+										"FROM fluxrate_internal.api_keys WHERE key_hash OPERATOR(pg_catalog.=) $1",
+										2, (Oid[]) {BYTEAOID, TIMESTAMPTZOID});
+
+			if (p == NULL)
+				elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+			SPI_keepplan(p);
+			lookup_plan = p;
+		}
+		args[0] = PointerGetDatum(h);
+		args[1] = TimestampTzGetDatum(now);
+		if (SPI_execute_plan(lookup_plan, args, NULL, true, 1) != SPI_OK_SELECT)
+			elog(ERROR, "api key lookup failed");
+		if (SPI_processed != 1)
+			ereport(ERROR,
+					(errcode(FR_ERRCODE_UNAUTHENTICATED),
+					 errmsg("invalid api key"),
+					 errhint("The key is unknown; create one with fluxrate.create_api_key.")));
+		tup = SPI_tuptable->vals[0];
+		td = SPI_tuptable->tupdesc;
+		stored = DatumGetByteaPP(SPI_getbinval(tup, td, 5, &isnull));
+		/* the index found it by equality; compare again in constant time anyway */
+		if (VARSIZE_ANY_EXHDR(stored) != 32 ||
+			crypto_verify_32((const unsigned char *) VARDATA_ANY(stored), hash) != 0)
+			ereport(ERROR,
+					(errcode(FR_ERRCODE_UNAUTHENTICATED),
+					 errmsg("invalid api key")));
+		status = SPI_getvalue(tup, td, 4);
+		if (strcmp(status, "ACTIVE") != 0)
+			ereport(ERROR,
+					(errcode(FR_ERRCODE_UNAUTHENTICATED),
+					 errmsg("api key revoked"),
+					 errhint("Create a new key with fluxrate.create_api_key.")));
+		{
+			MemoryContext spi = MemoryContextSwitchTo(caller);
+
+			*org = datumCopy(SPI_getbinval(tup, td, 1, &isnull), false, 16);
+			*key_id = datumCopy(SPI_getbinval(tup, td, 2, &isnull), false, 16);
+			*scopes = DatumGetArrayTypePCopy(SPI_getbinval(tup, td, 3, &isnull));
+			MemoryContextSwitchTo(spi);
+		}
+		if (DatumGetBool(SPI_getbinval(tup, td, 6, &isnull)) && !XactReadOnly)
+		{
+			Datum		targs[3];
+
+			if (touch_plan == NULL)
+			{
+				SPIPlanPtr	p = SPI_prepare("UPDATE fluxrate_internal.api_keys SET last_used_at = $3 "
+											"WHERE org_id OPERATOR(pg_catalog.=) $1 AND id OPERATOR(pg_catalog.=) $2",
+											3, (Oid[]) {UUIDOID, UUIDOID, TIMESTAMPTZOID});
+
+				if (p == NULL)
+					elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+				SPI_keepplan(p);
+				touch_plan = p;
+			}
+			targs[0] = *org;
+			targs[1] = *key_id;
+			targs[2] = TimestampTzGetDatum(now);
+			SPI_execute_plan(touch_plan, targs, NULL, false, 0);
+		}
+		SPI_finish();
+	}
+	PG_FINALLY();
+	{
+		SetUserIdAndSecContext(save_user, save_sec);
+	}
+	PG_END_TRY();
+}
+
+/* Does a text[] of scopes grant scope ("admin" grants all)? */
+bool
+FrScopesGrant(ArrayType *scopes, const char *scope)
+{
+	Datum	   *elems;
+	bool	   *nulls;
+	int			n;
+	bool		found = false;
+
+	deconstruct_array(scopes, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &n);
+	for (int i = 0; i < n && !found; i++)
+	{
+		char	   *s;
+
+		if (nulls[i])
+			continue;
+		s = TextDatumGetCString(elems[i]);
+		found = (strcmp(s, scope) == 0 || strcmp(s, "admin") == 0);
+	}
+	return found;
+}
+
+/*
+ * fluxrate_internal.sys_verify_api_key(key) -> (org_id, key_id, scopes)
+ * For the PostgREST pre-request and for SQL callers holding a key.
+ */
+PG_FUNCTION_INFO_V1(fr_verify_api_key);
+Datum
+fr_verify_api_key(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[3];
+	bool		nulls[3] = {false, false, false};
+	ArrayType  *scopes;
+	char	   *key;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(FR_ERRCODE_UNAUTHENTICATED),
+				 errmsg("api key is required")));
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	key = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	FrVerifyApiKey(key, &values[0], &values[1], &scopes);
+	values[2] = PointerGetDatum(scopes);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}

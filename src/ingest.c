@@ -1,0 +1,746 @@
+/*-------------------------------------------------------------------------
+ * ingest.c
+ *	  fluxrate.track and fluxrate.track_batch: the hot path.
+ *
+ * One event = resolve the meter (by token or by name), resolve or create the
+ * customer, validate the quantity, and insert into usage_events with
+ * INSERT .. ON CONFLICT (org_id, idempotency_key) DO NOTHING, all in the
+ * caller's transaction: the event exists if and only if the caller commits.
+ * Idempotency is exact and has no expiry: the unique index is the arbiter.
+ * A conflict is a replay when the payload hash matches (the original event is
+ * returned, HTTP 200) and a PT409 conflict otherwise (nothing written).
+ *
+ * Every query is prepared once per backend and kept (SPI_keepplan); the
+ * quantity stays numeric from the argument to the row, never a float.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <sodium.h>
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "funcapi.h"
+#include "lib/stringinfo.h"
+#include "miscadmin.h"
+#include "utils/builtins.h"
+#include "utils/datetime.h"
+#include "utils/guc.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/memutils.h"
+#include "utils/numeric.h"
+#include "utils/resowner.h"
+#include "utils/timestamp.h"
+#include "utils/uuid.h"
+
+#include "fluxrate.h"
+
+#define FR_MAX_METADATA		16384
+#define FR_MAX_SCALE		12
+#define FR_MAX_BATCH		1000
+#define FR_FUTURE_SLACK		(5 * 60 * USECS_PER_SEC)
+
+typedef struct TrackInput
+{
+	char	   *meter_token;
+	char	   *meter_name;
+	char	   *customer_external_id;
+	Numeric		quantity;		/* NULL if not sent */
+	bool		has_ts;
+	TimestampTz ts;
+	char	   *idempotency_key;
+	Jsonb	   *metadata;		/* NULL if not sent */
+	Jsonb	   *properties;		/* NULL if not sent */
+} TrackInput;
+
+typedef struct MeterInfo
+{
+	pg_uuid_t	id;
+	char		agg[16];
+	char	   *property;
+	char	   *unique_property;
+} MeterInfo;
+
+static SPIPlanPtr plan_meter_token = NULL;
+static SPIPlanPtr plan_meter_name = NULL;
+static SPIPlanPtr plan_customer = NULL;
+static SPIPlanPtr plan_customer_ins = NULL;
+static SPIPlanPtr plan_event_ins = NULL;
+static SPIPlanPtr plan_event_get = NULL;
+
+static SPIPlanPtr
+Prepare(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types)
+{
+	if (*slot == NULL)
+	{
+		SPIPlanPtr	p = SPI_prepare(sql, nargs, types);
+
+		if (p == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(p);
+		*slot = p;
+	}
+	return *slot;
+}
+
+static void
+SetResponseStatus(const char *status)
+{
+	(void) set_config_option("response.status", status, PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_LOCAL, true, 0, false);
+}
+
+/* Look the meter up by token or by name, within the organization */
+static void
+LookupMeter(Datum org, TrackInput *in, MeterInfo *m)
+{
+	Datum		args[2];
+	bool		isnull;
+	HeapTuple	tup;
+	TupleDesc	td;
+	int			rc;
+
+	args[0] = org;
+	if (in->meter_token != NULL)
+	{
+		Datum		tok;
+
+		/* a malformed token is an unknown meter, not a type error */
+		if (strlen(in->meter_token) != 36 && strlen(in->meter_token) != 32)
+			ereport(ERROR,
+					(errcode(FR_ERRCODE_NOT_FOUND),
+					 errmsg("meter not found"),
+					 errdetail("No meter has meter_token \"%s\" in this organization.", in->meter_token)));
+		tok = DirectFunctionCall1(uuid_in, CStringGetDatum(in->meter_token));
+		args[1] = tok;
+		rc = SPI_execute_plan(Prepare(&plan_meter_token,
+									  "SELECT id, aggregation_type, property_name, unique_property FROM fluxrate_internal.meters "
+									  "WHERE org_id OPERATOR(pg_catalog.=) $1 AND meter_token OPERATOR(pg_catalog.=) $2",
+									  2, (Oid[]) {UUIDOID, UUIDOID}), args, NULL, true, 1);
+	}
+	else
+	{
+		args[1] = CStringGetTextDatum(in->meter_name);
+		rc = SPI_execute_plan(Prepare(&plan_meter_name,
+									  "SELECT id, aggregation_type, property_name, unique_property FROM fluxrate_internal.meters "
+									  "WHERE org_id OPERATOR(pg_catalog.=) $1 AND meter_name OPERATOR(pg_catalog.=) $2",
+									  2, (Oid[]) {UUIDOID, TEXTOID}), args, NULL, true, 1);
+	}
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "meter lookup failed");
+	if (SPI_processed != 1)
+		ereport(ERROR,
+				(errcode(FR_ERRCODE_NOT_FOUND),
+				 errmsg("meter not found"),
+				 in->meter_token ?
+				 errdetail("No meter has meter_token \"%s\" in this organization.", in->meter_token) :
+				 errdetail("No meter is named \"%s\" in this organization.", in->meter_name)));
+	tup = SPI_tuptable->vals[0];
+	td = SPI_tuptable->tupdesc;
+	memcpy(&m->id, DatumGetUUIDP(SPI_getbinval(tup, td, 1, &isnull)), sizeof(pg_uuid_t));
+	strlcpy(m->agg, SPI_getvalue(tup, td, 2), sizeof(m->agg));
+	m->property = SPI_getvalue(tup, td, 3);
+	m->unique_property = SPI_getvalue(tup, td, 4);
+}
+
+/* Find the customer by external id, creating it if it is new (race-safe) */
+static void
+ResolveCustomer(Datum org, const char *external_id, TimestampTz now, pg_uuid_t *out)
+{
+	Datum		args[3];
+	bool		isnull;
+
+	args[0] = org;
+	args[1] = CStringGetTextDatum(external_id);
+	args[2] = TimestampTzGetDatum(now);
+	for (int attempt = 0; attempt < 2; attempt++)
+	{
+		if (SPI_execute_plan(Prepare(&plan_customer,
+									 "SELECT id FROM fluxrate_internal.customers "
+									 "WHERE org_id OPERATOR(pg_catalog.=) $1 AND external_id OPERATOR(pg_catalog.=) $2",
+									 2, (Oid[]) {UUIDOID, TEXTOID}), args, NULL, false, 1) != SPI_OK_SELECT)
+			elog(ERROR, "customer lookup failed");
+		if (SPI_processed == 1)
+			break;
+		/* unknown external id: create the customer (name = external id, no e-mail) */
+		if (SPI_execute_plan(Prepare(&plan_customer_ins,
+									 "INSERT INTO fluxrate_internal.customers (org_id, name, external_id, created_at, updated_at) "
+									 "VALUES ($1, $2, $2, $3, $3) ON CONFLICT (org_id, external_id) DO NOTHING RETURNING id",
+									 3, (Oid[]) {UUIDOID, TEXTOID, TIMESTAMPTZOID}), args, NULL, false, 1) != SPI_OK_INSERT_RETURNING)
+			elog(ERROR, "customer insert failed");
+		if (SPI_processed == 1)
+			break;
+		/* a concurrent track created it first: read it again */
+	}
+	if (SPI_processed != 1)
+		elog(ERROR, "could not resolve customer \"%s\"", external_id);
+	memcpy(out, DatumGetUUIDP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)),
+		   sizeof(pg_uuid_t));
+}
+
+/* Text of a top-level member of a jsonb object (string or number), or NULL */
+static JsonbValue *
+JsonbMember(Jsonb *jb, const char *key)
+{
+	JsonbValue	k;
+
+	if (jb == NULL || !JB_ROOT_IS_OBJECT(jb))
+		return NULL;
+	k.type = jbvString;
+	k.val.string.val = (char *) key;
+	k.val.string.len = strlen(key);
+	return findJsonbValueFromContainer(&jb->root, JB_FOBJECT, &k);
+}
+
+static void
+CheckObject(Jsonb *jb, const char *field)
+{
+	if (jb == NULL)
+		return;
+	if (!JB_ROOT_IS_OBJECT(jb) || JB_ROOT_IS_SCALAR(jb))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be a JSON object", field),
+				 errhint("Send {\"key\": \"value\", ...}.")));
+	if (VARSIZE(jb) > FR_MAX_METADATA)
+		ereport(ERROR,
+				(errcode(FR_ERRCODE_UNPROCESSABLE),
+				 errmsg("%s is larger than 16 KiB", field),
+				 errdetail("%s takes %d bytes.", field, (int) VARSIZE(jb))));
+}
+
+/* A plain decimal: [+-]digits[.digits][e[+-]digits]; no NaN, no Infinity */
+static bool
+LooksNumeric(const char *s)
+{
+	bool		digits = false;
+
+	if (*s == '+' || *s == '-')
+		s++;
+	while (*s >= '0' && *s <= '9')
+		s++, digits = true;
+	if (*s == '.')
+		for (s++; *s >= '0' && *s <= '9'; s++)
+			digits = true;
+	if (!digits)
+		return false;
+	if (*s == 'e' || *s == 'E')
+	{
+		s++;
+		if (*s == '+' || *s == '-')
+			s++;
+		if (!(*s >= '0' && *s <= '9'))
+			return false;
+		while (*s >= '0' && *s <= '9')
+			s++;
+	}
+	return *s == '\0';
+}
+
+/* Quantity from properties[property_name]: a JSON number or a numeric string */
+static Numeric
+QuantityFromProperties(Jsonb *props, const char *property)
+{
+	JsonbValue *v = JsonbMember(props, property);
+
+	if (v == NULL || v->type == jbvNull)
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("properties.%s is required", property),
+				 errdetail("The meter reads its quantity from the \"%s\" property.", property)));
+	if (v->type == jbvNumeric)
+		return v->val.numeric;
+	if (v->type == jbvString)
+	{
+		char	   *s = pnstrdup(v->val.string.val, v->val.string.len);
+
+		if (!LooksNumeric(s))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+					 errmsg("properties.%s is not a number: \"%s\"", property, s)));
+		return DatumGetNumeric(DirectFunctionCall3(numeric_in, CStringGetDatum(s),
+												   ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
+	}
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+			 errmsg("properties.%s is not a number", property)));
+	return NULL;				/* keep compiler quiet */
+}
+
+static void
+CheckQuantity(Numeric q, const char *agg)
+{
+	Datum		scale;
+	bool		sum_like = (strcmp(agg, "SUM") == 0 || strcmp(agg, "COUNT") == 0);
+	int			cmp;
+
+	if (numeric_is_nan(q) || numeric_is_inf(q))
+		ereport(ERROR,
+				(errcode(FR_ERRCODE_UNPROCESSABLE),
+				 errmsg("quantity must be a finite number")));
+	cmp = DatumGetInt32(DirectFunctionCall2(numeric_cmp, NumericGetDatum(q),
+											DirectFunctionCall1(int4_numeric, Int32GetDatum(0))));
+	if (sum_like ? cmp <= 0 : cmp < 0)
+		ereport(ERROR,
+				(errcode(FR_ERRCODE_UNPROCESSABLE),
+				 errmsg("quantity must be %s", sum_like ? "greater than zero" : "zero or more"),
+				 errdetail("quantity was %s.", numeric_normalize(q))));
+	scale = DirectFunctionCall1(numeric_scale, NumericGetDatum(q));
+	if (DatumGetInt32(scale) > FR_MAX_SCALE)
+		ereport(ERROR,
+				(errcode(FR_ERRCODE_UNPROCESSABLE),
+				 errmsg("quantity has more than 12 decimal places"),
+				 errdetail("quantity was %s.", DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(q))))));
+}
+
+static void
+AppendTs(StringInfo buf, TimestampTz ts)
+{
+	char		tmp[MAXDATELEN + 1];
+
+	appendStringInfoChar(buf, '"');
+	appendStringInfoString(buf, JsonEncodeDateTime(tmp, TimestampTzGetDatum(ts), TIMESTAMPTZOID, NULL));
+	appendStringInfoChar(buf, '"');
+}
+
+static void
+AppendUuid(StringInfo buf, pg_uuid_t *u)
+{
+	appendStringInfoChar(buf, '"');
+	appendStringInfoString(buf, DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(u))));
+	appendStringInfoChar(buf, '"');
+}
+
+/* The event as Fluxrate returns it */
+static Jsonb *
+EventJson(pg_uuid_t *id, pg_uuid_t *customer, pg_uuid_t *meter, Numeric q, TimestampTz ts,
+		  TimestampTz ingested, const char *key, Jsonb *meta, bool replay)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	appendStringInfoString(&buf, "{\"id\": ");
+	AppendUuid(&buf, id);
+	appendStringInfoString(&buf, ", \"customer_id\": ");
+	AppendUuid(&buf, customer);
+	appendStringInfoString(&buf, ", \"meter_id\": ");
+	AppendUuid(&buf, meter);
+	appendStringInfoString(&buf, ", \"quantity\": ");
+	escape_json(&buf, DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(q))));
+	appendStringInfoString(&buf, ", \"timestamp\": ");
+	AppendTs(&buf, ts);
+	appendStringInfoString(&buf, ", \"created_at\": ");
+	AppendTs(&buf, ingested);
+	appendStringInfoString(&buf, ", \"ingested_at\": ");
+	AppendTs(&buf, ingested);
+	appendStringInfoString(&buf, ", \"idempotency_key\": ");
+	if (key)
+		escape_json(&buf, key);
+	else
+		appendStringInfoString(&buf, "null");
+	appendStringInfoString(&buf, ", \"meta_data\": ");
+	appendStringInfoString(&buf, meta ? JsonbToCString(NULL, &meta->root, VARSIZE(meta)) : "{}");
+	appendStringInfo(&buf, ", \"replay\": %s}", replay ? "true" : "false");
+	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+}
+
+/*
+ * Record one event for org.  Returns the event as jsonb; *replay tells a replay
+ * from a new event.  Must run inside an SPI connection.
+ */
+static Jsonb *
+TrackOne(Datum org, TrackInput *in, bool *replay)
+{
+	MeterInfo	m;
+	Numeric		q = in->quantity;
+	Jsonb	   *meta = NULL;
+	TimestampTz now = FrNow();
+	TimestampTz ts;
+	pg_uuid_t	customer;
+	pg_uuid_t	id;
+	unsigned char hash[32];
+	crypto_generichash_state hs;
+	char	   *qnorm;
+	bytea	   *hb;
+	Datum		args[10];
+	char		nulls[10];
+
+	if (in->meter_token == NULL && in->meter_name == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("meter_token is required"),
+				 errhint("Send meter_token with quantity, or meter_name with properties.")));
+	if (in->customer_external_id == NULL || in->customer_external_id[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("customer_external_id is required")));
+	if (in->idempotency_key != NULL && (in->idempotency_key[0] == '\0' || strlen(in->idempotency_key) > 255))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("idempotency_key must be 1 to 255 characters")));
+	CheckObject(in->metadata, "metadata");
+	CheckObject(in->properties, "properties");
+
+	LookupMeter(org, in, &m);
+
+	if (q == NULL)
+	{
+		if (in->properties != NULL && strcmp(m.agg, "COUNT") != 0 && strcmp(m.agg, "UNIQUE_COUNT") != 0)
+			q = QuantityFromProperties(in->properties, m.property);
+		else if (strcmp(m.agg, "COUNT") == 0 || strcmp(m.agg, "UNIQUE_COUNT") == 0)
+			q = DatumGetNumeric(DirectFunctionCall1(int4_numeric, Int32GetDatum(1)));
+		else
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("quantity is required"),
+					 errhint("Send quantity, or properties with \"%s\".", m.property)));
+	}
+	CheckQuantity(q, m.agg);
+
+	/* properties and metadata both end up in the event's metadata (metadata wins) */
+	if (in->properties && in->metadata)
+		meta = DatumGetJsonbP(DirectFunctionCall2(jsonb_concat, JsonbPGetDatum(in->properties),
+												  JsonbPGetDatum(in->metadata)));
+	else
+		meta = in->properties ? in->properties : in->metadata;
+	if (meta && VARSIZE(meta) > FR_MAX_METADATA)
+		CheckObject(meta, "metadata");
+	if (strcmp(m.agg, "UNIQUE_COUNT") == 0)
+	{
+		JsonbValue *v = JsonbMember(meta, m.unique_property);
+
+		if (v == NULL || v->type == jbvNull)
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("metadata.%s is required for this UNIQUE_COUNT meter", m.unique_property)));
+	}
+
+	ts = in->has_ts ? in->ts : now;
+	if (in->has_ts && ts > now + FR_FUTURE_SLACK)
+		ereport(ERROR,
+				(errcode(FR_ERRCODE_UNPROCESSABLE),
+				 errmsg("timestamp is more than 5 minutes in the future"),
+				 errdetail("timestamp was %s; the server time is %s.",
+						   timestamptz_to_str(ts), timestamptz_to_str(now))));
+
+	ResolveCustomer(org, in->customer_external_id, now, &customer);
+
+	/* the payload a replay must repeat: meter, customer, value, time (if sent), metadata */
+	qnorm = numeric_normalize(q);
+	crypto_generichash_init(&hs, NULL, 0, 32);
+	crypto_generichash_update(&hs, m.id.data, 16);
+	crypto_generichash_update(&hs, customer.data, 16);
+	crypto_generichash_update(&hs, (unsigned char *) qnorm, strlen(qnorm) + 1);
+	if (in->has_ts)
+		crypto_generichash_update(&hs, (unsigned char *) &ts, sizeof(ts));
+	crypto_generichash_update(&hs, (unsigned char *) "|", 1);
+	if (meta)
+	{
+		char	   *mt = JsonbToCString(NULL, &meta->root, VARSIZE(meta));
+
+		crypto_generichash_update(&hs, (unsigned char *) mt, strlen(mt));
+	}
+	crypto_generichash_final(&hs, hash, 32);
+	hb = palloc(VARHDRSZ + 32);
+	SET_VARSIZE(hb, VARHDRSZ + 32);
+	memcpy(VARDATA(hb), hash, 32);
+
+	FrUuidV7(id.data, GetCurrentTimestamp());
+	memset(nulls, ' ', sizeof(nulls));
+	args[0] = org;
+	args[1] = UUIDPGetDatum(&id);
+	args[2] = UUIDPGetDatum(&customer);
+	args[3] = UUIDPGetDatum(&m.id);
+	args[4] = NumericGetDatum(q);
+	args[5] = TimestampTzGetDatum(ts);
+	args[6] = TimestampTzGetDatum(now);
+	args[7] = in->idempotency_key ? CStringGetTextDatum(in->idempotency_key) : (Datum) 0;
+	nulls[7] = in->idempotency_key ? ' ' : 'n';
+	args[8] = PointerGetDatum(hb);
+	args[9] = meta ? JsonbPGetDatum(meta) : (Datum) 0;
+	nulls[9] = meta ? ' ' : 'n';
+	if (SPI_execute_plan(Prepare(&plan_event_ins,
+								 "INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "
+								 "\"timestamp\", ingested_at, idempotency_key, payload_hash, metadata) "
+								 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
+								 "ON CONFLICT (org_id, idempotency_key) DO NOTHING",
+								 10, (Oid[]) {UUIDOID, UUIDOID, UUIDOID, UUIDOID, NUMERICOID, TIMESTAMPTZOID,
+									 TIMESTAMPTZOID, TEXTOID, BYTEAOID, JSONBOID}),
+						 args, nulls, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "usage event insert failed");
+	if (SPI_processed == 1)
+	{
+		*replay = false;
+		return EventJson(&id, &customer, &m.id, q, ts, now, in->idempotency_key, meta, false);
+	}
+
+	/* the key exists: a replay of the same payload, or a conflicting reuse */
+	{
+		Datum		gargs[2];
+		HeapTuple	tup;
+		TupleDesc	td;
+		bool		isnull;
+		bytea	   *stored;
+		Datum		d;
+
+		gargs[0] = org;
+		gargs[1] = args[7];
+		if (SPI_execute_plan(Prepare(&plan_event_get,
+									 "SELECT id, customer_id, meter_id, quantity, \"timestamp\", ingested_at, payload_hash, metadata "
+									 "FROM fluxrate_internal.usage_events "
+									 "WHERE org_id OPERATOR(pg_catalog.=) $1 AND idempotency_key OPERATOR(pg_catalog.=) $2",
+									 2, (Oid[]) {UUIDOID, TEXTOID}), gargs, NULL, false, 1) != SPI_OK_SELECT ||
+			SPI_processed != 1)
+			elog(ERROR, "could not read the event of idempotency key \"%s\"", in->idempotency_key);
+		tup = SPI_tuptable->vals[0];
+		td = SPI_tuptable->tupdesc;
+		d = SPI_getbinval(tup, td, 7, &isnull);
+		stored = isnull ? NULL : DatumGetByteaPP(d);
+		if (stored == NULL || VARSIZE_ANY_EXHDR(stored) != 32 ||
+			sodium_memcmp(VARDATA_ANY(stored), hash, 32) != 0)
+			ereport(ERROR,
+					(errcode(FR_ERRCODE_CONFLICT),
+					 errmsg("idempotency key already used with a different payload"),
+					 errdetail("idempotency_key \"%s\" names an event with another meter, customer, quantity, timestamp or metadata.",
+							   in->idempotency_key),
+					 errhint("Use a new idempotency_key for a new event; resend the same payload to retry.")));
+		{
+			pg_uuid_t	oid,
+						ocust,
+						omet;
+			Datum		md = SPI_getbinval(tup, td, 8, &isnull);
+			Jsonb	   *ometa = isnull ? NULL : DatumGetJsonbP(md);
+
+			memcpy(&oid, DatumGetUUIDP(SPI_getbinval(tup, td, 1, &isnull)), 16);
+			memcpy(&ocust, DatumGetUUIDP(SPI_getbinval(tup, td, 2, &isnull)), 16);
+			memcpy(&omet, DatumGetUUIDP(SPI_getbinval(tup, td, 3, &isnull)), 16);
+			*replay = true;
+			return EventJson(&oid, &ocust, &omet,
+							 DatumGetNumeric(SPI_getbinval(tup, td, 4, &isnull)),
+							 DatumGetTimestampTz(SPI_getbinval(tup, td, 5, &isnull)),
+							 DatumGetTimestampTz(SPI_getbinval(tup, td, 6, &isnull)),
+							 in->idempotency_key, ometa, true);
+		}
+	}
+}
+
+/* The organization: from the API key if one was passed, else from the context */
+static Datum
+ResolveOrg(FunctionCallInfo fcinfo, int key_arg)
+{
+	if (!PG_ARGISNULL(key_arg))
+	{
+		Datum		org,
+					key_id;
+		ArrayType  *scopes;
+		char	   *key = text_to_cstring(PG_GETARG_TEXT_PP(key_arg));
+
+		FrVerifyApiKey(key, &org, &key_id, &scopes);
+		if (!FrScopesGrant(scopes, "usage.write"))
+			ereport(ERROR,
+					(errcode(FR_ERRCODE_FORBIDDEN),
+					 errmsg("api key lacks the usage.write scope"),
+					 errhint("Create a key with the usage.write scope.")));
+		FrSetCurrentOrg(DatumGetCString(DirectFunctionCall1(uuid_out, org)));
+		return org;
+	}
+	return FrRequireOrg("usage.write");
+}
+
+static char *
+ArgText(FunctionCallInfo fcinfo, int n)
+{
+	return PG_ARGISNULL(n) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(n));
+}
+
+PG_FUNCTION_INFO_V1(fr_track);
+Datum
+fr_track(PG_FUNCTION_ARGS)
+{
+	TrackInput	in;
+	Datum		org;
+	bool		replay;
+	Jsonb	   *result;
+	MemoryContext caller = CurrentMemoryContext;
+
+	org = ResolveOrg(fcinfo, 8);
+	in.meter_token = ArgText(fcinfo, 0);
+	in.customer_external_id = ArgText(fcinfo, 1);
+	in.quantity = PG_ARGISNULL(2) ? NULL : PG_GETARG_NUMERIC(2);
+	in.has_ts = !PG_ARGISNULL(3);
+	in.ts = in.has_ts ? PG_GETARG_TIMESTAMPTZ(3) : 0;
+	in.idempotency_key = ArgText(fcinfo, 4);
+	in.metadata = PG_ARGISNULL(5) ? NULL : PG_GETARG_JSONB_P(5);
+	in.meter_name = ArgText(fcinfo, 6);
+	in.properties = PG_ARGISNULL(7) ? NULL : PG_GETARG_JSONB_P(7);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	result = TrackOne(org, &in, &replay);
+	{
+		MemoryContext spi = MemoryContextSwitchTo(caller);
+
+		result = (Jsonb *) PG_DETOAST_DATUM_COPY(JsonbPGetDatum(result));
+		MemoryContextSwitchTo(spi);
+	}
+	SPI_finish();
+	SetResponseStatus(replay ? "200" : "201");
+	PG_RETURN_JSONB_P(result);
+}
+
+/* Fields of one batch element */
+static void
+BatchInput(Jsonb *ev, TrackInput *in)
+{
+	JsonbValue *v;
+
+	memset(in, 0, sizeof(*in));
+	if (!JB_ROOT_IS_OBJECT(ev) || JB_ROOT_IS_SCALAR(ev))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("event must be a JSON object")));
+#define STRFIELD(name, dst) \
+	if ((v = JsonbMember(ev, name)) != NULL && v->type != jbvNull) \
+	{ \
+		if (v->type != jbvString) \
+			ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("%s must be a string", name))); \
+		dst = pnstrdup(v->val.string.val, v->val.string.len); \
+	}
+	STRFIELD("meter_token", in->meter_token);
+	STRFIELD("meter_name", in->meter_name);
+	STRFIELD("customer_external_id", in->customer_external_id);
+	STRFIELD("idempotency_key", in->idempotency_key);
+#undef STRFIELD
+	if ((v = JsonbMember(ev, "quantity")) != NULL && v->type != jbvNull)
+	{
+		if (v->type == jbvNumeric)
+			in->quantity = v->val.numeric;
+		else
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+					 errmsg("quantity must be a JSON number")));
+	}
+	if ((v = JsonbMember(ev, "timestamp")) != NULL && v->type != jbvNull)
+	{
+		if (v->type != jbvString)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_DATETIME_FORMAT),
+					 errmsg("timestamp must be an ISO 8601 string")));
+		in->has_ts = true;
+		in->ts = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in,
+														 CStringGetDatum(pnstrdup(v->val.string.val, v->val.string.len)),
+														 ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
+	}
+	if ((v = JsonbMember(ev, "metadata")) != NULL && v->type != jbvNull)
+		in->metadata = JsonbValueToJsonb(v);
+	if ((v = JsonbMember(ev, "properties")) != NULL && v->type != jbvNull)
+		in->properties = JsonbValueToJsonb(v);
+}
+
+PG_FUNCTION_INFO_V1(fr_track_batch);
+Datum
+fr_track_batch(PG_FUNCTION_ARGS)
+{
+	Jsonb	   *events;
+	Datum		org;
+	int			n;
+	volatile int created = 0,
+				replayed = 0,
+				failed = 0;
+	StringInfoData out;
+	MemoryContext caller = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	JsonbIterator *it;
+	JsonbValue	elem;
+	JsonbIteratorToken tok;
+	volatile int idx = 0;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("events is required"),
+				 errhint("Send {\"events\": [{...}, ...]}.")));
+	events = PG_GETARG_JSONB_P(0);
+	if (!JB_ROOT_IS_ARRAY(events) || JB_ROOT_IS_SCALAR(events))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("events must be a JSON array")));
+	n = JB_ROOT_COUNT(events);
+	if (n == 0)
+		ereport(ERROR,
+				(errcode(FR_ERRCODE_UNPROCESSABLE),
+				 errmsg("events is empty")));
+	if (n > FR_MAX_BATCH)
+		ereport(ERROR,
+				(errcode(FR_ERRCODE_UNPROCESSABLE),
+				 errmsg("a batch holds at most %d events", FR_MAX_BATCH),
+				 errdetail("%d events were sent.", n),
+				 errhint("Split the batch.")));
+	org = ResolveOrg(fcinfo, 1);
+
+	initStringInfo(&out);
+	appendStringInfoString(&out, "{\"results\": [");
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+
+	it = JsonbIteratorInit(&events->root);
+	while ((tok = JsonbIteratorNext(&it, &elem, true)) != WJB_DONE)
+	{
+		MemoryContext spi_ctx = CurrentMemoryContext;
+
+		if (tok != WJB_ELEM)
+			continue;
+		if (idx > 0)
+			appendStringInfoString(&out, ", ");
+		/* each event in its own subtransaction: a bad one loses none of the others */
+		BeginInternalSubTransaction(NULL);
+		MemoryContextSwitchTo(spi_ctx);
+		PG_TRY();
+		{
+			TrackInput	in;
+			bool		replay;
+			Jsonb	   *ev = JsonbValueToJsonb(&elem);
+			Jsonb	   *res;
+			JsonbValue *idv;
+
+			BatchInput(ev, &in);
+			res = TrackOne(org, &in, &replay);
+			idv = JsonbMember(res, "id");
+			appendStringInfo(&out, "{\"index\": %d, \"status\": \"%s\", \"id\": \"%.*s\"}",
+							 idx, replay ? "replay" : "created", idv->val.string.len, idv->val.string.val);
+			if (replay)
+				replayed++;
+			else
+				created++;
+			ReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(spi_ctx);
+			CurrentResourceOwner = owner;
+		}
+		PG_CATCH();
+		{
+			ErrorData  *ed;
+
+			MemoryContextSwitchTo(caller);
+			ed = CopyErrorData();
+			FlushErrorState();
+			RollbackAndReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(spi_ctx);
+			CurrentResourceOwner = owner;
+			appendStringInfo(&out, "{\"index\": %d, \"status\": \"error\", \"code\": \"%s\", \"message\": ",
+							 idx, unpack_sql_state(ed->sqlerrcode));
+			escape_json(&out, ed->message ? ed->message : "error");
+			appendStringInfoChar(&out, '}');
+			FreeErrorData(ed);
+			failed++;
+		}
+		PG_END_TRY();
+		idx++;
+	}
+	SPI_finish();
+	MemoryContextSwitchTo(caller);
+	appendStringInfo(&out, "], \"created\": %d, \"replayed\": %d, \"failed\": %d}", created, replayed, failed);
+	SetResponseStatus(created > 0 ? "201" : "200");
+	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in, CStringGetDatum(out.data)));
+}
