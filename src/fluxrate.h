@@ -50,4 +50,7 @@ extern void FrRandomBase62(char *out, int len);
 #include "utils/array.h"
 extern void FrVerifyApiKey(const char *key, Datum *org, Datum *key_id, ArrayType **scopes);
 extern bool FrScopesGrant(ArrayType *scopes, const char *scope);
+/* currency.c */
+extern int FrCurrencyExponent(const char *code);
+
 #endif							/* FLUXRATE_H */

@@ -423,7 +423,7 @@ TrackOne(Datum org, TrackInput *in, bool *replay)
 				(errcode(FR_ERRCODE_UNPROCESSABLE),
 				 errmsg("timestamp is more than 5 minutes in the future"),
 				 errdetail("timestamp was %s; the server time is %s.",
-						   timestamptz_to_str(ts), timestamptz_to_str(now))));
+						   pstrdup(timestamptz_to_str(ts)), pstrdup(timestamptz_to_str(now)))));
 
 	ResolveCustomer(org, in->customer_external_id, now, &customer);
 

@@ -35,7 +35,8 @@ SELECT k->>'key' AS api_key, k->>'prefix' AS key_prefix
   FROM fluxrate.create_api_key(name => 'Production Backend', scopes => ARRAY['usage.write']) k \gset
 \echo '   key' :key_prefix'...'
 
-\echo '6. usage, with idempotency keys (the retry of req-1 is a replay, not a second event)'
+\echo '6. usage through January, with idempotency keys (the retry of req-1 is a replay, not a second event)'
+SET fluxrate.pinned_now = '2026-01-31 23:59:30+00';
 SELECT e->>'quantity' AS quantity, e->>'replay' AS replay
   FROM (VALUES (1200, 'req-1', '2026-01-05 10:00:00+00'::timestamptz),
                (1200, 'req-1', '2026-01-05 10:00:00+00'),

@@ -1,0 +1,112 @@
+-- 40_rating.sql: currencies, rounding, charge models (src/currency.c, src/rating.c)
+-- and meter aggregation over a period.
+
+CREATE FUNCTION fluxrate_internal.currency_exponent(currency text) RETURNS integer
+  LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE
+  AS 'MODULE_PATHNAME', 'fr_currency_exponent';
+COMMENT ON FUNCTION fluxrate_internal.currency_exponent(text) IS 'ISO 4217 minor-unit exponent (USD 2, JPY 0, KWD 3)';
+
+CREATE FUNCTION fluxrate_internal.round_money(amount numeric, currency text) RETURNS numeric
+  LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE
+  AS 'MODULE_PATHNAME', 'fr_round_money';
+COMMENT ON FUNCTION fluxrate_internal.round_money(numeric, text) IS
+  'rounds once to the currency''s minor unit, half away from zero';
+
+CREATE FUNCTION fluxrate_internal.rate_usage(pricing_model text, unit_price numeric, tiers jsonb,
+    package_size numeric, package_price numeric, free_units numeric, usage numeric)
+  RETURNS numeric
+  LANGUAGE C IMMUTABLE PARALLEL SAFE
+  AS 'MODULE_PATHNAME', 'fr_rate_usage';
+COMMENT ON FUNCTION fluxrate_internal.rate_usage(text, numeric, jsonb, numeric, numeric, numeric, numeric) IS
+  'unrounded amount of a charge for a billable quantity: flat, per_unit, graduated, volume, package';
+
+-- Meter filters, all of which must match; compared as text against metadata.
+-- neq and not_in also match an event that lacks the property.
+CREATE FUNCTION fluxrate_internal.filters_match(metadata jsonb, filters jsonb) RETURNS boolean
+  LANGUAGE sql IMMUTABLE PARALLEL SAFE
+  AS $$
+  SELECT filters IS NULL OR filters = '[]'::jsonb OR NOT EXISTS (
+    SELECT 1 FROM pg_catalog.jsonb_array_elements(filters) f
+     WHERE NOT coalesce(CASE f->>'operator'
+       WHEN 'eq' THEN metadata->>(f->>'property') = f->'values'->>0
+       WHEN 'neq' THEN metadata->>(f->>'property') IS DISTINCT FROM f->'values'->>0
+       WHEN 'in' THEN metadata->>(f->>'property') IN (SELECT pg_catalog.jsonb_array_elements_text(f->'values'))
+       WHEN 'not_in' THEN metadata->>(f->>'property') IS NULL
+                       OR metadata->>(f->>'property') NOT IN (SELECT pg_catalog.jsonb_array_elements_text(f->'values'))
+       WHEN 'exists' THEN metadata ? (f->>'property')
+     END, false))
+$$;
+
+-- The billable quantity of one customer on one meter over [period_start, period_end).
+--   SUM, MIN, MAX, AVG  of the quantities; COUNT of the events;
+--   UNIQUE_COUNT        distinct metadata[property_name] (events without it do not count);
+--   LAST                quantity of the latest event by timestamp, ties by ingestion order;
+--   WEIGHTED_SUM        time-weighted level, in quantity x hours: each event sets the level
+--                       until the next one; the level at the period start is the last
+--                       event before it (carried across the boundary).
+-- No events: 0 for every type.
+CREATE FUNCTION fluxrate_internal.meter_usage(org_id uuid, customer_id uuid, meter_id uuid,
+    period_start timestamptz, period_end timestamptz)
+  RETURNS numeric
+  LANGUAGE plpgsql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  m fluxrate_internal.meters;
+  v numeric;
+BEGIN
+  SELECT * INTO m FROM fluxrate_internal.meters x WHERE x.org_id = meter_usage.org_id AND x.id = meter_usage.meter_id;
+  IF NOT FOUND THEN
+    PERFORM fluxrate_internal.fail('PT404', 'meter not found', format('No meter %s in this organization.', meter_id));
+  END IF;
+  IF m.aggregation_type = 'WEIGHTED_SUM' THEN
+    WITH pts AS (
+      (SELECT meter_usage.period_start AS t, e.quantity, e.ingested_at, e.id
+         FROM fluxrate_internal.usage_events e
+        WHERE e.org_id = meter_usage.org_id AND e.customer_id = meter_usage.customer_id AND e.meter_id = meter_usage.meter_id
+          AND e."timestamp" < meter_usage.period_start AND fluxrate_internal.filters_match(e.metadata, m.filters)
+        ORDER BY e."timestamp" DESC, e.ingested_at DESC, e.id DESC LIMIT 1)
+      UNION ALL
+      SELECT e."timestamp", e.quantity, e.ingested_at, e.id
+        FROM fluxrate_internal.usage_events e
+       WHERE e.org_id = meter_usage.org_id AND e.customer_id = meter_usage.customer_id AND e.meter_id = meter_usage.meter_id
+         AND e."timestamp" >= meter_usage.period_start AND e."timestamp" < meter_usage.period_end
+         AND fluxrate_internal.filters_match(e.metadata, m.filters)
+    ), seg AS (
+      SELECT quantity, t, lead(t, 1, meter_usage.period_end) OVER (ORDER BY t, ingested_at, id) AS t2 FROM pts
+    )
+    SELECT coalesce(sum(quantity * extract(epoch FROM (t2 - t)) / 3600), 0) INTO v FROM seg;
+    RETURN v;
+  END IF;
+
+  WITH ev AS MATERIALIZED (
+    SELECT e.quantity, e."timestamp", e.ingested_at, e.id, e.metadata
+      FROM fluxrate_internal.usage_events e
+     WHERE e.org_id = meter_usage.org_id AND e.customer_id = meter_usage.customer_id AND e.meter_id = meter_usage.meter_id
+       AND e."timestamp" >= meter_usage.period_start AND e."timestamp" < meter_usage.period_end
+       AND fluxrate_internal.filters_match(e.metadata, m.filters)
+  )
+  SELECT CASE m.aggregation_type
+    WHEN 'SUM' THEN (SELECT sum(quantity) FROM ev)
+    WHEN 'COUNT' THEN (SELECT count(*)::numeric FROM ev)
+    WHEN 'MAX' THEN (SELECT max(quantity) FROM ev)
+    WHEN 'MIN' THEN (SELECT min(quantity) FROM ev)
+    WHEN 'AVG' THEN (SELECT avg(quantity) FROM ev)
+    WHEN 'UNIQUE_COUNT' THEN (SELECT count(DISTINCT metadata->>m.property_name)::numeric FROM ev)
+    WHEN 'LAST' THEN (SELECT quantity FROM ev ORDER BY "timestamp" DESC, ingested_at DESC, id DESC LIMIT 1)
+  END INTO v;
+  RETURN coalesce(v, 0);
+END
+$$;
+
+-- Many (customer, meter, period) triples at once, for the closer; ord is the
+-- 1-based position in the arrays.
+CREATE FUNCTION fluxrate_internal.period_usage(org_id uuid, customer_ids uuid[], meter_ids uuid[],
+    period_starts timestamptz[], period_ends timestamptz[])
+  RETURNS TABLE (ord integer, usage numeric)
+  LANGUAGE sql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+  SELECT t.ord::integer, fluxrate_internal.meter_usage(period_usage.org_id, t.c, t.m, t.s, t.e)
+    FROM unnest(customer_ids, meter_ids, period_starts, period_ends) WITH ORDINALITY AS t(c, m, s, e, ord)
+$$;

@@ -1,0 +1,927 @@
+-- 50_lifecycle.sql: invoices (subscription, final, manual), closing periods,
+-- grace period and finalization, invoice states, cancellation, PAST_DUE, taxes,
+-- and the pg_cron helper.
+
+-- the unrounded amount of each line: tax is computed on the unrounded subtotal
+ALTER TABLE fluxrate_internal.invoice_lines ADD COLUMN amount_unrounded numeric;
+
+-- Taxes ----------------------------------------------------------------------
+
+-- The customer's rate: a state-specific rate beats the country-wide one; none = 0.
+CREATE FUNCTION fluxrate_internal.tax_rate_for(org_id uuid, customer_id uuid) RETURNS numeric
+  LANGUAGE sql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+  SELECT coalesce((
+    SELECT t.rate FROM fluxrate_internal.tax_rates t, fluxrate_internal.customers c
+     WHERE c.org_id = tax_rate_for.org_id AND c.id = tax_rate_for.customer_id
+       AND t.org_id = c.org_id AND t.country = c.billing_address_country
+       AND t.state IN ('', coalesce(c.billing_address_state, ''))
+     ORDER BY t.state DESC LIMIT 1), 0)
+$$;
+
+CREATE FUNCTION fluxrate.set_tax_rate(country text, rate numeric, state text DEFAULT '', name text DEFAULT 'Tax')
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('admin');
+  t fluxrate_internal.tax_rates;
+BEGIN
+  PERFORM fluxrate_internal.required(set_tax_rate.country, 'country');
+  PERFORM fluxrate_internal.required(set_tax_rate.rate, 'rate');
+  IF upper(set_tax_rate.country) !~ '^[A-Z]{2}$' THEN
+    PERFORM fluxrate_internal.fail('22023', format('invalid country: %s', set_tax_rate.country), 'country is an ISO 3166 two-letter code.');
+  END IF;
+  IF set_tax_rate.rate < 0 OR set_tax_rate.rate >= 1 THEN
+    PERFORM fluxrate_internal.fail('PT422', 'rate must be at least 0 and below 1', format('rate was %s; 18%% is 0.18.', set_tax_rate.rate));
+  END IF;
+  INSERT INTO fluxrate_internal.tax_rates (org_id, country, state, rate, name, created_at)
+  VALUES (v_org, upper(set_tax_rate.country), coalesce(set_tax_rate.state, ''), set_tax_rate.rate,
+          coalesce(set_tax_rate.name, 'Tax'), fluxrate.now())
+  ON CONFLICT ON CONSTRAINT tax_rates_org_id_country_state_key DO UPDATE SET rate = EXCLUDED.rate, name = EXCLUDED.name
+  RETURNING * INTO t;
+  RETURN jsonb_build_object('id', t.id, 'country', t.country, 'state', t.state, 'rate', t.rate, 'name', t.name);
+END
+$$;
+
+CREATE FUNCTION fluxrate.list_tax_rates() RETURNS jsonb
+  LANGUAGE plpgsql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('invoices.read');
+BEGIN
+  RETURN coalesce((SELECT jsonb_agg(jsonb_build_object('id', t.id, 'country', t.country, 'state', t.state,
+                     'rate', t.rate, 'name', t.name) ORDER BY t.country, t.state)
+                   FROM fluxrate_internal.tax_rates t WHERE t.org_id = v_org), '[]'::jsonb);
+END
+$$;
+
+CREATE FUNCTION fluxrate.delete_tax_rate(tax_rate_id uuid) RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('admin');
+BEGIN
+  DELETE FROM fluxrate_internal.tax_rates t WHERE t.org_id = v_org AND t.id = delete_tax_rate.tax_rate_id;
+  IF NOT FOUND THEN
+    PERFORM fluxrate_internal.fail('PT404', 'tax rate not found', format('No tax rate %s in this organization.', tax_rate_id));
+  END IF;
+  PERFORM set_config('response.status', '204', true);
+  RETURN jsonb_build_object('id', tax_rate_id, 'deleted', true);
+END
+$$;
+
+-- Invoice documents ------------------------------------------------------------
+
+CREATE FUNCTION fluxrate_internal.invoice_json(i fluxrate_internal.invoices, with_lines boolean DEFAULT true) RETURNS jsonb
+  LANGUAGE sql STABLE
+  AS $$
+  SELECT pg_catalog.jsonb_build_object('id', i.id, 'invoice_number', i.invoice_number, 'status', i.status,
+    'kind', i.kind, 'customer_id', i.customer_id, 'subscription_id', i.subscription_id, 'currency', i.currency,
+    'subtotal', i.subtotal, 'tax', i.tax, 'tax_rate', i.tax_rate, 'total', i.total, 'amount_due', i.amount_due,
+    'amount_paid', i.amount_paid, 'period_start', i.period_start, 'period_end', i.period_end,
+    'issue_date', i.issue_date, 'due_date', i.due_date, 'scheduled_finalize_at', i.scheduled_finalize_at,
+    'finalized_at', i.finalized_at, 'paid_at', i.paid_at, 'voided_at', i.voided_at,
+    'public_token', i.public_token, 'meta_data', i.meta_data, 'created_at', i.created_at)
+  || CASE WHEN with_lines THEN pg_catalog.jsonb_build_object('line_items', coalesce((
+       SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object('id', l.id, 'position', l.position,
+                'line_type', l.line_type, 'charge_id', l.charge_id, 'description', l.description,
+                'quantity', l.quantity, 'unit_amount', l.unit_amount, 'line_total', l.line_total,
+                'period_start', l.period_start, 'period_end', l.period_end) ORDER BY l.position)
+         FROM fluxrate_internal.invoice_lines l WHERE l.org_id = i.org_id AND l.invoice_id = i.id), '[]'::jsonb))
+     ELSE '{}'::jsonb END
+$$;
+
+-- subtotal = the sum of the rounded lines (the invoice adds up); tax on the
+-- unrounded subtotal, rounded once; total = subtotal + tax.
+CREATE FUNCTION fluxrate_internal.recompute_totals(org_id uuid, invoice_id uuid) RETURNS void
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  i fluxrate_internal.invoices;
+  v_rate numeric;
+  v_sub numeric;
+  v_unrounded numeric;
+  v_tax numeric;
+BEGIN
+  SELECT * INTO i FROM fluxrate_internal.invoices x WHERE x.org_id = recompute_totals.org_id AND x.id = recompute_totals.invoice_id;
+  v_rate := fluxrate_internal.tax_rate_for(i.org_id, i.customer_id);
+  SELECT coalesce(sum(l.line_total), 0), coalesce(sum(coalesce(l.amount_unrounded, l.line_total)), 0)
+    INTO v_sub, v_unrounded
+    FROM fluxrate_internal.invoice_lines l WHERE l.org_id = i.org_id AND l.invoice_id = i.id;
+  v_tax := fluxrate_internal.round_money(v_unrounded * v_rate, i.currency);
+  UPDATE fluxrate_internal.invoices x
+     SET subtotal = v_sub, tax = v_tax, tax_rate = v_rate, total = v_sub + v_tax,
+         amount_due = v_sub + v_tax - x.amount_paid, updated_at = fluxrate.now()
+   WHERE x.org_id = i.org_id AND x.id = i.id;
+END
+$$;
+
+-- (Re)compute the lines of a subscription invoice over [period_start, period_end).
+-- nominal_start/nominal_end is the whole period the dates fall in: FIXED charges
+-- are prorated by the fraction of it the invoice covers (exact time, which is
+-- days for midnight boundaries: Jan 15 -> Feb 1 of a January period = 17/31).
+-- One line per ACTIVE charge, zero-usage lines included (a statement), then the
+-- plan's minimum-commitment true-up.  Each line rounded once.
+CREATE FUNCTION fluxrate_internal.fill_lines(org_id uuid, invoice_id uuid, nominal_start timestamptz, nominal_end timestamptz)
+  RETURNS void
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  i fluxrate_internal.invoices;
+  s fluxrate_internal.subscriptions;
+  p fluxrate_internal.plans;
+  c record;
+  v_pos integer := 0;
+  v_frac numeric;
+  v_amount numeric;
+  v_usage numeric;
+  v_sum numeric := 0;
+  v_unit numeric;
+BEGIN
+  SELECT * INTO i FROM fluxrate_internal.invoices x WHERE x.org_id = fill_lines.org_id AND x.id = fill_lines.invoice_id;
+  SELECT * INTO s FROM fluxrate_internal.subscriptions x WHERE x.org_id = i.org_id AND x.id = i.subscription_id;
+  SELECT * INTO p FROM fluxrate_internal.plans x WHERE x.org_id = i.org_id AND x.id = s.plan_id;
+  DELETE FROM fluxrate_internal.invoice_lines l WHERE l.org_id = i.org_id AND l.invoice_id = i.id;
+  v_frac := CASE WHEN i.period_start = nominal_start AND i.period_end = nominal_end THEN 1
+                 ELSE extract(epoch FROM (i.period_end - i.period_start)) / extract(epoch FROM (nominal_end - nominal_start)) END;
+  FOR c IN
+    SELECT ch.*, m.meter_name FROM fluxrate_internal.charges ch
+      LEFT JOIN fluxrate_internal.meters m ON m.org_id = ch.org_id AND m.id = ch.meter_id
+     WHERE ch.org_id = i.org_id AND ch.plan_id = s.plan_id AND ch.status = 'ACTIVE'
+     ORDER BY ch.type, ch.created_at, ch.id
+  LOOP
+    v_pos := v_pos + 1;
+    IF c.type = 'FIXED' THEN
+      v_amount := c.unit_price * v_frac;
+      INSERT INTO fluxrate_internal.invoice_lines (org_id, invoice_id, position, line_type, charge_id, description,
+          quantity, unit_amount, line_total, amount_unrounded, period_start, period_end)
+      VALUES (i.org_id, i.id, v_pos, 'fixed', c.id,
+              coalesce(c.display_name, 'Fixed fee') || CASE WHEN v_frac <> 1 THEN ' (prorated)' ELSE '' END,
+              CASE WHEN v_frac = 1 THEN 1 ELSE round(v_frac, 12) END, c.unit_price,
+              fluxrate_internal.round_money(v_amount, i.currency), v_amount,
+              i.period_start, i.period_end);
+    ELSE
+      v_usage := fluxrate_internal.meter_usage(i.org_id, i.customer_id, c.meter_id, i.period_start, i.period_end);
+      v_amount := fluxrate_internal.rate_usage(c.pricing_model, c.unit_price, c.tiers, c.package_size,
+                                                c.package_price, c.free_units, v_usage);
+      v_unit := CASE WHEN c.pricing_model = 'per_unit' THEN c.unit_price
+                     WHEN v_usage = 0 THEN 0 ELSE round(v_amount / v_usage, 12) END;
+      INSERT INTO fluxrate_internal.invoice_lines (org_id, invoice_id, position, line_type, charge_id, description,
+          quantity, unit_amount, line_total, amount_unrounded, period_start, period_end, meta)
+      VALUES (i.org_id, i.id, v_pos, 'usage', c.id, coalesce(c.display_name, c.meter_name),
+              v_usage, v_unit, fluxrate_internal.round_money(v_amount, i.currency), v_amount,
+              i.period_start, i.period_end, jsonb_build_object('meter_id', c.meter_id, 'usage', v_usage,
+                                                               'pricing_model', c.pricing_model));
+    END IF;
+    v_sum := v_sum + v_amount;
+  END LOOP;
+  IF p.minimum_commitment IS NOT NULL AND v_sum < p.minimum_commitment * v_frac THEN
+    v_pos := v_pos + 1;
+    v_amount := p.minimum_commitment * v_frac - v_sum;
+    INSERT INTO fluxrate_internal.invoice_lines (org_id, invoice_id, position, line_type, description,
+        quantity, unit_amount, line_total, amount_unrounded, period_start, period_end)
+    VALUES (i.org_id, i.id, v_pos, 'minimum', 'Minimum commitment true-up', 1, v_amount,
+            fluxrate_internal.round_money(v_amount, i.currency), v_amount, i.period_start, i.period_end);
+  END IF;
+  PERFORM fluxrate_internal.recompute_totals(i.org_id, i.id);
+END
+$$;
+
+-- A DRAFT subscription invoice for [period_start, period_end), once: the unique
+-- index on (org_id, subscription_id, period_start) makes a second closer's insert
+-- a no-op.  Returns the invoice id, or NULL when it already existed.
+CREATE FUNCTION fluxrate_internal.create_period_invoice(s fluxrate_internal.subscriptions, period_start timestamptz,
+    period_end timestamptz, nominal_start timestamptz, nominal_end timestamptz, kind text DEFAULT 'subscription')
+  RETURNS uuid
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+#variable_conflict use_column
+DECLARE
+  v_id uuid;
+  v_currency text;
+  v_grace interval;
+BEGIN
+  SELECT p.currency INTO v_currency FROM fluxrate_internal.plans p WHERE p.org_id = s.org_id AND p.id = s.plan_id;
+  SELECT o.grace_period INTO v_grace FROM fluxrate_internal.organizations o WHERE o.org_id = s.org_id;
+  INSERT INTO fluxrate_internal.invoices (org_id, kind, customer_id, subscription_id, currency, period_start, period_end,
+      scheduled_finalize_at, meta_data, created_at, updated_at)
+  VALUES (s.org_id, create_period_invoice.kind, s.customer_id, s.id, v_currency, create_period_invoice.period_start,
+          create_period_invoice.period_end, fluxrate.now() + v_grace,
+          jsonb_build_object('nominal_start', create_period_invoice.nominal_start, 'nominal_end', create_period_invoice.nominal_end),
+          fluxrate.now(), fluxrate.now())
+  ON CONFLICT (org_id, subscription_id, period_start) WHERE kind = 'subscription' DO NOTHING
+  RETURNING id INTO v_id;
+  IF v_id IS NOT NULL THEN
+    PERFORM fluxrate_internal.fill_lines(s.org_id, v_id, nominal_start, nominal_end);
+    PERFORM fluxrate_internal.emit_event(s.org_id, 'invoice.created',
+      (SELECT jsonb_build_object('invoice_id', i.id, 'customer_id', i.customer_id, 'subscription_id', i.subscription_id,
+                                 'total', i.total, 'currency', i.currency, 'status', i.status)
+         FROM fluxrate_internal.invoices i WHERE i.org_id = s.org_id AND i.id = v_id));
+  END IF;
+  RETURN v_id;
+END
+$$;
+
+-- The nominal bounds of period n of a subscription.
+CREATE FUNCTION fluxrate_internal.nominal_period(s fluxrate_internal.subscriptions, OUT nominal_start timestamptz, OUT nominal_end timestamptz)
+  LANGUAGE plpgsql IMMUTABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  step interval := CASE s.billing_interval WHEN 'day' THEN interval '1 day' WHEN 'week' THEN interval '7 days'
+    WHEN 'month' THEN interval '1 month' WHEN 'quarter' THEN interval '3 months' ELSE interval '1 year' END;
+BEGIN
+  nominal_end := fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, s.current_period_index + 1);
+  IF s.current_period_index = 0 AND s.alignment = 'calendar' THEN
+    -- the partial first calendar period prorates against the whole calendar interval it ends
+    nominal_start := ((nominal_end AT TIME ZONE 'UTC') - step) AT TIME ZONE 'UTC';
+  ELSE
+    nominal_start := fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, s.current_period_index);
+  END IF;
+END
+$$;
+
+-- Close the next due period of up to batch_size subscriptions, across
+-- organizations (owned by fluxrate_system).  Rows are claimed with SKIP LOCKED,
+-- so concurrent closers split the work; the invoice and the subscription's
+-- advance commit together, so a killed closer leaves no half-closed period.
+-- Returns how many subscriptions it advanced (0 = nothing is due).
+CREATE FUNCTION fluxrate_internal.sys_close_batch(batch_size integer DEFAULT 500) RETURNS integer
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  s fluxrate_internal.subscriptions;
+  np record;
+  n integer := 0;
+  v_now timestamptz := fluxrate.now();
+BEGIN
+  FOR s IN
+    SELECT * FROM fluxrate_internal.subscriptions x
+     WHERE x.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE') AND x.current_period_end <= v_now
+     ORDER BY x.current_period_end, x.org_id, x.id
+     LIMIT batch_size
+     FOR UPDATE SKIP LOCKED
+  LOOP
+    PERFORM set_config('fluxrate.current_org', s.org_id::text, true);
+    IF s.status = 'TRIAL' THEN
+      -- the trial is over: no invoice for it, billing starts at the trial end
+      UPDATE fluxrate_internal.subscriptions x
+         SET status = 'ACTIVE', current_period_index = 0, current_period_start = s.billing_anchor,
+             current_period_end = fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, 1)
+       WHERE x.org_id = s.org_id AND x.id = s.id;
+      PERFORM fluxrate_internal.emit_event(s.org_id, 'subscription.activated',
+        jsonb_build_object('subscription_id', s.id, 'customer_id', s.customer_id));
+    ELSE
+      SELECT * INTO np FROM fluxrate_internal.nominal_period(s);
+      PERFORM fluxrate_internal.create_period_invoice(s, s.current_period_start, s.current_period_end,
+                                                      np.nominal_start, np.nominal_end);
+      IF s.cancel_at_period_end THEN
+        UPDATE fluxrate_internal.subscriptions x
+           SET status = 'CANCELED', ended_at = s.current_period_end, last_invoiced_date = v_now
+         WHERE x.org_id = s.org_id AND x.id = s.id;
+        PERFORM fluxrate_internal.emit_event(s.org_id, 'subscription.canceled',
+          jsonb_build_object('subscription_id', s.id, 'customer_id', s.customer_id, 'ended_at', s.current_period_end));
+      ELSE
+        UPDATE fluxrate_internal.subscriptions x
+           SET current_period_index = s.current_period_index + 1,
+               current_period_start = s.current_period_end,
+               current_period_end = fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment,
+                                                                      s.current_period_index + 2),
+               last_invoiced_date = v_now
+         WHERE x.org_id = s.org_id AND x.id = s.id;
+      END IF;
+    END IF;
+    n := n + 1;
+  END LOOP;
+  RETURN n;
+END
+$$;
+
+-- Numbers: INV-YYYY-NNNN, gapless per organization and year.  The counter row is
+-- updated in the finalizing transaction: a rollback gives the number back, and
+-- concurrent finalizations queue on the row.
+CREATE FUNCTION fluxrate_internal.next_invoice_number(org_id uuid, at timestamptz) RETURNS text
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_year integer := extract(year FROM at AT TIME ZONE 'UTC')::integer;
+  v_seq integer;
+BEGIN
+  INSERT INTO fluxrate_internal.invoice_counters AS c (org_id, year, last_seq)
+  VALUES (next_invoice_number.org_id, v_year, 1)
+  ON CONFLICT ON CONSTRAINT invoice_counters_pkey DO UPDATE SET last_seq = c.last_seq + 1
+  RETURNING last_seq INTO v_seq;
+  RETURN format('INV-%s-%s', v_year, lpad(v_seq::text, 4, '0'));
+END
+$$;
+
+-- DRAFT -> OPEN.  A subscription draft is refreshed from the events first (events
+-- that arrived during the grace period count).  After this, the invoice never changes.
+CREATE FUNCTION fluxrate_internal.finalize_one(org_id uuid, invoice_id uuid) RETURNS void
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  i fluxrate_internal.invoices;
+  s fluxrate_internal.subscriptions;
+  v_now timestamptz := fluxrate.now();
+  v_terms integer;
+  v_nom_start timestamptz;
+  v_nom_end timestamptz;
+BEGIN
+  SELECT * INTO i FROM fluxrate_internal.invoices x
+   WHERE x.org_id = finalize_one.org_id AND x.id = finalize_one.invoice_id FOR UPDATE;
+  IF i.status <> 'DRAFT' THEN
+    PERFORM fluxrate_internal.fail('PT409', format('cannot finalize an invoice that is %s', i.status),
+      'Only DRAFT invoices are finalized.');
+  END IF;
+  IF i.subscription_id IS NOT NULL THEN
+    -- the proration fraction was fixed at closing; keep it when refreshing
+    v_nom_start := (i.meta_data->>'nominal_start')::timestamptz;
+    v_nom_end := (i.meta_data->>'nominal_end')::timestamptz;
+    PERFORM fluxrate_internal.fill_lines(i.org_id, i.id, coalesce(v_nom_start, i.period_start), coalesce(v_nom_end, i.period_end));
+  ELSE
+    PERFORM fluxrate_internal.recompute_totals(i.org_id, i.id);
+  END IF;
+  SELECT o.payment_terms_days INTO v_terms FROM fluxrate_internal.organizations o WHERE o.org_id = i.org_id;
+  UPDATE fluxrate_internal.invoices x
+     SET status = 'OPEN', invoice_number = fluxrate_internal.next_invoice_number(i.org_id, v_now),
+         issue_date = v_now, finalized_at = v_now,
+         due_date = coalesce(x.due_date, v_now + make_interval(days => v_terms)),
+         updated_at = v_now
+   WHERE x.org_id = i.org_id AND x.id = i.id
+  RETURNING * INTO i;
+  PERFORM fluxrate_internal.emit_event(i.org_id, 'invoice.finalized',
+    jsonb_build_object('invoice_id', i.id, 'invoice_number', i.invoice_number, 'customer_id', i.customer_id,
+                       'total', i.total, 'currency', i.currency, 'status', i.status));
+END
+$$;
+
+-- Finalize the DRAFTs whose grace period is over (across organizations).
+CREATE FUNCTION fluxrate_internal.sys_finalize_batch(batch_size integer DEFAULT 500) RETURNS integer
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  r record;
+  n integer := 0;
+BEGIN
+  FOR r IN
+    SELECT x.org_id, x.id FROM fluxrate_internal.invoices x
+     WHERE x.status = 'DRAFT' AND x.scheduled_finalize_at <= fluxrate.now()
+     ORDER BY x.scheduled_finalize_at, x.org_id, x.id
+     LIMIT batch_size
+     FOR UPDATE SKIP LOCKED
+  LOOP
+    PERFORM set_config('fluxrate.current_org', r.org_id::text, true);
+    PERFORM fluxrate_internal.finalize_one(r.org_id, r.id);
+    n := n + 1;
+  END LOOP;
+  RETURN n;
+END
+$$;
+
+-- ACTIVE subscriptions with an OPEN invoice past its due date become PAST_DUE.
+CREATE FUNCTION fluxrate_internal.sys_mark_past_due() RETURNS integer
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  n integer;
+BEGIN
+  UPDATE fluxrate_internal.subscriptions s SET status = 'PAST_DUE'
+   WHERE s.status = 'ACTIVE' AND EXISTS (
+     SELECT 1 FROM fluxrate_internal.invoices i
+      WHERE i.org_id = s.org_id AND i.subscription_id = s.id AND i.status = 'OPEN' AND i.due_date < fluxrate.now());
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
+-- The jobs.  Invoker procedures (a SECURITY DEFINER procedure may not COMMIT):
+-- each batch commits, so a long catch-up makes progress and a killed run loses
+-- at most one batch, which the next run redoes.
+CREATE PROCEDURE fluxrate.close_due_periods(batch_size integer DEFAULT 500)
+  LANGUAGE plpgsql
+  AS $$
+BEGIN
+  LOOP
+    EXIT WHEN fluxrate_internal.sys_close_batch(batch_size) = 0;
+    COMMIT;
+  END LOOP;
+  PERFORM fluxrate_internal.sys_mark_past_due();
+  COMMIT;
+END
+$$;
+
+CREATE PROCEDURE fluxrate.finalize_due_invoices(batch_size integer DEFAULT 500)
+  LANGUAGE plpgsql
+  AS $$
+BEGIN
+  LOOP
+    EXIT WHEN fluxrate_internal.sys_finalize_batch(batch_size) = 0;
+    COMMIT;
+  END LOOP;
+END
+$$;
+
+CREATE PROCEDURE fluxrate.mark_past_due()
+  LANGUAGE plpgsql
+  AS $$
+BEGIN
+  PERFORM fluxrate_internal.sys_mark_past_due();
+END
+$$;
+
+-- Invoice operations -----------------------------------------------------------
+
+CREATE FUNCTION fluxrate_internal.load_invoice(org_id uuid, invoice_id uuid, lock boolean DEFAULT false)
+  RETURNS fluxrate_internal.invoices
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  i fluxrate_internal.invoices;
+BEGIN
+  IF lock THEN
+    SELECT * INTO i FROM fluxrate_internal.invoices x WHERE x.org_id = load_invoice.org_id AND x.id = load_invoice.invoice_id FOR UPDATE;
+  ELSE
+    SELECT * INTO i FROM fluxrate_internal.invoices x WHERE x.org_id = load_invoice.org_id AND x.id = load_invoice.invoice_id;
+  END IF;
+  IF i.id IS NULL THEN
+    PERFORM fluxrate_internal.fail('PT404', 'invoice not found', format('No invoice %s in this organization.', invoice_id));
+  END IF;
+  RETURN i;
+END
+$$;
+
+CREATE FUNCTION fluxrate.get_invoice(invoice_id uuid) RETURNS jsonb
+  LANGUAGE plpgsql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('invoices.read');
+BEGIN
+  RETURN fluxrate_internal.invoice_json(fluxrate_internal.load_invoice(v_org, get_invoice.invoice_id));
+END
+$$;
+
+CREATE FUNCTION fluxrate.list_invoices(page integer DEFAULT 1, page_size integer DEFAULT 20, status text DEFAULT NULL,
+    customer_id uuid DEFAULT NULL)
+  RETURNS jsonb
+  LANGUAGE plpgsql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('invoices.read');
+BEGIN
+  PERFORM fluxrate_internal.check_page(page, page_size);
+  PERFORM fluxrate_internal.one_of(upper(list_invoices.status), 'status', ARRAY['DRAFT', 'OPEN', 'PAID', 'VOID', 'UNCOLLECTIBLE']);
+  RETURN fluxrate_internal.page_envelope(
+    (SELECT jsonb_agg(fluxrate_internal.invoice_json(i, false) ORDER BY i.created_at, i.id) FROM
+       (SELECT * FROM fluxrate_internal.invoices x
+         WHERE x.org_id = v_org AND (list_invoices.status IS NULL OR x.status = upper(list_invoices.status))
+           AND (list_invoices.customer_id IS NULL OR x.customer_id = list_invoices.customer_id)
+         ORDER BY x.created_at, x.id LIMIT page_size OFFSET (page - 1) * page_size) i),
+    page, page_size,
+    (SELECT count(*) FROM fluxrate_internal.invoices x
+      WHERE x.org_id = v_org AND (list_invoices.status IS NULL OR x.status = upper(list_invoices.status))
+        AND (list_invoices.customer_id IS NULL OR x.customer_id = list_invoices.customer_id)));
+END
+$$;
+
+CREATE FUNCTION fluxrate.list_customer_invoices(customer_id uuid) RETURNS jsonb
+  LANGUAGE plpgsql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('invoices.read');
+BEGIN
+  PERFORM 1 FROM fluxrate_internal.customers c WHERE c.org_id = v_org AND c.id = list_customer_invoices.customer_id;
+  IF NOT FOUND THEN
+    PERFORM fluxrate_internal.fail('PT404', 'customer not found', format('No customer %s in this organization.', customer_id));
+  END IF;
+  RETURN coalesce((SELECT jsonb_agg(fluxrate_internal.invoice_json(i, false) ORDER BY i.created_at, i.period_start, i.id)
+                   FROM fluxrate_internal.invoices i WHERE i.org_id = v_org AND i.customer_id = list_customer_invoices.customer_id), '[]'::jsonb);
+END
+$$;
+
+CREATE FUNCTION fluxrate.list_subscription_invoices(subscription_id uuid) RETURNS jsonb
+  LANGUAGE plpgsql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('invoices.read');
+BEGIN
+  PERFORM 1 FROM fluxrate_internal.subscriptions s WHERE s.org_id = v_org AND s.id = list_subscription_invoices.subscription_id;
+  IF NOT FOUND THEN
+    PERFORM fluxrate_internal.fail('PT404', 'subscription not found', format('No subscription %s in this organization.', subscription_id));
+  END IF;
+  RETURN coalesce((SELECT jsonb_agg(fluxrate_internal.invoice_json(i, false) ORDER BY i.period_start, i.created_at, i.id)
+                   FROM fluxrate_internal.invoices i
+                   WHERE i.org_id = v_org AND i.subscription_id = list_subscription_invoices.subscription_id), '[]'::jsonb);
+END
+$$;
+
+CREATE FUNCTION fluxrate.finalize_invoice(invoice_id uuid) RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('invoices.write');
+BEGIN
+  PERFORM fluxrate_internal.load_invoice(v_org, finalize_invoice.invoice_id, true);
+  PERFORM fluxrate_internal.finalize_one(v_org, finalize_invoice.invoice_id);
+  RETURN fluxrate_internal.invoice_json(fluxrate_internal.load_invoice(v_org, finalize_invoice.invoice_id));
+END
+$$;
+
+-- The state machine of SPEC.md:
+--   DRAFT -> OPEN (finalize) | VOID;  OPEN -> PAID | VOID | UNCOLLECTIBLE;
+--   UNCOLLECTIBLE -> PAID | VOID;  PAID and VOID are final.
+-- Every change keeps the note, the previous status and the time in meta_data.
+CREATE FUNCTION fluxrate.update_invoice_status(invoice_id uuid, status text, note text DEFAULT NULL) RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('invoices.write');
+  v_to text := upper(update_invoice_status.status);
+  i fluxrate_internal.invoices;
+  v_now timestamptz := fluxrate.now();
+BEGIN
+  PERFORM fluxrate_internal.required(v_to, 'status');
+  PERFORM fluxrate_internal.one_of(v_to, 'status', ARRAY['OPEN', 'PAID', 'VOID', 'UNCOLLECTIBLE']);
+  i := fluxrate_internal.load_invoice(v_org, update_invoice_status.invoice_id, true);
+  IF NOT ((i.status = 'DRAFT' AND v_to IN ('OPEN', 'VOID'))
+       OR (i.status = 'OPEN' AND v_to IN ('PAID', 'VOID', 'UNCOLLECTIBLE'))
+       OR (i.status = 'UNCOLLECTIBLE' AND v_to IN ('PAID', 'VOID'))) THEN
+    PERFORM fluxrate_internal.fail('PT409', format('cannot change an invoice from %s to %s', i.status, v_to),
+      CASE WHEN i.status IN ('PAID', 'VOID') THEN format('%s is final.', i.status)
+           ELSE 'Allowed: DRAFT to OPEN or VOID; OPEN to PAID, VOID or UNCOLLECTIBLE; UNCOLLECTIBLE to PAID or VOID.' END);
+  END IF;
+  IF v_to = 'OPEN' THEN
+    PERFORM fluxrate_internal.finalize_one(v_org, i.id);
+  ELSE
+    UPDATE fluxrate_internal.invoices x
+       SET status = v_to,
+           paid_at = CASE WHEN v_to = 'PAID' THEN v_now ELSE x.paid_at END,
+           amount_paid = CASE WHEN v_to = 'PAID' THEN x.total ELSE x.amount_paid END,
+           amount_due = CASE WHEN v_to IN ('PAID', 'VOID') THEN 0 ELSE x.amount_due END,
+           voided_at = CASE WHEN v_to = 'VOID' THEN v_now ELSE x.voided_at END,
+           updated_at = v_now
+     WHERE x.org_id = v_org AND x.id = i.id;
+    PERFORM fluxrate_internal.emit_event(v_org, CASE v_to WHEN 'PAID' THEN 'invoice.paid' WHEN 'VOID' THEN 'invoice.voided'
+                                                ELSE 'invoice.uncollectible' END,
+      jsonb_build_object('invoice_id', i.id, 'invoice_number', i.invoice_number, 'customer_id', i.customer_id,
+                         'total', i.total, 'currency', i.currency, 'status', v_to));
+    -- a paid invoice may bring a PAST_DUE subscription back to ACTIVE
+    IF v_to IN ('PAID', 'VOID') AND i.subscription_id IS NOT NULL THEN
+      UPDATE fluxrate_internal.subscriptions s SET status = 'ACTIVE'
+       WHERE s.org_id = v_org AND s.id = i.subscription_id AND s.status = 'PAST_DUE'
+         AND NOT EXISTS (SELECT 1 FROM fluxrate_internal.invoices o
+                          WHERE o.org_id = v_org AND o.subscription_id = s.id AND o.status = 'OPEN' AND o.due_date < v_now);
+    END IF;
+  END IF;
+  UPDATE fluxrate_internal.invoices x
+     SET meta_data = x.meta_data || jsonb_build_object('status_change_note', update_invoice_status.note,
+                       'status_change_timestamp', v_now, 'previous_status', i.status)
+   WHERE x.org_id = v_org AND x.id = i.id;
+  RETURN fluxrate_internal.invoice_json(fluxrate_internal.load_invoice(v_org, i.id));
+END
+$$;
+
+CREATE FUNCTION fluxrate.pay_invoice(invoice_id uuid, note text DEFAULT NULL) RETURNS jsonb
+  LANGUAGE sql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$ SELECT fluxrate.update_invoice_status(pay_invoice.invoice_id, 'PAID', pay_invoice.note) $$;
+
+CREATE FUNCTION fluxrate.void_invoice(invoice_id uuid, note text DEFAULT NULL) RETURNS jsonb
+  LANGUAGE sql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$ SELECT fluxrate.update_invoice_status(void_invoice.invoice_id, 'VOID', void_invoice.note) $$;
+
+CREATE FUNCTION fluxrate.delete_invoice(invoice_id uuid) RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('invoices.write');
+  i fluxrate_internal.invoices := fluxrate_internal.load_invoice(v_org, delete_invoice.invoice_id, true);
+BEGIN
+  IF i.status <> 'DRAFT' THEN
+    PERFORM fluxrate_internal.fail('PT409', format('cannot delete an invoice that is %s', i.status),
+      'Only DRAFT invoices may be deleted.', 'Void it instead.');
+  END IF;
+  DELETE FROM fluxrate_internal.invoices x WHERE x.org_id = v_org AND x.id = i.id;
+  PERFORM set_config('response.status', '204', true);
+  RETURN jsonb_build_object('id', i.id, 'deleted', true);
+END
+$$;
+
+-- Manual one-off invoices: lines [{description, quantity, unit_amount}].
+CREATE FUNCTION fluxrate_internal.write_manual_lines(org_id uuid, invoice_id uuid, currency text, line_items jsonb)
+  RETURNS void
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  l jsonb;
+  n integer := 0;
+  q numeric;
+  u numeric;
+BEGIN
+  IF line_items IS NULL OR jsonb_typeof(line_items) <> 'array' THEN
+    PERFORM fluxrate_internal.fail('22023', 'line_items must be an array',
+      NULL, 'Send [{"description": "Setup", "quantity": 1, "unit_amount": 500}].');
+  END IF;
+  DELETE FROM fluxrate_internal.invoice_lines x WHERE x.org_id = write_manual_lines.org_id AND x.invoice_id = write_manual_lines.invoice_id;
+  FOR l IN SELECT e FROM jsonb_array_elements(line_items) e LOOP
+    n := n + 1;
+    IF jsonb_typeof(l) <> 'object' OR coalesce(l->>'description', '') = '' THEN
+      PERFORM fluxrate_internal.fail('22004', format('line %s needs a description', n));
+    END IF;
+    IF jsonb_typeof(l->'quantity') IS DISTINCT FROM 'number' OR jsonb_typeof(l->'unit_amount') IS DISTINCT FROM 'number' THEN
+      PERFORM fluxrate_internal.fail('22023', format('line %s needs numeric quantity and unit_amount', n));
+    END IF;
+    q := fluxrate_internal.check_decimal((l->>'quantity')::numeric, format('line %s quantity', n), false);
+    u := (l->>'unit_amount')::numeric;
+    IF scale(u) > 12 THEN
+      PERFORM fluxrate_internal.fail('PT422', format('line %s unit_amount has more than 12 decimal places', n));
+    END IF;
+    INSERT INTO fluxrate_internal.invoice_lines (org_id, invoice_id, position, line_type, description, quantity,
+        unit_amount, line_total, amount_unrounded)
+    VALUES (write_manual_lines.org_id, write_manual_lines.invoice_id, n, 'manual', l->>'description', q, u,
+            fluxrate_internal.round_money(q * u, currency), q * u);
+  END LOOP;
+  PERFORM fluxrate_internal.recompute_totals(write_manual_lines.org_id, write_manual_lines.invoice_id);
+END
+$$;
+
+CREATE FUNCTION fluxrate.create_invoice(customer_id uuid, currency text, due_date timestamptz DEFAULT NULL,
+    line_items jsonb DEFAULT '[]')
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('invoices.write');
+  c fluxrate_internal.customers;
+  v_currency text := upper(create_invoice.currency);
+  v_id uuid;
+BEGIN
+  PERFORM fluxrate_internal.required(create_invoice.customer_id, 'customer_id');
+  PERFORM fluxrate_internal.required(v_currency, 'currency');
+  PERFORM fluxrate_internal.currency_exponent(v_currency);
+  SELECT * INTO c FROM fluxrate_internal.customers x WHERE x.org_id = v_org AND x.id = create_invoice.customer_id;
+  IF NOT FOUND THEN
+    PERFORM fluxrate_internal.fail('PT404', 'customer not found', format('No customer %s in this organization.', create_invoice.customer_id));
+  END IF;
+  IF c.billing_address_country IS NULL THEN
+    PERFORM fluxrate_internal.fail('PT422', 'customer has no billing_address_country',
+      'A manual invoice needs the customer''s country (for tax).', 'Set it with update_customer.');
+  END IF;
+  INSERT INTO fluxrate_internal.invoices (org_id, kind, customer_id, currency, due_date, created_at, updated_at)
+  VALUES (v_org, 'manual', c.id, v_currency, create_invoice.due_date, fluxrate.now(), fluxrate.now())
+  RETURNING id INTO v_id;
+  PERFORM fluxrate_internal.write_manual_lines(v_org, v_id, v_currency, coalesce(create_invoice.line_items, '[]'::jsonb));
+  PERFORM set_config('response.status', '201', true);
+  RETURN fluxrate_internal.invoice_json(fluxrate_internal.load_invoice(v_org, v_id));
+END
+$$;
+
+-- PUT /invoices/{id}: DRAFT only.
+CREATE FUNCTION fluxrate.update_invoice(invoice_id uuid, due_date timestamptz DEFAULT NULL, line_items jsonb DEFAULT NULL)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('invoices.write');
+  i fluxrate_internal.invoices := fluxrate_internal.load_invoice(v_org, update_invoice.invoice_id, true);
+BEGIN
+  IF i.status <> 'DRAFT' THEN
+    PERFORM fluxrate_internal.fail('PT409', format('cannot edit an invoice that is %s', i.status), 'Only DRAFT invoices may be edited.');
+  END IF;
+  IF update_invoice.line_items IS NOT NULL AND i.kind <> 'manual' THEN
+    PERFORM fluxrate_internal.fail('PT409', 'the lines of a subscription invoice come from its charges',
+      'Edit the lines of manual invoices only.');
+  END IF;
+  UPDATE fluxrate_internal.invoices x SET due_date = coalesce(update_invoice.due_date, x.due_date), updated_at = fluxrate.now()
+   WHERE x.org_id = v_org AND x.id = i.id;
+  IF update_invoice.line_items IS NOT NULL THEN
+    PERFORM fluxrate_internal.write_manual_lines(v_org, i.id, i.currency, update_invoice.line_items);
+  END IF;
+  RETURN fluxrate_internal.invoice_json(fluxrate_internal.load_invoice(v_org, i.id));
+END
+$$;
+
+-- Subscriptions: preview, generate now, cancel, delete ------------------------------
+
+-- What the current period's invoice would be now; writes nothing (a savepoint
+-- computes it with the real code path and is rolled back).
+CREATE FUNCTION fluxrate.preview_invoice(subscription_id uuid) RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('invoices.read');
+  s fluxrate_internal.subscriptions;
+  np record;
+  v_id uuid;
+  v_doc jsonb;
+BEGIN
+  SELECT * INTO s FROM fluxrate_internal.subscriptions x WHERE x.org_id = v_org AND x.id = preview_invoice.subscription_id;
+  IF NOT FOUND THEN
+    PERFORM fluxrate_internal.fail('PT404', 'subscription not found', format('No subscription %s in this organization.', subscription_id));
+  END IF;
+  IF s.status IN ('TRIAL', 'CANCELED') THEN
+    RETURN jsonb_build_object('subscription_id', s.id, 'status', s.status, 'line_items', '[]'::jsonb, 'total', 0,
+                              'message', format('a %s subscription has nothing to bill', lower(s.status)));
+  END IF;
+  SELECT * INTO np FROM fluxrate_internal.nominal_period(s);
+  BEGIN
+    INSERT INTO fluxrate_internal.invoices (org_id, kind, customer_id, subscription_id, currency, period_start, period_end,
+        created_at, updated_at)
+    SELECT v_org, 'final', s.customer_id, s.id, p.currency, s.current_period_start, s.current_period_end, fluxrate.now(), fluxrate.now()
+      FROM fluxrate_internal.plans p WHERE p.org_id = v_org AND p.id = s.plan_id
+    RETURNING id INTO v_id;
+    PERFORM fluxrate_internal.fill_lines(v_org, v_id, np.nominal_start, np.nominal_end);
+    v_doc := fluxrate_internal.invoice_json(fluxrate_internal.load_invoice(v_org, v_id))
+             - 'id' - 'kind' - 'status' - 'created_at' || jsonb_build_object('preview', true, 'usage_through', fluxrate.now());
+    RAISE EXCEPTION USING ERRCODE = 'P0004', MESSAGE = 'preview rollback';
+  EXCEPTION WHEN assert_failure THEN
+    NULL;
+  END;
+  RETURN v_doc;
+END
+$$;
+
+-- Bill now.  If the current period has ended, close it at once (the closer would
+-- have); otherwise bill the period so far [start, now) as a DRAFT, prorating fixed
+-- charges, and restart the current period at now, so the regular close bills only
+-- the rest and nothing is billed twice.
+CREATE FUNCTION fluxrate.generate_invoice(subscription_id uuid) RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('invoices.write');
+  s fluxrate_internal.subscriptions;
+  np record;
+  v_now timestamptz := fluxrate.now();
+  v_id uuid;
+BEGIN
+  SELECT * INTO s FROM fluxrate_internal.subscriptions x
+   WHERE x.org_id = v_org AND x.id = generate_invoice.subscription_id FOR UPDATE;
+  IF NOT FOUND THEN
+    PERFORM fluxrate_internal.fail('PT404', 'subscription not found', format('No subscription %s in this organization.', subscription_id));
+  END IF;
+  IF s.status NOT IN ('ACTIVE', 'PAST_DUE') THEN
+    PERFORM fluxrate_internal.fail('PT409', format('cannot invoice a %s subscription', s.status),
+      CASE s.status WHEN 'TRIAL' THEN 'Trials are never billed.' ELSE 'The subscription has ended.' END);
+  END IF;
+  SELECT * INTO np FROM fluxrate_internal.nominal_period(s);
+  IF s.current_period_end <= v_now THEN
+    v_id := fluxrate_internal.create_period_invoice(s, s.current_period_start, s.current_period_end, np.nominal_start, np.nominal_end);
+    UPDATE fluxrate_internal.subscriptions x
+       SET current_period_index = s.current_period_index + 1, current_period_start = s.current_period_end,
+           current_period_end = fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, s.current_period_index + 2),
+           last_invoiced_date = v_now
+     WHERE x.org_id = v_org AND x.id = s.id;
+  ELSIF s.current_period_start >= v_now THEN
+    PERFORM fluxrate_internal.fail('PT409', 'nothing to invoice yet', 'The current period has just started.');
+  ELSE
+    v_id := fluxrate_internal.create_period_invoice(s, s.current_period_start, v_now, np.nominal_start, np.nominal_end);
+    UPDATE fluxrate_internal.invoices x SET meta_data = x.meta_data || jsonb_build_object('interim', true)
+     WHERE x.org_id = v_org AND x.id = v_id;
+    UPDATE fluxrate_internal.subscriptions x SET current_period_start = v_now, last_invoiced_date = v_now
+     WHERE x.org_id = v_org AND x.id = s.id;
+  END IF;
+  PERFORM set_config('response.status', '201', true);
+  RETURN fluxrate_internal.invoice_json(fluxrate_internal.load_invoice(v_org, v_id));
+END
+$$;
+
+CREATE FUNCTION fluxrate.cancel_subscription(subscription_id uuid, cancel_at_period_end boolean DEFAULT false,
+    reason text DEFAULT NULL)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('customers.write');
+  s fluxrate_internal.subscriptions;
+  np record;
+  v_now timestamptz := fluxrate.now();
+  v_inv uuid;
+BEGIN
+  SELECT * INTO s FROM fluxrate_internal.subscriptions x
+   WHERE x.org_id = v_org AND x.id = cancel_subscription.subscription_id FOR UPDATE;
+  IF NOT FOUND THEN
+    PERFORM fluxrate_internal.fail('PT404', 'subscription not found', format('No subscription %s in this organization.', subscription_id));
+  END IF;
+  IF s.status = 'CANCELED' THEN
+    PERFORM fluxrate_internal.fail('PT409', 'subscription is already canceled');
+  END IF;
+  IF coalesce(cancel_subscription.cancel_at_period_end, false) THEN
+    UPDATE fluxrate_internal.subscriptions x
+       SET cancel_at_period_end = true, canceled_at = v_now, cancel_reason = cancel_subscription.reason
+     WHERE x.org_id = v_org AND x.id = s.id RETURNING * INTO s;
+  ELSE
+    -- a final invoice prorated up to now (none for a trial: trials are never billed)
+    IF s.status <> 'TRIAL' AND v_now > s.current_period_start THEN
+      SELECT * INTO np FROM fluxrate_internal.nominal_period(s);
+      v_inv := fluxrate_internal.create_period_invoice(s, s.current_period_start, least(v_now, s.current_period_end),
+                                                       np.nominal_start, np.nominal_end, 'final');
+    END IF;
+    UPDATE fluxrate_internal.subscriptions x
+       SET status = 'CANCELED', canceled_at = v_now, ended_at = v_now, cancel_reason = cancel_subscription.reason,
+           last_invoiced_date = CASE WHEN v_inv IS NULL THEN x.last_invoiced_date ELSE v_now END
+     WHERE x.org_id = v_org AND x.id = s.id RETURNING * INTO s;
+    PERFORM fluxrate_internal.emit_event(v_org, 'subscription.canceled',
+      jsonb_build_object('subscription_id', s.id, 'customer_id', s.customer_id, 'ended_at', v_now, 'reason', cancel_subscription.reason));
+  END IF;
+  RETURN fluxrate_internal.subscription_json(s) || jsonb_build_object('cancel_reason', s.cancel_reason, 'final_invoice_id', v_inv);
+END
+$$;
+
+CREATE FUNCTION fluxrate.delete_subscription(subscription_id uuid) RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('customers.write');
+BEGIN
+  PERFORM 1 FROM fluxrate_internal.subscriptions x WHERE x.org_id = v_org AND x.id = delete_subscription.subscription_id FOR UPDATE;
+  IF NOT FOUND THEN
+    PERFORM fluxrate_internal.fail('PT404', 'subscription not found', format('No subscription %s in this organization.', subscription_id));
+  END IF;
+  -- drafts go with it; finalized invoices stay (they are accounting records)
+  DELETE FROM fluxrate_internal.invoices i WHERE i.org_id = v_org AND i.subscription_id = delete_subscription.subscription_id AND i.status = 'DRAFT';
+  UPDATE fluxrate_internal.invoices i SET subscription_id = NULL
+   WHERE i.org_id = v_org AND i.subscription_id = delete_subscription.subscription_id;
+  DELETE FROM fluxrate_internal.subscriptions x WHERE x.org_id = v_org AND x.id = delete_subscription.subscription_id;
+  PERFORM set_config('response.status', '204', true);
+  RETURN jsonb_build_object('id', subscription_id, 'deleted', true);
+END
+$$;
+
+-- pg_cron ---------------------------------------------------------------------------
+
+-- Schedule the jobs every minute (pg_cron 1.4.2: minute granularity, UTC) when
+-- pg_cron is installed; the jobs only call the procedures.
+CREATE FUNCTION fluxrate.schedule_jobs() RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_close bigint;
+  v_final bigint;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron') THEN
+    PERFORM fluxrate_internal.fail('PT409', 'pg_cron is not installed',
+      'fluxrate.close_due_periods() and fluxrate.finalize_due_invoices() can be called from any scheduler.',
+      'CREATE EXTENSION pg_cron, with pg_cron in shared_preload_libraries.');
+  END IF;
+  EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO v_close
+    USING 'fluxrate-close-periods', '* * * * *', 'CALL fluxrate.close_due_periods()';
+  EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO v_final
+    USING 'fluxrate-finalize-invoices', '* * * * *', 'CALL fluxrate.finalize_due_invoices()';
+  RETURN jsonb_build_object('close_due_periods', v_close, 'finalize_due_invoices', v_final);
+END
+$$;
+
+CREATE FUNCTION fluxrate.unschedule_jobs() RETURNS integer
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  n integer := 0;
+  j record;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron') THEN
+    RETURN 0;
+  END IF;
+  FOR j IN EXECUTE 'SELECT jobid FROM cron.job WHERE jobname LIKE ''fluxrate-%''' LOOP
+    EXECUTE 'SELECT cron.unschedule($1)' USING j.jobid;
+    n := n + 1;
+  END LOOP;
+  RETURN n;
+END
+$$;
+
+-- the trusted application role runs the jobs (the procedures call these)
+GRANT USAGE ON SCHEMA fluxrate_internal TO fluxrate_app;
+GRANT EXECUTE ON FUNCTION fluxrate_internal.sys_close_batch(integer), fluxrate_internal.sys_finalize_batch(integer),
+  fluxrate_internal.sys_mark_past_due() TO fluxrate_app;
