@@ -138,6 +138,7 @@ DECLARE
   s fluxrate_internal.subscriptions;
   p fluxrate_internal.plans;
   c record;
+  r record;
   v_pos integer := 0;
   v_frac numeric;
   v_amount numeric;
@@ -182,6 +183,46 @@ BEGIN
     END IF;
     v_sum := v_sum + v_amount;
   END LOOP;
+  -- Late usage: events that reached an already finalized period of this
+  -- subscription.  Per charge and past period: the usage now minus the usage
+  -- billed so far (the usage line plus earlier late lines; the deltas telescope,
+  -- so this is right for every aggregation), priced incrementally
+  -- (rate(now) - rate(billed)) so tiers stay right.  Only what increases the
+  -- amount is billed; finalized invoices never change.  Looks back 12 periods.
+  FOR r IN
+    SELECT l.charge_id, l.period_start, l.period_end,
+           sum(CASE l.line_type WHEN 'usage' THEN (l.meta->>'usage')::numeric ELSE (l.meta->>'usage_delta')::numeric END) AS billed
+      FROM fluxrate_internal.invoice_lines l
+      JOIN fluxrate_internal.invoices pi ON pi.org_id = l.org_id AND pi.id = l.invoice_id
+     WHERE pi.org_id = i.org_id AND pi.subscription_id = i.subscription_id AND pi.id <> i.id
+       AND pi.status IN ('OPEN', 'PAID', 'UNCOLLECTIBLE') AND l.line_type IN ('usage', 'late_usage')
+       AND l.charge_id IS NOT NULL AND l.period_end <= i.period_start
+       AND l.period_start >= (SELECT min(x.ps) FROM (SELECT pi2.period_start AS ps FROM fluxrate_internal.invoices pi2
+                                WHERE pi2.org_id = i.org_id AND pi2.subscription_id = i.subscription_id AND pi2.id <> i.id
+                                ORDER BY pi2.period_start DESC LIMIT 12) x)
+     GROUP BY l.charge_id, l.period_start, l.period_end
+     ORDER BY l.period_start, l.charge_id
+  LOOP
+    SELECT ch.*, m.meter_name INTO c FROM fluxrate_internal.charges ch
+      JOIN fluxrate_internal.meters m ON m.org_id = ch.org_id AND m.id = ch.meter_id
+     WHERE ch.org_id = i.org_id AND ch.id = r.charge_id;
+    v_usage := fluxrate_internal.meter_usage(i.org_id, i.customer_id, c.meter_id, r.period_start, r.period_end);
+    CONTINUE WHEN v_usage = r.billed;
+    v_amount := fluxrate_internal.rate_usage(c.pricing_model, c.unit_price, c.tiers, c.package_size, c.package_price, c.free_units, v_usage)
+              - fluxrate_internal.rate_usage(c.pricing_model, c.unit_price, c.tiers, c.package_size, c.package_price, c.free_units, r.billed);
+    CONTINUE WHEN v_amount <= 0;
+    v_pos := v_pos + 1;
+    INSERT INTO fluxrate_internal.invoice_lines (org_id, invoice_id, position, line_type, charge_id, description,
+        quantity, unit_amount, line_total, amount_unrounded, period_start, period_end, meta)
+    VALUES (i.org_id, i.id, v_pos, 'late_usage', c.id,
+            format('%s - late usage for %s to %s', coalesce(c.display_name, c.meter_name),
+                   to_char(r.period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD'), to_char(r.period_end AT TIME ZONE 'UTC', 'YYYY-MM-DD')),
+            v_usage - r.billed, round(v_amount / (v_usage - r.billed), 12),
+            fluxrate_internal.round_money(v_amount, i.currency), v_amount, r.period_start, r.period_end,
+            jsonb_build_object('meter_id', c.meter_id, 'usage_delta', v_usage - r.billed, 'usage_now', v_usage,
+                               'billed_before', r.billed));
+  END LOOP;
+
   IF p.minimum_commitment IS NOT NULL AND v_sum < p.minimum_commitment * v_frac THEN
     v_pos := v_pos + 1;
     v_amount := p.minimum_commitment * v_frac - v_sum;
