@@ -420,7 +420,7 @@ BEGIN
   FOR r IN
     SELECT x.org_id, x.id FROM fluxrate_internal.invoices x
      WHERE x.status = 'DRAFT' AND x.scheduled_finalize_at <= fluxrate.now()
-     ORDER BY x.scheduled_finalize_at, x.org_id, x.id
+     ORDER BY x.scheduled_finalize_at, x.org_id, x.period_start, x.created_at, x.id
      LIMIT batch_size
      FOR UPDATE SKIP LOCKED
   LOOP

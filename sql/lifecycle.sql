@@ -1,0 +1,168 @@
+-- Billing lifecycle: periods from the anchor, missed runs, trials, calendar
+-- proration, cancellation, invoice states, numbering, manual invoices, PAST_DUE,
+-- tenancy.  Time is pinned throughout; amounts checked by hand.
+SET TimeZone = 'UTC';
+\set VERBOSITY sqlstate
+
+-- Periods from the anchor, clamped: Jan 31 through the leap year 2028 and the ordinary year 2027
+SELECT n, fluxrate_internal.period_boundary('2027-01-31 00:00+00', 'month', 'anniversary', n) AS boundary
+  FROM generate_series(0, 24) n;
+-- every interval kind, from a mid-month anchor at 10:30 UTC
+SELECT iv, fluxrate_internal.period_boundary('2028-02-29 10:30+00', iv, 'anniversary', 1) AS first,
+       fluxrate_internal.period_boundary('2028-02-29 10:30+00', iv, 'anniversary', 4) AS fourth
+  FROM unnest(ARRAY['day', 'week', 'month', 'quarter', 'year']) iv;
+-- calendar alignment: the first period ends at the next calendar boundary (weeks start on Monday)
+SELECT iv, fluxrate_internal.period_boundary('2026-01-15 10:00+00', iv, 'calendar', 1) AS first,
+       fluxrate_internal.period_boundary('2026-01-15 10:00+00', iv, 'calendar', 2) AS second
+  FROM unnest(ARRAY['day', 'week', 'month', 'quarter', 'year']) iv;
+
+SET fluxrate.pinned_now = '2026-01-15 00:00:00+00';
+SELECT (fluxrate.create_organization('Acme', payment_terms_days => 14))->>'id' AS org \gset
+SELECT (fluxrate.create_organization('Globex'))->>'id' AS org_b \gset
+SELECT fluxrate.act_as(:'org', true) IS NOT NULL AS acting;
+SELECT (fluxrate.create_plan('Basic', 'basic', 'FIXED', 'month', 'USD'))->>'id' AS plan \gset
+SELECT (fluxrate.add_charge(:'plan', 'FIXED', unit_price => 30, display_name => 'Basic'))->>'status' AS charge;
+SELECT (fluxrate.create_customer('Calendar Co', 'cal@example.com', 'cal', billing_address_country => 'IN'))->>'id' AS cust \gset
+
+-- Calendar alignment: $30/month from Jan 15 -> first period Jan 15 - Feb 1 -> 30 x 17/31 = 16.4516 -> 16.45
+SELECT (fluxrate.create_subscription(:'cust', :'plan', start_date => '2026-01-15 00:00+00', alignment => 'calendar'))->>'id' AS sub_cal \gset
+-- Missed runs: the clock jumps to mid-April: three periods close, in order
+SET fluxrate.pinned_now = '2026-04-15 00:00:00+00';
+CALL fluxrate.close_due_periods();
+SELECT i->>'period_start' AS period_start, i->>'period_end' AS period_end, i->>'total' AS total, i->>'status' AS status
+  FROM jsonb_array_elements(fluxrate.list_subscription_invoices(:'sub_cal')) i;
+SELECT l->>'description' AS line, l->>'quantity' AS fraction, l->>'line_total' AS amount
+  FROM jsonb_array_elements((fluxrate.get_invoice((SELECT id FROM fluxrate_internal.invoices WHERE org_id = :'org'
+        AND subscription_id = :'sub_cal' ORDER BY period_start LIMIT 1)))->'line_items') l;
+-- the grace period passes: all three finalize with consecutive numbers, due in 14 days
+SET fluxrate.pinned_now = '2026-04-15 01:00:00+00';
+CALL fluxrate.finalize_due_invoices();
+SELECT invoice_number, status, total, due_date FROM fluxrate_internal.invoices
+ WHERE org_id = :'org' AND subscription_id = :'sub_cal' ORDER BY period_start;
+
+-- Invoice states: every allowed transition, every refused one
+SELECT id AS inv1 FROM fluxrate_internal.invoices WHERE org_id = :'org' AND invoice_number = 'INV-2026-0001' \gset
+SELECT id AS inv2 FROM fluxrate_internal.invoices WHERE org_id = :'org' AND invoice_number = 'INV-2026-0002' \gset
+SELECT id AS inv3 FROM fluxrate_internal.invoices WHERE org_id = :'org' AND invoice_number = 'INV-2026-0003' \gset
+SELECT (fluxrate.update_invoice_status(:'inv1', 'UNCOLLECTIBLE', 'customer unreachable'))->>'status' AS s1;
+SELECT m->>'previous_status' AS previous, m->>'status_change_note' AS note, m->>'status_change_timestamp' AS changed_at
+  FROM (SELECT (fluxrate.update_invoice_status(:'inv1', 'PAID', 'paid late by wire'))->'meta_data' AS m) x;
+SELECT fluxrate.update_invoice_status(:'inv1', 'VOID');                  -- PT409 PAID is final
+SELECT fluxrate.update_invoice_status(:'inv1', 'OPEN');                  -- PT409
+SELECT (fluxrate.void_invoice(:'inv2', 'duplicate'))->>'status' AS s2;
+SELECT fluxrate.pay_invoice(:'inv2');                                   -- PT409 VOID is final
+SELECT (fluxrate.update_invoice_status(:'inv3', 'uncollectible'))->>'status' AS s3;
+SELECT fluxrate.update_invoice_status(:'inv3', 'OPEN');                  -- PT409 UNCOLLECTIBLE -> OPEN refused
+SELECT (fluxrate.update_invoice_status(:'inv3', 'VOID'))->>'status' AS s3b;
+SELECT fluxrate.update_invoice_status(:'inv3', 'DRAFT');                 -- 22023 not a target
+SELECT fluxrate.delete_invoice(:'inv1');                                -- PT409 only drafts
+
+-- Manual invoice, Fluxrate's example: 1 x 500 + 8 x 150 at 18% -> subtotal 1700.00, tax 306.00, total 2006.00
+SELECT (fluxrate.set_tax_rate('IN', 0.18, name => 'GST'))->>'rate' AS gst;
+SELECT i->>'status' AS status, i->>'invoice_number' AS number, i->>'subtotal' AS subtotal, i->>'tax' AS tax, i->>'total' AS total
+  FROM fluxrate.create_invoice(:'cust', 'INR', line_items => '[{"description": "Setup", "quantity": 1, "unit_amount": 500},
+       {"description": "Consulting hours", "quantity": 8, "unit_amount": 150}]') i;
+SELECT id AS manual FROM fluxrate_internal.invoices WHERE org_id = :'org' AND kind = 'manual' \gset
+-- edit the draft: 8 hours became 9 -> 500 + 1350 = 1850.00, tax 333.00, total 2183.00
+SELECT i->>'subtotal' AS subtotal, i->>'tax' AS tax, i->>'total' AS total
+  FROM fluxrate.update_invoice(:'manual', line_items => '[{"description": "Setup", "quantity": 1, "unit_amount": 500},
+       {"description": "Consulting hours", "quantity": 9, "unit_amount": 150}]') i;
+SELECT fluxrate.update_invoice(:'manual', line_items => '[{"quantity": 1, "unit_amount": 5}]');          -- 22004 description
+SELECT fluxrate.update_invoice(:'manual', line_items => '[{"description": "x", "quantity": -1, "unit_amount": 5}]'); -- PT422
+SELECT total FROM fluxrate_internal.invoices WHERE org_id = :'org' AND id = :'manual';              -- unchanged 2183.00
+SELECT (fluxrate.finalize_invoice(:'manual'))->>'invoice_number' AS number;
+SELECT fluxrate.update_invoice(:'manual', due_date => '2026-05-01');                               -- PT409 not a draft
+SELECT fluxrate.finalize_invoice(:'manual');                                                       -- PT409
+SELECT fluxrate.create_invoice(((fluxrate.create_customer('Nowhere', 'n@example.com'))->>'id')::uuid, 'USD'); -- PT422 no country
+SELECT fluxrate.create_invoice(:'cust', 'XYZ');                                                    -- 22023 currency
+-- a draft may be voided or deleted
+SELECT (fluxrate.create_invoice(:'cust', 'INR'))->>'id' AS d1 \gset
+SELECT (fluxrate.create_invoice(:'cust', 'INR'))->>'id' AS d2 \gset
+SELECT (fluxrate.void_invoice(:'d1'))->>'status' AS voided_draft, (fluxrate.delete_invoice(:'d2'))->>'deleted' AS deleted_draft;
+SELECT count(*) AS numbered, max(invoice_number) AS last_number FROM fluxrate_internal.invoices WHERE org_id = :'org' AND invoice_number IS NOT NULL;
+
+-- A new year restarts the sequence; numbers stay gapless per organization and year
+-- (Apr 2026 .. Dec 2026 close on Jan 1 2027; they finalize after the grace period, in 2027)
+SET fluxrate.pinned_now = '2027-01-01 02:00:00+00';
+CALL fluxrate.close_due_periods();
+SET fluxrate.pinned_now = '2027-01-01 03:00:00+00';
+CALL fluxrate.finalize_due_invoices();
+SELECT count(*) AS invoices_2026 FROM fluxrate_internal.invoices WHERE org_id = :'org' AND invoice_number LIKE 'INV-2026-%';
+SELECT invoice_number FROM fluxrate_internal.invoices WHERE org_id = :'org' AND invoice_number LIKE 'INV-2027-%';
+SELECT bool_and(n = rn) AS gapless FROM (
+  SELECT split_part(invoice_number, '-', 3)::int AS n, row_number() OVER (PARTITION BY split_part(invoice_number, '-', 2) ORDER BY invoice_number) AS rn
+    FROM fluxrate_internal.invoices WHERE org_id = :'org' AND invoice_number IS NOT NULL) x;
+
+-- PAST_DUE: the invoices finalized Jan 1 are due Jan 15 (14 days); on Jan 16 the subscription is PAST_DUE;
+-- paying them restores ACTIVE
+SET fluxrate.pinned_now = '2027-01-16 00:00:00+00';
+CALL fluxrate.mark_past_due();
+SELECT status FROM fluxrate_internal.subscriptions WHERE id = :'sub_cal';
+SELECT count(*) AS open_overdue FROM fluxrate_internal.invoices WHERE org_id = :'org' AND subscription_id = :'sub_cal' AND status = 'OPEN';
+SELECT count(*) AS paid FROM fluxrate_internal.invoices i, LATERAL fluxrate.pay_invoice(i.id)
+ WHERE i.org_id = :'org' AND i.subscription_id = :'sub_cal' AND i.status = 'OPEN';
+SELECT status FROM fluxrate_internal.subscriptions WHERE id = :'sub_cal';
+
+-- Cancel immediately: a final invoice prorated to now.  Feb 2027 has 28 days; on Feb 8 00:00
+-- 7 days have passed: 30 x 7/28 = 7.50, plus 18% GST (the customer is in India) 1.35 = 8.85
+SET fluxrate.pinned_now = '2027-02-08 00:00:00+00';
+CALL fluxrate.close_due_periods();
+SELECT c->>'status' AS status, c->>'cancel_reason' AS reason FROM fluxrate.cancel_subscription(:'sub_cal', reason => 'too expensive') c;
+SELECT kind, period_start, period_end, total FROM fluxrate_internal.invoices WHERE org_id = :'org' AND kind = 'final';
+SELECT fluxrate.cancel_subscription(:'sub_cal');                        -- PT409 already canceled
+SET fluxrate.pinned_now = '2027-06-01 00:00:00+00';
+CALL fluxrate.close_due_periods();
+SELECT count(*) AS invoices_after_cancel FROM fluxrate_internal.invoices WHERE org_id = :'org' AND subscription_id = :'sub_cal'
+   AND period_start > '2027-02-08';
+
+-- Trials: no invoice during the trial, trial usage never billed, billing from the trial end
+SELECT (fluxrate.create_plan('Metered', 'metered', 'USAGE', 'month', 'USD', trial_days => 14))->>'id' AS plan2 \gset
+SELECT f->>'meter_id' AS meter FROM fluxrate.create_feature('Calls', 'calls', 'meter', meter_name => 'calls', property_name => 'n',
+       aggregation_type => 'SUM') f \gset
+SELECT (fluxrate.add_charge(:'plan2', 'USAGE', meter_id => :'meter', unit_price => 0.5))->>'status' AS charge;
+SELECT s->>'status' AS status, s->>'trial_end_date' AS trial_end, s->>'current_period_end' AS period_end
+  FROM fluxrate.create_subscription(:'cust', :'plan2', start_date => '2027-06-01 00:00+00') s;
+SELECT id AS sub_trial FROM fluxrate_internal.subscriptions WHERE org_id = :'org' AND plan_id = :'plan2' \gset
+-- usage during the trial (10) and after it (4)
+INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at)
+VALUES (:'org', fluxrate_internal.uuid_v7(), :'cust', :'meter', 10, '2027-06-05', '2027-06-05'),
+       (:'org', fluxrate_internal.uuid_v7(), :'cust', :'meter', 4, '2027-06-20', '2027-06-20');
+SET fluxrate.pinned_now = '2027-06-16 00:00:00+00';
+CALL fluxrate.close_due_periods();
+SELECT status, current_period_start, current_period_end FROM fluxrate_internal.subscriptions WHERE id = :'sub_trial';
+SELECT count(*) AS trial_invoices FROM fluxrate_internal.invoices WHERE subscription_id = :'sub_trial';
+-- preview now: 4 x 0.50 = 2.00 (trial usage excluded) + 18% GST 0.36 = 2.36; writes nothing
+SET fluxrate.pinned_now = '2027-06-25 00:00:00+00';
+SELECT p->>'total' AS preview_total, p->>'preview' AS preview FROM fluxrate.preview_invoice(:'sub_trial') p;
+SELECT count(*) AS invoices_after_preview FROM fluxrate_internal.invoices WHERE subscription_id = :'sub_trial';
+-- cancel at period end: bills through the period (Jun 15 - Jul 15: 2.00 + 0.36 = 2.36), then stops
+SELECT c->>'status' AS status, c->>'cancel_at_period_end' AS at_end FROM fluxrate.cancel_subscription(:'sub_trial', true) c;
+SET fluxrate.pinned_now = '2027-09-01 00:00:00+00';
+CALL fluxrate.close_due_periods();
+SELECT status, ended_at FROM fluxrate_internal.subscriptions WHERE id = :'sub_trial';
+SELECT period_start, period_end, total FROM fluxrate_internal.invoices WHERE subscription_id = :'sub_trial';
+
+-- generate_invoice bills the period so far and restarts it: nothing is billed twice
+SELECT (fluxrate.create_subscription(:'cust', :'plan', start_date => '2027-09-01 00:00+00'))->>'id' AS sub3 \gset
+SET fluxrate.pinned_now = '2027-09-11 00:00:00+00';
+-- 10 of September's 30 days: 30 x 10/30 = 10.00 + 18% GST 1.80 = 11.80
+SELECT g->>'total' AS interim_total, g->>'period_end' AS billed_to FROM fluxrate.generate_invoice(:'sub3') g;
+SET fluxrate.pinned_now = '2027-10-01 00:01:00+00';
+CALL fluxrate.close_due_periods();
+-- the rest: 20 of 30 days = 20.00 + 3.60 = 23.60; together 30.00 before tax, the month's price
+SELECT period_start, period_end, total FROM fluxrate_internal.invoices WHERE subscription_id = :'sub3' ORDER BY period_start;
+
+-- Tenancy: org B can neither read nor change org A's invoices and subscriptions
+SELECT fluxrate.act_as(:'org_b', true) IS NOT NULL AS acting_b;
+SELECT fluxrate.get_invoice(:'manual');                                  -- PT404
+SELECT fluxrate.pay_invoice(:'inv3');                                    -- PT404
+SELECT fluxrate.finalize_invoice(:'d1');                                 -- PT404
+SELECT fluxrate.delete_invoice(:'manual');                               -- PT404
+SELECT fluxrate.update_invoice(:'manual', due_date => '2030-01-01');     -- PT404
+SELECT fluxrate.cancel_subscription(:'sub3');                            -- PT404
+SELECT fluxrate.generate_invoice(:'sub3');                               -- PT404
+SELECT fluxrate.preview_invoice(:'sub3');                                -- PT404
+SELECT fluxrate.list_subscription_invoices(:'sub3');                     -- PT404
+SELECT fluxrate.list_customer_invoices(:'cust');                         -- PT404
+SELECT (fluxrate.list_invoices())->'meta'->'total' AS b_invoices, fluxrate.list_tax_rates() AS b_tax_rates;
+RESET fluxrate.acting_org;
