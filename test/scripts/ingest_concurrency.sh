@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Many connections retrying the same idempotency keys at once end with exactly
+# one event per key, and no error (a retry is a replay, not a failure).
+set -euo pipefail
+source "$ROOT/test/cluster.sh"
+cluster_start ingest
+q() { psql -X -q -t -A -v ON_ERROR_STOP=1 -c "$1"; }
+ORG=$(q "SELECT (fluxrate.create_organization('Concurrent'))->>'id'")
+TOK=$(q "SELECT fluxrate.act_as('$ORG'); SELECT (fluxrate.create_feature('Calls','calls','meter',meter_name=>'calls',property_name=>'n',aggregation_type=>'SUM'))->>'meter_token'" | tail -1)
+KEY=$(q "SELECT fluxrate.act_as('$ORG'); SELECT (fluxrate.create_api_key('bench', ARRAY['usage.write']))->>'key'" | tail -1)
+cat > "$CLUSTER_DIR/retry.sql" <<SQL
+\set k random(1, 200)
+SELECT fluxrate.track(api_key => :key, meter_token => :tok, customer_external_id => 'cust-' || (:k % 7),
+                      quantity => :k, idempotency_key => 'order-' || :k);
+SQL
+echo "pgbench: 8 clients, 5 s, 200 keys"
+pgbench -n -c 8 -j 2 -T 5 -D key="'$KEY'" -D tok="'$TOK'" -f "$CLUSTER_DIR/retry.sql" fluxrate > "$CLUSTER_DIR/pgbench.out" 2>&1
+grep -E 'number of transactions actually processed|number of failed' "$CLUSTER_DIR/pgbench.out" || true
+RESULT=$(q "SELECT count(*) || ' ' || count(DISTINCT idempotency_key) || ' ' || sum(quantity) FROM fluxrate_internal.usage_events WHERE org_id = '$ORG'")
+CUSTOMERS=$(q "SELECT count(*) FROM fluxrate_internal.customers WHERE org_id = '$ORG'")
+echo "events, distinct keys, sum: $RESULT; customers: $CUSTOMERS"
+# every key 1..200 is hit with overwhelming probability in thousands of calls: 200 events, sum 1+..+200 = 20100
+[ "$RESULT" = "200 200 20100" ] || { echo "FAIL: expected 200 events summing to 20100"; exit 1; }
+[ "$CUSTOMERS" = "7" ] || { echo "FAIL: expected 7 auto-created customers"; exit 1; }
+echo "ok: exactly one event per key under concurrent retries"
