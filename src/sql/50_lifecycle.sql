@@ -128,7 +128,8 @@ $$;
 -- days for midnight boundaries: Jan 15 -> Feb 1 of a January period = 17/31).
 -- One line per ACTIVE charge, zero-usage lines included (a statement), then the
 -- plan's minimum-commitment true-up.  Each line rounded once.
-CREATE FUNCTION fluxrate_internal.fill_lines(org_id uuid, invoice_id uuid, nominal_start timestamptz, nominal_end timestamptz)
+CREATE FUNCTION fluxrate_internal.fill_lines(org_id uuid, invoice_id uuid, nominal_start timestamptz, nominal_end timestamptz,
+    usage_map jsonb DEFAULT NULL)
   RETURNS void
   LANGUAGE plpgsql VOLATILE
   SET search_path = pg_catalog, pg_temp
@@ -169,7 +170,9 @@ BEGIN
               fluxrate_internal.round_money(v_amount, i.currency), v_amount,
               i.period_start, i.period_end);
     ELSE
-      v_usage := fluxrate_internal.meter_usage(i.org_id, i.customer_id, c.meter_id, i.period_start, i.period_end);
+      -- the closer computes every usage of its batch in one statement and passes it in
+      v_usage := coalesce((usage_map->>(c.id::text))::numeric,
+                          fluxrate_internal.meter_usage(i.org_id, i.customer_id, c.meter_id, i.period_start, i.period_end));
       v_amount := fluxrate_internal.rate_usage(c.pricing_model, c.unit_price, c.tiers, c.package_size,
                                                 c.package_price, c.free_units, v_usage);
       v_unit := CASE WHEN c.pricing_model = 'per_unit' THEN c.unit_price
@@ -239,7 +242,8 @@ $$;
 -- index on (org_id, subscription_id, period_start) makes a second closer's insert
 -- a no-op.  Returns the invoice id, or NULL when it already existed.
 CREATE FUNCTION fluxrate_internal.create_period_invoice(s fluxrate_internal.subscriptions, period_start timestamptz,
-    period_end timestamptz, nominal_start timestamptz, nominal_end timestamptz, kind text DEFAULT 'subscription')
+    period_end timestamptz, nominal_start timestamptz, nominal_end timestamptz, kind text DEFAULT 'subscription',
+    usage_map jsonb DEFAULT NULL)
   RETURNS uuid
   LANGUAGE plpgsql VOLATILE
   SET search_path = pg_catalog, pg_temp
@@ -261,7 +265,8 @@ BEGIN
   ON CONFLICT (org_id, subscription_id, period_start) WHERE kind = 'subscription' DO NOTHING
   RETURNING id INTO v_id;
   IF v_id IS NOT NULL THEN
-    PERFORM fluxrate_internal.fill_lines(s.org_id, v_id, nominal_start, nominal_end);
+    PERFORM fluxrate_internal.fill_lines(s.org_id, v_id, create_period_invoice.nominal_start, create_period_invoice.nominal_end,
+                                         create_period_invoice.usage_map);
     PERFORM fluxrate_internal.emit_event(s.org_id, 'invoice.created',
       (SELECT jsonb_build_object('invoice_id', i.id, 'customer_id', i.customer_id, 'subscription_id', i.subscription_id,
                                  'total', i.total, 'currency', i.currency, 'status', i.status)
@@ -301,16 +306,38 @@ CREATE FUNCTION fluxrate_internal.sys_close_batch(batch_size integer DEFAULT 500
   AS $$
 DECLARE
   s fluxrate_internal.subscriptions;
+  v_batch fluxrate_internal.subscriptions[];
+  v_usage jsonb;
   np record;
   n integer := 0;
   v_now timestamptz := fluxrate.now();
 BEGIN
-  FOR s IN
-    SELECT * FROM fluxrate_internal.subscriptions x
+  v_batch := ARRAY(
+    SELECT x FROM fluxrate_internal.subscriptions x
      WHERE x.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE') AND x.current_period_end <= v_now
      ORDER BY x.current_period_end, x.org_id, x.id
      LIMIT batch_size
-     FOR UPDATE SKIP LOCKED
+     FOR UPDATE SKIP LOCKED);
+  -- Set-based rating input: the usage of every (subscription, usage charge) of
+  -- the batch in one statement.  Plain meters (SUM, COUNT, MAX, MIN, AVG without
+  -- filters) are answered by index-only scans of the covering index; the others
+  -- by meter_usage().
+  SELECT jsonb_object_agg(u.sub_id::text, u.per_charge) INTO v_usage FROM (
+    SELECT b.id AS sub_id, jsonb_object_agg(ch.id::text,
+      CASE WHEN m.aggregation_type IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG') AND m.filters = '[]'::jsonb THEN
+        (SELECT coalesce(CASE m.aggregation_type WHEN 'SUM' THEN sum(e.quantity) WHEN 'COUNT' THEN count(*)::numeric
+                          WHEN 'MAX' THEN max(e.quantity) WHEN 'MIN' THEN min(e.quantity) ELSE avg(e.quantity) END, 0)
+           FROM fluxrate_internal.usage_events e
+          WHERE e.org_id = b.org_id AND e.customer_id = b.customer_id AND e.meter_id = ch.meter_id
+            AND e."timestamp" >= b.current_period_start AND e."timestamp" < b.current_period_end)
+      ELSE fluxrate_internal.meter_usage(b.org_id, b.customer_id, ch.meter_id, b.current_period_start, b.current_period_end)
+      END) AS per_charge
+      FROM unnest(v_batch) b
+      JOIN fluxrate_internal.charges ch ON ch.org_id = b.org_id AND ch.plan_id = b.plan_id AND ch.type = 'USAGE' AND ch.status = 'ACTIVE'
+      JOIN fluxrate_internal.meters m ON m.org_id = ch.org_id AND m.id = ch.meter_id
+     WHERE b.status <> 'TRIAL'
+     GROUP BY b.id) u;
+  FOREACH s IN ARRAY v_batch
   LOOP
     PERFORM set_config('fluxrate.current_org', s.org_id::text, true);
     IF s.status = 'TRIAL' THEN
@@ -324,7 +351,7 @@ BEGIN
     ELSE
       SELECT * INTO np FROM fluxrate_internal.nominal_period(s);
       PERFORM fluxrate_internal.create_period_invoice(s, s.current_period_start, s.current_period_end,
-                                                      np.nominal_start, np.nominal_end);
+                                                      np.nominal_start, np.nominal_end, 'subscription', v_usage->(s.id::text));
       IF s.cancel_at_period_end THEN
         UPDATE fluxrate_internal.subscriptions x
            SET status = 'CANCELED', ended_at = s.current_period_end, last_invoiced_date = v_now

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Ingestion: fluxrate.track with an API key vs a raw single-row
+# INSERT .. ON CONFLICT DO NOTHING, and fluxrate.track_batch of 1,000 events vs a
+# raw 1,000-row INSERT .. ON CONFLICT DO NOTHING, on identical tables (the
+# baseline table is a copy of fluxrate_internal.usage_events with all its
+# indexes), 16 clients, durable commits, side by side in one run.
+set -euo pipefail
+T=${BENCH_SECONDS:-15}
+C=${BENCH_CLIENTS:-16}
+q() { psql -X -q -t -A -v ON_ERROR_STOP=1 -c "$1"; }
+W=$(mktemp -d)
+ORG=$(q "SELECT (fluxrate.create_organization('Bench ingest'))->>'id'")
+TOK=$(q "SELECT fluxrate.act_as('$ORG'); SELECT (fluxrate.create_feature('Calls','calls','meter',meter_name=>'calls',property_name=>'n',aggregation_type=>'SUM'))->>'meter_token'" | tail -1)
+MID=$(q "SELECT id FROM fluxrate_internal.meters WHERE org_id = '$ORG'")
+KEY=$(q "SELECT fluxrate.act_as('$ORG'); SELECT (fluxrate.create_api_key('bench', ARRAY['usage.write']))->>'key'" | tail -1)
+# 1,000 customers exist on both sides
+q "SELECT fluxrate.act_as('$ORG'); SELECT count(fluxrate.create_customer('c' || g, 'c' || g || '@example.com', 'cust-' || g)) FROM generate_series(0, 999) g" >/dev/null
+CID=$(q "SELECT id FROM fluxrate_internal.customers WHERE org_id = '$ORG' AND external_id = 'cust-1'")
+q "DROP TABLE IF EXISTS public.bench_events; CREATE TABLE public.bench_events (LIKE fluxrate_internal.usage_events INCLUDING ALL)"
+
+reset() {
+  q "DELETE FROM fluxrate_internal.usage_events WHERE org_id = '$ORG'; TRUNCATE public.bench_events; VACUUM ANALYZE fluxrate_internal.usage_events; VACUUM ANALYZE public.bench_events; CHECKPOINT" >/dev/null
+}
+report() { awk -v n="$1" -v o="$2" -v b="$3" 'BEGIN { printf "bench %s: ours=%.0f/s baseline=%.0f/s ratio=%.3f\n", n, o, b, o / b }'; }
+tps() { grep -E '^tps = ' "$1" | head -1 | sed -E 's/tps = ([0-9.]+).*/\1/'; }
+
+cat > "$W/ours_single.sql" <<SQL
+\set k random(1, 2000000000)
+SELECT fluxrate.track(api_key => :key, meter_token => :tok, customer_external_id => 'cust-' || (:k % 1000),
+                      quantity => 1, idempotency_key => 'k' || :k);
+SQL
+cat > "$W/base_single.sql" <<SQL
+\set k random(1, 2000000000)
+INSERT INTO public.bench_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at, idempotency_key)
+VALUES (:org, gen_random_uuid(), :cust, :meter, 1, now(), now(), 'k' || :k) ON CONFLICT (org_id, idempotency_key) DO NOTHING;
+SQL
+cat > "$W/ours_batch.sql" <<SQL
+\set k random(1, 2000000000)
+SELECT fluxrate.track_batch((SELECT jsonb_agg(jsonb_build_object('meter_token', :tok, 'customer_external_id', 'cust-' || (g % 1000),
+          'quantity', 1, 'idempotency_key', 'b' || :k || '-' || g)) FROM generate_series(1, 1000) g), :key);
+SQL
+cat > "$W/base_batch.sql" <<SQL
+\set k random(1, 2000000000)
+INSERT INTO public.bench_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at, idempotency_key)
+SELECT :org, gen_random_uuid(), :cust, :meter, 1, now(), now(), 'b' || :k || '-' || g FROM generate_series(1, 1000) g
+ON CONFLICT (org_id, idempotency_key) DO NOTHING;
+SQL
+D=(-D key="'$KEY'" -D tok="'$TOK'" -D org="'$ORG'" -D cust="'$CID'" -D meter="'$MID'")
+run() { pgbench -n -M prepared -c "$C" -j 2 -T "$1" "${D[@]}" -f "$2" > "$3" 2>&1 || { cat "$3"; exit 1; }; }
+
+reset; run "$T" "$W/base_single.sql" "$W/bs.out"
+reset; run "$T" "$W/ours_single.sql" "$W/os.out"
+b=$(tps "$W/bs.out"); o=$(tps "$W/os.out")
+report track_single "$o" "$b"
+
+reset; run "$T" "$W/base_batch.sql" "$W/bb.out"
+reset; run "$T" "$W/ours_batch.sql" "$W/ob.out"
+b=$(awk -v t="$(tps "$W/bb.out")" 'BEGIN { print t * 1000 }'); o=$(awk -v t="$(tps "$W/ob.out")" 'BEGIN { print t * 1000 }')
+report track_batch "$o" "$b"
+reset
+q "DROP TABLE public.bench_events" >/dev/null
+rm -rf "$W"

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Period closing: closing 10,000 subscriptions with 3 usage charges each over
+# 10M events (one month), vs one plain GROUP BY customer, meter pass over the
+# same events, side by side in one run.  Reported in events per second.
+set -euo pipefail
+SUBS=${BENCH_SUBS:-10000}
+EVENTS=${BENCH_EVENTS:-10000000}
+q() { psql -X -q -t -A -v ON_ERROR_STOP=1 -c "$1"; }
+ORG=$(q "SELECT (fluxrate.create_organization('Bench close'))->>'id'")
+q "ALTER DATABASE $PGDATABASE SET fluxrate.pinned_now = '2026-10-01 00:00:00+00'"
+PLAN=$(q "SELECT fluxrate.act_as('$ORG'); SELECT (fluxrate.create_plan('Metered', 'metered', 'USAGE', 'month', 'USD'))->>'id'" | tail -1)
+for m in 1 2 3; do
+  q "SELECT fluxrate.act_as('$ORG');
+     SELECT fluxrate.add_charge('$PLAN', 'USAGE', meter_id => ((fluxrate.create_feature('Meter $m', 'm$m', 'meter', meter_name => 'm$m',
+            property_name => 'q', aggregation_type => 'SUM'))->>'meter_id')::uuid, unit_price => 0.00$m)" >/dev/null
+done
+q "INSERT INTO fluxrate_internal.customers (org_id, name, email, external_id, created_at, updated_at)
+   SELECT '$ORG', 'c' || g, 'c' || g || '@example.com', 'cust-' || g, now(), now() FROM generate_series(1, $SUBS) g"
+q "SELECT fluxrate.act_as('$ORG');
+   SELECT count(fluxrate.create_subscription(c.id, '$PLAN', start_date => '2026-10-01 00:00+00'))
+     FROM fluxrate_internal.customers c WHERE c.org_id = '$ORG'" >/dev/null
+echo "generating $EVENTS events for $SUBS customers x 3 meters in October 2026"
+q "INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, \"timestamp\", ingested_at)
+   SELECT '$ORG', fluxrate_internal.uuid_v7(), c.ids[1 + (g % $SUBS)], m.ids[1 + ((g / $SUBS) % 3)], 1 + (g % 7),
+          timestamptz '2026-10-01' + (g % 2678400) * interval '1 second', timestamptz '2026-10-01'
+     FROM generate_series(0, $EVENTS - 1) g,
+          (SELECT array_agg(id ORDER BY id) AS ids FROM fluxrate_internal.customers WHERE org_id = '$ORG') c,
+          (SELECT array_agg(id ORDER BY id) AS ids FROM fluxrate_internal.meters WHERE org_id = '$ORG') m"
+q "VACUUM ANALYZE fluxrate_internal.usage_events; CHECKPOINT" >/dev/null
+
+s=$(date +%s.%N)
+q "SELECT count(*) FROM (SELECT customer_id, meter_id, sum(quantity) FROM fluxrate_internal.usage_events
+    WHERE org_id = '$ORG' AND \"timestamp\" >= '2026-10-01' AND \"timestamp\" < '2026-11-01' GROUP BY 1, 2) x" >/dev/null
+b=$(date +%s.%N)
+q "ALTER DATABASE $PGDATABASE SET fluxrate.pinned_now = '2026-11-01 00:00:30+00'"
+psql -X -q -c "CALL fluxrate.close_due_periods()"
+e=$(date +%s.%N)
+inv=$(q "SELECT count(*) || ' invoices, ' || (SELECT count(*) FROM fluxrate_internal.invoice_lines WHERE org_id = '$ORG') || ' lines, total ' || sum(total) FROM fluxrate_internal.invoices WHERE org_id = '$ORG'")
+echo "closed: $inv"
+awk -v n="$EVENTS" -v s="$s" -v b="$b" -v e="$e" 'BEGIN {
+  base = n / (b - s); ours = n / (e - b);
+  printf "baseline GROUP BY: %.2f s; closing: %.2f s\n", b - s, e - b;
+  printf "bench close_periods: ours=%.0f/s baseline=%.0f/s ratio=%.3f\n", ours, base, ours / base }'
+q "ALTER DATABASE $PGDATABASE RESET fluxrate.pinned_now"
