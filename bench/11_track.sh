@@ -19,7 +19,9 @@ CID=$(q "SELECT id FROM fluxrate_internal.customers WHERE org_id = '$ORG' AND ex
 q "DROP TABLE IF EXISTS public.bench_events; CREATE TABLE public.bench_events (LIKE fluxrate_internal.usage_events INCLUDING ALL)"
 
 reset() {
-  q "DELETE FROM fluxrate_internal.usage_events WHERE org_id = '$ORG'; TRUNCATE public.bench_events; VACUUM ANALYZE fluxrate_internal.usage_events; VACUUM ANALYZE public.bench_events; CHECKPOINT" >/dev/null
+  psql -X -q -v ON_ERROR_STOP=1 -c "DELETE FROM fluxrate_internal.usage_events WHERE org_id = '$ORG'" \
+    -c "TRUNCATE public.bench_events" -c "VACUUM ANALYZE fluxrate_internal.usage_events" \
+    -c "VACUUM ANALYZE public.bench_events" -c "CHECKPOINT" >/dev/null
 }
 report() { awk -v n="$1" -v o="$2" -v b="$3" 'BEGIN { printf "bench %s: ours=%.0f/s baseline=%.0f/s ratio=%.3f\n", n, o, b, o / b }'; }
 tps() { grep -E '^tps = ' "$1" | head -1 | sed -E 's/tps = ([0-9.]+).*/\1/'; }
@@ -36,16 +38,17 @@ VALUES (:org, gen_random_uuid(), :cust, :meter, 1, now(), now(), 'k' || :k) ON C
 SQL
 cat > "$W/ours_batch.sql" <<SQL
 \set k random(1, 2000000000)
-SELECT fluxrate.track_batch((SELECT jsonb_agg(jsonb_build_object('meter_token', :tok, 'customer_external_id', 'cust-' || (g % 1000),
+SELECT fluxrate.track_batch((SELECT jsonb_agg(jsonb_build_object('meter_token', :tok::text, 'customer_external_id', 'cust-' || (g % 1000),
           'quantity', 1, 'idempotency_key', 'b' || :k || '-' || g)) FROM generate_series(1, 1000) g), :key);
 SQL
 cat > "$W/base_batch.sql" <<SQL
 \set k random(1, 2000000000)
 INSERT INTO public.bench_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at, idempotency_key)
-SELECT :org, gen_random_uuid(), :cust, :meter, 1, now(), now(), 'b' || :k || '-' || g FROM generate_series(1, 1000) g
+SELECT :org::uuid, gen_random_uuid(), :cust::uuid, :meter::uuid, 1, now(), now(), 'b' || :k || '-' || g FROM generate_series(1, 1000) g
 ON CONFLICT (org_id, idempotency_key) DO NOTHING;
 SQL
-D=(-D key="'$KEY'" -D tok="'$TOK'" -D org="'$ORG'" -D cust="'$CID'" -D meter="'$MID'")
+# -M prepared: variables are bind parameters, so no quotes
+D=(-D key="$KEY" -D tok="$TOK" -D org="$ORG" -D cust="$CID" -D meter="$MID")
 run() { pgbench -n -M prepared -c "$C" -j 2 -T "$1" "${D[@]}" -f "$2" > "$3" 2>&1 || { cat "$3"; exit 1; }; }
 
 reset; run "$T" "$W/base_single.sql" "$W/bs.out"

@@ -20,13 +20,18 @@ q "SELECT fluxrate.act_as('$ORG');
    SELECT count(fluxrate.create_subscription(c.id, '$PLAN', start_date => '2026-10-01 00:00+00'))
      FROM fluxrate_internal.customers c WHERE c.org_id = '$ORG'" >/dev/null
 echo "generating $EVENTS events for $SUBS customers x 3 meters in October 2026"
-q "INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, \"timestamp\", ingested_at)
-   SELECT '$ORG', fluxrate_internal.uuid_v7(), c.ids[1 + (g % $SUBS)], m.ids[1 + ((g / $SUBS) % 3)], 1 + (g % 7),
+# (customer and meter numbers are joined, not subscripted out of an array: a
+# 10,000-element array would be detoasted for every row)
+q "CREATE TABLE public.bench_cust AS SELECT row_number() OVER (ORDER BY id) - 1 AS n, id FROM fluxrate_internal.customers WHERE org_id = '$ORG';
+   CREATE TABLE public.bench_meter AS SELECT row_number() OVER (ORDER BY id) - 1 AS n, id FROM fluxrate_internal.meters WHERE org_id = '$ORG';
+   INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, \"timestamp\", ingested_at)
+   SELECT '$ORG', fluxrate_internal.uuid_v7(), c.id, m.id, 1 + (g % 7),
           timestamptz '2026-10-01' + (g % 2678400) * interval '1 second', timestamptz '2026-10-01'
-     FROM generate_series(0, $EVENTS - 1) g,
-          (SELECT array_agg(id ORDER BY id) AS ids FROM fluxrate_internal.customers WHERE org_id = '$ORG') c,
-          (SELECT array_agg(id ORDER BY id) AS ids FROM fluxrate_internal.meters WHERE org_id = '$ORG') m"
-q "VACUUM ANALYZE fluxrate_internal.usage_events; CHECKPOINT" >/dev/null
+     FROM generate_series(0, $EVENTS - 1) g
+     JOIN public.bench_cust c ON c.n = g % $SUBS
+     JOIN public.bench_meter m ON m.n = (g / $SUBS) % 3;
+   DROP TABLE public.bench_cust, public.bench_meter"
+psql -X -q -c "VACUUM ANALYZE fluxrate_internal.usage_events" -c "CHECKPOINT" >/dev/null
 
 s=$(date +%s.%N)
 q "SELECT count(*) FROM (SELECT customer_id, meter_id, sum(quantity) FROM fluxrate_internal.usage_events

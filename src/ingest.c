@@ -16,6 +16,7 @@
  */
 #include "postgres.h"
 
+#include <ctype.h>
 #include <sodium.h>
 
 #include "access/xact.h"
@@ -92,9 +93,9 @@ SetResponseStatus(const char *status)
 							 GUC_ACTION_LOCAL, true, 0, false);
 }
 
-/* Look the meter up by token or by name, within the organization */
-static void
-LookupMeter(Datum org, TrackInput *in, MeterInfo *m)
+/* Look the meter up by token or by name, within the organization; false if unknown */
+static bool
+FindMeter(Datum org, TrackInput *in, MeterInfo *m)
 {
 	Datum		args[2];
 	bool		isnull;
@@ -105,16 +106,13 @@ LookupMeter(Datum org, TrackInput *in, MeterInfo *m)
 	args[0] = org;
 	if (in->meter_token != NULL)
 	{
-		Datum		tok;
-
 		/* a malformed token is an unknown meter, not a type error */
-		if (strlen(in->meter_token) != 36 && strlen(in->meter_token) != 32)
-			ereport(ERROR,
-					(errcode(FR_ERRCODE_NOT_FOUND),
-					 errmsg("meter not found"),
-					 errdetail("No meter has meter_token \"%s\" in this organization.", in->meter_token)));
-		tok = DirectFunctionCall1(uuid_in, CStringGetDatum(in->meter_token));
-		args[1] = tok;
+		if (strlen(in->meter_token) != 36)
+			return false;
+		for (const char *c = in->meter_token; *c; c++)
+			if (!(isxdigit((unsigned char) *c) || *c == '-'))
+				return false;
+		args[1] = DirectFunctionCall1(uuid_in, CStringGetDatum(in->meter_token));
 		rc = SPI_execute_plan(Prepare(&plan_meter_token,
 									  "SELECT id, aggregation_type, property_name, unique_property FROM fluxrate_internal.meters "
 									  "WHERE org_id OPERATOR(pg_catalog.=) $1 AND meter_token OPERATOR(pg_catalog.=) $2",
@@ -131,18 +129,25 @@ LookupMeter(Datum org, TrackInput *in, MeterInfo *m)
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "meter lookup failed");
 	if (SPI_processed != 1)
-		ereport(ERROR,
-				(errcode(FR_ERRCODE_NOT_FOUND),
-				 errmsg("meter not found"),
-				 in->meter_token ?
-				 errdetail("No meter has meter_token \"%s\" in this organization.", in->meter_token) :
-				 errdetail("No meter is named \"%s\" in this organization.", in->meter_name)));
+		return false;
 	tup = SPI_tuptable->vals[0];
 	td = SPI_tuptable->tupdesc;
 	memcpy(&m->id, DatumGetUUIDP(SPI_getbinval(tup, td, 1, &isnull)), sizeof(pg_uuid_t));
 	strlcpy(m->agg, SPI_getvalue(tup, td, 2), sizeof(m->agg));
 	m->property = SPI_getvalue(tup, td, 3);
 	m->unique_property = SPI_getvalue(tup, td, 4);
+	return true;
+}
+
+static void
+RaiseMeterNotFound(TrackInput *in)
+{
+	ereport(ERROR,
+			(errcode(FR_ERRCODE_NOT_FOUND),
+			 errmsg("meter not found"),
+			 in->meter_token ?
+			 errdetail("No meter has meter_token \"%s\" in this organization.", in->meter_token) :
+			 errdetail("No meter is named \"%s\" in this organization.", in->meter_name)));
 }
 
 /* Find the customer by external id, creating it if it is new (race-safe) */
@@ -346,27 +351,10 @@ EventJson(pg_uuid_t *id, pg_uuid_t *customer, pg_uuid_t *meter, Numeric q, Times
 	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
 }
 
-/*
- * Record one event for org.  Returns the event as jsonb; *replay tells a replay
- * from a new event.  Must run inside an SPI connection.
- */
-static Jsonb *
-TrackOne(Datum org, TrackInput *in, bool *replay)
+/* Checks that need no meter and no database: presence and shape of the fields */
+static void
+CheckInputShape(TrackInput *in)
 {
-	MeterInfo	m;
-	Numeric		q = in->quantity;
-	Jsonb	   *meta = NULL;
-	TimestampTz now = FrNow();
-	TimestampTz ts;
-	pg_uuid_t	customer;
-	pg_uuid_t	id;
-	unsigned char hash[32];
-	crypto_generichash_state hs;
-	char	   *qnorm;
-	bytea	   *hb;
-	Datum		args[10];
-	char		nulls[10];
-
 	if (in->meter_token == NULL && in->meter_name == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
@@ -382,22 +370,34 @@ TrackOne(Datum org, TrackInput *in, bool *replay)
 				 errmsg("idempotency_key must be 1 to 255 characters")));
 	CheckObject(in->metadata, "metadata");
 	CheckObject(in->properties, "properties");
+}
 
-	LookupMeter(org, in, &m);
+/*
+ * Validate the event against its meter and the clock; returns the metadata to
+ * store and sets the quantity and the event time.  Pure computation (no
+ * database access), so the batch path may catch its errors without a
+ * subtransaction.
+ */
+static Jsonb *
+PrepareEvent(TrackInput *in, MeterInfo *m, TimestampTz now, Numeric *q_out, TimestampTz *ts_out)
+{
+	Numeric		q = in->quantity;
+	Jsonb	   *meta;
+	TimestampTz ts;
 
 	if (q == NULL)
 	{
-		if (in->properties != NULL && strcmp(m.agg, "COUNT") != 0 && strcmp(m.agg, "UNIQUE_COUNT") != 0)
-			q = QuantityFromProperties(in->properties, m.property);
-		else if (strcmp(m.agg, "COUNT") == 0 || strcmp(m.agg, "UNIQUE_COUNT") == 0)
-			q = DatumGetNumeric(DirectFunctionCall1(int4_numeric, Int32GetDatum(1)));
+		if (in->properties != NULL && strcmp(m->agg, "COUNT") != 0 && strcmp(m->agg, "UNIQUE_COUNT") != 0)
+			q = QuantityFromProperties(in->properties, m->property);
+		else if (strcmp(m->agg, "COUNT") == 0 || strcmp(m->agg, "UNIQUE_COUNT") == 0)
+			q = int64_to_numeric(1);
 		else
 			ereport(ERROR,
 					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 					 errmsg("quantity is required"),
-					 errhint("Send quantity, or properties with \"%s\".", m.property)));
+					 errhint("Send quantity, or properties with \"%s\".", m->property)));
 	}
-	CheckQuantity(q, m.agg);
+	CheckQuantity(q, m->agg);
 
 	/* properties and metadata both end up in the event's metadata (metadata wins) */
 	if (in->properties && in->metadata)
@@ -407,14 +407,14 @@ TrackOne(Datum org, TrackInput *in, bool *replay)
 		meta = in->properties ? in->properties : in->metadata;
 	if (meta && VARSIZE(meta) > FR_MAX_METADATA)
 		CheckObject(meta, "metadata");
-	if (strcmp(m.agg, "UNIQUE_COUNT") == 0)
+	if (strcmp(m->agg, "UNIQUE_COUNT") == 0)
 	{
-		JsonbValue *v = JsonbMember(meta, m.unique_property);
+		JsonbValue *v = JsonbMember(meta, m->unique_property);
 
 		if (v == NULL || v->type == jbvNull)
 			ereport(ERROR,
 					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-					 errmsg("metadata.%s is required for this UNIQUE_COUNT meter", m.unique_property)));
+					 errmsg("metadata.%s is required for this UNIQUE_COUNT meter", m->unique_property)));
 	}
 
 	ts = in->has_ts ? in->ts : now;
@@ -424,14 +424,50 @@ TrackOne(Datum org, TrackInput *in, bool *replay)
 				 errmsg("timestamp is more than 5 minutes in the future"),
 				 errdetail("timestamp was %s; the server time is %s.",
 						   pstrdup(timestamptz_to_str(ts)), pstrdup(timestamptz_to_str(now)))));
+	*q_out = q;
+	*ts_out = ts;
+	return meta;
+}
 
-	ResolveCustomer(org, in->customer_external_id, now, &customer);
+typedef enum EventStatus
+{
+	EV_CREATED,
+	EV_REPLAY,
+	EV_CONFLICT
+} EventStatus;
+
+/* The stored event (new, or the original one on a replay) */
+typedef struct StoredEvent
+{
+	pg_uuid_t	id;
+	pg_uuid_t	customer;
+	pg_uuid_t	meter;
+	Numeric		quantity;
+	TimestampTz ts;
+	TimestampTz ingested;
+	Jsonb	   *meta;
+} StoredEvent;
+
+/*
+ * Insert the event, idempotently.  A conflict is returned, not raised, so the
+ * batch path can report it without a subtransaction.  Inside SPI.
+ */
+static EventStatus
+WriteEvent(Datum org, TrackInput *in, MeterInfo *m, pg_uuid_t *customer, Numeric q, TimestampTz ts,
+		   TimestampTz now, Jsonb *meta, StoredEvent *out)
+{
+	unsigned char hash[32];
+	crypto_generichash_state hs;
+	char	   *qnorm;
+	bytea	   *hb;
+	Datum		args[10];
+	char		nulls[10];
 
 	/* the payload a replay must repeat: meter, customer, value, time (if sent), metadata */
 	qnorm = numeric_normalize(q);
 	crypto_generichash_init(&hs, NULL, 0, 32);
-	crypto_generichash_update(&hs, m.id.data, 16);
-	crypto_generichash_update(&hs, customer.data, 16);
+	crypto_generichash_update(&hs, m->id.data, 16);
+	crypto_generichash_update(&hs, customer->data, 16);
 	crypto_generichash_update(&hs, (unsigned char *) qnorm, strlen(qnorm) + 1);
 	if (in->has_ts)
 		crypto_generichash_update(&hs, (unsigned char *) &ts, sizeof(ts));
@@ -447,12 +483,12 @@ TrackOne(Datum org, TrackInput *in, bool *replay)
 	SET_VARSIZE(hb, VARHDRSZ + 32);
 	memcpy(VARDATA(hb), hash, 32);
 
-	FrUuidV7(id.data, GetCurrentTimestamp());
+	FrUuidV7(out->id.data, GetCurrentTimestamp());
 	memset(nulls, ' ', sizeof(nulls));
 	args[0] = org;
-	args[1] = UUIDPGetDatum(&id);
-	args[2] = UUIDPGetDatum(&customer);
-	args[3] = UUIDPGetDatum(&m.id);
+	args[1] = UUIDPGetDatum(&out->id);
+	args[2] = UUIDPGetDatum(customer);
+	args[3] = UUIDPGetDatum(&m->id);
 	args[4] = NumericGetDatum(q);
 	args[5] = TimestampTzGetDatum(ts);
 	args[6] = TimestampTzGetDatum(now);
@@ -472,8 +508,13 @@ TrackOne(Datum org, TrackInput *in, bool *replay)
 		elog(ERROR, "usage event insert failed");
 	if (SPI_processed == 1)
 	{
-		*replay = false;
-		return EventJson(&id, &customer, &m.id, q, ts, now, in->idempotency_key, meta, false);
+		out->customer = *customer;
+		out->meter = m->id;
+		out->quantity = q;
+		out->ts = ts;
+		out->ingested = now;
+		out->meta = meta;
+		return EV_CREATED;
 	}
 
 	/* the key exists: a replay of the same payload, or a conflicting reuse */
@@ -500,30 +541,57 @@ TrackOne(Datum org, TrackInput *in, bool *replay)
 		stored = isnull ? NULL : DatumGetByteaPP(d);
 		if (stored == NULL || VARSIZE_ANY_EXHDR(stored) != 32 ||
 			sodium_memcmp(VARDATA_ANY(stored), hash, 32) != 0)
-			ereport(ERROR,
-					(errcode(FR_ERRCODE_CONFLICT),
-					 errmsg("idempotency key already used with a different payload"),
-					 errdetail("idempotency_key \"%s\" names an event with another meter, customer, quantity, timestamp or metadata.",
-							   in->idempotency_key),
-					 errhint("Use a new idempotency_key for a new event; resend the same payload to retry.")));
-		{
-			pg_uuid_t	oid,
-						ocust,
-						omet;
-			Datum		md = SPI_getbinval(tup, td, 8, &isnull);
-			Jsonb	   *ometa = isnull ? NULL : DatumGetJsonbP(md);
-
-			memcpy(&oid, DatumGetUUIDP(SPI_getbinval(tup, td, 1, &isnull)), 16);
-			memcpy(&ocust, DatumGetUUIDP(SPI_getbinval(tup, td, 2, &isnull)), 16);
-			memcpy(&omet, DatumGetUUIDP(SPI_getbinval(tup, td, 3, &isnull)), 16);
-			*replay = true;
-			return EventJson(&oid, &ocust, &omet,
-							 DatumGetNumeric(SPI_getbinval(tup, td, 4, &isnull)),
-							 DatumGetTimestampTz(SPI_getbinval(tup, td, 5, &isnull)),
-							 DatumGetTimestampTz(SPI_getbinval(tup, td, 6, &isnull)),
-							 in->idempotency_key, ometa, true);
-		}
+			return EV_CONFLICT;
+		memcpy(&out->id, DatumGetUUIDP(SPI_getbinval(tup, td, 1, &isnull)), 16);
+		memcpy(&out->customer, DatumGetUUIDP(SPI_getbinval(tup, td, 2, &isnull)), 16);
+		memcpy(&out->meter, DatumGetUUIDP(SPI_getbinval(tup, td, 3, &isnull)), 16);
+		out->quantity = DatumGetNumeric(SPI_getbinval(tup, td, 4, &isnull));
+		out->ts = DatumGetTimestampTz(SPI_getbinval(tup, td, 5, &isnull));
+		out->ingested = DatumGetTimestampTz(SPI_getbinval(tup, td, 6, &isnull));
+		d = SPI_getbinval(tup, td, 8, &isnull);
+		out->meta = isnull ? NULL : DatumGetJsonbP(d);
+		return EV_REPLAY;
 	}
+}
+
+static void
+RaiseConflict(TrackInput *in)
+{
+	ereport(ERROR,
+			(errcode(FR_ERRCODE_CONFLICT),
+			 errmsg("idempotency key already used with a different payload"),
+			 errdetail("idempotency_key \"%s\" names an event with another meter, customer, quantity, timestamp or metadata.",
+					   in->idempotency_key),
+			 errhint("Use a new idempotency_key for a new event; resend the same payload to retry.")));
+}
+
+/*
+ * Record one event for org.  Returns the event as jsonb; *replay tells a replay
+ * from a new event.  Must run inside an SPI connection.
+ */
+static Jsonb *
+TrackOne(Datum org, TrackInput *in, bool *replay)
+{
+	MeterInfo	m;
+	Numeric		q;
+	TimestampTz ts;
+	TimestampTz now = FrNow();
+	Jsonb	   *meta;
+	pg_uuid_t	customer;
+	StoredEvent ev;
+	EventStatus st;
+
+	CheckInputShape(in);
+	if (!FindMeter(org, in, &m))
+		RaiseMeterNotFound(in);
+	meta = PrepareEvent(in, &m, now, &q, &ts);
+	ResolveCustomer(org, in->customer_external_id, now, &customer);
+	st = WriteEvent(org, in, &m, &customer, q, ts, now, meta, &ev);
+	if (st == EV_CONFLICT)
+		RaiseConflict(in);
+	*replay = (st == EV_REPLAY);
+	return EventJson(&ev.id, &ev.customer, &ev.meter, ev.quantity, ev.ts, ev.ingested,
+					 in->idempotency_key, ev.meta, *replay);
 }
 
 /* The organization: from the API key if one was passed, else from the context */
@@ -639,6 +707,42 @@ BatchInput(Jsonb *ev, TrackInput *in)
 		in->properties = JsonbValueToJsonb(v);
 }
 
+/* Per-batch caches: meters by token or name, customers by external id */
+typedef struct MeterEntry
+{
+	char		key[NAMEDATALEN * 2];	/* "t:<token>" or "n:<name>" */
+	bool		found;
+	MeterInfo	m;
+} MeterEntry;
+
+typedef struct CustomerEntry
+{
+	char		key[NAMEDATALEN * 4];
+	pg_uuid_t	id;
+} CustomerEntry;
+
+/* Remember a refusal of one batch element */
+static void
+AppendError(StringInfo out, int idx, int sqlerrcode, const char *message)
+{
+	appendStringInfo(out, "{\"index\": %d, \"status\": \"error\", \"code\": \"%s\", \"message\": ",
+					 idx, unpack_sql_state(sqlerrcode));
+	escape_json(out, message ? message : "error");
+	appendStringInfoChar(out, '}');
+}
+
+/*
+ * fluxrate.track_batch(events jsonb, api_key text): up to 1,000 events.
+ *
+ * No subtransaction per event: a batch of 1,000 subtransactions would overflow
+ * the 64 cached subtransaction ids and slow every snapshot in the cluster.
+ * Instead each event is validated first by code that touches no database state
+ * (so its errors can be caught and reported in place), and the writes that
+ * follow cannot fail on bad input: customer creation and the event insert are
+ * ON CONFLICT DO NOTHING, and an idempotency conflict is reported, not raised.
+ * A bad event therefore loses none of the others.  Meters and customers are
+ * looked up once per batch.
+ */
 PG_FUNCTION_INFO_V1(fr_track_batch);
 Datum
 fr_track_batch(PG_FUNCTION_ARGS)
@@ -651,11 +755,15 @@ fr_track_batch(PG_FUNCTION_ARGS)
 				failed = 0;
 	StringInfoData out;
 	MemoryContext caller = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
+	MemoryContext evctx;
 	JsonbIterator *it;
 	JsonbValue	elem;
 	JsonbIteratorToken tok;
 	volatile int idx = 0;
+	HASHCTL		hctl;
+	HTAB	   *meters;
+	HTAB	   *customers;
+	TimestampTz now = FrNow();
 
 	if (PG_ARGISNULL(0))
 		ereport(ERROR,
@@ -680,62 +788,144 @@ fr_track_batch(PG_FUNCTION_ARGS)
 				 errhint("Split the batch.")));
 	org = ResolveOrg(fcinfo, 1);
 
+	memset(&hctl, 0, sizeof(hctl));
+	hctl.keysize = sizeof(((MeterEntry *) 0)->key);
+	hctl.entrysize = sizeof(MeterEntry);
+	hctl.hcxt = CurrentMemoryContext;
+	meters = hash_create("fluxrate batch meters", 16, &hctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+	hctl.keysize = sizeof(((CustomerEntry *) 0)->key);
+	hctl.entrysize = sizeof(CustomerEntry);
+	customers = hash_create("fluxrate batch customers", 256, &hctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+
 	initStringInfo(&out);
 	appendStringInfoString(&out, "{\"results\": [");
+	evctx = AllocSetContextCreate(CurrentMemoryContext, "fluxrate batch event", ALLOCSET_DEFAULT_SIZES);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 
 	it = JsonbIteratorInit(&events->root);
 	while ((tok = JsonbIteratorNext(&it, &elem, true)) != WJB_DONE)
 	{
-		MemoryContext spi_ctx = CurrentMemoryContext;
+		MemoryContext spi_ctx;
+		TrackInput	in;
+		MeterEntry *volatile me = NULL;
+		Jsonb	   *volatile meta = NULL;
+		Numeric		q_out = NULL;
+		TimestampTz ts_out = 0;
+		volatile bool ok = true;
+		char		key[NAMEDATALEN * 4];
 
 		if (tok != WJB_ELEM)
 			continue;
 		if (idx > 0)
 			appendStringInfoString(&out, ", ");
-		/* each event in its own subtransaction: a bad one loses none of the others */
-		BeginInternalSubTransaction(NULL);
-		MemoryContextSwitchTo(spi_ctx);
+		MemoryContextReset(evctx);
+		spi_ctx = MemoryContextSwitchTo(evctx);
+
+		/* 1. shape: pure code, errors caught in place */
 		PG_TRY();
 		{
-			TrackInput	in;
-			bool		replay;
-			Jsonb	   *ev = JsonbValueToJsonb(&elem);
-			Jsonb	   *res;
-			JsonbValue *idv;
-
-			BatchInput(ev, &in);
-			res = TrackOne(org, &in, &replay);
-			idv = JsonbMember(res, "id");
-			appendStringInfo(&out, "{\"index\": %d, \"status\": \"%s\", \"id\": \"%.*s\"}",
-							 idx, replay ? "replay" : "created", idv->val.string.len, idv->val.string.val);
-			if (replay)
-				replayed++;
-			else
-				created++;
-			ReleaseCurrentSubTransaction();
-			MemoryContextSwitchTo(spi_ctx);
-			CurrentResourceOwner = owner;
+			BatchInput(JsonbValueToJsonb(&elem), &in);
+			CheckInputShape(&in);
 		}
 		PG_CATCH();
 		{
 			ErrorData  *ed;
 
-			MemoryContextSwitchTo(caller);
+			MemoryContextSwitchTo(evctx);
 			ed = CopyErrorData();
 			FlushErrorState();
-			RollbackAndReleaseCurrentSubTransaction();
-			MemoryContextSwitchTo(spi_ctx);
-			CurrentResourceOwner = owner;
-			appendStringInfo(&out, "{\"index\": %d, \"status\": \"error\", \"code\": \"%s\", \"message\": ",
-							 idx, unpack_sql_state(ed->sqlerrcode));
-			escape_json(&out, ed->message ? ed->message : "error");
-			appendStringInfoChar(&out, '}');
-			FreeErrorData(ed);
-			failed++;
+			AppendError(&out, idx, ed->sqlerrcode, ed->message);
+			ok = false;
 		}
 		PG_END_TRY();
+
+		/* 2. the meter, once per batch (database access: outside any catch) */
+		if (ok)
+		{
+			bool		hit;
+
+			snprintf(key, sizeof(((MeterEntry *) 0)->key), "%c:%s", in.meter_token ? 't' : 'n',
+					 in.meter_token ? in.meter_token : in.meter_name);
+			me = hash_search(meters, key, HASH_ENTER, &hit);
+			if (!hit)
+			{
+				MemoryContext keep = MemoryContextSwitchTo(caller);
+
+				me->found = FindMeter(org, &in, &me->m);
+				if (me->found)
+				{
+					me->m.property = pstrdup(me->m.property);
+					me->m.unique_property = pstrdup(me->m.unique_property);
+				}
+				MemoryContextSwitchTo(keep);
+			}
+			if (!me->found)
+			{
+				AppendError(&out, idx, FR_ERRCODE_NOT_FOUND, "meter not found");
+				ok = false;
+			}
+		}
+
+		/* 3. validation against the meter and the clock: pure code again */
+		if (ok)
+		{
+			PG_TRY();
+			{
+				meta = PrepareEvent(&in, &me->m, now, &q_out, &ts_out);
+			}
+			PG_CATCH();
+			{
+				ErrorData  *ed;
+
+				MemoryContextSwitchTo(evctx);
+				ed = CopyErrorData();
+				FlushErrorState();
+				AppendError(&out, idx, ed->sqlerrcode, ed->message);
+				ok = false;
+			}
+			PG_END_TRY();
+		}
+
+		/* 4. the writes, which bad input can no longer make fail */
+		if (ok)
+		{
+			CustomerEntry *ce = NULL;
+			bool		hit = false;
+			pg_uuid_t	customer;
+			StoredEvent ev;
+			EventStatus st;
+
+			if (strlen(in.customer_external_id) < sizeof(ce->key))
+				ce = hash_search(customers, in.customer_external_id, HASH_ENTER, &hit);
+			if (hit)
+				customer = ce->id;
+			else
+			{
+				ResolveCustomer(org, in.customer_external_id, now, &customer);
+				if (ce)
+					ce->id = customer;
+			}
+			st = WriteEvent(org, &in, &me->m, &customer, q_out, ts_out, now, meta, &ev);
+			if (st == EV_CONFLICT)
+			{
+				AppendError(&out, idx, FR_ERRCODE_CONFLICT, "idempotency key already used with a different payload");
+				failed++;
+			}
+			else
+			{
+				appendStringInfo(&out, "{\"index\": %d, \"status\": \"%s\", \"id\": \"%s\"}", idx,
+								 st == EV_REPLAY ? "replay" : "created",
+								 DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(&ev.id))));
+				if (st == EV_REPLAY)
+					replayed++;
+				else
+					created++;
+			}
+		}
+		else
+			failed++;
+		MemoryContextSwitchTo(spi_ctx);
 		idx++;
 	}
 	SPI_finish();
