@@ -448,23 +448,14 @@ typedef struct StoredEvent
 	Jsonb	   *meta;
 } StoredEvent;
 
-/*
- * Insert the event, idempotently.  A conflict is returned, not raised, so the
- * batch path can report it without a subtransaction.  Inside SPI.
- */
-static EventStatus
-WriteEvent(Datum org, TrackInput *in, MeterInfo *m, pg_uuid_t *customer, Numeric q, TimestampTz ts,
-		   TimestampTz now, Jsonb *meta, StoredEvent *out)
+/* The payload a replay must repeat: meter, customer, value, time (if sent), metadata */
+static void
+PayloadHash(TrackInput *in, MeterInfo *m, pg_uuid_t *customer, Numeric q, TimestampTz ts, Jsonb *meta,
+			unsigned char hash[32])
 {
-	unsigned char hash[32];
 	crypto_generichash_state hs;
-	char	   *qnorm;
-	bytea	   *hb;
-	Datum		args[10];
-	char		nulls[10];
+	char	   *qnorm = numeric_normalize(q);
 
-	/* the payload a replay must repeat: meter, customer, value, time (if sent), metadata */
-	qnorm = numeric_normalize(q);
 	crypto_generichash_init(&hs, NULL, 0, 32);
 	crypto_generichash_update(&hs, m->id.data, 16);
 	crypto_generichash_update(&hs, customer->data, 16);
@@ -479,6 +470,22 @@ WriteEvent(Datum org, TrackInput *in, MeterInfo *m, pg_uuid_t *customer, Numeric
 		crypto_generichash_update(&hs, (unsigned char *) mt, strlen(mt));
 	}
 	crypto_generichash_final(&hs, hash, 32);
+}
+
+/*
+ * Insert the event, idempotently.  A conflict is returned, not raised, so the
+ * batch path can report it without a subtransaction.  Inside SPI.
+ */
+static EventStatus
+WriteEvent(Datum org, TrackInput *in, MeterInfo *m, pg_uuid_t *customer, Numeric q, TimestampTz ts,
+		   TimestampTz now, Jsonb *meta, StoredEvent *out)
+{
+	unsigned char hash[32];
+	bytea	   *hb;
+	Datum		args[10];
+	char		nulls[10];
+
+	PayloadHash(in, m, customer, q, ts, meta, hash);
 	hb = palloc(VARHDRSZ + 32);
 	SET_VARSIZE(hb, VARHDRSZ + 32);
 	memcpy(VARDATA(hb), hash, 32);
@@ -707,20 +714,6 @@ BatchInput(Jsonb *ev, TrackInput *in)
 		in->properties = JsonbValueToJsonb(v);
 }
 
-/* Per-batch caches: meters by token or name, customers by external id */
-typedef struct MeterEntry
-{
-	char		key[NAMEDATALEN * 2];	/* "t:<token>" or "n:<name>" */
-	bool		found;
-	MeterInfo	m;
-} MeterEntry;
-
-typedef struct CustomerEntry
-{
-	char		key[NAMEDATALEN * 4];
-	pg_uuid_t	id;
-} CustomerEntry;
-
 /* Remember a refusal of one batch element */
 static void
 AppendError(StringInfo out, int idx, int sqlerrcode, const char *message)
@@ -731,17 +724,336 @@ AppendError(StringInfo out, int idx, int sqlerrcode, const char *message)
 	appendStringInfoChar(out, '}');
 }
 
+/* Per-batch cache of meters by token or name */
+typedef struct MeterEntry
+{
+	char		key[NAMEDATALEN * 2];	/* "t:<token>" or "n:<name>" */
+	bool		found;
+	MeterInfo	m;
+} MeterEntry;
+
+/* One element of a batch on its way to the table */
+typedef struct BatchEvent
+{
+	TrackInput	in;
+	MeterInfo  *m;
+	Numeric		q;
+	TimestampTz ts;
+	Jsonb	   *meta;
+	pg_uuid_t	customer;
+	pg_uuid_t	id;
+	unsigned char hash[32];
+	/* outcome */
+	int			status;			/* 0 pending/created, 1 replay, 2 error */
+	int			sqlerrcode;
+	char	   *message;
+} BatchEvent;
+
+static SPIPlanPtr plan_batch_customers = NULL;
+static SPIPlanPtr plan_batch_customers_ins = NULL;
+static SPIPlanPtr plan_batch_insert = NULL;
+static SPIPlanPtr plan_batch_existing = NULL;
+
+static int
+CompareCStrings(const void *a, const void *b)
+{
+	return strcmp(*(char *const *) a, *(char *const *) b);
+}
+
+static ArrayType *
+TextArray(char **vals, int n)
+{
+	Datum	   *d = palloc(sizeof(Datum) * Max(n, 1));
+	bool	   *nulls = palloc(sizeof(bool) * Max(n, 1));
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+
+	for (int i = 0; i < n; i++)
+	{
+		nulls[i] = (vals[i] == NULL);
+		d[i] = vals[i] ? CStringGetTextDatum(vals[i]) : (Datum) 0;
+	}
+	return construct_md_array(d, nulls, 1, dims, lbs, TEXTOID, -1, false, TYPALIGN_INT);
+}
+
+/*
+ * Resolve the customers of a batch in at most three statements: the ones that
+ * exist, then the new ones created (in sorted order, so concurrent batches
+ * queue instead of deadlocking), then those read back.
+ */
+static void
+ResolveBatchCustomers(Datum org, BatchEvent *ev, int n, TimestampTz now)
+{
+	HASHCTL		hctl;
+	HTAB	   *map;
+	char	  **ids = palloc(sizeof(char *) * Max(n, 1));
+	int			nids = 0;
+	/* entries: the external id (key), then the customer id, then "known" */
+	memset(&hctl, 0, sizeof(hctl));
+	hctl.hcxt = CurrentMemoryContext;
+	hctl.keysize = NAMEDATALEN * 4;
+	hctl.entrysize = NAMEDATALEN * 4 + sizeof(pg_uuid_t) + sizeof(bool) + 8;
+	map = hash_create("fluxrate batch customers", Max(n, 16), &hctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+
+	for (int i = 0; i < n; i++)
+	{
+		bool		hit;
+		char	   *e;
+
+		if (ev[i].status == 2)
+			continue;
+		if (strlen(ev[i].in.customer_external_id) >= NAMEDATALEN * 4)
+		{
+			ev[i].status = 2;
+			ev[i].sqlerrcode = ERRCODE_INVALID_PARAMETER_VALUE;
+			ev[i].message = "customer_external_id is longer than 255 characters";
+			continue;
+		}
+		e = hash_search(map, ev[i].in.customer_external_id, HASH_ENTER, &hit);
+		if (!hit)
+		{
+			*(bool *) (e + NAMEDATALEN * 4 + sizeof(pg_uuid_t)) = false;
+			ids[nids++] = ev[i].in.customer_external_id;
+		}
+	}
+	if (nids == 0)
+		return;
+	qsort(ids, nids, sizeof(char *), CompareCStrings);
+
+	for (int pass = 0; pass < 2; pass++)
+	{
+		Datum		args[2];
+		char	  **missing = palloc(sizeof(char *) * nids);
+		int			nmissing = 0;
+
+		args[0] = org;
+		args[1] = PointerGetDatum(TextArray(ids, nids));
+		if (SPI_execute_plan(Prepare(&plan_batch_customers,
+									 "SELECT external_id, id FROM fluxrate_internal.customers "
+									 "WHERE org_id OPERATOR(pg_catalog.=) $1 AND external_id OPERATOR(pg_catalog.=) ANY ($2)",
+									 2, (Oid[]) {UUIDOID, TEXTARRAYOID}), args, NULL, false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "customer lookup failed");
+		for (uint64 r = 0; r < SPI_processed; r++)
+		{
+			bool		isnull;
+			char	   *ext = SPI_getvalue(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1);
+			char	   *e = hash_search(map, ext, HASH_FIND, NULL);
+
+			if (e)
+			{
+				memcpy(e + NAMEDATALEN * 4, DatumGetUUIDP(SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 2, &isnull)), 16);
+				*(bool *) (e + NAMEDATALEN * 4 + sizeof(pg_uuid_t)) = true;
+			}
+		}
+		for (int i = 0; i < nids; i++)
+		{
+			char	   *e = hash_search(map, ids[i], HASH_FIND, NULL);
+
+			if (!*(bool *) (e + NAMEDATALEN * 4 + sizeof(pg_uuid_t)))
+				missing[nmissing++] = ids[i];
+		}
+		if (nmissing == 0)
+			break;
+		if (pass == 1)
+			elog(ERROR, "could not resolve %d customers", nmissing);
+		/* unknown external ids: create the customers (name = external id, no e-mail) */
+		{
+			Datum		iargs[3];
+
+			iargs[0] = org;
+			iargs[1] = PointerGetDatum(TextArray(missing, nmissing));
+			iargs[2] = TimestampTzGetDatum(now);
+			if (SPI_execute_plan(Prepare(&plan_batch_customers_ins,
+										 "INSERT INTO fluxrate_internal.customers (org_id, name, external_id, created_at, updated_at) "
+										 "SELECT $1, x, x, $3, $3 FROM pg_catalog.unnest($2) AS x "
+										 "ON CONFLICT (org_id, external_id) DO NOTHING",
+										 3, (Oid[]) {UUIDOID, TEXTARRAYOID, TIMESTAMPTZOID}), iargs, NULL, false, 0) != SPI_OK_INSERT)
+				elog(ERROR, "customer insert failed");
+		}
+		ids = missing;
+		nids = nmissing;
+	}
+	for (int i = 0; i < n; i++)
+	{
+		char	   *e;
+
+		if (ev[i].status == 2)
+			continue;
+		e = hash_search(map, ev[i].in.customer_external_id, HASH_FIND, NULL);
+		memcpy(&ev[i].customer, e + NAMEDATALEN * 4, 16);
+	}
+}
+
+/*
+ * Insert every valid event of the batch in one statement; the rows the
+ * ON CONFLICT clause skipped are then read in one statement and each is a
+ * replay (same payload hash) or a conflict.
+ */
+static void
+InsertBatch(Datum org, BatchEvent *ev, int n, TimestampTz now)
+{
+	int			k = 0;
+	Datum	   *ids = palloc(sizeof(Datum) * Max(n, 1));
+	Datum	   *custs = palloc(sizeof(Datum) * Max(n, 1));
+	Datum	   *meters = palloc(sizeof(Datum) * Max(n, 1));
+	Datum	   *qs = palloc(sizeof(Datum) * Max(n, 1));
+	Datum	   *tss = palloc(sizeof(Datum) * Max(n, 1));
+	Datum	   *keys = palloc(sizeof(Datum) * Max(n, 1));
+	bool	   *keynulls = palloc(sizeof(bool) * Max(n, 1));
+	Datum	   *hashes = palloc(sizeof(Datum) * Max(n, 1));
+	Datum	   *metas = palloc(sizeof(Datum) * Max(n, 1));
+	bool	   *metanulls = palloc(sizeof(bool) * Max(n, 1));
+	int		   *pos = palloc(sizeof(int) * Max(n, 1));
+	bool	   *inserted = palloc0(sizeof(bool) * Max(n, 1));
+	int			dims[1];
+	int			lbs[1] = {1};
+	Datum		args[10];
+	HASHCTL		hctl;
+	HTAB	   *byid;
+	char	  **dupkeys;
+	int			ndup = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		bytea	   *hb;
+
+		if (ev[i].status == 2)
+			continue;
+		PayloadHash(&ev[i].in, ev[i].m, &ev[i].customer, ev[i].q, ev[i].ts, ev[i].meta, ev[i].hash);
+		FrUuidV7(ev[i].id.data, GetCurrentTimestamp());
+		hb = palloc(VARHDRSZ + 32);
+		SET_VARSIZE(hb, VARHDRSZ + 32);
+		memcpy(VARDATA(hb), ev[i].hash, 32);
+		ids[k] = UUIDPGetDatum(&ev[i].id);
+		custs[k] = UUIDPGetDatum(&ev[i].customer);
+		meters[k] = UUIDPGetDatum(&ev[i].m->id);
+		qs[k] = NumericGetDatum(ev[i].q);
+		tss[k] = TimestampTzGetDatum(ev[i].ts);
+		keynulls[k] = (ev[i].in.idempotency_key == NULL);
+		keys[k] = keynulls[k] ? (Datum) 0 : CStringGetTextDatum(ev[i].in.idempotency_key);
+		hashes[k] = PointerGetDatum(hb);
+		metanulls[k] = (ev[i].meta == NULL);
+		metas[k] = metanulls[k] ? (Datum) 0 : JsonbPGetDatum(ev[i].meta);
+		pos[k] = i;
+		k++;
+	}
+	if (k == 0)
+		return;
+	dims[0] = k;
+	args[0] = org;
+	args[1] = TimestampTzGetDatum(now);
+	args[2] = PointerGetDatum(construct_array(ids, k, UUIDOID, 16, false, TYPALIGN_CHAR));
+	args[3] = PointerGetDatum(construct_array(custs, k, UUIDOID, 16, false, TYPALIGN_CHAR));
+	args[4] = PointerGetDatum(construct_array(meters, k, UUIDOID, 16, false, TYPALIGN_CHAR));
+	args[5] = PointerGetDatum(construct_array(qs, k, NUMERICOID, -1, false, TYPALIGN_INT));
+	args[6] = PointerGetDatum(construct_array(tss, k, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	args[7] = PointerGetDatum(construct_md_array(keys, keynulls, 1, dims, lbs, TEXTOID, -1, false, TYPALIGN_INT));
+	args[8] = PointerGetDatum(construct_array(hashes, k, BYTEAOID, -1, false, TYPALIGN_INT));
+	args[9] = PointerGetDatum(construct_md_array(metas, metanulls, 1, dims, lbs, JSONBOID, -1, false, TYPALIGN_INT));
+	if (SPI_execute_plan(Prepare(&plan_batch_insert,
+								 "INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "
+								 "\"timestamp\", ingested_at, idempotency_key, payload_hash, metadata) "
+								 "SELECT $1, u.id, u.c, u.m, u.q, u.t, $2, u.k, u.h, u.md "
+								 "FROM ROWS FROM (pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6), "
+								 "pg_catalog.unnest($7), pg_catalog.unnest($8), pg_catalog.unnest($9), pg_catalog.unnest($10)) AS u(id, c, m, q, t, k, h, md) "
+								 "ON CONFLICT (org_id, idempotency_key) DO NOTHING RETURNING id",
+								 10, (Oid[]) {UUIDOID, TIMESTAMPTZOID, UUIDARRAYOID, UUIDARRAYOID, UUIDARRAYOID,
+									 NUMERICARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID, BYTEAARRAYOID, JSONBARRAYOID}),
+						 args, NULL, false, 0) != SPI_OK_INSERT_RETURNING)
+		elog(ERROR, "usage event batch insert failed");
+
+	/* which of ours went in */
+	memset(&hctl, 0, sizeof(hctl));
+	hctl.keysize = 16;
+	hctl.entrysize = 16 + sizeof(int);
+	hctl.hcxt = CurrentMemoryContext;
+	byid = hash_create("fluxrate batch ids", k, &hctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	for (int j = 0; j < k; j++)
+	{
+		char	   *e = hash_search(byid, DatumGetUUIDP(ids[j]), HASH_ENTER, NULL);
+
+		*(int *) (e + 16) = j;
+	}
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		bool		isnull;
+		char	   *e = hash_search(byid, DatumGetUUIDP(SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1, &isnull)),
+									HASH_FIND, NULL);
+
+		if (e)
+			inserted[*(int *) (e + 16)] = true;
+	}
+
+	/* the rest had their key taken: read the stored events once */
+	dupkeys = palloc(sizeof(char *) * k);
+	for (int j = 0; j < k; j++)
+		if (!inserted[j])
+			dupkeys[ndup++] = ev[pos[j]].in.idempotency_key;
+	if (ndup > 0)
+	{
+		Datum		gargs[2];
+		HTAB	   *bykey;
+
+		gargs[0] = org;
+		gargs[1] = PointerGetDatum(TextArray(dupkeys, ndup));
+		if (SPI_execute_plan(Prepare(&plan_batch_existing,
+									 "SELECT idempotency_key, id, payload_hash FROM fluxrate_internal.usage_events "
+									 "WHERE org_id OPERATOR(pg_catalog.=) $1 AND idempotency_key OPERATOR(pg_catalog.=) ANY ($2)",
+									 2, (Oid[]) {UUIDOID, TEXTARRAYOID}), gargs, NULL, false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not read the events of taken idempotency keys");
+		memset(&hctl, 0, sizeof(hctl));
+		hctl.keysize = 256;
+		hctl.entrysize = 256 + 16 + 32;
+		hctl.hcxt = CurrentMemoryContext;
+		bykey = hash_create("fluxrate batch keys", ndup, &hctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+		for (uint64 r = 0; r < SPI_processed; r++)
+		{
+			bool		isnull;
+			HeapTuple	tup = SPI_tuptable->vals[r];
+			TupleDesc	td = SPI_tuptable->tupdesc;
+			char	   *key = SPI_getvalue(tup, td, 1);
+			char	   *e = hash_search(bykey, key, HASH_ENTER, NULL);
+			bytea	   *h = DatumGetByteaPP(SPI_getbinval(tup, td, 3, &isnull));
+
+			memcpy(e + 256, DatumGetUUIDP(SPI_getbinval(tup, td, 2, &isnull)), 16);
+			memset(e + 272, 0, 32);
+			if (!isnull && VARSIZE_ANY_EXHDR(h) == 32)
+				memcpy(e + 272, VARDATA_ANY(h), 32);
+		}
+		for (int j = 0; j < k; j++)
+		{
+			BatchEvent *b = &ev[pos[j]];
+			char	   *e;
+
+			if (inserted[j])
+				continue;
+			e = hash_search(bykey, b->in.idempotency_key, HASH_FIND, NULL);
+			if (e != NULL && sodium_memcmp(e + 272, b->hash, 32) == 0)
+			{
+				b->status = 1;
+				memcpy(&b->id, e + 256, 16);
+			}
+			else
+			{
+				b->status = 2;
+				b->sqlerrcode = FR_ERRCODE_CONFLICT;
+				b->message = "idempotency key already used with a different payload";
+			}
+		}
+	}
+}
+
 /*
  * fluxrate.track_batch(events jsonb, api_key text): up to 1,000 events.
  *
- * No subtransaction per event: a batch of 1,000 subtransactions would overflow
- * the 64 cached subtransaction ids and slow every snapshot in the cluster.
- * Instead each event is validated first by code that touches no database state
- * (so its errors can be caught and reported in place), and the writes that
- * follow cannot fail on bad input: customer creation and the event insert are
- * ON CONFLICT DO NOTHING, and an idempotency conflict is reported, not raised.
- * A bad event therefore loses none of the others.  Meters and customers are
- * looked up once per batch.
+ * Set-based, with no subtransaction per event (1,000 subtransactions would
+ * overflow the 64 cached subtransaction ids and slow every snapshot in the
+ * cluster).  Each event is validated first by code that touches no database
+ * state, so its errors are caught and reported in place; meters are looked up
+ * once per batch; then the customers are resolved and all valid events are
+ * inserted in one statement each, which bad input can no longer make fail
+ * (ON CONFLICT DO NOTHING); an idempotency conflict is reported, not raised.
+ * A bad event therefore loses none of the others.
  */
 PG_FUNCTION_INFO_V1(fr_track_batch);
 Datum
@@ -755,15 +1067,14 @@ fr_track_batch(PG_FUNCTION_ARGS)
 				failed = 0;
 	StringInfoData out;
 	MemoryContext caller = CurrentMemoryContext;
-	MemoryContext evctx;
 	JsonbIterator *it;
 	JsonbValue	elem;
 	JsonbIteratorToken tok;
 	volatile int idx = 0;
 	HASHCTL		hctl;
 	HTAB	   *meters;
-	HTAB	   *customers;
 	TimestampTz now = FrNow();
+	BatchEvent *ev;
 
 	if (PG_ARGISNULL(0))
 		ereport(ERROR,
@@ -787,149 +1098,130 @@ fr_track_batch(PG_FUNCTION_ARGS)
 				 errdetail("%d events were sent.", n),
 				 errhint("Split the batch.")));
 	org = ResolveOrg(fcinfo, 1);
+	ev = palloc0(sizeof(BatchEvent) * n);
 
 	memset(&hctl, 0, sizeof(hctl));
 	hctl.keysize = sizeof(((MeterEntry *) 0)->key);
 	hctl.entrysize = sizeof(MeterEntry);
 	hctl.hcxt = CurrentMemoryContext;
 	meters = hash_create("fluxrate batch meters", 16, &hctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
-	hctl.keysize = sizeof(((CustomerEntry *) 0)->key);
-	hctl.entrysize = sizeof(CustomerEntry);
-	customers = hash_create("fluxrate batch customers", 256, &hctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
 
-	initStringInfo(&out);
-	appendStringInfoString(&out, "{\"results\": [");
-	evctx = AllocSetContextCreate(CurrentMemoryContext, "fluxrate batch event", ALLOCSET_DEFAULT_SIZES);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
+	/* everything of the batch lives until the end of the call */
+	MemoryContextSwitchTo(caller);
 
 	it = JsonbIteratorInit(&events->root);
 	while ((tok = JsonbIteratorNext(&it, &elem, true)) != WJB_DONE)
 	{
-		MemoryContext spi_ctx;
-		TrackInput	in;
-		MeterEntry *volatile me = NULL;
-		Jsonb	   *volatile meta = NULL;
-		Numeric		q_out = NULL;
-		TimestampTz ts_out = 0;
-		volatile bool ok = true;
-		char		key[NAMEDATALEN * 4];
+		BatchEvent *volatile b;
+		MeterEntry *me = NULL;
+		char		key[NAMEDATALEN * 2];
 
 		if (tok != WJB_ELEM)
 			continue;
-		if (idx > 0)
-			appendStringInfoString(&out, ", ");
-		MemoryContextReset(evctx);
-		spi_ctx = MemoryContextSwitchTo(evctx);
+		b = &ev[idx++];
 
 		/* 1. shape: pure code, errors caught in place */
 		PG_TRY();
 		{
-			BatchInput(JsonbValueToJsonb(&elem), &in);
-			CheckInputShape(&in);
+			BatchInput(JsonbValueToJsonb(&elem), &b->in);
+			CheckInputShape(&b->in);
 		}
 		PG_CATCH();
 		{
 			ErrorData  *ed;
 
-			MemoryContextSwitchTo(evctx);
+			MemoryContextSwitchTo(caller);
 			ed = CopyErrorData();
 			FlushErrorState();
-			AppendError(&out, idx, ed->sqlerrcode, ed->message);
-			ok = false;
+			b->status = 2;
+			b->sqlerrcode = ed->sqlerrcode;
+			b->message = ed->message;
 		}
 		PG_END_TRY();
+		if (b->status == 2)
+			continue;
 
 		/* 2. the meter, once per batch (database access: outside any catch) */
-		if (ok)
 		{
 			bool		hit;
 
-			snprintf(key, sizeof(((MeterEntry *) 0)->key), "%c:%s", in.meter_token ? 't' : 'n',
-					 in.meter_token ? in.meter_token : in.meter_name);
+			snprintf(key, sizeof(key), "%c:%s", b->in.meter_token ? 't' : 'n',
+					 b->in.meter_token ? b->in.meter_token : b->in.meter_name);
 			me = hash_search(meters, key, HASH_ENTER, &hit);
 			if (!hit)
 			{
-				MemoryContext keep = MemoryContextSwitchTo(caller);
-
-				me->found = FindMeter(org, &in, &me->m);
+				me->found = FindMeter(org, &b->in, &me->m);
+				MemoryContextSwitchTo(caller);
 				if (me->found)
 				{
 					me->m.property = pstrdup(me->m.property);
 					me->m.unique_property = pstrdup(me->m.unique_property);
 				}
-				MemoryContextSwitchTo(keep);
 			}
 			if (!me->found)
 			{
-				AppendError(&out, idx, FR_ERRCODE_NOT_FOUND, "meter not found");
-				ok = false;
+				b->status = 2;
+				b->sqlerrcode = FR_ERRCODE_NOT_FOUND;
+				b->message = "meter not found";
+				continue;
 			}
+			b->m = &me->m;
 		}
 
 		/* 3. validation against the meter and the clock: pure code again */
-		if (ok)
+		PG_TRY();
 		{
-			PG_TRY();
-			{
-				meta = PrepareEvent(&in, &me->m, now, &q_out, &ts_out);
-			}
-			PG_CATCH();
-			{
-				ErrorData  *ed;
+			Numeric		q;
+			TimestampTz ts;
 
-				MemoryContextSwitchTo(evctx);
-				ed = CopyErrorData();
-				FlushErrorState();
-				AppendError(&out, idx, ed->sqlerrcode, ed->message);
-				ok = false;
-			}
-			PG_END_TRY();
+			b->meta = PrepareEvent(&b->in, b->m, now, &q, &ts);
+			b->q = q;
+			b->ts = ts;
 		}
-
-		/* 4. the writes, which bad input can no longer make fail */
-		if (ok)
+		PG_CATCH();
 		{
-			CustomerEntry *ce = NULL;
-			bool		hit = false;
-			pg_uuid_t	customer;
-			StoredEvent ev;
-			EventStatus st;
+			ErrorData  *ed;
 
-			if (strlen(in.customer_external_id) < sizeof(ce->key))
-				ce = hash_search(customers, in.customer_external_id, HASH_ENTER, &hit);
-			if (hit)
-				customer = ce->id;
-			else
-			{
-				ResolveCustomer(org, in.customer_external_id, now, &customer);
-				if (ce)
-					ce->id = customer;
-			}
-			st = WriteEvent(org, &in, &me->m, &customer, q_out, ts_out, now, meta, &ev);
-			if (st == EV_CONFLICT)
-			{
-				AppendError(&out, idx, FR_ERRCODE_CONFLICT, "idempotency key already used with a different payload");
-				failed++;
-			}
-			else
-			{
-				appendStringInfo(&out, "{\"index\": %d, \"status\": \"%s\", \"id\": \"%s\"}", idx,
-								 st == EV_REPLAY ? "replay" : "created",
-								 DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(&ev.id))));
-				if (st == EV_REPLAY)
-					replayed++;
-				else
-					created++;
-			}
+			MemoryContextSwitchTo(caller);
+			ed = CopyErrorData();
+			FlushErrorState();
+			b->status = 2;
+			b->sqlerrcode = ed->sqlerrcode;
+			b->message = ed->message;
 		}
-		else
-			failed++;
-		MemoryContextSwitchTo(spi_ctx);
-		idx++;
+		PG_END_TRY();
 	}
+
+	/* 4. the writes: customers, then all events, in a few statements */
+	ResolveBatchCustomers(org, ev, n, now);
+	InsertBatch(org, ev, n, now);
 	SPI_finish();
 	MemoryContextSwitchTo(caller);
+
+	initStringInfo(&out);
+	appendStringInfoString(&out, "{\"results\": [");
+	for (int i = 0; i < n; i++)
+	{
+		if (i > 0)
+			appendStringInfoString(&out, ", ");
+		if (ev[i].status == 2)
+		{
+			AppendError(&out, i, ev[i].sqlerrcode, ev[i].message);
+			failed++;
+		}
+		else
+		{
+			appendStringInfo(&out, "{\"index\": %d, \"status\": \"%s\", \"id\": \"%s\"}", i,
+							 ev[i].status == 1 ? "replay" : "created",
+							 DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(&ev[i].id))));
+			if (ev[i].status == 1)
+				replayed++;
+			else
+				created++;
+		}
+	}
 	appendStringInfo(&out, "], \"created\": %d, \"replayed\": %d, \"failed\": %d}", created, replayed, failed);
 	SetResponseStatus(created > 0 ? "201" : "200");
 	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in, CStringGetDatum(out.data)));

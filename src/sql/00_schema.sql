@@ -273,6 +273,8 @@ CREATE TABLE fluxrate_internal.invoices (
 CREATE UNIQUE INDEX invoices_period_once_idx ON fluxrate_internal.invoices (org_id, subscription_id, period_start)
   WHERE kind = 'subscription';
 CREATE INDEX invoices_customer_idx ON fluxrate_internal.invoices (org_id, customer_id);
+-- a subscription's invoices in period order (lists, late usage)
+CREATE INDEX invoices_subscription_idx ON fluxrate_internal.invoices (org_id, subscription_id, period_start);
 CREATE INDEX invoices_finalize_due_idx ON fluxrate_internal.invoices (scheduled_finalize_at) WHERE status = 'DRAFT';
 CREATE INDEX invoices_open_due_idx ON fluxrate_internal.invoices (due_date) WHERE status = 'OPEN';
 
