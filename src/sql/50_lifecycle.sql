@@ -192,17 +192,21 @@ BEGIN
   -- so this is right for every aggregation), priced incrementally
   -- (rate(now) - rate(billed)) so tiers stay right.  Only what increases the
   -- amount is billed; finalized invoices never change.  Looks back 12 periods.
+  -- (driven from the subscription's last 12 invoices through the
+  -- (org_id, subscription_id, period_start) index, so the cost does not grow with
+  -- the organization's other invoices, whatever the statistics say)
   FOR r IN
     SELECT l.charge_id, l.period_start, l.period_end,
            sum(CASE l.line_type WHEN 'usage' THEN (l.meta->>'usage')::numeric ELSE (l.meta->>'usage_delta')::numeric END) AS billed
-      FROM fluxrate_internal.invoice_lines l
-      JOIN fluxrate_internal.invoices pi ON pi.org_id = l.org_id AND pi.id = l.invoice_id
-     WHERE pi.org_id = i.org_id AND pi.subscription_id = i.subscription_id AND pi.id <> i.id
-       AND pi.status IN ('OPEN', 'PAID', 'UNCOLLECTIBLE') AND l.line_type IN ('usage', 'late_usage')
+      FROM (SELECT pi.id FROM fluxrate_internal.invoices pi
+             WHERE pi.org_id = i.org_id AND pi.subscription_id = i.subscription_id
+               AND pi.period_start < i.period_start
+             ORDER BY pi.period_start DESC LIMIT 12) recent
+      JOIN fluxrate_internal.invoices pi ON pi.org_id = i.org_id AND pi.id = recent.id
+      CROSS JOIN LATERAL (SELECT * FROM fluxrate_internal.invoice_lines x
+                           WHERE x.org_id = i.org_id AND x.invoice_id = recent.id) l
+     WHERE pi.status IN ('OPEN', 'PAID', 'UNCOLLECTIBLE') AND l.line_type IN ('usage', 'late_usage')
        AND l.charge_id IS NOT NULL AND l.period_end <= i.period_start
-       AND l.period_start >= (SELECT min(x.ps) FROM (SELECT pi2.period_start AS ps FROM fluxrate_internal.invoices pi2
-                                WHERE pi2.org_id = i.org_id AND pi2.subscription_id = i.subscription_id AND pi2.id <> i.id
-                                ORDER BY pi2.period_start DESC LIMIT 12) x)
      GROUP BY l.charge_id, l.period_start, l.period_end
      ORDER BY l.period_start, l.charge_id
   LOOP
