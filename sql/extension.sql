@@ -58,3 +58,23 @@ CREATE EXTENSION fluxrate;
 SELECT extversion FROM pg_extension WHERE extname = 'fluxrate';
 -- already at the newest version: the upgrade path has nothing to do
 ALTER EXTENSION fluxrate UPDATE;
+
+-- every table has row-level security enabled and forced; every SECURITY DEFINER
+-- function pins search_path (expected: no rows)
+SELECT c.relname AS table_without_forced_rls FROM pg_class c
+ WHERE c.relnamespace = 'fluxrate_internal'::regnamespace AND c.relkind = 'r'
+   AND NOT (c.relrowsecurity AND c.relforcerowsecurity) ORDER BY 1;
+SELECT p.oid::regprocedure AS definer_without_search_path FROM pg_proc p
+ WHERE p.pronamespace IN ('fluxrate'::regnamespace, 'fluxrate_internal'::regnamespace) AND p.prosecdef
+   AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%') ORDER BY 1;
+-- org_id leads every primary key of a tenant table, and is in every unique key and foreign key
+SELECT conrelid::regclass AS constraint_without_org_id, conname FROM pg_constraint con
+ WHERE connamespace = 'fluxrate_internal'::regnamespace AND contype IN ('p', 'u', 'f')
+   AND conrelid <> 'fluxrate_internal.server_secrets'::regclass
+   AND NOT (SELECT attnum FROM pg_attribute WHERE attrelid = con.conrelid AND attname = 'org_id') = ANY (con.conkey)
+ ORDER BY 1, 2;
+SELECT conrelid::regclass AS pk_not_led_by_org_id FROM pg_constraint con
+ WHERE connamespace = 'fluxrate_internal'::regnamespace AND contype = 'p'
+   AND conrelid <> 'fluxrate_internal.server_secrets'::regclass
+   AND con.conkey[1] <> (SELECT attnum FROM pg_attribute WHERE attrelid = con.conrelid AND attname = 'org_id')
+ ORDER BY 1;

@@ -307,6 +307,9 @@ $$;
 CREATE FUNCTION fluxrate_internal.sys_close_batch(batch_size integer DEFAULT 500) RETURNS integer
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
+  -- invoices and lines grow fast during a run: a generic plan made while they
+  -- were small (sequential scans) would make each invoice cost O(invoices)
+  SET plan_cache_mode = force_custom_plan
   AS $$
 DECLARE
   s fluxrate_internal.subscriptions;
@@ -443,6 +446,9 @@ $$;
 CREATE FUNCTION fluxrate_internal.sys_finalize_batch(batch_size integer DEFAULT 500) RETURNS integer
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
+  -- invoices and lines grow fast during a run: a generic plan made while they
+  -- were small (sequential scans) would make each invoice cost O(invoices)
+  SET plan_cache_mode = force_custom_plan
   AS $$
 DECLARE
   r record;
