@@ -749,6 +749,23 @@ typedef struct BatchEvent
 	char	   *message;
 } BatchEvent;
 
+/*
+ * Record the error just caught as this element's refusal.  Only for errors of
+ * pure validation code (no database access), which need no subtransaction.
+ */
+static void
+RecordCaughtError(BatchEvent *b, MemoryContext ctx)
+{
+	ErrorData  *ed;
+
+	MemoryContextSwitchTo(ctx);
+	ed = CopyErrorData();
+	FlushErrorState();
+	b->status = 2;
+	b->sqlerrcode = ed->sqlerrcode;
+	b->message = ed->message;
+}
+
 static SPIPlanPtr plan_batch_customers = NULL;
 static SPIPlanPtr plan_batch_customers_ins = NULL;
 static SPIPlanPtr plan_batch_insert = NULL;
@@ -1130,14 +1147,7 @@ fr_track_batch(PG_FUNCTION_ARGS)
 		}
 		PG_CATCH();
 		{
-			ErrorData  *ed;
-
-			MemoryContextSwitchTo(caller);
-			ed = CopyErrorData();
-			FlushErrorState();
-			b->status = 2;
-			b->sqlerrcode = ed->sqlerrcode;
-			b->message = ed->message;
+			RecordCaughtError(b, caller);
 		}
 		PG_END_TRY();
 		if (b->status == 2)
@@ -1182,14 +1192,7 @@ fr_track_batch(PG_FUNCTION_ARGS)
 		}
 		PG_CATCH();
 		{
-			ErrorData  *ed;
-
-			MemoryContextSwitchTo(caller);
-			ed = CopyErrorData();
-			FlushErrorState();
-			b->status = 2;
-			b->sqlerrcode = ed->sqlerrcode;
-			b->message = ed->message;
+			RecordCaughtError(b, caller);
 		}
 		PG_END_TRY();
 	}

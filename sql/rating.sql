@@ -1,0 +1,87 @@
+-- Rating and aggregation, worked examples computed by hand.
+SET TimeZone = 'UTC';
+\set VERBOSITY sqlstate
+
+-- Rounding: once, to the ISO 4217 minor unit, half away from zero
+SELECT a, c, fluxrate_internal.round_money(a, c) AS rounded
+  FROM (VALUES (0.125, 'USD'), (-0.125, 'USD'), (0.124999, 'USD'), (1234.5, 'JPY'), (-0.5, 'JPY'),
+               (1.23450, 'KWD'), (1.2345, 'KWD'), (2.675, 'EUR'), (10.005, 'GBP'), (0.995, 'INR')) v(a, c);
+SELECT c, fluxrate_internal.currency_exponent(c) AS exponent FROM unnest(ARRAY['USD', 'EUR', 'GBP', 'INR', 'JPY', 'KWD', 'BHD', 'CLP']) c;
+SELECT fluxrate_internal.currency_exponent('XYZ');                  -- 22023
+SELECT fluxrate_internal.round_money('NaN', 'USD');                  -- 22003
+
+-- per unit, with free units; a unit price of 10^-12 on 10^15 units = 1000
+SELECT fluxrate_internal.rate_usage('per_unit', 0.002, NULL, NULL, NULL, 0, 5000) AS calls_5000,       -- 10.000
+       fluxrate_internal.rate_usage('per_unit', 0.002, NULL, NULL, NULL, 1000, 5000) AS free_1000,     -- 4000 x 0.002 = 8.000
+       fluxrate_internal.rate_usage('per_unit', 0.002, NULL, NULL, NULL, 9000, 5000) AS free_above,    -- 0
+       fluxrate_internal.rate_usage('per_unit', 0.000000000001, NULL, NULL, NULL, 0, 1e15) AS tiny;    -- 1000
+-- graduated: 0-1,000 at 0.002, 1,001-10,000 at 0.001 (+5 flat), above at 0.0005
+\set tiers '[{"up_to": 1000, "unit_price": 0.002}, {"up_to": 10000, "unit_price": 0.001, "flat_fee": 5}, {"up_to": null, "unit_price": 0.0005}]'
+SELECT u, fluxrate_internal.rate_usage('graduated', NULL, :'tiers', NULL, NULL, 0, u) AS graduated,
+       fluxrate_internal.rate_usage('volume', NULL, :'tiers', NULL, NULL, 0, u) AS volume
+  FROM unnest(ARRAY[0, 1, 1000, 1001, 10000, 10001, 1000000000000000]::numeric[]) u;
+-- by hand:            graduated                        | volume
+--   0                 0                                | 0
+--   1                 0.002                            | 0.002
+--   1000 (on bound)   2.000                            | 2.000
+--   1001              2 + 0.001 + 5 = 7.001            | 1001 x 0.001 + 5 = 6.001
+--   10000 (on bound)  2 + 9000 x 0.001 + 5 = 16.000    | 10000 x 0.001 + 5 = 15.000
+--   10001             16 + 0.0005 = 16.0005            | 10001 x 0.0005 = 5.0005
+--   10^15             16 + (10^15 - 10^4) x 0.0005     | 10^15 x 0.0005 = 500000000000
+-- package of 100 at 5.00, 10 free: partial packages round up
+SELECT u, fluxrate_internal.rate_usage('package', NULL, NULL, 100, 5, 10, u) AS package
+  FROM unnest(ARRAY[0, 10, 11, 110, 111, 210.5]::numeric[]) u;   -- 0, 0, 5, 5, 10, 15
+SELECT fluxrate_internal.rate_usage('flat', 30, NULL, NULL, NULL, 0, 0) AS flat;   -- 30
+SELECT fluxrate_internal.rate_usage('tiered', 1, NULL, NULL, NULL, 0, 1);           -- 22023
+SELECT fluxrate_internal.rate_usage('package', NULL, NULL, 0, 5, 0, 1);             -- PT422
+
+-- Aggregation over a period, every type, with a filter
+SET fluxrate.pinned_now = '2026-02-01 00:00:00+00';
+SELECT (fluxrate.create_organization('Meters'))->>'id' AS org \gset
+SELECT fluxrate.act_as(:'org', true) IS NOT NULL AS acting;
+SELECT (fluxrate.create_customer('c', 'c@example.com', 'c'))->>'id' AS cust \gset
+SELECT count(fluxrate.create_feature(t, t, 'meter', meter_name => t, property_name => 'v', aggregation_type => t)) AS meters
+  FROM unnest(ARRAY['SUM', 'COUNT', 'MAX', 'MIN', 'AVG', 'LAST', 'WEIGHTED_SUM']) t;
+SELECT id AS "SUM" FROM fluxrate_internal.meters WHERE org_id = :'org' AND meter_name = 'SUM' \gset
+SELECT (fluxrate.create_feature('users', 'users', 'meter', meter_name => 'users', aggregation_type => 'UNIQUE_COUNT'))->>'meter_id' AS users \gset
+SELECT (fluxrate.create_feature('eu', 'eu', 'meter', meter_name => 'eu', property_name => 'v', aggregation_type => 'SUM',
+        filters => '[{"property": "region", "operator": "in", "values": ["eu", "uk"]}]'))->>'meter_id' AS eu \gset
+-- the same five January events (and one December event) on every meter
+CREATE TEMP TABLE ev (ts timestamptz, q numeric, meta jsonb, n int);
+INSERT INTO ev VALUES ('2025-12-31 00:00+00', 4, '{"user_id": "a", "region": "eu"}', 0),
+  ('2026-01-01 00:00+00', 10, '{"user_id": "a", "region": "eu"}', 1),
+  ('2026-01-11 00:00+00', 20, '{"user_id": "b", "region": "us"}', 2),
+  ('2026-01-21 00:00+00', 5,  '{"user_id": "a", "region": "uk"}', 3),
+  ('2026-01-31 00:00+00', 7,  '{"region": "eu"}', 4),
+  ('2026-01-31 00:00+00', 3,  '{"user_id": "c"}', 5);     -- same timestamp, ingested later: LAST = 3
+INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at, metadata)
+SELECT :'org', fluxrate_internal.uuid_v7(), :'cust', m.id, ev.q, ev.ts, timestamptz '2026-02-01' + ev.n * interval '1 second', ev.meta
+  FROM ev, fluxrate_internal.meters m WHERE m.org_id = :'org' ORDER BY ev.n;
+SELECT m.meter_name, fluxrate_internal.meter_usage(:'org', :'cust', m.id, '2026-01-01', '2026-02-01') AS january
+  FROM fluxrate_internal.meters m WHERE m.org_id = :'org' ORDER BY m.meter_name;
+-- by hand, January [Jan 1, Feb 1) (the Dec 31 event is outside):
+--   SUM 10+20+5+7+3 = 45; COUNT 5; MAX 20; MIN 3; AVG 9; LAST 3 (Jan 31, ingested last)
+--   UNIQUE_COUNT user_id a, b, c = 3 (the event without user_id does not count)
+--   eu (region in eu, uk): 10 + 5 + 7 = 22
+--   WEIGHTED_SUM (value x hours): the level carried in from Dec 31 is 4, replaced at Jan 1 00:00 by 10:
+--     10 x 240 h (Jan 1-11) + 20 x 240 h (Jan 11-21) + 5 x 240 h (Jan 21-31) + 3 x 24 h (Jan 31, last level) = 8472
+--     (the 7 at Jan 31 is superseded at the same instant by the 3 ingested after it)
+SELECT fluxrate_internal.meter_usage(:'org', :'cust', :'SUM', '2026-03-01', '2026-04-01') AS empty_period;   -- 0
+-- a period starting mid-interval carries the level across the boundary: Jan 16 - Jan 26
+--   20 x 120 h (Jan 16-21) + 5 x 120 h (Jan 21-26) = 3000
+SELECT fluxrate_internal.meter_usage(:'org', :'cust', m.id, '2026-01-16', '2026-01-26') AS weighted_mid
+  FROM fluxrate_internal.meters m WHERE m.org_id = :'org' AND m.meter_name = 'WEIGHTED_SUM';
+-- many triples at once
+SELECT ord, usage FROM fluxrate_internal.period_usage(:'org', ARRAY[:'cust', :'cust']::uuid[],
+       ARRAY[:'SUM', :'users']::uuid[], ARRAY['2026-01-01', '2026-01-01']::timestamptz[], ARRAY['2026-02-01', '2026-01-15']::timestamptz[]) ORDER BY ord;
+-- filters: every operator
+SELECT f, fluxrate_internal.filters_match('{"region": "eu", "plan": "pro"}', f::jsonb) AS matches
+  FROM unnest(ARRAY['[]', '[{"property": "region", "operator": "eq", "values": ["eu"]}]',
+                    '[{"property": "region", "operator": "neq", "values": ["eu"]}]',
+                    '[{"property": "tier", "operator": "neq", "values": ["x"]}]',
+                    '[{"property": "region", "operator": "in", "values": ["us", "eu"]}]',
+                    '[{"property": "region", "operator": "not_in", "values": ["us", "eu"]}]',
+                    '[{"property": "plan", "operator": "exists", "values": []}]',
+                    '[{"property": "tier", "operator": "exists", "values": []}]',
+                    '[{"property": "region", "operator": "eq", "values": ["eu"]}, {"property": "plan", "operator": "eq", "values": ["free"]}]']) f;
+RESET fluxrate.acting_org;
