@@ -85,3 +85,50 @@ SELECT f, fluxrate_internal.filters_match('{"region": "eu", "plan": "pro"}', f::
                     '[{"property": "tier", "operator": "exists", "values": []}]',
                     '[{"property": "region", "operator": "eq", "values": ["eu"]}, {"property": "plan", "operator": "eq", "values": ["free"]}]']) f;
 RESET fluxrate.acting_org;
+
+-- The C aggregates run as partial aggregates in parallel workers, and the
+-- parallel result equals the serial one (and PostgreSQL's own answer)
+-- (a regular table: temporary tables are never scanned by parallel workers)
+CREATE TABLE public.agg_rows AS
+  SELECT g, 'user-' || (g % 1234) AS u, (g % 97)::numeric AS q,
+         timestamptz '2026-01-01' + (g % 5000) * interval '1 minute' AS ts,
+         timestamptz '2026-02-01' + g * interval '1 millisecond' AS ing,
+         md5(g::text)::uuid AS id
+    FROM generate_series(1, 200000) g;
+ANALYZE public.agg_rows;
+SET parallel_setup_cost = 0;
+SET parallel_tuple_cost = 0;
+SET min_parallel_table_scan_size = 0;
+SET max_parallel_workers_per_gather = 2;
+EXPLAIN (COSTS OFF) SELECT fluxrate_internal.unique_count(u), fluxrate_internal.last_value(q, ts, ing, id) FROM agg_rows;
+-- run it in parallel, and check that workers really ran the partial aggregates
+SELECT fluxrate_internal.unique_count(u) AS par_uc, fluxrate_internal.last_value(q, ts, ing, id) AS par_lv FROM agg_rows \gset
+CREATE FUNCTION pg_temp.workers_launched(q text) RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+  line text;
+BEGIN
+  FOR line IN EXECUTE 'EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) ' || q LOOP
+    IF line ~ 'Workers Launched' THEN
+      RETURN substring(line FROM 'Workers Launched: ([0-9]+)')::integer;
+    END IF;
+  END LOOP;
+  RETURN 0;
+END
+$$;
+SELECT pg_temp.workers_launched('SELECT fluxrate_internal.unique_count(u), fluxrate_internal.last_value(q, ts, ing, id) FROM agg_rows') > 0
+  AS workers_ran;
+SET max_parallel_workers_per_gather = 0;
+SELECT fluxrate_internal.unique_count(u) AS ser_uc, fluxrate_internal.last_value(q, ts, ing, id) AS ser_lv FROM agg_rows \gset
+-- by hand: 1,234 distinct users; the latest timestamp is minute 4999, reached by g = 4999 + 5000k,
+-- and among those the last ingested is g = 199999 (q = 199999 % 97 = 199999 - 97 x 2061 = 82)
+SELECT :par_uc AS parallel_uc, :ser_uc AS serial_uc, :par_lv AS parallel_last, :ser_lv AS serial_last,
+       (SELECT count(DISTINCT u) FROM agg_rows) AS pg_distinct,
+       (SELECT q FROM agg_rows ORDER BY ts DESC, ing DESC, id DESC LIMIT 1) AS pg_last;
+RESET max_parallel_workers_per_gather;
+RESET parallel_setup_cost;
+RESET parallel_tuple_cost;
+RESET min_parallel_table_scan_size;
+-- nulls are skipped; an empty input counts 0 and has no last value
+SELECT fluxrate_internal.unique_count(x) AS none_counted FROM (VALUES (NULL::text), (NULL)) v(x);
+SELECT fluxrate_internal.last_value(1, NULL, now(), gen_random_uuid()) IS NULL AS no_last;
+DROP TABLE public.agg_rows;

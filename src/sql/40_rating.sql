@@ -20,6 +20,46 @@ CREATE FUNCTION fluxrate_internal.rate_usage(pricing_model text, unit_price nume
 COMMENT ON FUNCTION fluxrate_internal.rate_usage(text, numeric, jsonb, numeric, numeric, numeric, numeric) IS
   'unrounded amount of a charge for a billable quantity: flat, per_unit, graduated, volume, package';
 
+-- Meter aggregates in C (src/aggregates.c): transition, combine, serial and
+-- deserial functions, so they run as partial aggregates in parallel workers.
+CREATE FUNCTION fluxrate_internal.unique_count_trans(internal, text) RETURNS internal
+  LANGUAGE C PARALLEL SAFE AS 'MODULE_PATHNAME', 'fr_unique_count_trans';
+CREATE FUNCTION fluxrate_internal.unique_count_combine(internal, internal) RETURNS internal
+  LANGUAGE C PARALLEL SAFE AS 'MODULE_PATHNAME', 'fr_unique_count_combine';
+CREATE FUNCTION fluxrate_internal.unique_count_final(internal) RETURNS numeric
+  LANGUAGE C PARALLEL SAFE AS 'MODULE_PATHNAME', 'fr_unique_count_final';
+CREATE FUNCTION fluxrate_internal.unique_count_serial(internal) RETURNS bytea
+  LANGUAGE C STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'fr_unique_count_serial';
+CREATE FUNCTION fluxrate_internal.unique_count_deserial(bytea, internal) RETURNS internal
+  LANGUAGE C STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'fr_unique_count_deserial';
+CREATE AGGREGATE fluxrate_internal.unique_count(text) (
+  SFUNC = fluxrate_internal.unique_count_trans, STYPE = internal,
+  FINALFUNC = fluxrate_internal.unique_count_final,
+  COMBINEFUNC = fluxrate_internal.unique_count_combine,
+  SERIALFUNC = fluxrate_internal.unique_count_serial, DESERIALFUNC = fluxrate_internal.unique_count_deserial,
+  PARALLEL = SAFE);
+COMMENT ON AGGREGATE fluxrate_internal.unique_count(text) IS
+  'exact number of distinct non-null values, hash-based, parallel-safe (UNIQUE_COUNT meters)';
+
+CREATE FUNCTION fluxrate_internal.last_value_trans(internal, numeric, timestamptz, timestamptz, uuid) RETURNS internal
+  LANGUAGE C PARALLEL SAFE AS 'MODULE_PATHNAME', 'fr_last_value_trans';
+CREATE FUNCTION fluxrate_internal.last_value_combine(internal, internal) RETURNS internal
+  LANGUAGE C PARALLEL SAFE AS 'MODULE_PATHNAME', 'fr_last_value_combine';
+CREATE FUNCTION fluxrate_internal.last_value_final(internal) RETURNS numeric
+  LANGUAGE C PARALLEL SAFE AS 'MODULE_PATHNAME', 'fr_last_value_final';
+CREATE FUNCTION fluxrate_internal.last_value_serial(internal) RETURNS bytea
+  LANGUAGE C STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'fr_last_value_serial';
+CREATE FUNCTION fluxrate_internal.last_value_deserial(bytea, internal) RETURNS internal
+  LANGUAGE C STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'fr_last_value_deserial';
+CREATE AGGREGATE fluxrate_internal.last_value(numeric, timestamptz, timestamptz, uuid) (
+  SFUNC = fluxrate_internal.last_value_trans, STYPE = internal,
+  FINALFUNC = fluxrate_internal.last_value_final,
+  COMBINEFUNC = fluxrate_internal.last_value_combine,
+  SERIALFUNC = fluxrate_internal.last_value_serial, DESERIALFUNC = fluxrate_internal.last_value_deserial,
+  PARALLEL = SAFE);
+COMMENT ON AGGREGATE fluxrate_internal.last_value(numeric, timestamptz, timestamptz, uuid) IS
+  'value of the latest event by (timestamp, ingested_at, id), parallel-safe (LAST meters)';
+
 -- Meter filters, all of which must match; compared as text against metadata.
 -- neq and not_in also match an event that lacks the property.
 CREATE FUNCTION fluxrate_internal.filters_match(metadata jsonb, filters jsonb) RETURNS boolean
@@ -92,8 +132,8 @@ BEGIN
     WHEN 'MAX' THEN (SELECT max(quantity) FROM ev)
     WHEN 'MIN' THEN (SELECT min(quantity) FROM ev)
     WHEN 'AVG' THEN (SELECT avg(quantity) FROM ev)
-    WHEN 'UNIQUE_COUNT' THEN (SELECT count(DISTINCT metadata->>m.property_name)::numeric FROM ev)
-    WHEN 'LAST' THEN (SELECT quantity FROM ev ORDER BY "timestamp" DESC, ingested_at DESC, id DESC LIMIT 1)
+    WHEN 'UNIQUE_COUNT' THEN (SELECT fluxrate_internal.unique_count(metadata->>m.property_name) FROM ev)
+    WHEN 'LAST' THEN (SELECT fluxrate_internal.last_value(quantity, "timestamp", ingested_at, id) FROM ev)
   END INTO v;
   RETURN coalesce(v, 0);
 END
