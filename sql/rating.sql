@@ -132,3 +132,39 @@ RESET min_parallel_table_scan_size;
 SELECT fluxrate_internal.unique_count(x) AS none_counted FROM (VALUES (NULL::text), (NULL)) v(x);
 SELECT fluxrate_internal.last_value(1, NULL, now(), gen_random_uuid()) IS NULL AS no_last;
 DROP TABLE public.agg_rows;
+
+-- Live usage and entitlements, consistent with billing
+SET fluxrate.pinned_now = '2026-01-20 12:00:00+00';
+SELECT fluxrate.act_as(:'org', true) IS NOT NULL AS acting;
+SELECT (fluxrate.create_plan('Live', 'live', 'HYBRID', 'month', 'USD'))->>'id' AS plan \gset
+SELECT (fluxrate.add_charge(:'plan', 'USAGE', meter_id => :'SUM', unit_price => 1))->>'status' AS charge;
+SELECT (fluxrate.create_feature('Reports', 'reports', 'switch'))->>'id' AS sw \gset
+SELECT (fluxrate.create_feature('Seats', 'seat_count', 'custom'))->>'id' AS cu \gset
+SELECT (fluxrate.add_plan_feature(:'plan', (SELECT feature_id FROM fluxrate_internal.meters WHERE id = :'SUM'), usage_limit => 40))->>'usage_limit' AS sum_limit;
+SELECT (fluxrate.add_plan_feature(:'plan', :'sw', is_enabled => false))->>'is_enabled' AS reports_enabled;
+SELECT (fluxrate.add_plan_feature(:'plan', :'cu', static_value => '25'))->>'static_value' AS seats;
+SELECT (fluxrate.create_subscription(:'cust', :'plan', start_date => '2026-01-01 00:00+00'))->>'id' AS live_sub \gset
+-- usage so far (Jan 1 - Jan 20 12:00): 10 + 20 = 30 on SUM
+SELECT u->>'meter_name' AS meter, u->>'usage' AS usage_so_far
+  FROM jsonb_array_elements((fluxrate.get_subscription_usage(:'live_sub'))->'usage') u;
+SELECT jsonb_array_length((fluxrate.get_customer_usage(:'cust'))->'subscriptions') AS active_subscriptions;
+-- usage 30 < limit 40: allowed (the Jan 21 event is still in the future of the pinned clock)
+SELECT e->>'allowed' AS allowed, e->>'usage' AS usage, e->>'usage_limit' AS usage_limit FROM fluxrate.check_entitlement('c', 'SUM') e;
+SELECT (fluxrate.update_plan(:'plan', name => 'Live')) IS NOT NULL AS touched;
+UPDATE fluxrate_internal.plan_features SET usage_limit = 30 WHERE org_id = :'org' AND plan_id = :'plan' AND usage_limit = 40;
+-- 30 is not below 30: refused; a soft limit would allow it
+SELECT e->>'allowed' AS allowed, e->>'usage' AS usage FROM fluxrate.check_entitlement('c', 'SUM') e;
+UPDATE fluxrate_internal.plan_features SET is_soft_limit = true WHERE org_id = :'org' AND plan_id = :'plan' AND usage_limit = 30;
+SELECT e->>'allowed' AS allowed_soft FROM fluxrate.check_entitlement('c', 'SUM') e;
+SELECT e->>'allowed' AS reports_allowed FROM fluxrate.check_entitlement('c', 'reports') e;
+SELECT e->>'allowed' AS seats_allowed, e->>'static_value' AS seats FROM fluxrate.check_entitlement('c', 'seat_count') e;
+SELECT e->>'allowed' AS allowed, e->>'reason' AS reason FROM fluxrate.check_entitlement('c', 'nope') e;
+SELECT fluxrate.check_entitlement(NULL, 'SUM');                  -- 22004
+SELECT fluxrate.get_subscription_usage(gen_random_uuid());       -- PT404
+-- another organization sees none of it
+SELECT (fluxrate.create_organization('Other'))->>'id' AS other \gset
+SELECT fluxrate.act_as(:'other', true) IS NOT NULL AS acting_other;
+SELECT fluxrate.get_subscription_usage(:'live_sub');             -- PT404
+SELECT fluxrate.get_customer_usage(:'cust');                     -- PT404
+SELECT e->>'allowed' AS other_allowed FROM fluxrate.check_entitlement('c', 'SUM') e;
+RESET fluxrate.acting_org;

@@ -150,3 +150,112 @@ CREATE FUNCTION fluxrate_internal.period_usage(org_id uuid, customer_ids uuid[],
   SELECT t.ord::integer, fluxrate_internal.meter_usage(period_usage.org_id, t.c, t.m, t.s, t.e)
     FROM unnest(customer_ids, meter_ids, period_starts, period_ends) WITH ORDINALITY AS t(c, m, s, e, ord)
 $$;
+
+-- Live usage and entitlements ------------------------------------------------
+-- "Is this customer over its limit?" as plain SQL, consistent with what will be
+-- billed: the same meter_usage() over the same current period.
+
+-- Usage so far in a subscription's current period, per metered charge/feature.
+CREATE FUNCTION fluxrate_internal.subscription_usage(org_id uuid, s fluxrate_internal.subscriptions) RETURNS jsonb
+  LANGUAGE sql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+  SELECT pg_catalog.jsonb_build_object('subscription_id', s.id, 'customer_id', s.customer_id, 'status', s.status,
+    'period_start', s.current_period_start, 'period_end', s.current_period_end,
+    'usage', coalesce(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object('meter_id', m.id, 'meter_name', m.meter_name,
+               'aggregation_type', m.aggregation_type, 'unit', m.unit,
+               'usage', fluxrate_internal.meter_usage(org_id, s.customer_id, m.id, s.current_period_start,
+                                                      least(s.current_period_end, fluxrate.now())))
+             ORDER BY m.meter_name), '[]'::jsonb))
+    FROM fluxrate_internal.meters m
+   WHERE m.org_id = subscription_usage.org_id
+     AND m.id IN (SELECT ch.meter_id FROM fluxrate_internal.charges ch
+                   WHERE ch.org_id = subscription_usage.org_id AND ch.plan_id = s.plan_id AND ch.meter_id IS NOT NULL
+                  UNION
+                  SELECT mm.id FROM fluxrate_internal.plan_features pf
+                    JOIN fluxrate_internal.meters mm ON mm.org_id = pf.org_id AND mm.feature_id = pf.feature_id
+                   WHERE pf.org_id = subscription_usage.org_id AND pf.plan_id = s.plan_id)
+$$;
+
+CREATE FUNCTION fluxrate.get_subscription_usage(subscription_id uuid) RETURNS jsonb
+  LANGUAGE plpgsql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('usage.read');
+  s fluxrate_internal.subscriptions;
+BEGIN
+  SELECT * INTO s FROM fluxrate_internal.subscriptions x WHERE x.org_id = v_org AND x.id = get_subscription_usage.subscription_id;
+  IF NOT FOUND THEN
+    PERFORM fluxrate_internal.fail('PT404', 'subscription not found', format('No subscription %s in this organization.', subscription_id));
+  END IF;
+  RETURN fluxrate_internal.subscription_usage(v_org, s);
+END
+$$;
+
+CREATE FUNCTION fluxrate.get_customer_usage(customer_id uuid) RETURNS jsonb
+  LANGUAGE plpgsql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('usage.read');
+BEGIN
+  PERFORM 1 FROM fluxrate_internal.customers c WHERE c.org_id = v_org AND c.id = get_customer_usage.customer_id;
+  IF NOT FOUND THEN
+    PERFORM fluxrate_internal.fail('PT404', 'customer not found', format('No customer %s in this organization.', customer_id));
+  END IF;
+  RETURN jsonb_build_object('customer_id', customer_id, 'subscriptions',
+    coalesce((SELECT jsonb_agg(fluxrate_internal.subscription_usage(v_org, s) ORDER BY s.created_at, s.id)
+                FROM fluxrate_internal.subscriptions s
+               WHERE s.org_id = v_org AND s.customer_id = get_customer_usage.customer_id
+                 AND s.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE')), '[]'::jsonb));
+END
+$$;
+
+-- May this customer use this feature now?  Switch and custom features: the plan's
+-- is_enabled (and static_value).  Meter features: usage in the reset window (the
+-- calendar day/week/month/year containing now, in UTC; without a reset period,
+-- the subscription's current period) against usage_limit; a soft limit stays allowed.
+CREATE FUNCTION fluxrate.check_entitlement(customer_external_id text, lookup_key text) RETURNS jsonb
+  LANGUAGE plpgsql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('usage.read');
+  r record;
+  v_start timestamptz;
+  v_usage numeric;
+  v_now timestamptz := fluxrate.now();
+BEGIN
+  PERFORM fluxrate_internal.required(check_entitlement.customer_external_id, 'customer_external_id');
+  PERFORM fluxrate_internal.required(check_entitlement.lookup_key, 'lookup_key');
+  SELECT s.*, pf.is_enabled, pf.usage_limit, pf.usage_reset_period, pf.is_soft_limit, pf.static_value,
+         f.type AS feature_type, m.id AS meter_id, c.id AS cust_id
+    INTO r
+    FROM fluxrate_internal.customers c
+    JOIN fluxrate_internal.subscriptions s ON s.org_id = c.org_id AND s.customer_id = c.id
+         AND s.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE')
+    JOIN fluxrate_internal.plan_features pf ON pf.org_id = s.org_id AND pf.plan_id = s.plan_id
+    JOIN fluxrate_internal.features f ON f.org_id = pf.org_id AND f.id = pf.feature_id
+    LEFT JOIN fluxrate_internal.meters m ON m.org_id = f.org_id AND m.feature_id = f.id
+   WHERE c.org_id = v_org AND c.external_id = check_entitlement.customer_external_id
+     AND f.lookup_key = check_entitlement.lookup_key
+   ORDER BY pf.is_enabled DESC, s.created_at
+   LIMIT 1;
+  IF NOT FOUND THEN
+    RETURN jsonb_build_object('allowed', false, 'reason', 'no active subscription includes this feature',
+                              'customer_external_id', customer_external_id, 'lookup_key', lookup_key);
+  END IF;
+  IF r.feature_type <> 'meter' THEN
+    RETURN jsonb_build_object('allowed', r.is_enabled, 'feature_type', r.feature_type, 'is_enabled', r.is_enabled,
+                              'static_value', r.static_value, 'subscription_id', r.id);
+  END IF;
+  v_start := CASE WHEN r.usage_reset_period IS NULL THEN r.current_period_start
+                  ELSE date_trunc(r.usage_reset_period, v_now AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' END;
+  v_usage := fluxrate_internal.meter_usage(v_org, r.cust_id, r.meter_id, v_start, v_now + interval '5 minutes');
+  RETURN jsonb_build_object('allowed', r.is_enabled AND (r.usage_limit IS NULL OR v_usage < r.usage_limit OR r.is_soft_limit),
+    'feature_type', 'meter', 'is_enabled', r.is_enabled, 'usage', v_usage, 'usage_limit', r.usage_limit,
+    'is_soft_limit', r.is_soft_limit, 'usage_reset_period', r.usage_reset_period,
+    'window_start', v_start, 'subscription_id', r.id);
+END
+$$;
