@@ -99,6 +99,16 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'meter not found', format('No meter %s in this organization.', meter_id));
   END IF;
+  -- plain meters: one index-only range scan of the covering index
+  IF m.filters = '[]'::jsonb AND m.aggregation_type IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG') THEN
+    SELECT CASE m.aggregation_type WHEN 'SUM' THEN sum(e.quantity) WHEN 'COUNT' THEN count(*)::numeric
+             WHEN 'MAX' THEN max(e.quantity) WHEN 'MIN' THEN min(e.quantity) ELSE avg(e.quantity) END
+      INTO v
+      FROM fluxrate_internal.usage_events e
+     WHERE e.org_id = meter_usage.org_id AND e.customer_id = meter_usage.customer_id AND e.meter_id = meter_usage.meter_id
+       AND e."timestamp" >= meter_usage.period_start AND e."timestamp" < meter_usage.period_end;
+    RETURN coalesce(v, 0);
+  END IF;
   IF m.aggregation_type = 'WEIGHTED_SUM' THEN
     WITH pts AS (
       (SELECT meter_usage.period_start AS t, e.quantity, e.ingested_at, e.id
@@ -124,7 +134,7 @@ BEGIN
       FROM fluxrate_internal.usage_events e
      WHERE e.org_id = meter_usage.org_id AND e.customer_id = meter_usage.customer_id AND e.meter_id = meter_usage.meter_id
        AND e."timestamp" >= meter_usage.period_start AND e."timestamp" < meter_usage.period_end
-       AND fluxrate_internal.filters_match(e.metadata, m.filters)
+       AND (m.filters = '[]'::jsonb OR fluxrate_internal.filters_match(e.metadata, m.filters))
   )
   SELECT CASE m.aggregation_type
     WHEN 'SUM' THEN (SELECT sum(quantity) FROM ev)
@@ -149,16 +159,35 @@ CREATE FUNCTION fluxrate_internal.period_usage(org_id uuid, customer_ids uuid[],
   LANGUAGE sql STABLE
   SET search_path = pg_catalog, pg_temp
   AS $$
-  SELECT t.ord::integer,
-         CASE WHEN m.aggregation_type IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG') AND m.filters = '[]'::jsonb THEN
-           (SELECT coalesce(CASE m.aggregation_type WHEN 'SUM' THEN sum(e.quantity) WHEN 'COUNT' THEN count(*)::numeric
-                             WHEN 'MAX' THEN max(e.quantity) WHEN 'MIN' THEN min(e.quantity) ELSE avg(e.quantity) END, 0)
-              FROM fluxrate_internal.usage_events e
-             WHERE e.org_id = period_usage.org_id AND e.customer_id = t.c AND e.meter_id = t.m
-               AND e."timestamp" >= t.s AND e."timestamp" < t.e)
-         ELSE fluxrate_internal.meter_usage(period_usage.org_id, t.c, t.m, t.s, t.e) END
-    FROM unnest(customer_ids, meter_ids, period_starts, period_ends) WITH ORDINALITY AS t(c, m, s, e, ord)
-    JOIN fluxrate_internal.meters m ON m.org_id = period_usage.org_id AND m.id = t.m
+  WITH t AS MATERIALIZED (
+    SELECT x.ord::integer AS ord, x.c, x.m, x.s, x.e, mt.aggregation_type AS agg,
+           (mt.filters = '[]'::jsonb AND mt.aggregation_type IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG')) AS plain
+      FROM unnest(customer_ids, meter_ids, period_starts, period_ends) WITH ORDINALITY AS x(c, m, s, e, ord)
+      JOIN fluxrate_internal.meters mt ON mt.org_id = period_usage.org_id AND mt.id = x.m
+  ), sums AS (
+    -- one pass: the planner picks a hash join over the events for many pairs,
+    -- index-only range scans for a few (SUM alone, the common case: one aggregate per row)
+    SELECT t.ord, coalesce(sum(e.quantity), 0) AS usage
+      FROM t LEFT JOIN fluxrate_internal.usage_events e
+        ON e.org_id = period_usage.org_id AND e.customer_id = t.c AND e.meter_id = t.m
+       AND e."timestamp" >= t.s AND e."timestamp" < t.e
+     WHERE t.plain AND t.agg = 'SUM'
+     GROUP BY t.ord
+  ), others AS (
+    SELECT t.ord, CASE t.agg WHEN 'COUNT' THEN count(e.quantity)::numeric
+                    WHEN 'MAX' THEN coalesce(max(e.quantity), 0) WHEN 'MIN' THEN coalesce(min(e.quantity), 0)
+                    ELSE coalesce(avg(e.quantity), 0) END AS usage
+      FROM t LEFT JOIN fluxrate_internal.usage_events e
+        ON e.org_id = period_usage.org_id AND e.customer_id = t.c AND e.meter_id = t.m
+       AND e."timestamp" >= t.s AND e."timestamp" < t.e
+     WHERE t.plain AND t.agg <> 'SUM'
+     GROUP BY t.ord, t.agg
+  )
+  SELECT ord, usage FROM sums
+  UNION ALL
+  SELECT ord, usage FROM others
+  UNION ALL
+  SELECT t.ord, fluxrate_internal.meter_usage(period_usage.org_id, t.c, t.m, t.s, t.e) FROM t WHERE NOT t.plain
 $$;
 
 -- Live usage and entitlements ------------------------------------------------
