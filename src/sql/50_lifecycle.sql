@@ -326,24 +326,29 @@ BEGIN
      LIMIT batch_size
      FOR UPDATE SKIP LOCKED);
   -- Set-based rating input: the usage of every (subscription, usage charge) of
-  -- the batch in one statement.  Plain meters (SUM, COUNT, MAX, MIN, AVG without
-  -- filters) are answered by index-only scans of the covering index; the others
-  -- by meter_usage().
-  SELECT jsonb_object_agg(u.sub_id::text, u.per_charge) INTO v_usage FROM (
-    SELECT b.id AS sub_id, jsonb_object_agg(ch.id::text,
-      CASE WHEN m.aggregation_type IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG') AND m.filters = '[]'::jsonb THEN
-        (SELECT coalesce(CASE m.aggregation_type WHEN 'SUM' THEN sum(e.quantity) WHEN 'COUNT' THEN count(*)::numeric
-                          WHEN 'MAX' THEN max(e.quantity) WHEN 'MIN' THEN min(e.quantity) ELSE avg(e.quantity) END, 0)
-           FROM fluxrate_internal.usage_events e
-          WHERE e.org_id = b.org_id AND e.customer_id = b.customer_id AND e.meter_id = ch.meter_id
-            AND e."timestamp" >= b.current_period_start AND e."timestamp" < b.current_period_end)
-      ELSE fluxrate_internal.meter_usage(b.org_id, b.customer_id, ch.meter_id, b.current_period_start, b.current_period_end)
-      END) AS per_charge
+  -- the batch, through period_usage() once per organization in the batch (one
+  -- join pass over the covering index for plain meters).
+  WITH p AS (
+    SELECT b.org_id, b.id AS sub_id, ch.id AS charge_id, b.customer_id, ch.meter_id,
+           b.current_period_start AS ps, b.current_period_end AS pe,
+           row_number() OVER (PARTITION BY b.org_id ORDER BY b.id, ch.id)::integer AS ord
       FROM unnest(v_batch) b
-      JOIN fluxrate_internal.charges ch ON ch.org_id = b.org_id AND ch.plan_id = b.plan_id AND ch.type = 'USAGE' AND ch.status = 'ACTIVE'
-      JOIN fluxrate_internal.meters m ON m.org_id = ch.org_id AND m.id = ch.meter_id
+      JOIN fluxrate_internal.charges ch ON ch.org_id = b.org_id AND ch.plan_id = b.plan_id
+           AND ch.type = 'USAGE' AND ch.status = 'ACTIVE'
      WHERE b.status <> 'TRIAL'
-     GROUP BY b.id) u;
+  ), u AS (
+    SELECT o.org_id, pu.ord, pu.usage
+      FROM (SELECT DISTINCT org_id FROM p) o,
+           LATERAL fluxrate_internal.period_usage(o.org_id,
+             ARRAY(SELECT p.customer_id FROM p WHERE p.org_id = o.org_id ORDER BY p.ord),
+             ARRAY(SELECT p.meter_id FROM p WHERE p.org_id = o.org_id ORDER BY p.ord),
+             ARRAY(SELECT p.ps FROM p WHERE p.org_id = o.org_id ORDER BY p.ord),
+             ARRAY(SELECT p.pe FROM p WHERE p.org_id = o.org_id ORDER BY p.ord)) pu
+  )
+  SELECT jsonb_object_agg(x.sub_id::text, x.per_charge) INTO v_usage
+    FROM (SELECT p.sub_id, jsonb_object_agg(p.charge_id::text, u.usage) AS per_charge
+            FROM p JOIN u ON u.org_id = p.org_id AND u.ord = p.ord
+           GROUP BY p.sub_id) x;
   FOREACH s IN ARRAY v_batch
   LOOP
     PERFORM set_config('fluxrate.current_org', s.org_id::text, true);
