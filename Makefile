@@ -14,7 +14,7 @@ DATA        = $(wildcard src/sql/upgrade/$(EXTENSION)--*--*.sql)
 PG_CONFIG  ?= pg_config
 # Warnings are errors by default (CI builds this way); packagers may pass WERROR=.
 WERROR     ?= -Werror
-PG_CPPFLAGS = -I$(srcdir)/src
+PG_CPPFLAGS = -I$(srcdir)/src -DFR_VERSION='"$(EXTVERSION)"'
 PG_CFLAGS   = -std=gnu11 -Wall -Wextra $(WERROR) -Wno-unused-parameter \
               -Wno-sign-compare -Wno-missing-field-initializers
 # libsodium: randomness, keyed BLAKE2b, argon2id, secretbox.

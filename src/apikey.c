@@ -43,55 +43,13 @@ static unsigned char *pepper = NULL;	/* crypto_generichash_KEYBYTES, mlocked */
 static SPIPlanPtr lookup_plan = NULL;
 static SPIPlanPtr touch_plan = NULL;
 
-/* Run SPI work as fluxrate_system; the caller restores with RestoreUser */
-static void
-BecomeSystem(Oid *save_user, int *save_sec)
-{
-	Oid			sys = get_role_oid("fluxrate_system", false);
-
-	GetUserIdAndSecContext(save_user, save_sec);
-	SetUserIdAndSecContext(sys, *save_sec | SECURITY_LOCAL_USERID_CHANGE);
-}
-
-/* Load the pepper once per backend (as fluxrate_system) */
+/* Load the pepper once per backend (kept in locked memory) */
 static void
 LoadPepper(void)
 {
-	Oid			save_user;
-	int			save_sec;
-	bool		isnull;
-	Datum		d;
-	bytea	   *b;
-
 	if (pepper != NULL)
 		return;
-	BecomeSystem(&save_user, &save_sec);
-	PG_TRY();
-	{
-		if (SPI_connect() != SPI_OK_CONNECT)
-			elog(ERROR, "SPI_connect failed");
-		if (SPI_execute("SELECT secret FROM fluxrate_internal.server_secrets WHERE name OPERATOR(pg_catalog.=) 'api_key_pepper'",
-						true, 1) != SPI_OK_SELECT || SPI_processed != 1)
-			ereport(ERROR,
-					(errcode(ERRCODE_INTERNAL_ERROR),
-					 errmsg("fluxrate server secret is missing"),
-					 errhint("Reinstall the extension.")));
-		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-		b = DatumGetByteaPP(d);
-		if (isnull || VARSIZE_ANY_EXHDR(b) != crypto_generichash_KEYBYTES)
-			ereport(ERROR,
-					(errcode(ERRCODE_INTERNAL_ERROR),
-					 errmsg("fluxrate server secret has the wrong length")));
-		pepper = MemoryContextAlloc(TopMemoryContext, crypto_generichash_KEYBYTES);
-		memcpy(pepper, VARDATA_ANY(b), crypto_generichash_KEYBYTES);
-		sodium_mlock(pepper, crypto_generichash_KEYBYTES);
-		SPI_finish();
-	}
-	PG_FINALLY();
-	{
-		SetUserIdAndSecContext(save_user, save_sec);
-	}
-	PG_END_TRY();
+	pepper = FrServerSecret("api_key_pepper");
 }
 
 /* Keyed BLAKE2b-256 of a key */
@@ -178,7 +136,7 @@ FrVerifyApiKey(const char *key, Datum *org, Datum *key_id, ArrayType **scopes)
 	SET_VARSIZE(h, VARHDRSZ + 32);
 	memcpy(VARDATA(h), hash, 32);
 
-	BecomeSystem(&save_user, &save_sec);
+	FrBecomeSystem(&save_user, &save_sec);
 	PG_TRY();
 	{
 		bool		isnull;

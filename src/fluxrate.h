@@ -50,6 +50,11 @@ extern void FrRandomBase62(char *out, int len);
 #include "utils/array.h"
 extern void FrVerifyApiKey(const char *key, Datum *org, Datum *key_id, ArrayType **scopes);
 extern bool FrScopesGrant(ArrayType *scopes, const char *scope);
+/* secrets.c */
+extern void FrBecomeSystem(Oid *save_user, int *save_sec);
+extern unsigned char *FrServerSecret(const char *name);
+/* jwt.c */
+extern void FrHmacSha256(const unsigned char *key, size_t keylen, const char *msg, size_t msglen, unsigned char mac[32]);
 /* currency.c */
 extern int FrCurrencyExponent(const char *code);
 

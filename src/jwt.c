@@ -50,8 +50,8 @@ B64UrlDecode(const char *in, size_t inlen, unsigned char **out, size_t *outlen)
 	return true;
 }
 
-static void
-HmacSha256(const unsigned char *key, size_t keylen, const char *msg, size_t msglen, unsigned char mac[32])
+void
+FrHmacSha256(const unsigned char *key, size_t keylen, const char *msg, size_t msglen, unsigned char mac[32])
 {
 	unsigned int maclen = 32;
 
@@ -94,7 +94,7 @@ fr_jwt_sign(PG_FUNCTION_ARGS)
 	appendStringInfoString(&tok, B64UrlEncode((const unsigned char *) header, strlen(header)));
 	appendStringInfoChar(&tok, '.');
 	appendStringInfoString(&tok, B64UrlEncode((const unsigned char *) payload, strlen(payload)));
-	HmacSha256((const unsigned char *) VARDATA_ANY(secret), VARSIZE_ANY_EXHDR(secret), tok.data, tok.len, mac);
+	FrHmacSha256((const unsigned char *) VARDATA_ANY(secret), VARSIZE_ANY_EXHDR(secret), tok.data, tok.len, mac);
 	appendStringInfoChar(&tok, '.');
 	appendStringInfoString(&tok, B64UrlEncode(mac, 32));
 	PG_RETURN_TEXT_P(cstring_to_text(tok.data));
@@ -172,7 +172,7 @@ fr_jwt_verify(PG_FUNCTION_ARGS)
 		memcmp(alg->val.string.val, "HS256", 5) != 0)
 		Refuse("Only HS256 tokens are accepted.");
 
-	HmacSha256((const unsigned char *) VARDATA_ANY(secret), VARSIZE_ANY_EXHDR(secret), token, dot2 - token, mac);
+	FrHmacSha256((const unsigned char *) VARDATA_ANY(secret), VARSIZE_ANY_EXHDR(secret), token, dot2 - token, mac);
 	if (slen != 32 || CRYPTO_memcmp(mac, sig, 32) != 0)
 		Refuse("The signature does not match.");
 

@@ -47,6 +47,9 @@ CREATE TABLE fluxrate_internal.organizations (
   payment_terms_days  integer NOT NULL DEFAULT 30 CHECK (payment_terms_days BETWEEN 0 AND 3650),
   grace_period        interval NOT NULL DEFAULT '1 hour' CHECK (grace_period >= '0'::interval),
   auto_email          boolean NOT NULL DEFAULT true,
+  -- public invoice links are this prefix followed by the invoice's token
+  invoice_link_base   text NOT NULL DEFAULT 'http://localhost:3000/rpc/public_invoice?token='
+                      CHECK (invoice_link_base ~ '^https?://'),
   created_at          timestamptz NOT NULL,
   PRIMARY KEY (org_id)
 );

@@ -81,7 +81,7 @@ CREATE FUNCTION fluxrate_internal.org_json(o fluxrate_internal.organizations) RE
     'id', o.org_id, 'name', o.name, 'billing_country', o.billing_country,
     'billing_state', o.billing_state, 'payment_terms_days', o.payment_terms_days,
     'grace_period_seconds', pg_catalog.date_part('epoch', o.grace_period)::bigint,
-    'auto_email', o.auto_email, 'created_at', o.created_at)
+    'auto_email', o.auto_email, 'invoice_link_base', o.invoice_link_base, 'created_at', o.created_at)
 $$;
 
 -- Trusted roles (fluxrate_app members, superusers) create organizations directly;
@@ -154,7 +154,7 @@ $$;
 -- Partial update of the organization's billing settings (NULL = unchanged).
 CREATE FUNCTION fluxrate.update_organization(name text DEFAULT NULL, billing_country text DEFAULT NULL,
     billing_state text DEFAULT NULL, payment_terms_days integer DEFAULT NULL,
-    grace_period interval DEFAULT NULL, auto_email boolean DEFAULT NULL)
+    grace_period interval DEFAULT NULL, auto_email boolean DEFAULT NULL, invoice_link_base text DEFAULT NULL)
   RETURNS jsonb
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
@@ -169,13 +169,14 @@ BEGIN
     billing_state = coalesce(update_organization.billing_state, t.billing_state),
     payment_terms_days = coalesce(update_organization.payment_terms_days, t.payment_terms_days),
     grace_period = coalesce(update_organization.grace_period, t.grace_period),
-    auto_email = coalesce(update_organization.auto_email, t.auto_email)
+    auto_email = coalesce(update_organization.auto_email, t.auto_email),
+    invoice_link_base = coalesce(update_organization.invoice_link_base, t.invoice_link_base)
   WHERE t.org_id = v_org
   RETURNING * INTO o;
   RETURN fluxrate_internal.org_json(o);
 EXCEPTION WHEN check_violation THEN
   PERFORM fluxrate_internal.fail('PT422', 'invalid organization settings', SQLERRM,
-    'billing_country is a 2-letter code, payment_terms_days 0..3650, grace_period not negative.');
+    'billing_country is a 2-letter code, payment_terms_days 0..3650, grace_period not negative, invoice_link_base an http(s) URL.');
 END
 $$;
 
@@ -192,6 +193,8 @@ BEGIN
   VALUES (emit_event.org_id, v_id, emit_event.event,
           jsonb_build_object('id', v_id, 'event', emit_event.event, 'timestamp', v_now, 'data', emit_event.data),
           v_now);
+  -- deliveries (webhooks, e-mail) are written in the same transaction: 70_delivery.sql
+  PERFORM fluxrate_internal.fan_out(emit_event.org_id, v_id, emit_event.event, emit_event.data, v_now);
   RETURN v_id;
 END
 $$;

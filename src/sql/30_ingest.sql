@@ -13,8 +13,11 @@ CREATE FUNCTION fluxrate_internal.random_bytes(n integer) RETURNS bytea
   LANGUAGE C VOLATILE STRICT
   AS 'MODULE_PATHNAME', 'fr_random_bytes';
 
+-- api_key_pepper keys the API-key hash; sealing_key encrypts the secrets that
+-- must be used again later (SMTP passwords, webhook signing secrets: 70_delivery)
 INSERT INTO fluxrate_internal.server_secrets (name, secret)
-VALUES ('api_key_pepper', fluxrate_internal.random_bytes(32));
+VALUES ('api_key_pepper', fluxrate_internal.random_bytes(32)),
+       ('sealing_key', fluxrate_internal.random_bytes(32));
 
 CREATE FUNCTION fluxrate_internal.new_api_key(OUT key text, OUT prefix text, OUT key_hash bytea)
   LANGUAGE C VOLATILE

@@ -438,6 +438,8 @@ BEGIN
      SET status = 'OPEN', invoice_number = fluxrate_internal.next_invoice_number(i.org_id, v_now),
          issue_date = v_now, finalized_at = v_now,
          due_date = coalesce(x.due_date, v_now + make_interval(days => v_terms)),
+         -- the public link the e-mail carries (regenerable: generate_invoice_token)
+         public_token = coalesce(x.public_token, gen_random_uuid()),
          updated_at = v_now
    WHERE x.org_id = i.org_id AND x.id = i.id
   RETURNING * INTO i;
@@ -971,6 +973,7 @@ CREATE FUNCTION fluxrate.schedule_jobs() RETURNS jsonb
 DECLARE
   v_close bigint;
   v_final bigint;
+  v_deliver bigint;
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron') THEN
     PERFORM fluxrate_internal.fail('PT409', 'pg_cron is not installed',
@@ -981,7 +984,10 @@ BEGIN
     USING 'fluxrate-close-periods', '* * * * *', 'CALL fluxrate.close_due_periods()';
   EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO v_final
     USING 'fluxrate-finalize-invoices', '* * * * *', 'CALL fluxrate.finalize_due_invoices()';
-  RETURN jsonb_build_object('close_due_periods', v_close, 'finalize_due_invoices', v_final);
+  EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO v_deliver
+    USING 'fluxrate-deliver', '* * * * *', 'CALL fluxrate.deliver_pending()';
+  RETURN jsonb_build_object('close_due_periods', v_close, 'finalize_due_invoices', v_final,
+                            'deliver_pending', v_deliver);
 END
 $$;
 

@@ -1,0 +1,827 @@
+-- 70_delivery.sql: invoice e-mails over SMTP, signed webhooks, public invoice links.
+--
+-- The flow:
+--   1. A change (finalization, payment, voiding, a subscription event) calls
+--      emit_event() in its own transaction; emit_event writes the outbox row and
+--      fan_out() below writes one delivery row per webhook endpoint that wants
+--      the event, plus one e-mail delivery for a finalized invoice when the
+--      organization has SMTP and automatic e-mails on.  A rolled-back change
+--      therefore sends nothing; a committed one cannot be lost.
+--   2. fluxrate.deliver_pending() (pg_cron, every minute) takes due deliveries
+--      one at a time with FOR UPDATE SKIP LOCKED, performs the network call
+--      (src/delivery.c, libcurl), records the attempt and commits.  Delivery is
+--      at least once: a run killed between the send and the commit sends again,
+--      with the same event id (webhooks: X-Fluxrate-Event-Id; e-mail: the same
+--      Message-ID), so receivers de-duplicate.
+--   3. A failed attempt is retried after 30 s, 2 min, 10 min, 1 h and 6 h; the
+--      sixth failure marks the delivery FAILED (it can be retried by hand).
+--
+-- Secrets: the SMTP password and webhook signing secrets are sealed
+-- (XChaCha20-Poly1305, src/secrets.c) with the row's identity as associated
+-- data; plain text is never stored and never returned after creation.
+
+CREATE FUNCTION fluxrate_internal.seal(plaintext text, context text) RETURNS bytea
+  LANGUAGE C VOLATILE STRICT
+  AS 'MODULE_PATHNAME', 'fr_seal';
+CREATE FUNCTION fluxrate_internal.unseal(sealed bytea, context text) RETURNS text
+  LANGUAGE C STABLE STRICT
+  AS 'MODULE_PATHNAME', 'fr_unseal';
+CREATE FUNCTION fluxrate_internal.hmac_sha256_hex(key text, message text) RETURNS text
+  LANGUAGE C IMMUTABLE STRICT
+  AS 'MODULE_PATHNAME', 'fr_hmac_sha256_hex';
+CREATE FUNCTION fluxrate_internal.http_post(url text, headers text[], body text, timeout_ms integer,
+    OUT status_code integer, OUT error text, OUT response text)
+  LANGUAGE C VOLATILE STRICT
+  AS 'MODULE_PATHNAME', 'fr_http_post';
+CREATE FUNCTION fluxrate_internal.smtp_send(host text, port integer, security text, username text,
+    password text, mail_from text, rcpt text, message text, timeout_ms integer,
+    OUT status_code integer, OUT error text)
+  LANGUAGE C VOLATILE
+  AS 'MODULE_PATHNAME', 'fr_smtp_send';
+
+-- Tables ------------------------------------------------------------------------
+
+CREATE TABLE fluxrate_internal.smtp_settings (
+  org_id        uuid NOT NULL REFERENCES fluxrate_internal.organizations ON DELETE CASCADE,
+  host          text NOT NULL CHECK (host ~ '^[A-Za-z0-9.:\[\]-]{1,253}$'),
+  port          integer NOT NULL CHECK (port BETWEEN 1 AND 65535),
+  security      text NOT NULL CHECK (security IN ('starttls', 'tls', 'none')),
+  username      text,
+  password_enc  bytea,                          -- sealed with context 'smtp:<org_id>'
+  from_email    text NOT NULL,
+  from_name     text,
+  created_at    timestamptz NOT NULL,
+  updated_at    timestamptz NOT NULL,
+  PRIMARY KEY (org_id)
+);
+
+CREATE TABLE fluxrate_internal.webhook_endpoints (
+  org_id        uuid NOT NULL REFERENCES fluxrate_internal.organizations ON DELETE CASCADE,
+  id            uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
+  url           text NOT NULL CHECK (url ~ '^https?://[^\s/?#]+'),
+  event_types   text[] NOT NULL,                -- empty = every event
+  description   text,
+  secret_enc    bytea NOT NULL,                 -- sealed with context 'webhook:<org_id>:<id>'
+  secret_prefix text NOT NULL,                  -- for display
+  status        text NOT NULL DEFAULT 'ACTIVE' CHECK (status IN ('ACTIVE', 'DISABLED')),
+  created_at    timestamptz NOT NULL,
+  updated_at    timestamptz NOT NULL,
+  PRIMARY KEY (org_id, id)
+);
+
+CREATE TABLE fluxrate_internal.deliveries (
+  org_id            uuid NOT NULL REFERENCES fluxrate_internal.organizations ON DELETE CASCADE,
+  id                uuid NOT NULL,               -- UUIDv7
+  event_id          uuid NOT NULL,               -- the outbox event: stable across retries
+  event             text NOT NULL,
+  channel           text NOT NULL CHECK (channel IN ('webhook', 'email')),
+  endpoint_id       uuid,                        -- webhook deliveries
+  invoice_id        uuid,                        -- e-mail deliveries
+  recipient         text NOT NULL,               -- URL or e-mail address, as of enqueueing
+  body              text,                        -- webhook: the exact bytes signed and sent
+  status            text NOT NULL DEFAULT 'PENDING' CHECK (status IN ('PENDING', 'SENT', 'FAILED')),
+  attempts          integer NOT NULL DEFAULT 0,
+  next_attempt_at   timestamptz,
+  last_status_code  integer,
+  last_error        text,
+  created_at        timestamptz NOT NULL,
+  sent_at           timestamptz,
+  updated_at        timestamptz NOT NULL,
+  PRIMARY KEY (org_id, id),
+  CHECK ((channel = 'webhook') = (endpoint_id IS NOT NULL)),
+  FOREIGN KEY (org_id, endpoint_id) REFERENCES fluxrate_internal.webhook_endpoints (org_id, id) ON DELETE CASCADE,
+  FOREIGN KEY (org_id, invoice_id) REFERENCES fluxrate_internal.invoices (org_id, id) ON DELETE CASCADE
+);
+-- the delivery run takes due rows in time order across organizations
+CREATE INDEX deliveries_due_idx ON fluxrate_internal.deliveries (next_attempt_at) WHERE status = 'PENDING';
+CREATE INDEX deliveries_event_idx ON fluxrate_internal.deliveries (org_id, event_id);
+
+-- The delivery log: one row per attempt, with the peer's answer.
+CREATE TABLE fluxrate_internal.delivery_attempts (
+  org_id        uuid NOT NULL,
+  delivery_id   uuid NOT NULL,
+  attempt       integer NOT NULL,
+  attempted_at  timestamptz NOT NULL,
+  status_code   integer,
+  error         text,
+  response      text,                            -- first 1 KiB of a webhook response
+  duration_ms   integer NOT NULL,
+  PRIMARY KEY (org_id, delivery_id, attempt),
+  FOREIGN KEY (org_id, delivery_id) REFERENCES fluxrate_internal.deliveries (org_id, id) ON DELETE CASCADE
+);
+
+-- invoice links are looked up by token before the organization is known
+CREATE UNIQUE INDEX invoices_public_token_idx ON fluxrate_internal.invoices (public_token)
+  WHERE public_token IS NOT NULL;
+
+-- Fan-out ------------------------------------------------------------------------
+
+CREATE FUNCTION fluxrate_internal.webhook_event_types() RETURNS text[]
+  LANGUAGE sql IMMUTABLE
+  AS $$ SELECT ARRAY['invoice.created', 'invoice.finalized', 'invoice.paid', 'invoice.voided',
+                     'invoice.uncollectible', 'subscription.created', 'subscription.activated',
+                     'subscription.canceled']::text[] $$;
+
+-- Called by emit_event() in the transaction of the change.
+CREATE FUNCTION fluxrate_internal.fan_out(org_id uuid, event_id uuid, event text, data jsonb, at timestamptz)
+  RETURNS void
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  -- the documented payload {event, timestamp, data}; its text is what is signed
+  v_body text := jsonb_build_object('event', fan_out.event, 'timestamp', fan_out.at, 'data', fan_out.data)::text;
+BEGIN
+  INSERT INTO fluxrate_internal.deliveries (org_id, id, event_id, event, channel, endpoint_id, recipient,
+      body, next_attempt_at, created_at, updated_at)
+  SELECT w.org_id, fluxrate_internal.uuid_v7(), fan_out.event_id, fan_out.event, 'webhook', w.id, w.url,
+         v_body, fan_out.at, fan_out.at, fan_out.at
+    FROM fluxrate_internal.webhook_endpoints w
+   WHERE w.org_id = fan_out.org_id AND w.status = 'ACTIVE'
+     AND (w.event_types = '{}' OR fan_out.event = ANY (w.event_types));
+
+  IF fan_out.event = 'invoice.finalized' THEN
+    PERFORM fluxrate_internal.enqueue_invoice_email(fan_out.org_id, (fan_out.data->>'invoice_id')::uuid,
+      fan_out.event_id, fan_out.at, automatic => true);
+  END IF;
+END
+$$;
+
+-- One e-mail delivery for an invoice; returns why not when it cannot be sent.
+-- automatic: the finalization path, which honours the organization's switch.
+CREATE FUNCTION fluxrate_internal.enqueue_invoice_email(org_id uuid, invoice_id uuid, event_id uuid,
+    at timestamptz, automatic boolean, OUT queued boolean, OUT reason text)
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_auto boolean;
+  v_email text;
+BEGIN
+  SELECT o.auto_email INTO v_auto FROM fluxrate_internal.organizations o WHERE o.org_id = enqueue_invoice_email.org_id;
+  SELECT c.email INTO v_email
+    FROM fluxrate_internal.invoices i JOIN fluxrate_internal.customers c ON c.org_id = i.org_id AND c.id = i.customer_id
+   WHERE i.org_id = enqueue_invoice_email.org_id AND i.id = enqueue_invoice_email.invoice_id;
+  queued := false;
+  IF automatic AND NOT v_auto THEN
+    reason := 'automatic invoice e-mails are turned off for this organization';
+  ELSIF NOT EXISTS (SELECT 1 FROM fluxrate_internal.smtp_settings s WHERE s.org_id = enqueue_invoice_email.org_id) THEN
+    reason := 'smtp is not configured';
+  ELSIF v_email IS NULL OR btrim(v_email) = '' THEN
+    reason := 'the customer has no e-mail address';
+  ELSE
+    INSERT INTO fluxrate_internal.deliveries (org_id, id, event_id, event, channel, invoice_id, recipient,
+        next_attempt_at, created_at, updated_at)
+    VALUES (enqueue_invoice_email.org_id, fluxrate_internal.uuid_v7(), enqueue_invoice_email.event_id,
+            'invoice.email', 'email', enqueue_invoice_email.invoice_id, v_email, at, at, at);
+    queued := true;
+  END IF;
+END
+$$;
+
+-- The invoice e-mail --------------------------------------------------------------
+
+CREATE FUNCTION fluxrate_internal.html_escape(t text) RETURNS text
+  LANGUAGE sql IMMUTABLE
+  AS $$ SELECT replace(replace(replace(replace(replace(coalesce(t, ''), '&', '&amp;'), '<', '&lt;'), '>', '&gt;'),
+                               '"', '&quot;'), '''', '&#39;') $$;
+
+-- A header value: as is when it is printable ASCII, else an RFC 2047 encoded word.
+CREATE FUNCTION fluxrate_internal.mime_header(t text) RETURNS text
+  LANGUAGE sql IMMUTABLE
+  AS $$ SELECT CASE WHEN t ~ '^[ -~]*$' THEN t
+               ELSE '=?UTF-8?B?' || translate(encode(convert_to(t, 'UTF8'), 'base64'), E'\n', '') || '?=' END $$;
+
+CREATE FUNCTION fluxrate_internal.money_text(amount numeric, currency text) RETURNS text
+  LANGUAGE sql IMMUTABLE
+  AS $$ SELECT pg_catalog.round(amount, fluxrate_internal.currency_exponent(currency))::text || ' ' || currency $$;
+
+-- The whole RFC 5322 message (multipart/alternative: plain text and HTML),
+-- CRLF line endings, bodies in base64 so any name or description travels intact.
+CREATE FUNCTION fluxrate_internal.invoice_email(org_id uuid, invoice_id uuid, delivery_id uuid, recipient text,
+    OUT subject text, OUT message text)
+  LANGUAGE plpgsql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  i fluxrate_internal.invoices;
+  o fluxrate_internal.organizations;
+  c fluxrate_internal.customers;
+  s fluxrate_internal.smtp_settings;
+  v_link text;
+  v_period text;
+  v_lines_text text;
+  v_lines_html text;
+  v_text text;
+  v_html text;
+  v_boundary text := 'fluxrate-' || replace(delivery_id::text, '-', '');
+  v_from text;
+BEGIN
+  SELECT * INTO i FROM fluxrate_internal.invoices x WHERE x.org_id = invoice_email.org_id AND x.id = invoice_email.invoice_id;
+  SELECT * INTO o FROM fluxrate_internal.organizations x WHERE x.org_id = invoice_email.org_id;
+  SELECT * INTO c FROM fluxrate_internal.customers x WHERE x.org_id = i.org_id AND x.id = i.customer_id;
+  SELECT * INTO s FROM fluxrate_internal.smtp_settings x WHERE x.org_id = invoice_email.org_id;
+  v_link := CASE WHEN i.public_token IS NOT NULL THEN o.invoice_link_base || i.public_token END;
+  v_period := CASE WHEN i.period_start IS NOT NULL
+                   THEN to_char(i.period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD') || ' to '
+                        || to_char(i.period_end AT TIME ZONE 'UTC', 'YYYY-MM-DD') END;
+  subject := format('Invoice %s from %s: %s due %s', coalesce(i.invoice_number, '(draft)'), o.name,
+                    fluxrate_internal.money_text(i.total, i.currency),
+                    coalesce(to_char(i.due_date AT TIME ZONE 'UTC', 'YYYY-MM-DD'), 'on receipt'));
+
+  SELECT string_agg(format('  %s: %s x %s = %s', l.description, l.quantity, l.unit_amount,
+                           fluxrate_internal.money_text(l.line_total, i.currency)), E'\n' ORDER BY l.position),
+         string_agg(format('<tr><td>%s</td><td style="text-align:right">%s</td><td style="text-align:right">%s</td>'
+                           '<td style="text-align:right">%s</td></tr>',
+                           fluxrate_internal.html_escape(l.description), l.quantity, l.unit_amount,
+                           fluxrate_internal.html_escape(fluxrate_internal.money_text(l.line_total, i.currency))),
+                    E'\n' ORDER BY l.position)
+    INTO v_lines_text, v_lines_html
+    FROM fluxrate_internal.invoice_lines l WHERE l.org_id = i.org_id AND l.invoice_id = i.id;
+
+  v_text := concat_ws(E'\n',
+    format('Hello %s,', c.name), '',
+    format('%s has issued invoice %s.', o.name, coalesce(i.invoice_number, '(draft)')),
+    CASE WHEN v_period IS NOT NULL THEN 'Period: ' || v_period END, '',
+    coalesce(v_lines_text, '  (no lines)'), '',
+    'Subtotal: ' || fluxrate_internal.money_text(i.subtotal, i.currency),
+    'Tax: ' || fluxrate_internal.money_text(i.tax, i.currency),
+    'Total: ' || fluxrate_internal.money_text(i.total, i.currency),
+    'Amount due: ' || fluxrate_internal.money_text(i.amount_due, i.currency),
+    'Due date: ' || coalesce(to_char(i.due_date AT TIME ZONE 'UTC', 'YYYY-MM-DD'), 'on receipt'),
+    CASE WHEN v_link IS NOT NULL THEN E'\nView the invoice: ' || v_link END,
+    '', '-- ', o.name);
+
+  v_html := concat_ws(E'\n',
+    '<!DOCTYPE html><html><head><meta charset="utf-8"><title>' || fluxrate_internal.html_escape(subject) || '</title></head>',
+    '<body style="font-family:sans-serif">',
+    format('<p>Hello %s,</p>', fluxrate_internal.html_escape(c.name)),
+    format('<p>%s has issued invoice <strong>%s</strong>.</p>', fluxrate_internal.html_escape(o.name),
+           fluxrate_internal.html_escape(coalesce(i.invoice_number, '(draft)'))),
+    CASE WHEN v_period IS NOT NULL THEN '<p>Period: ' || v_period || '</p>' END,
+    '<table cellpadding="4"><tr><th>Description</th><th>Quantity</th><th>Unit amount</th><th>Amount</th></tr>',
+    coalesce(v_lines_html, ''),
+    format('<tr><td colspan="3">Subtotal</td><td style="text-align:right">%s</td></tr>',
+           fluxrate_internal.money_text(i.subtotal, i.currency)),
+    format('<tr><td colspan="3">Tax</td><td style="text-align:right">%s</td></tr>', fluxrate_internal.money_text(i.tax, i.currency)),
+    format('<tr><td colspan="3"><strong>Total</strong></td><td style="text-align:right"><strong>%s</strong></td></tr>',
+           fluxrate_internal.money_text(i.total, i.currency)),
+    '</table>',
+    format('<p>Amount due: %s, due %s.</p>', fluxrate_internal.money_text(i.amount_due, i.currency),
+           coalesce(to_char(i.due_date AT TIME ZONE 'UTC', 'YYYY-MM-DD'), 'on receipt')),
+    CASE WHEN v_link IS NOT NULL
+         THEN format('<p><a href="%s">View the invoice online</a></p>', fluxrate_internal.html_escape(v_link)) END,
+    '</body></html>');
+
+  v_from := CASE WHEN coalesce(s.from_name, o.name) IS NOT NULL
+                 THEN CASE WHEN coalesce(s.from_name, o.name) ~ '^[ -~]*$'
+                           THEN '"' || replace(replace(coalesce(s.from_name, o.name), '\', '\\'), '"', '\"') || '"'
+                           ELSE fluxrate_internal.mime_header(coalesce(s.from_name, o.name)) END
+                      || ' <' || s.from_email || '>'
+                 ELSE s.from_email END;
+  message := concat_ws(E'\n',
+    'From: ' || v_from,
+    'To: ' || CASE WHEN c.name IS NOT NULL AND c.name <> recipient
+                   THEN fluxrate_internal.mime_header(c.name) || ' <' || recipient || '>'
+                   ELSE '<' || recipient || '>' END,
+    'Subject: ' || fluxrate_internal.mime_header(subject),
+    'Date: ' || to_char(fluxrate.now() AT TIME ZONE 'UTC', 'Dy, DD Mon YYYY HH24:MI:SS') || ' +0000',
+    -- stable across retries: a receiver that got the message twice can tell
+    'Message-ID: <' || delivery_id || '@fluxrate.invalid>',
+    'X-Fluxrate-Invoice-Id: ' || i.id,
+    'MIME-Version: 1.0',
+    'Content-Type: multipart/alternative; boundary="' || v_boundary || '"',
+    '',
+    '--' || v_boundary,
+    'Content-Type: text/plain; charset=utf-8',
+    'Content-Transfer-Encoding: base64',
+    '',
+    encode(convert_to(v_text, 'UTF8'), 'base64'),
+    '--' || v_boundary,
+    'Content-Type: text/html; charset=utf-8',
+    'Content-Transfer-Encoding: base64',
+    '',
+    encode(convert_to(v_html, 'UTF8'), 'base64'),
+    '--' || v_boundary || '--',
+    '');
+  message := replace(message, E'\n', E'\r\n');
+END
+$$;
+
+-- Sending -----------------------------------------------------------------------
+
+CREATE FUNCTION fluxrate_internal.retry_delays() RETURNS interval[]
+  LANGUAGE sql IMMUTABLE
+  AS $$ SELECT ARRAY['30 seconds', '2 minutes', '10 minutes', '1 hour', '6 hours']::interval[] $$;
+
+-- Take one due delivery (any organization), attempt it, record the attempt.
+-- Returns false when nothing is due.  The row stays locked until the calling
+-- procedure commits, so concurrent runs never send the same delivery at once.
+CREATE FUNCTION fluxrate_internal.sys_deliver_one(timeout_ms integer DEFAULT 10000) RETURNS boolean
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  d fluxrate_internal.deliveries;
+  w fluxrate_internal.webhook_endpoints;
+  s fluxrate_internal.smtp_settings;
+  v_secret text;
+  v_password text;
+  v_code integer;
+  v_error text;
+  v_response text;
+  v_mail record;
+  v_started timestamptz := clock_timestamp();
+  v_now timestamptz := fluxrate.now();
+  v_attempt integer;
+  v_delays interval[] := fluxrate_internal.retry_delays();
+  v_final boolean := false;
+BEGIN
+  SELECT * INTO d FROM fluxrate_internal.deliveries x
+   WHERE x.status = 'PENDING' AND x.next_attempt_at <= v_now
+   ORDER BY x.next_attempt_at, x.id
+   LIMIT 1
+   FOR UPDATE SKIP LOCKED;
+  IF NOT FOUND THEN
+    RETURN false;
+  END IF;
+  PERFORM set_config('fluxrate.current_org', d.org_id::text, true);
+  v_attempt := d.attempts + 1;
+
+  IF d.channel = 'webhook' THEN
+    SELECT * INTO w FROM fluxrate_internal.webhook_endpoints x WHERE x.org_id = d.org_id AND x.id = d.endpoint_id;
+    v_secret := fluxrate_internal.unseal(w.secret_enc, 'webhook:' || w.org_id || ':' || w.id);
+    IF w.status <> 'ACTIVE' THEN
+      v_error := 'the endpoint is disabled';
+      v_final := true;
+    ELSIF v_secret IS NULL THEN
+      v_error := 'the signing secret cannot be decrypted (server secret changed?)';
+      v_final := true;
+    ELSE
+      SELECT r.status_code, r.error, r.response INTO v_code, v_error, v_response
+        FROM fluxrate_internal.http_post(w.url,
+               ARRAY['Content-Type: application/json',
+                     'X-Fluxrate-Event: ' || d.event,
+                     'X-Fluxrate-Event-Id: ' || d.event_id,
+                     'X-Fluxrate-Delivery-Id: ' || d.id,
+                     'X-Fluxrate-Signature: ' || fluxrate_internal.hmac_sha256_hex(v_secret, d.body)],
+               d.body, timeout_ms) r;
+    END IF;
+  ELSE
+    SELECT * INTO s FROM fluxrate_internal.smtp_settings x WHERE x.org_id = d.org_id;
+    IF NOT FOUND THEN
+      v_error := 'smtp is not configured';
+      v_final := true;
+    ELSE
+      IF s.password_enc IS NOT NULL THEN
+        v_password := fluxrate_internal.unseal(s.password_enc, 'smtp:' || s.org_id);
+      END IF;
+      IF s.password_enc IS NOT NULL AND v_password IS NULL THEN
+        v_error := 'the smtp password cannot be decrypted (server secret changed?)';
+        v_final := true;
+      ELSE
+        v_mail := fluxrate_internal.invoice_email(d.org_id, d.invoice_id, d.id, d.recipient);
+        SELECT r.status_code, r.error INTO v_code, v_error
+          FROM fluxrate_internal.smtp_send(s.host, s.port, s.security, s.username, v_password,
+                                           s.from_email, d.recipient, v_mail.message, timeout_ms) r;
+      END IF;
+    END IF;
+  END IF;
+
+  INSERT INTO fluxrate_internal.delivery_attempts (org_id, delivery_id, attempt, attempted_at, status_code,
+      error, response, duration_ms)
+  VALUES (d.org_id, d.id, v_attempt, v_now, v_code, v_error, v_response,
+          (extract(epoch FROM clock_timestamp() - v_started) * 1000)::integer);
+  UPDATE fluxrate_internal.deliveries x SET
+      attempts = v_attempt,
+      last_status_code = v_code,
+      last_error = v_error,
+      status = CASE WHEN v_error IS NULL THEN 'SENT'
+                    WHEN v_final OR v_attempt > array_length(v_delays, 1) THEN 'FAILED'
+                    ELSE 'PENDING' END,
+      sent_at = CASE WHEN v_error IS NULL THEN v_now END,
+      next_attempt_at = CASE WHEN v_error IS NOT NULL AND NOT v_final AND v_attempt <= array_length(v_delays, 1)
+                             THEN v_now + v_delays[v_attempt] END,
+      updated_at = v_now
+   WHERE x.org_id = d.org_id AND x.id = d.id;
+  RETURN true;
+END
+$$;
+
+-- The delivery job.  An invoker procedure (a SECURITY DEFINER procedure may not
+-- COMMIT): each delivery commits on its own, so one slow peer delays but never
+-- undoes the others, and a killed run loses at most the attempt in flight.
+CREATE PROCEDURE fluxrate.deliver_pending(max_deliveries integer DEFAULT 1000, timeout_ms integer DEFAULT 10000)
+  LANGUAGE plpgsql
+  AS $$
+DECLARE
+  n integer := 0;
+BEGIN
+  LOOP
+    EXIT WHEN n >= max_deliveries OR NOT fluxrate_internal.sys_deliver_one(timeout_ms);
+    n := n + 1;
+    COMMIT;
+  END LOOP;
+END
+$$;
+GRANT EXECUTE ON FUNCTION fluxrate_internal.sys_deliver_one(integer) TO fluxrate_app;
+
+-- SMTP settings -------------------------------------------------------------------
+
+CREATE FUNCTION fluxrate_internal.smtp_json(s fluxrate_internal.smtp_settings) RETURNS jsonb
+  LANGUAGE sql STABLE
+  AS $$
+  SELECT pg_catalog.jsonb_build_object('host', s.host, 'port', s.port, 'security', s.security,
+    'username', s.username, 'has_password', s.password_enc IS NOT NULL, 'from_email', s.from_email,
+    'from_name', s.from_name, 'created_at', s.created_at, 'updated_at', s.updated_at)
+$$;
+
+-- Set (create or replace) the organization's SMTP settings.  The password is
+-- sealed at once and never returned; password => NULL keeps the stored one
+-- (so the other settings can be edited without re-typing it), '' removes it.
+CREATE FUNCTION fluxrate.set_smtp_settings(host text, port integer, from_email text,
+    username text DEFAULT NULL, password text DEFAULT NULL, security text DEFAULT 'starttls',
+    from_name text DEFAULT NULL)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('admin');
+  v_now timestamptz := fluxrate.now();
+  s fluxrate_internal.smtp_settings;
+BEGIN
+  PERFORM fluxrate_internal.required(set_smtp_settings.host, 'host');
+  PERFORM fluxrate_internal.required(set_smtp_settings.port, 'port');
+  PERFORM fluxrate_internal.required(set_smtp_settings.from_email, 'from_email');
+  PERFORM fluxrate_internal.one_of(lower(set_smtp_settings.security), 'security', ARRAY['starttls', 'tls', 'none']);
+  IF set_smtp_settings.port NOT BETWEEN 1 AND 65535 THEN
+    PERFORM fluxrate_internal.fail('PT422', 'port must be between 1 and 65535',
+      format('port was %s.', set_smtp_settings.port), 'Submission is usually 587 (starttls) or 465 (tls).');
+  END IF;
+  IF set_smtp_settings.host !~ '^[A-Za-z0-9.:\[\]-]{1,253}$' THEN
+    PERFORM fluxrate_internal.fail('PT422', 'host is not a host name or address',
+      format('host was "%s".', set_smtp_settings.host), 'Send a host name such as smtp.example.com, without scheme or port.');
+  END IF;
+  PERFORM fluxrate_internal.check_email(set_smtp_settings.from_email);
+  SELECT * INTO s FROM fluxrate_internal.smtp_settings x WHERE x.org_id = v_org FOR UPDATE;
+  INSERT INTO fluxrate_internal.smtp_settings AS x (org_id, host, port, security, username, password_enc,
+      from_email, from_name, created_at, updated_at)
+  VALUES (v_org, set_smtp_settings.host, set_smtp_settings.port, lower(coalesce(set_smtp_settings.security, 'starttls')),
+          nullif(set_smtp_settings.username, ''),
+          CASE WHEN set_smtp_settings.password IS NULL THEN s.password_enc
+               WHEN set_smtp_settings.password = '' THEN NULL
+               ELSE fluxrate_internal.seal(set_smtp_settings.password, 'smtp:' || v_org) END,
+          set_smtp_settings.from_email, set_smtp_settings.from_name, v_now, v_now)
+  ON CONFLICT (org_id) DO UPDATE SET host = excluded.host, port = excluded.port, security = excluded.security,
+      username = excluded.username, password_enc = excluded.password_enc, from_email = excluded.from_email,
+      from_name = excluded.from_name, updated_at = excluded.updated_at
+  RETURNING * INTO s;
+  RETURN fluxrate_internal.smtp_json(s);
+END
+$$;
+
+CREATE FUNCTION fluxrate.get_smtp_settings() RETURNS jsonb
+  LANGUAGE plpgsql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('admin');
+  s fluxrate_internal.smtp_settings;
+BEGIN
+  SELECT * INTO s FROM fluxrate_internal.smtp_settings x WHERE x.org_id = v_org;
+  IF NOT FOUND THEN
+    PERFORM fluxrate_internal.fail('PT404', 'smtp is not configured', hint => 'Call fluxrate.set_smtp_settings().');
+  END IF;
+  RETURN fluxrate_internal.smtp_json(s);
+END
+$$;
+
+CREATE FUNCTION fluxrate.delete_smtp_settings() RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('admin');
+BEGIN
+  DELETE FROM fluxrate_internal.smtp_settings x WHERE x.org_id = v_org;
+  IF NOT FOUND THEN
+    PERFORM fluxrate_internal.fail('PT404', 'smtp is not configured');
+  END IF;
+  RETURN jsonb_build_object('deleted', true);
+END
+$$;
+
+-- Webhook endpoints -----------------------------------------------------------------
+
+CREATE FUNCTION fluxrate_internal.webhook_json(w fluxrate_internal.webhook_endpoints) RETURNS jsonb
+  LANGUAGE sql STABLE
+  AS $$
+  SELECT pg_catalog.jsonb_build_object('id', w.id, 'url', w.url, 'event_types', pg_catalog.to_jsonb(w.event_types),
+    'description', w.description, 'secret_prefix', w.secret_prefix, 'status', w.status,
+    'created_at', w.created_at, 'updated_at', w.updated_at)
+$$;
+
+CREATE FUNCTION fluxrate_internal.check_webhook(url text, event_types text[]) RETURNS void
+  LANGUAGE plpgsql IMMUTABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  t text;
+BEGIN
+  IF url IS NOT NULL AND (url !~ '^https?://[^\s/?#]+' OR length(url) > 2000 OR url ~ '\s') THEN
+    PERFORM fluxrate_internal.fail('PT422', 'url must be an http or https URL',
+      format('url was "%s".', left(url, 200)), 'Send a URL such as https://example.com/webhooks/fluxrate.');
+  END IF;
+  FOREACH t IN ARRAY coalesce(event_types, '{}') LOOP
+    PERFORM fluxrate_internal.one_of(t, 'event_types', fluxrate_internal.webhook_event_types());
+  END LOOP;
+END
+$$;
+
+-- The signing secret ("whsec_" + 43 base62 characters from libsodium) is
+-- returned here, once; only a sealed copy is stored.
+CREATE FUNCTION fluxrate.create_webhook_endpoint(url text, event_types text[] DEFAULT '{}', description text DEFAULT NULL)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('admin');
+  v_now timestamptz := fluxrate.now();
+  v_id uuid := gen_random_uuid();
+  v_secret text := 'whsec_' || fluxrate_internal.random_token(43);
+  w fluxrate_internal.webhook_endpoints;
+BEGIN
+  PERFORM fluxrate_internal.required(create_webhook_endpoint.url, 'url');
+  PERFORM fluxrate_internal.check_webhook(create_webhook_endpoint.url, create_webhook_endpoint.event_types);
+  INSERT INTO fluxrate_internal.webhook_endpoints (org_id, id, url, event_types, description, secret_enc,
+      secret_prefix, created_at, updated_at)
+  VALUES (v_org, v_id, create_webhook_endpoint.url, coalesce(create_webhook_endpoint.event_types, '{}'),
+          create_webhook_endpoint.description, fluxrate_internal.seal(v_secret, 'webhook:' || v_org || ':' || v_id),
+          left(v_secret, 10), v_now, v_now)
+  RETURNING * INTO w;
+  PERFORM set_config('response.status', '201', true);
+  RETURN fluxrate_internal.webhook_json(w) || jsonb_build_object('secret', v_secret);
+END
+$$;
+
+CREATE FUNCTION fluxrate.list_webhook_endpoints() RETURNS jsonb
+  LANGUAGE plpgsql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('admin');
+BEGIN
+  RETURN coalesce((SELECT jsonb_agg(fluxrate_internal.webhook_json(w) ORDER BY w.created_at, w.id)
+                     FROM fluxrate_internal.webhook_endpoints w WHERE w.org_id = v_org), '[]'::jsonb);
+END
+$$;
+
+CREATE FUNCTION fluxrate_internal.load_webhook(org_id uuid, endpoint_id uuid) RETURNS fluxrate_internal.webhook_endpoints
+  LANGUAGE plpgsql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  w fluxrate_internal.webhook_endpoints;
+BEGIN
+  PERFORM fluxrate_internal.required(endpoint_id, 'endpoint_id');
+  SELECT * INTO w FROM fluxrate_internal.webhook_endpoints x WHERE x.org_id = load_webhook.org_id AND x.id = load_webhook.endpoint_id;
+  IF NOT FOUND THEN
+    PERFORM fluxrate_internal.fail('PT404', 'webhook endpoint not found',
+      format('No webhook endpoint %s in this organization.', endpoint_id));
+  END IF;
+  RETURN w;
+END
+$$;
+
+-- Partial update (NULL = unchanged); status ACTIVE or DISABLED.
+CREATE FUNCTION fluxrate.update_webhook_endpoint(endpoint_id uuid, url text DEFAULT NULL,
+    event_types text[] DEFAULT NULL, description text DEFAULT NULL, status text DEFAULT NULL)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('admin');
+  w fluxrate_internal.webhook_endpoints := fluxrate_internal.load_webhook(v_org, update_webhook_endpoint.endpoint_id);
+BEGIN
+  PERFORM fluxrate_internal.check_webhook(update_webhook_endpoint.url, update_webhook_endpoint.event_types);
+  PERFORM fluxrate_internal.one_of(upper(update_webhook_endpoint.status), 'status', ARRAY['ACTIVE', 'DISABLED']);
+  UPDATE fluxrate_internal.webhook_endpoints x SET
+      url = coalesce(update_webhook_endpoint.url, x.url),
+      event_types = coalesce(update_webhook_endpoint.event_types, x.event_types),
+      description = coalesce(update_webhook_endpoint.description, x.description),
+      status = coalesce(upper(update_webhook_endpoint.status), x.status),
+      updated_at = fluxrate.now()
+   WHERE x.org_id = v_org AND x.id = w.id
+  RETURNING * INTO w;
+  RETURN fluxrate_internal.webhook_json(w);
+END
+$$;
+
+-- A new signing secret, returned once; the old one stops signing at once.
+CREATE FUNCTION fluxrate.rotate_webhook_secret(endpoint_id uuid) RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('admin');
+  w fluxrate_internal.webhook_endpoints := fluxrate_internal.load_webhook(v_org, rotate_webhook_secret.endpoint_id);
+  v_secret text := 'whsec_' || fluxrate_internal.random_token(43);
+BEGIN
+  UPDATE fluxrate_internal.webhook_endpoints x
+     SET secret_enc = fluxrate_internal.seal(v_secret, 'webhook:' || v_org || ':' || w.id),
+         secret_prefix = left(v_secret, 10), updated_at = fluxrate.now()
+   WHERE x.org_id = v_org AND x.id = w.id
+  RETURNING * INTO w;
+  RETURN fluxrate_internal.webhook_json(w) || jsonb_build_object('secret', v_secret);
+END
+$$;
+
+-- Deletes the endpoint and its pending and past deliveries.
+CREATE FUNCTION fluxrate.delete_webhook_endpoint(endpoint_id uuid) RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('admin');
+  w fluxrate_internal.webhook_endpoints := fluxrate_internal.load_webhook(v_org, delete_webhook_endpoint.endpoint_id);
+BEGIN
+  DELETE FROM fluxrate_internal.webhook_endpoints x WHERE x.org_id = v_org AND x.id = w.id;
+  RETURN jsonb_build_object('id', w.id, 'deleted', true);
+END
+$$;
+
+-- The delivery log ------------------------------------------------------------------
+
+CREATE FUNCTION fluxrate_internal.delivery_json(d fluxrate_internal.deliveries) RETURNS jsonb
+  LANGUAGE sql STABLE
+  AS $$
+  SELECT pg_catalog.jsonb_build_object('id', d.id, 'event_id', d.event_id, 'event', d.event, 'channel', d.channel,
+    'endpoint_id', d.endpoint_id, 'invoice_id', d.invoice_id, 'recipient', d.recipient, 'status', d.status,
+    'attempts', d.attempts, 'next_attempt_at', d.next_attempt_at, 'last_status_code', d.last_status_code,
+    'last_error', d.last_error, 'created_at', d.created_at, 'sent_at', d.sent_at,
+    'attempt_log', coalesce((SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object('attempt', a.attempt,
+        'attempted_at', a.attempted_at, 'status_code', a.status_code, 'error', a.error, 'duration_ms', a.duration_ms)
+        ORDER BY a.attempt)
+      FROM fluxrate_internal.delivery_attempts a WHERE a.org_id = d.org_id AND a.delivery_id = d.id), '[]'::jsonb))
+$$;
+
+CREATE FUNCTION fluxrate.list_deliveries(page integer DEFAULT 1, page_size integer DEFAULT 20,
+    status text DEFAULT NULL, channel text DEFAULT NULL, endpoint_id uuid DEFAULT NULL)
+  RETURNS jsonb
+  LANGUAGE plpgsql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('admin');
+BEGIN
+  PERFORM fluxrate_internal.check_page(page, page_size);
+  PERFORM fluxrate_internal.one_of(upper(list_deliveries.status), 'status', ARRAY['PENDING', 'SENT', 'FAILED']);
+  PERFORM fluxrate_internal.one_of(lower(list_deliveries.channel), 'channel', ARRAY['webhook', 'email']);
+  RETURN fluxrate_internal.page_envelope(
+    (SELECT jsonb_agg(fluxrate_internal.delivery_json(d) ORDER BY d.id) FROM
+       (SELECT * FROM fluxrate_internal.deliveries x
+         WHERE x.org_id = v_org AND (list_deliveries.status IS NULL OR x.status = upper(list_deliveries.status))
+           AND (list_deliveries.channel IS NULL OR x.channel = lower(list_deliveries.channel))
+           AND (list_deliveries.endpoint_id IS NULL OR x.endpoint_id = list_deliveries.endpoint_id)
+         ORDER BY x.id LIMIT page_size OFFSET (page - 1) * page_size) d),
+    page, page_size,
+    (SELECT count(*) FROM fluxrate_internal.deliveries x
+      WHERE x.org_id = v_org AND (list_deliveries.status IS NULL OR x.status = upper(list_deliveries.status))
+        AND (list_deliveries.channel IS NULL OR x.channel = lower(list_deliveries.channel))
+        AND (list_deliveries.endpoint_id IS NULL OR x.endpoint_id = list_deliveries.endpoint_id)));
+END
+$$;
+
+-- A FAILED delivery is tried again at the next run, with a fresh retry schedule.
+CREATE FUNCTION fluxrate.retry_delivery(delivery_id uuid) RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('admin');
+  d fluxrate_internal.deliveries;
+BEGIN
+  SELECT * INTO d FROM fluxrate_internal.deliveries x WHERE x.org_id = v_org AND x.id = retry_delivery.delivery_id FOR UPDATE;
+  IF NOT FOUND THEN
+    PERFORM fluxrate_internal.fail('PT404', 'delivery not found', format('No delivery %s in this organization.', delivery_id));
+  END IF;
+  IF d.status <> 'FAILED' THEN
+    PERFORM fluxrate_internal.fail('PT409', format('cannot retry a delivery that is %s', d.status),
+      'Only FAILED deliveries are retried by hand; PENDING ones are retried automatically.');
+  END IF;
+  UPDATE fluxrate_internal.deliveries x SET status = 'PENDING', attempts = 0, next_attempt_at = fluxrate.now(),
+         updated_at = fluxrate.now()
+   WHERE x.org_id = v_org AND x.id = d.id
+  RETURNING * INTO d;
+  RETURN fluxrate_internal.delivery_json(d);
+END
+$$;
+
+-- Invoice e-mail on demand and public links ---------------------------------------------
+
+-- POST /invoices/{id}/send-email: finalizes a DRAFT first (finalization stays
+-- even when no e-mail can be sent, as Fluxrate does), then queues the e-mail.
+-- {success, message, invoice}; success is false when SMTP is not configured.
+CREATE FUNCTION fluxrate.send_invoice_email(invoice_id uuid) RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('invoices.write');
+  i fluxrate_internal.invoices := fluxrate_internal.load_invoice(v_org, send_invoice_email.invoice_id, true);
+  r record;
+BEGIN
+  IF i.status IN ('VOID') THEN
+    PERFORM fluxrate_internal.fail('PT409', 'cannot e-mail a VOID invoice', 'A voided invoice is not sent to the customer.');
+  END IF;
+  IF i.status = 'DRAFT' THEN
+    -- finalization queues the automatic e-mail itself (when the switch is on)
+    PERFORM fluxrate_internal.finalize_one(v_org, i.id);
+    i := fluxrate_internal.load_invoice(v_org, i.id);
+  END IF;
+  IF EXISTS (SELECT 1 FROM fluxrate_internal.deliveries d
+              WHERE d.org_id = v_org AND d.invoice_id = i.id AND d.channel = 'email' AND d.status = 'PENDING') THEN
+    RETURN jsonb_build_object('success', true, 'message', 'the invoice e-mail is queued',
+                              'invoice', fluxrate_internal.invoice_json(i));
+  END IF;
+  r := fluxrate_internal.enqueue_invoice_email(v_org, i.id, fluxrate_internal.uuid_v7(), fluxrate.now(), automatic => false);
+  RETURN jsonb_build_object('success', r.queued,
+                            'message', CASE WHEN r.queued THEN 'the invoice e-mail is queued' ELSE r.reason END,
+                            'invoice', fluxrate_internal.invoice_json(i));
+END
+$$;
+
+-- POST /invoices/{id}/generate-token: a new random token; the previous link stops working.
+CREATE FUNCTION fluxrate.generate_invoice_token(invoice_id uuid) RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('invoices.write');
+  i fluxrate_internal.invoices := fluxrate_internal.load_invoice(v_org, generate_invoice_token.invoice_id, true);
+  v_base text;
+BEGIN
+  IF i.status = 'DRAFT' THEN
+    PERFORM fluxrate_internal.fail('PT409', 'cannot share a DRAFT invoice',
+      'A draft still changes; finalize it first (its link is created then).');
+  END IF;
+  UPDATE fluxrate_internal.invoices x SET public_token = gen_random_uuid(), updated_at = fluxrate.now()
+   WHERE x.org_id = v_org AND x.id = i.id
+  RETURNING * INTO i;
+  SELECT o.invoice_link_base INTO v_base FROM fluxrate_internal.organizations o WHERE o.org_id = v_org;
+  RETURN jsonb_build_object('invoice_id', i.id, 'public_token', i.public_token, 'public_url', v_base || i.public_token);
+END
+$$;
+
+-- The public view of one invoice, by token, across organizations (hence sys_):
+-- what the customer needs to read and pay it, nothing else of the organization.
+CREATE FUNCTION fluxrate_internal.sys_public_invoice(token uuid) RETURNS jsonb
+  LANGUAGE plpgsql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  i fluxrate_internal.invoices;
+  o fluxrate_internal.organizations;
+  c fluxrate_internal.customers;
+BEGIN
+  SELECT * INTO i FROM fluxrate_internal.invoices x WHERE x.public_token = sys_public_invoice.token AND x.status <> 'DRAFT';
+  IF NOT FOUND THEN
+    RETURN NULL;
+  END IF;
+  SELECT * INTO o FROM fluxrate_internal.organizations x WHERE x.org_id = i.org_id;
+  SELECT * INTO c FROM fluxrate_internal.customers x WHERE x.org_id = i.org_id AND x.id = i.customer_id;
+  RETURN jsonb_build_object(
+    'organization', jsonb_build_object('name', o.name, 'billing_country', o.billing_country, 'billing_state', o.billing_state),
+    'customer', jsonb_build_object('name', c.name, 'email', c.email, 'country', c.billing_address_country,
+                                'state', c.billing_address_state),
+    'invoice_number', i.invoice_number, 'status', i.status, 'currency', i.currency,
+    'period_start', i.period_start, 'period_end', i.period_end, 'issue_date', i.issue_date, 'due_date', i.due_date,
+    'subtotal', i.subtotal, 'tax', i.tax, 'tax_rate', i.tax_rate, 'total', i.total,
+    'amount_due', i.amount_due, 'amount_paid', i.amount_paid,
+    'line_items', coalesce((SELECT jsonb_agg(jsonb_build_object('description', l.description, 'quantity', l.quantity,
+                     'unit_amount', l.unit_amount, 'line_total', l.line_total) ORDER BY l.position)
+                   FROM fluxrate_internal.invoice_lines l WHERE l.org_id = i.org_id AND l.invoice_id = i.id), '[]'::jsonb));
+END
+$$;
+
+-- GET /rpc/public_invoice?token=...: no credentials.  An unknown, replaced or
+-- malformed token is the same 404, so tokens cannot be probed.
+CREATE FUNCTION fluxrate.public_invoice(token text) RETURNS jsonb
+  LANGUAGE plpgsql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v jsonb;
+BEGIN
+  IF token ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+    v := fluxrate_internal.sys_public_invoice(token::uuid);
+  END IF;
+  IF v IS NULL THEN
+    PERFORM fluxrate_internal.fail('PT404', 'invoice not found', 'The link is unknown or was replaced by a newer one.');
+  END IF;
+  RETURN v;
+END
+$$;
