@@ -3,7 +3,8 @@
  *	  Server secrets and encryption at rest.
  *
  * Server secrets are 32 random bytes generated at CREATE EXTENSION time into
- * fluxrate_internal.server_secrets, a table only fluxrate_system can read:
+ * fluxrate_internal.server_secrets, a table only fluxrate_system can read
+ * (and pg_dump includes: see 30_ingest.sql on restores):
  *	 api_key_pepper   keys the BLAKE2b hash of API keys (apikey.c)
  *	 sealing_key      encrypts the secrets fluxrate must be able to use again
  *					  later (SMTP passwords, webhook signing secrets)
@@ -65,8 +66,9 @@ FrServerSecret(const char *name)
 		args[0] = CStringGetTextDatum(name);
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "SPI_connect failed");
+		/* the oldest wins: after a restore, the dump's (see 30_ingest.sql) */
 		if (SPI_execute_with_args("SELECT secret FROM fluxrate_internal.server_secrets "
-								  "WHERE name OPERATOR(pg_catalog.=) $1",
+								  "WHERE name OPERATOR(pg_catalog.=) $1 ORDER BY created_at LIMIT 1",
 								  1, argtypes, args, NULL, true, 1) != SPI_OK_SELECT ||
 			SPI_processed != 1)
 			ereport(ERROR,

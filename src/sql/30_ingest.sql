@@ -3,10 +3,17 @@
 -- Server-wide secrets (no org_id: only fluxrate_system reads them; RLS is forced
 -- with no policy for fluxrate_owner).  The API-key pepper is generated here, at
 -- CREATE EXTENSION time, and never leaves the database.
+--
+-- Backups: pg_dump includes every fluxrate table (99_security.sql marks them
+-- with pg_extension_config_dump), secrets too, or a restored database could not
+-- verify its API keys or open its sealed secrets.  On restore, CREATE EXTENSION
+-- first generates fresh secrets, then the dump's rows are loaded beside them;
+-- the oldest secret of each name is the one used, so the restored ones win.
 CREATE TABLE fluxrate_internal.server_secrets (
-  name        text PRIMARY KEY,
+  name        text NOT NULL,
   secret      bytea NOT NULL,
-  created_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
+  created_at  timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+  PRIMARY KEY (name, created_at)
 );
 
 CREATE FUNCTION fluxrate_internal.random_bytes(n integer) RETURNS bytea

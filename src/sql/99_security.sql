@@ -28,6 +28,8 @@ BEGIN
         'WITH CHECK (org_id OPERATOR(pg_catalog.=) fluxrate_internal.current_org_id())', r.tbl);
     END IF;
     EXECUTE pg_catalog.format('GRANT ALL ON TABLE %s TO fluxrate_system', r.tbl);
+    -- the data is the customer's, not the extension's: pg_dump must include it
+    PERFORM pg_catalog.pg_extension_config_dump(r.tbl, '');
   END LOOP;
 
   FOR r IN
