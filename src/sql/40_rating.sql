@@ -60,6 +60,27 @@ CREATE AGGREGATE fluxrate_internal.last_value(numeric, timestamptz, timestamptz,
 COMMENT ON AGGREGATE fluxrate_internal.last_value(numeric, timestamptz, timestamptz, uuid) IS
   'value of the latest event by (timestamp, ingested_at, id), parallel-safe (LAST meters)';
 
+CREATE FUNCTION fluxrate_internal.weighted_sum_trans(internal, numeric, timestamptz, timestamptz, uuid, timestamptz, timestamptz)
+  RETURNS internal
+  LANGUAGE C PARALLEL SAFE AS 'MODULE_PATHNAME', 'fr_weighted_sum_trans';
+CREATE FUNCTION fluxrate_internal.weighted_sum_combine(internal, internal) RETURNS internal
+  LANGUAGE C PARALLEL SAFE AS 'MODULE_PATHNAME', 'fr_weighted_sum_combine';
+CREATE FUNCTION fluxrate_internal.weighted_sum_final(internal) RETURNS numeric
+  LANGUAGE C PARALLEL SAFE AS 'MODULE_PATHNAME', 'fr_weighted_sum_final';
+CREATE FUNCTION fluxrate_internal.weighted_sum_serial(internal) RETURNS bytea
+  LANGUAGE C STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'fr_weighted_sum_serial';
+CREATE FUNCTION fluxrate_internal.weighted_sum_deserial(bytea, internal) RETURNS internal
+  LANGUAGE C STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'fr_weighted_sum_deserial';
+CREATE AGGREGATE fluxrate_internal.weighted_sum(quantity numeric, ts timestamptz, ingested_at timestamptz, id uuid,
+    period_start timestamptz, period_end timestamptz) (
+  SFUNC = fluxrate_internal.weighted_sum_trans, STYPE = internal,
+  FINALFUNC = fluxrate_internal.weighted_sum_final,
+  COMBINEFUNC = fluxrate_internal.weighted_sum_combine,
+  SERIALFUNC = fluxrate_internal.weighted_sum_serial, DESERIALFUNC = fluxrate_internal.weighted_sum_deserial,
+  PARALLEL = SAFE);
+COMMENT ON AGGREGATE fluxrate_internal.weighted_sum(numeric, timestamptz, timestamptz, uuid, timestamptz, timestamptz) IS
+  'time-weighted level over [period_start, period_end) in quantity x hours; the latest point before the start is the level carried in; parallel-safe (WEIGHTED_SUM meters)';
+
 -- Meter filters, all of which must match; compared as text against metadata.
 -- neq and not_in also match an event that lacks the property.
 CREATE FUNCTION fluxrate_internal.filters_match(metadata jsonb, filters jsonb) RETURNS boolean
@@ -110,22 +131,22 @@ BEGIN
     RETURN coalesce(v, 0);
   END IF;
   IF m.aggregation_type = 'WEIGHTED_SUM' THEN
-    WITH pts AS (
-      (SELECT meter_usage.period_start AS t, e.quantity, e.ingested_at, e.id
-         FROM fluxrate_internal.usage_events e
-        WHERE e.org_id = meter_usage.org_id AND e.customer_id = meter_usage.customer_id AND e.meter_id = meter_usage.meter_id
-          AND e."timestamp" < meter_usage.period_start AND fluxrate_internal.filters_match(e.metadata, m.filters)
-        ORDER BY e."timestamp" DESC, e.ingested_at DESC, e.id DESC LIMIT 1)
-      UNION ALL
-      SELECT e."timestamp", e.quantity, e.ingested_at, e.id
-        FROM fluxrate_internal.usage_events e
-       WHERE e.org_id = meter_usage.org_id AND e.customer_id = meter_usage.customer_id AND e.meter_id = meter_usage.meter_id
-         AND e."timestamp" >= meter_usage.period_start AND e."timestamp" < meter_usage.period_end
-         AND fluxrate_internal.filters_match(e.metadata, m.filters)
-    ), seg AS (
-      SELECT quantity, t, lead(t, 1, meter_usage.period_end) OVER (ORDER BY t, ingested_at, id) AS t2 FROM pts
-    )
-    SELECT coalesce(sum(quantity * extract(epoch FROM (t2 - t)) / 3600), 0) INTO v FROM seg;
+    -- the aggregate (src/aggregates.c) gets the latest event before the period
+    -- (the level carried in) and the events of the period
+    SELECT fluxrate_internal.weighted_sum(p.quantity, p."timestamp", p.ingested_at, p.id,
+                                          meter_usage.period_start, meter_usage.period_end)
+      INTO v
+      FROM ((SELECT e.quantity, e."timestamp", e.ingested_at, e.id
+               FROM fluxrate_internal.usage_events e
+              WHERE e.org_id = meter_usage.org_id AND e.customer_id = meter_usage.customer_id AND e.meter_id = meter_usage.meter_id
+                AND e."timestamp" < meter_usage.period_start AND fluxrate_internal.filters_match(e.metadata, m.filters)
+              ORDER BY e."timestamp" DESC, e.ingested_at DESC, e.id DESC LIMIT 1)
+            UNION ALL
+            SELECT e.quantity, e."timestamp", e.ingested_at, e.id
+              FROM fluxrate_internal.usage_events e
+             WHERE e.org_id = meter_usage.org_id AND e.customer_id = meter_usage.customer_id AND e.meter_id = meter_usage.meter_id
+               AND e."timestamp" >= meter_usage.period_start AND e."timestamp" < meter_usage.period_end
+               AND fluxrate_internal.filters_match(e.metadata, m.filters)) p;
     RETURN v;
   END IF;
 
