@@ -71,6 +71,39 @@ SELECT fluxrate_internal.meter_usage(:'org', :'cust', :'SUM', '2026-03-01', '202
 --   20 x 120 h (Jan 16-21) + 5 x 120 h (Jan 21-26) = 3000
 SELECT fluxrate_internal.meter_usage(:'org', :'cust', m.id, '2026-01-16', '2026-01-26') AS weighted_mid
   FROM fluxrate_internal.meters m WHERE m.org_id = :'org' AND m.meter_name = 'WEIGHTED_SUM';
+-- March has no event: the Jan 31 level 3 (ingested last) is carried in for all 744 h: 3 x 744 = 2232
+SELECT fluxrate_internal.meter_usage(:'org', :'cust', m.id, '2026-03-01', '2026-04-01') AS weighted_carried_only
+  FROM fluxrate_internal.meters m WHERE m.org_id = :'org' AND m.meter_name = 'WEIGHTED_SUM';
+-- the weighted_sum aggregate itself, over [Mar 1 00:00, Mar 1 10:00) (10 h)
+CREATE TEMP TABLE wpts (q numeric, ts timestamptz, ing timestamptz, id uuid, k text);
+INSERT INTO wpts VALUES
+  -- same timestamp: the later ingestion wins: 10 from 02:00 to 10:00 = 10 x 8 = 80
+  (10, '2026-03-01 02:00+00', '2026-03-02 00:00:02+00', '00000000-0000-0000-0000-000000000001', 'tie'),
+  (20, '2026-03-01 02:00+00', '2026-03-02 00:00:01+00', '00000000-0000-0000-0000-000000000002', 'tie'),
+  -- same timestamp and ingestion: the larger id wins: 30 x 8 = 240
+  (30, '2026-03-01 02:00+00', '2026-03-02 00:00:00+00', 'ffffffff-0000-0000-0000-000000000000', 'id'),
+  (40, '2026-03-01 02:00+00', '2026-03-02 00:00:00+00', '00000000-ffff-0000-0000-000000000000', 'id'),
+  -- carried in: the latest point before the start (5, Feb 28 12:00; not 7, Feb 27) holds until 04:00,
+  -- then 9 until the end; 100 at 10:00 is after the period: 5 x 4 + 9 x 6 = 74
+  (7,   '2026-02-27 00:00+00', '2026-03-02 00:00:00+00', '00000000-0000-0000-0000-000000000003', 'carry'),
+  (5,   '2026-02-28 12:00+00', '2026-02-28 12:00:00+00', '00000000-0000-0000-0000-000000000004', 'carry'),
+  (9,   '2026-03-01 04:00+00', '2026-03-02 00:00:00+00', '00000000-0000-0000-0000-000000000005', 'carry'),
+  (100, '2026-03-01 10:00+00', '2026-03-02 00:00:00+00', '00000000-0000-0000-0000-000000000006', 'carry'),
+  -- a late-ingested point from before the start is still replaced by an event at the start: 6 x 10 = 60
+  (3, '2026-02-28 00:00+00', '2026-03-05 00:00:00+00', '00000000-0000-0000-0000-000000000007', 'backfill'),
+  (6, '2026-03-01 00:00+00', '2026-03-01 00:00:00+00', '00000000-0000-0000-0000-000000000008', 'backfill'),
+  -- fractions of an hour: 2 for 90 s (0.025 h) + 4 for the remaining 9 h 58 min 30 s (35910 s = 9.975 h): 0.05 + 39.9 = 39.95
+  (2, '2026-03-01 00:00:00+00', '2026-03-01 00:00:00+00', '00000000-0000-0000-0000-000000000009', 'fraction'),
+  (4, '2026-03-01 00:01:30+00', '2026-03-01 00:00:00+00', '00000000-0000-0000-0000-00000000000a', 'fraction');
+SELECT k, fluxrate_internal.weighted_sum(q, ts, ing, id, '2026-03-01 00:00+00', '2026-03-01 10:00+00') AS weighted
+  FROM wpts GROUP BY k ORDER BY k;
+-- no events: 0; an event without a level (NULL quantity) sets none
+SELECT fluxrate_internal.weighted_sum(q, ts, ing, id, '2026-03-01', '2026-03-02') AS no_events FROM wpts WHERE false;
+SELECT fluxrate_internal.weighted_sum(NULL, now(), now(), gen_random_uuid(), '2026-03-01', '2026-03-02') AS null_quantity;
+-- refusals: bounds that change between rows (22023), an end before the start (22023), no bounds (22004)
+SELECT fluxrate_internal.weighted_sum(q, ts, ing, id, ts, '2026-03-02') FROM wpts;
+SELECT fluxrate_internal.weighted_sum(q, ts, ing, id, '2026-03-02', '2026-03-01') FROM wpts;
+SELECT fluxrate_internal.weighted_sum(q, ts, ing, id, NULL, '2026-03-01') FROM wpts;
 -- many triples at once
 SELECT ord, usage FROM fluxrate_internal.period_usage(:'org', ARRAY[:'cust', :'cust']::uuid[],
        ARRAY[:'SUM', :'users']::uuid[], ARRAY['2026-01-01', '2026-01-01']::timestamptz[], ARRAY['2026-02-01', '2026-01-15']::timestamptz[]) ORDER BY ord;
@@ -124,6 +157,28 @@ SELECT fluxrate_internal.unique_count(u) AS ser_uc, fluxrate_internal.last_value
 SELECT :par_uc AS parallel_uc, :ser_uc AS serial_uc, :par_lv AS parallel_last, :ser_lv AS serial_last,
        (SELECT count(DISTINCT u) FROM agg_rows) AS pg_distinct,
        (SELECT q FROM agg_rows ORDER BY ts DESC, ing DESC, id DESC LIMIT 1) AS pg_last;
+-- weighted_sum in parallel: point k = g % 5000 at 2026-01-01 + k x 36 s (k/100 h); the level at k is the
+-- last-ingested row, g = k + 195000 (k >= 1), so q = (k + 195000) % 97 = (k + 30) % 97.
+-- Period [14:23:42, next day 04:48) = [k 1439.5, k 2880):
+--   carried in: k 1439, q = 1469 % 97 = 14, for 18 s = 0.005 h                   ->   0.07
+--   k 1440..2879, 0.01 h each: 1440 = 14 x 97 + 82 values of (k + 30) % 97 starting at 15:
+--   14 x (0 + ... + 96) + (15 + ... + 96) = 14 x 4656 + 4551 = 69735, x 0.01   -> 697.35
+--   total 697.42; rows at k >= 2880 are after the period and dropped
+\set wq 'fluxrate_internal.weighted_sum(q, timestamptz ''2026-01-01'' + (g % 5000) * interval ''36 seconds'', ing, id, ''2026-01-01 14:23:42+00'', ''2026-01-02 04:48:00+00'') FROM agg_rows'
+SET max_parallel_workers_per_gather = 2;
+EXPLAIN (COSTS OFF) SELECT :wq;
+SELECT :wq \gset par_
+SELECT pg_temp.workers_launched('SELECT ' || :'wq') > 0 AS workers_ran;
+SET max_parallel_workers_per_gather = 0;
+SELECT :wq \gset ser_
+-- and the window-function formula it replaced
+WITH w AS (SELECT q, timestamptz '2026-01-01' + (g % 5000) * interval '36 seconds' AS t, ing, id FROM agg_rows),
+pts AS ((SELECT timestamptz '2026-01-01 14:23:42+00' AS t, q, ing, id FROM w WHERE w.t < '2026-01-01 14:23:42+00'
+          ORDER BY w.t DESC, w.ing DESC, w.id DESC LIMIT 1)
+        UNION ALL SELECT t, q, ing, id FROM w WHERE t >= '2026-01-01 14:23:42+00' AND t < '2026-01-02 04:48:00+00'),
+seg AS (SELECT q, t, lead(t, 1, '2026-01-02 04:48:00+00') OVER (ORDER BY t, ing, id) AS t2 FROM pts)
+SELECT :par_weighted_sum AS parallel_weighted, :ser_weighted_sum AS serial_weighted,
+       sum(q * extract(epoch FROM (t2 - t)) / 3600) AS window_formula FROM seg;
 RESET max_parallel_workers_per_gather;
 RESET parallel_setup_cost;
 RESET parallel_tuple_cost;

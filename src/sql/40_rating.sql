@@ -60,6 +60,27 @@ CREATE AGGREGATE fluxrate_internal.last_value(numeric, timestamptz, timestamptz,
 COMMENT ON AGGREGATE fluxrate_internal.last_value(numeric, timestamptz, timestamptz, uuid) IS
   'value of the latest event by (timestamp, ingested_at, id), parallel-safe (LAST meters)';
 
+CREATE FUNCTION fluxrate_internal.weighted_sum_trans(internal, numeric, timestamptz, timestamptz, uuid, timestamptz, timestamptz)
+  RETURNS internal
+  LANGUAGE C PARALLEL SAFE AS 'MODULE_PATHNAME', 'fr_weighted_sum_trans';
+CREATE FUNCTION fluxrate_internal.weighted_sum_combine(internal, internal) RETURNS internal
+  LANGUAGE C PARALLEL SAFE AS 'MODULE_PATHNAME', 'fr_weighted_sum_combine';
+CREATE FUNCTION fluxrate_internal.weighted_sum_final(internal) RETURNS numeric
+  LANGUAGE C PARALLEL SAFE AS 'MODULE_PATHNAME', 'fr_weighted_sum_final';
+CREATE FUNCTION fluxrate_internal.weighted_sum_serial(internal) RETURNS bytea
+  LANGUAGE C STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'fr_weighted_sum_serial';
+CREATE FUNCTION fluxrate_internal.weighted_sum_deserial(bytea, internal) RETURNS internal
+  LANGUAGE C STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'fr_weighted_sum_deserial';
+CREATE AGGREGATE fluxrate_internal.weighted_sum(quantity numeric, ts timestamptz, ingested_at timestamptz, id uuid,
+    period_start timestamptz, period_end timestamptz) (
+  SFUNC = fluxrate_internal.weighted_sum_trans, STYPE = internal,
+  FINALFUNC = fluxrate_internal.weighted_sum_final,
+  COMBINEFUNC = fluxrate_internal.weighted_sum_combine,
+  SERIALFUNC = fluxrate_internal.weighted_sum_serial, DESERIALFUNC = fluxrate_internal.weighted_sum_deserial,
+  PARALLEL = SAFE);
+COMMENT ON AGGREGATE fluxrate_internal.weighted_sum(numeric, timestamptz, timestamptz, uuid, timestamptz, timestamptz) IS
+  'time-weighted level over [period_start, period_end) in quantity x hours; the latest point before the start is the level carried in; parallel-safe (WEIGHTED_SUM meters)';
+
 -- Meter filters, all of which must match; compared as text against metadata.
 -- neq and not_in also match an event that lacks the property.
 CREATE FUNCTION fluxrate_internal.filters_match(metadata jsonb, filters jsonb) RETURNS boolean
@@ -110,22 +131,22 @@ BEGIN
     RETURN coalesce(v, 0);
   END IF;
   IF m.aggregation_type = 'WEIGHTED_SUM' THEN
-    WITH pts AS (
-      (SELECT meter_usage.period_start AS t, e.quantity, e.ingested_at, e.id
-         FROM fluxrate_internal.usage_events e
-        WHERE e.org_id = meter_usage.org_id AND e.customer_id = meter_usage.customer_id AND e.meter_id = meter_usage.meter_id
-          AND e."timestamp" < meter_usage.period_start AND fluxrate_internal.filters_match(e.metadata, m.filters)
-        ORDER BY e."timestamp" DESC, e.ingested_at DESC, e.id DESC LIMIT 1)
-      UNION ALL
-      SELECT e."timestamp", e.quantity, e.ingested_at, e.id
-        FROM fluxrate_internal.usage_events e
-       WHERE e.org_id = meter_usage.org_id AND e.customer_id = meter_usage.customer_id AND e.meter_id = meter_usage.meter_id
-         AND e."timestamp" >= meter_usage.period_start AND e."timestamp" < meter_usage.period_end
-         AND fluxrate_internal.filters_match(e.metadata, m.filters)
-    ), seg AS (
-      SELECT quantity, t, lead(t, 1, meter_usage.period_end) OVER (ORDER BY t, ingested_at, id) AS t2 FROM pts
-    )
-    SELECT coalesce(sum(quantity * extract(epoch FROM (t2 - t)) / 3600), 0) INTO v FROM seg;
+    -- the aggregate (src/aggregates.c) gets the latest event before the period
+    -- (the level carried in) and the events of the period
+    SELECT fluxrate_internal.weighted_sum(p.quantity, p."timestamp", p.ingested_at, p.id,
+                                          meter_usage.period_start, meter_usage.period_end)
+      INTO v
+      FROM ((SELECT e.quantity, e."timestamp", e.ingested_at, e.id
+               FROM fluxrate_internal.usage_events e
+              WHERE e.org_id = meter_usage.org_id AND e.customer_id = meter_usage.customer_id AND e.meter_id = meter_usage.meter_id
+                AND e."timestamp" < meter_usage.period_start AND fluxrate_internal.filters_match(e.metadata, m.filters)
+              ORDER BY e."timestamp" DESC, e.ingested_at DESC, e.id DESC LIMIT 1)
+            UNION ALL
+            SELECT e.quantity, e."timestamp", e.ingested_at, e.id
+              FROM fluxrate_internal.usage_events e
+             WHERE e.org_id = meter_usage.org_id AND e.customer_id = meter_usage.customer_id AND e.meter_id = meter_usage.meter_id
+               AND e."timestamp" >= meter_usage.period_start AND e."timestamp" < meter_usage.period_end
+               AND fluxrate_internal.filters_match(e.metadata, m.filters)) p;
     RETURN v;
   END IF;
 
@@ -296,5 +317,150 @@ BEGIN
     'feature_type', 'meter', 'is_enabled', r.is_enabled, 'usage', v_usage, 'usage_limit', r.usage_limit,
     'is_soft_limit', r.is_soft_limit, 'usage_reset_period', r.usage_reset_period,
     'window_start', v_start, 'subscription_id', r.id);
+END
+$$;
+
+-- Meter analytics (GET /meters/{id}/usage, GET /meters/{id}/stats) -------------
+-- Analytics count the events that pass the meter's filters, for every customer
+-- or one.  Calendar buckets are UTC; weeks are ISO weeks (Monday).
+
+-- Usage of one meter over [range_start, range_end), all customers (customer_id
+-- NULL) or one: SUM, COUNT, MAX, MIN, AVG and UNIQUE_COUNT over the events of
+-- the range taken together; LAST and WEIGHTED_SUM, which are per customer, as
+-- the sum over customers of meter_usage() (what each would be billed).
+CREATE FUNCTION fluxrate_internal.meter_range_usage(org_id uuid, m fluxrate_internal.meters, customer_id uuid,
+    range_start timestamptz, range_end timestamptz)
+  RETURNS numeric
+  LANGUAGE sql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+  SELECT CASE WHEN m.aggregation_type IN ('LAST', 'WEIGHTED_SUM') THEN
+    (SELECT coalesce(sum(fluxrate_internal.meter_usage(meter_range_usage.org_id, c.customer_id, m.id,
+                                                       meter_range_usage.range_start, meter_range_usage.range_end)), 0)
+       FROM (SELECT DISTINCT e.customer_id FROM fluxrate_internal.usage_events e
+              WHERE e.org_id = meter_range_usage.org_id AND e.meter_id = m.id
+                AND e."timestamp" < meter_range_usage.range_end   -- earlier events carry a WEIGHTED_SUM level in
+                AND (meter_range_usage.customer_id IS NULL OR e.customer_id = meter_range_usage.customer_id)) c)
+  ELSE
+    (SELECT coalesce(CASE m.aggregation_type WHEN 'SUM' THEN sum(e.quantity) WHEN 'COUNT' THEN count(*)::numeric
+              WHEN 'MAX' THEN max(e.quantity) WHEN 'MIN' THEN min(e.quantity) WHEN 'AVG' THEN avg(e.quantity)
+              WHEN 'UNIQUE_COUNT' THEN fluxrate_internal.unique_count(e.metadata->>m.property_name) END, 0)
+       FROM fluxrate_internal.usage_events e
+      WHERE e.org_id = meter_range_usage.org_id AND e.meter_id = m.id
+        AND e."timestamp" >= meter_range_usage.range_start AND e."timestamp" < meter_range_usage.range_end
+        AND (meter_range_usage.customer_id IS NULL OR e.customer_id = meter_range_usage.customer_id)
+        AND fluxrate_internal.filters_match(e.metadata, m.filters))
+  END
+$$;
+
+-- GET /meters/{meter_id}/usage: the meter's usage over [start_date, end_date)
+-- (default the last 30 days up to now), in every hour/day/week/month bucket of
+-- the range (empty buckets included, at most 10,000), for all customers or one.
+CREATE FUNCTION fluxrate.get_meter_usage(meter_id uuid, start_date timestamptz DEFAULT NULL,
+    end_date timestamptz DEFAULT NULL, group_by text DEFAULT 'day', customer_id uuid DEFAULT NULL)
+  RETURNS jsonb
+  LANGUAGE plpgsql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('usage.read');
+  v_now timestamptz := fluxrate.now();
+  v_start timestamptz;
+  v_end timestamptz;
+  v_group text;
+  v_step interval;
+  v_first timestamp;
+  m fluxrate_internal.meters;
+  v_result jsonb;
+BEGIN
+  v_group := coalesce(fluxrate_internal.one_of(get_meter_usage.group_by, 'group_by', ARRAY['hour', 'day', 'week', 'month']), 'day');
+  v_start := coalesce(get_meter_usage.start_date, ((v_now AT TIME ZONE 'UTC') - interval '30 days') AT TIME ZONE 'UTC');
+  v_end := coalesce(get_meter_usage.end_date, v_now);
+  IF v_start >= v_end THEN
+    PERFORM fluxrate_internal.fail('PT422', 'start_date must be before end_date',
+      format('start_date %s is not before end_date %s.', v_start, v_end),
+      'Send a start_date earlier than end_date (by default the range is the last 30 days up to now).');
+  END IF;
+  v_step := ('1 ' || v_group)::interval;
+  v_first := date_trunc(v_group, v_start AT TIME ZONE 'UTC');
+  IF v_first + 10000 * v_step < v_end AT TIME ZONE 'UTC' THEN
+    PERFORM fluxrate_internal.fail('PT422', format('too many %s periods', v_group),
+      format('From %s to %s there are more than 10000 periods of one %s.', v_start, v_end, v_group),
+      'Use a coarser group_by or a shorter range.');
+  END IF;
+  SELECT * INTO m FROM fluxrate_internal.meters x WHERE x.org_id = v_org AND x.id = get_meter_usage.meter_id;
+  IF NOT FOUND THEN
+    PERFORM fluxrate_internal.fail('PT404', 'meter not found', format('No meter %s in this organization.', meter_id));
+  END IF;
+  IF get_meter_usage.customer_id IS NOT NULL THEN
+    PERFORM 1 FROM fluxrate_internal.customers c WHERE c.org_id = v_org AND c.id = get_meter_usage.customer_id;
+    IF NOT FOUND THEN
+      PERFORM fluxrate_internal.fail('PT404', 'customer not found', format('No customer %s in this organization.', customer_id));
+    END IF;
+  END IF;
+  WITH ev AS MATERIALIZED (
+    SELECT e.customer_id AS cust, e.quantity AS q, e.metadata AS meta,
+           date_trunc(v_group, e."timestamp" AT TIME ZONE 'UTC') AS bucket
+      FROM fluxrate_internal.usage_events e
+     WHERE e.org_id = v_org AND e.meter_id = m.id
+       AND e."timestamp" >= v_start AND e."timestamp" < v_end
+       AND (get_meter_usage.customer_id IS NULL OR e.customer_id = get_meter_usage.customer_id)
+       AND fluxrate_internal.filters_match(e.metadata, m.filters)
+  ), g AS (
+    SELECT ev.bucket, count(*) AS n,
+           CASE m.aggregation_type WHEN 'SUM' THEN sum(ev.q) WHEN 'COUNT' THEN count(*)::numeric
+             WHEN 'MAX' THEN max(ev.q) WHEN 'MIN' THEN min(ev.q) WHEN 'AVG' THEN avg(ev.q)
+             WHEN 'UNIQUE_COUNT' THEN fluxrate_internal.unique_count(ev.meta->>m.property_name) END AS u
+      FROM ev GROUP BY ev.bucket
+  ), buckets AS (
+    SELECT s AS bucket FROM generate_series(v_first, v_end AT TIME ZONE 'UTC', v_step) s
+     WHERE s < v_end AT TIME ZONE 'UTC'
+  )
+  SELECT jsonb_build_object('meter_id', m.id,
+    'total_usage', fluxrate_internal.meter_range_usage(v_org, m, get_meter_usage.customer_id, v_start, v_end),
+    'event_count', (SELECT count(*) FROM ev),
+    'unique_customers', (SELECT count(DISTINCT ev.cust) FROM ev),
+    'period_start', v_start, 'period_end', v_end,
+    'grouped_data', (SELECT coalesce(jsonb_agg(jsonb_build_object('period', bk.bucket AT TIME ZONE 'UTC',
+        'usage', CASE WHEN m.aggregation_type IN ('LAST', 'WEIGHTED_SUM')
+                   THEN fluxrate_internal.meter_range_usage(v_org, m, get_meter_usage.customer_id,
+                          greatest(bk.bucket AT TIME ZONE 'UTC', v_start), least((bk.bucket + v_step) AT TIME ZONE 'UTC', v_end))
+                   ELSE coalesce(g.u, 0) END,
+        'event_count', coalesce(g.n, 0)) ORDER BY bk.bucket), '[]'::jsonb)
+      FROM buckets bk LEFT JOIN g ON g.bucket = bk.bucket))
+    INTO v_result;
+  RETURN v_result;
+END
+$$;
+
+-- GET /meters/{meter_id}/stats: all-time counts, and the usage so far in the UTC
+-- day, ISO week and month containing now ([start of the unit, now)).
+CREATE FUNCTION fluxrate.get_meter_stats(meter_id uuid) RETURNS jsonb
+  LANGUAGE plpgsql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('usage.read');
+  v_now timestamptz := fluxrate.now();
+  m fluxrate_internal.meters;
+  v_result jsonb;
+BEGIN
+  SELECT * INTO m FROM fluxrate_internal.meters x WHERE x.org_id = v_org AND x.id = get_meter_stats.meter_id;
+  IF NOT FOUND THEN
+    PERFORM fluxrate_internal.fail('PT404', 'meter not found', format('No meter %s in this organization.', meter_id));
+  END IF;
+  SELECT jsonb_build_object('meter_id', m.id, 'total_events', count(*),
+    'unique_customers', count(DISTINCT e.customer_id),
+    'first_event_date', min(e."timestamp"), 'last_event_date', max(e."timestamp"),
+    'today_usage', fluxrate_internal.meter_range_usage(v_org, m, NULL,
+                     date_trunc('day', v_now AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', v_now),
+    'this_week_usage', fluxrate_internal.meter_range_usage(v_org, m, NULL,
+                     date_trunc('week', v_now AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', v_now),
+    'this_month_usage', fluxrate_internal.meter_range_usage(v_org, m, NULL,
+                     date_trunc('month', v_now AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', v_now))
+    INTO v_result
+    FROM fluxrate_internal.usage_events e
+   WHERE e.org_id = v_org AND e.meter_id = m.id AND fluxrate_internal.filters_match(e.metadata, m.filters);
+  RETURN v_result;
 END
 $$;
