@@ -1,4 +1,4 @@
--- pg_cron really runs the closing and finalization jobs inside this instance
+-- pg_cron really runs the closing, finalization and delivery jobs inside this instance
 -- (cron.use_background_workers = on; minute granularity, so this waits up to
 -- about a minute and a half).  The cron worker's session reads the clock pinned
 -- for the database.
@@ -22,7 +22,9 @@ SELECT jobname, schedule, command FROM cron.job WHERE jobname LIKE 'fluxrate-%' 
 DO $$
 BEGIN
   FOR i IN 1..150 LOOP
-    EXIT WHEN EXISTS (SELECT 1 FROM fluxrate_internal.invoices WHERE status = 'OPEN' AND total = 12.34);
+    EXIT WHEN EXISTS (SELECT 1 FROM fluxrate_internal.invoices WHERE status = 'OPEN' AND total = 12.34)
+          AND (SELECT count(DISTINCT j.jobname) FROM cron.job_run_details d JOIN cron.job j USING (jobid)
+                WHERE j.jobname LIKE 'fluxrate-%' AND d.status = 'succeeded') = 3;
     PERFORM pg_sleep(1);
   END LOOP;
 END
@@ -30,7 +32,8 @@ $$;
 -- one invoice, closed and finalized by the jobs (grace period 0): 12.34 EUR
 SELECT invoice_number, status, total, currency, period_start, period_end
   FROM fluxrate_internal.invoices WHERE org_id = :'org';
-SELECT count(*) > 0 AS cron_ran_ok FROM cron.job_run_details d JOIN cron.job j USING (jobid)
- WHERE j.jobname LIKE 'fluxrate-%' AND d.status = 'succeeded';
+-- each of the three jobs ran and succeeded (what delivery does: sql/delivery.sql, test/scripts/delivery.sh)
+SELECT j.jobname, bool_or(d.status = 'succeeded') AS ran_ok FROM cron.job j JOIN cron.job_run_details d USING (jobid)
+ WHERE j.jobname LIKE 'fluxrate-%' GROUP BY j.jobname ORDER BY 1;
 SELECT fluxrate.unschedule_jobs() AS unscheduled;
 ALTER DATABASE contrib_regression RESET fluxrate.pinned_now;
