@@ -199,7 +199,9 @@ SELECT (fluxrate.add_plan_feature(:'plan', (SELECT feature_id FROM fluxrate_inte
 SELECT (fluxrate.add_plan_feature(:'plan', :'sw', is_enabled => false))->>'is_enabled' AS reports_enabled;
 SELECT (fluxrate.add_plan_feature(:'plan', :'cu', static_value => '25'))->>'static_value' AS seats;
 SELECT (fluxrate.create_subscription(:'cust', :'plan', start_date => '2026-01-01 00:00+00'))->>'id' AS live_sub \gset
--- usage so far (Jan 1 - Jan 20 12:00): 10 + 20 = 30 on SUM
+-- usage of the current period as its invoice will count it (Jan 1 - Feb 1): 10 + 20 + 5 + 7 + 3 = 45
+-- on SUM (these rows were written directly, dated after now; through track an
+-- event is never more than 5 minutes ahead, and it is billed in its period)
 SELECT u->>'meter_name' AS meter, u->>'usage' AS usage_so_far
   FROM jsonb_array_elements((fluxrate.get_subscription_usage(:'live_sub'))->'usage') u;
 SELECT jsonb_array_length((fluxrate.get_customer_usage(:'cust'))->'subscriptions') AS active_subscriptions;

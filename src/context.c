@@ -114,9 +114,20 @@ JsonbGetText(Jsonb *jb, const char *key)
 	return pnstrdup(v->val.string.val, v->val.string.len);
 }
 
-/* Does the claims' "scopes" array (if any) grant scope? */
 static bool
-ClaimsGrantScope(Jsonb *jb, const char *scope)
+RoleHas(Oid member, const char *role)
+{
+	Oid			r = get_role_oid(role, true);
+
+	return OidIsValid(r) && has_privs_of_role(member, r);
+}
+
+/*
+ * Does the claims' "scopes" array grant scope?  Without "scopes" (a signed-in
+ * user's token), every scope when no_scopes_means_all.
+ */
+static bool
+ClaimsGrantScope(Jsonb *jb, const char *scope, bool no_scopes_means_all)
 {
 	JsonbValue	k;
 	JsonbValue *v;
@@ -130,7 +141,7 @@ ClaimsGrantScope(Jsonb *jb, const char *scope)
 	k.val.string.len = 6;
 	v = findJsonbValueFromContainer(&jb->root, JB_FOBJECT, &k);
 	if (v == NULL)
-		return true;			/* a signed-in user: every scope */
+		return no_scopes_means_all;
 	if (scope == NULL || scope[0] == '\0')
 		return true;
 	if (v->type != jbvBinary)
@@ -164,11 +175,31 @@ FrRequireOrg(const char *scope)
 
 		jb = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(claims)));
 		org = JsonbGetText(jb, "org_id");
-		if (org != NULL && !ClaimsGrantScope(jb, scope))
-			ereport(ERROR,
-					(errcode(FR_ERRCODE_FORBIDDEN),
-					 errmsg("credential lacks the %s scope", scope),
-					 errhint("Create an API key with the %s scope.", scope)));
+		if (org != NULL)
+		{
+			Oid			outer = GetOuterUserId();
+			bool		web = RoleHas(outer, "fluxrate_web");
+			bool		key = RoleHas(outer, "fluxrate_apikey");
+			bool		trusted = FrCallerIsTrusted();
+
+			/*
+			 * request.jwt.claims is an ordinary setting anyone can SET: it is
+			 * believed only from the roles PostgREST switches to after it (or
+			 * our pre-request) verified a token or key, and from trusted roles.
+			 */
+			if (!web && !key && !trusted)
+				ereport(ERROR,
+						(errcode(FR_ERRCODE_UNAUTHENTICATED),
+						 errmsg("request.jwt.claims is not accepted from role \"%s\"",
+								GetUserNameFromId(outer, false)),
+						 errhint("Claims are set by PostgREST for fluxrate_web and fluxrate_apikey; application roles use fluxrate.act_as().")));
+			/* a key caller without a scopes claim has no scope at all */
+			if (!ClaimsGrantScope(jb, scope, web || trusted))
+				ereport(ERROR,
+						(errcode(FR_ERRCODE_FORBIDDEN),
+						 errmsg("credential lacks the %s scope", scope),
+						 errhint("Create an API key with the %s scope.", scope)));
+		}
 	}
 	if (org == NULL && fr_acting_org != NULL && fr_acting_org[0] != '\0')
 	{

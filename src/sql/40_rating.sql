@@ -224,8 +224,10 @@ CREATE FUNCTION fluxrate_internal.subscription_usage(org_id uuid, s fluxrate_int
     'period_start', s.current_period_start, 'period_end', s.current_period_end,
     'usage', coalesce(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object('meter_id', m.id, 'meter_name', m.meter_name,
                'aggregation_type', m.aggregation_type, 'unit', m.unit,
+               -- the whole current period, as the invoice will count it (events may carry
+               -- timestamps up to 5 minutes ahead of now, and they are billed in this period)
                'usage', fluxrate_internal.meter_usage(org_id, s.customer_id, m.id, s.current_period_start,
-                                                      least(s.current_period_end, fluxrate.now())))
+                                                      s.current_period_end))
              ORDER BY m.meter_name), '[]'::jsonb))
     FROM fluxrate_internal.meters m
    WHERE m.org_id = subscription_usage.org_id

@@ -68,3 +68,25 @@ GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA fluxrate TO fluxrate_owner, fluxrate_sy
 -- The trusted application role may call the whole public API.
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA fluxrate TO fluxrate_app;
 GRANT EXECUTE ON ALL PROCEDURES IN SCHEMA fluxrate TO fluxrate_app;
+
+-- The PostgREST roles (80_http.sql), least privilege.  A role calling a function
+-- it may not execute gets 42501, which PostgREST answers 401 for the anonymous
+-- role and 403 for the others.
+GRANT USAGE ON SCHEMA fluxrate, fluxrate_internal TO fluxrate_anon, fluxrate_web, fluxrate_apikey;
+-- what the pre-request needs, whoever the caller is
+GRANT EXECUTE ON FUNCTION fluxrate.pre_request(), fluxrate_internal.sys_api_key_claims(text),
+  fluxrate_internal.sys_access_token_claims(text) TO fluxrate_anon, fluxrate_web, fluxrate_apikey;
+-- no credentials: sign up, log in, refresh, read a public invoice link
+GRANT EXECUTE ON FUNCTION fluxrate.signup(text, text, text), fluxrate.login(text, text), fluxrate.refresh(text),
+  fluxrate.public_invoice(text) TO fluxrate_anon, fluxrate_web, fluxrate_apikey;
+-- API keys: ingestion and usage reads; each function still checks the key's scopes
+GRANT EXECUTE ON FUNCTION fluxrate.track(text, text, numeric, timestamptz, text, jsonb, text, jsonb, text),
+  fluxrate.track_batch(jsonb, text), fluxrate.get_customer_usage(uuid), fluxrate.get_subscription_usage(uuid),
+  fluxrate.check_entitlement(text, text), fluxrate.list_meter_events(uuid, integer, integer),
+  fluxrate.get_meter_usage(uuid, timestamptz, timestamptz, text, uuid), fluxrate.get_meter_stats(uuid)
+  TO fluxrate_apikey;
+-- signed-in users: the whole management API of their organization, but not the
+-- trusted-role doors (creating organizations, acting for one) nor the jobs
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA fluxrate TO fluxrate_web;
+REVOKE EXECUTE ON FUNCTION fluxrate.create_organization(text, text, text, integer, interval),
+  fluxrate.act_as(uuid, boolean), fluxrate.schedule_jobs(), fluxrate.unschedule_jobs() FROM fluxrate_web;
