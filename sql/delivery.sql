@@ -19,6 +19,11 @@ SET fluxrate.pinned_now = '2026-01-01 00:00:00+00';
 SELECT (fluxrate.create_organization('Acme', grace_period => '0'))->>'id' AS org \gset
 SELECT (fluxrate.create_organization('Globex'))->>'id' AS org_b \gset
 SELECT fluxrate.act_as(:'org', true) IS NOT NULL AS acting;
+-- this file looks only at its own organization's rows (other test files share the database)
+CREATE TEMP VIEW acme_smtp AS SELECT * FROM fluxrate_internal.smtp_settings WHERE org_id = :'org';
+CREATE TEMP VIEW acme_webhooks AS SELECT * FROM fluxrate_internal.webhook_endpoints WHERE org_id = :'org';
+CREATE TEMP VIEW acme_deliveries AS SELECT * FROM fluxrate_internal.deliveries WHERE org_id = :'org';
+CREATE TEMP VIEW acme_attempts AS SELECT * FROM fluxrate_internal.delivery_attempts WHERE org_id = :'org';
 
 -- SMTP settings: every refusal, nothing written
 SELECT fluxrate.set_smtp_settings(NULL, 587, 'billing@acme.test');                 -- 22004
@@ -27,7 +32,7 @@ SELECT fluxrate.set_smtp_settings('smtp://acme.test', 587, 'billing@acme.test');
 SELECT fluxrate.set_smtp_settings('smtp.acme.test', 587, 'not-an-address');        -- 22023
 SELECT fluxrate.set_smtp_settings('smtp.acme.test', 587, 'billing@acme.test', security => 'ssl3');  -- 22023
 SELECT fluxrate.get_smtp_settings();                                                -- PT404
-SELECT count(*) AS smtp_rows FROM fluxrate_internal.smtp_settings;
+SELECT count(*) AS smtp_rows FROM acme_smtp;
 -- set; the password comes back only as has_password
 SELECT fluxrate.set_smtp_settings('127.0.0.1', 1, 'billing@acme.test', username => 'mailer',
          password => 'Sup3r-Secret-SMTP', security => 'none', from_name => 'Acme Billing') - 'created_at' - 'updated_at';
@@ -35,14 +40,14 @@ SELECT fluxrate.set_smtp_settings('127.0.0.1', 1, 'billing@acme.test', username 
 SELECT (fluxrate.set_smtp_settings('127.0.0.1', 1, 'billing@acme.test', username => 'mailer', security => 'none'))->>'has_password' AS kept;
 SELECT fluxrate_internal.unseal(password_enc, 'smtp:' || org_id) = 'Sup3r-Secret-SMTP' AS opens_for_its_row,
        fluxrate_internal.unseal(password_enc, 'smtp:' || :'org_b') IS NULL AS not_for_another_org
-  FROM fluxrate_internal.smtp_settings;
+  FROM acme_smtp;
 
 -- Webhook endpoints: refusals, then one that receives everything, one for invoice.paid only
 SELECT fluxrate.create_webhook_endpoint('ftp://acme.test/hook');                   -- PT422
 SELECT fluxrate.create_webhook_endpoint('https://');                               -- PT422
 SELECT fluxrate.create_webhook_endpoint('https://acme.test/hook', ARRAY['invoice.exploded']);  -- 22023
 SELECT fluxrate.create_webhook_endpoint(NULL);                                     -- 22004
-SELECT count(*) AS endpoints FROM fluxrate_internal.webhook_endpoints;
+SELECT count(*) AS endpoints FROM acme_webhooks;
 SELECT fluxrate.create_webhook_endpoint('http://127.0.0.1:1/all') AS hook_all \gset
 SELECT (fluxrate.create_webhook_endpoint('http://127.0.0.1:1/paid', ARRAY['invoice.paid']))->>'id' AS hook_paid \gset
 SELECT :'hook_all'::jsonb->>'secret' ~ '^whsec_[0-9A-Za-z]{43}$' AS secret_shape,
@@ -50,7 +55,7 @@ SELECT :'hook_all'::jsonb->>'secret' ~ '^whsec_[0-9A-Za-z]{43}$' AS secret_shape
        NOT (fluxrate.list_webhook_endpoints()::text LIKE '%' || (:'hook_all'::jsonb->>'secret') || '%') AS never_listed;
 SELECT (:'hook_all'::jsonb)->>'id' AS hook_all_id \gset
 SELECT fluxrate_internal.unseal(secret_enc, 'webhook:' || org_id || ':' || id) = :'hook_all'::jsonb->>'secret' AS sealed_secret_opens
-  FROM fluxrate_internal.webhook_endpoints WHERE id = :'hook_all_id';
+  FROM acme_webhooks WHERE id = :'hook_all_id';
 
 -- Fan-out happens in the transaction of the change: a rolled-back finalization
 -- leaves no outbox row and no delivery
@@ -58,15 +63,15 @@ SELECT (fluxrate.create_customer('Zoë', 'zoe@example.com', billing_address_coun
 SELECT (fluxrate.create_invoice(:'cust', 'USD', line_items => '[{"description": "Setup", "quantity": 2, "unit_amount": 12.5}]'))->>'id' AS inv \gset
 BEGIN;
 SELECT (fluxrate.finalize_invoice(:'inv'))->>'status' AS status_inside;
-SELECT event, channel, recipient FROM fluxrate_internal.deliveries ORDER BY channel, recipient;
+SELECT event, channel, recipient FROM acme_deliveries ORDER BY channel, recipient;
 ROLLBACK;
 SELECT count(*) AS outbox_after_rollback FROM fluxrate_internal.outbox WHERE org_id = :'org';
-SELECT count(*) AS deliveries_after_rollback FROM fluxrate_internal.deliveries;
+SELECT count(*) AS deliveries_after_rollback FROM acme_deliveries;
 -- committed: one webhook (the catch-all endpoint) and one e-mail
 SELECT (fluxrate.finalize_invoice(:'inv'))->>'invoice_number' AS number;
-SELECT event, channel, recipient, status, attempts, next_attempt_at FROM fluxrate_internal.deliveries ORDER BY channel, recipient;
+SELECT event, channel, recipient, status, attempts, next_attempt_at FROM acme_deliveries ORDER BY channel, recipient;
 -- the webhook body is the documented payload; the e-mail renders the invoice (25.00 = 2 x 12.50)
-SELECT body::jsonb - 'timestamp' AS webhook_body FROM fluxrate_internal.deliveries WHERE channel = 'webhook'
+SELECT body::jsonb - 'timestamp' AS webhook_body FROM acme_deliveries WHERE channel = 'webhook'
   \gset
 SELECT (:'webhook_body'::jsonb)->'data'->>'total' AS total, (:'webhook_body'::jsonb)->>'event' AS event,
        (:'webhook_body'::jsonb)->'data' ? 'invoice_id' AS has_invoice_id;
@@ -74,7 +79,7 @@ SELECT m.subject, m.message LIKE '%Message-ID: <' || d.id || '@fluxrate.invalid>
        m.message LIKE '%To: =?UTF-8?B?' || translate(encode(convert_to('Zoë', 'UTF8'), 'base64'), E'\n', '') || '?= <zoe@example.com>%' AS named_recipient,
        convert_from(decode(split_part(split_part(m.message, E'base64\r\n\r\n', 2), E'\r\n--', 1), 'base64'), 'UTF8')
          LIKE '%Total: 25.00 USD%View the invoice: http://localhost:3000/rpc/public_invoice?token=' || i.public_token || '%' AS text_part
-  FROM fluxrate_internal.deliveries d
+  FROM acme_deliveries d
   JOIN fluxrate_internal.invoices i ON i.org_id = d.org_id AND i.id = d.invoice_id,
   LATERAL fluxrate_internal.invoice_email(d.org_id, d.invoice_id, d.id, d.recipient) m
  WHERE d.channel = 'email';
@@ -83,30 +88,30 @@ SELECT m.subject, m.message LIKE '%Message-ID: <' || d.id || '@fluxrate.invalid>
 CALL fluxrate.deliver_pending();
 SELECT channel, status, attempts, next_attempt_at, last_status_code,
        last_error LIKE 'Couldn''t connect to server%' OR last_error LIKE 'Failure when receiving%' AS refused
-  FROM fluxrate_internal.deliveries ORDER BY channel;
+  FROM acme_deliveries ORDER BY channel;
 SET fluxrate.pinned_now = '2026-01-01 00:00:29+00';     -- not yet due: nothing is attempted
 CALL fluxrate.deliver_pending();
-SELECT sum(attempts) AS attempts_before_due FROM fluxrate_internal.deliveries;
+SELECT sum(attempts) AS attempts_before_due FROM acme_deliveries;
 SET fluxrate.pinned_now = '2026-01-01 00:00:30+00';
 CALL fluxrate.deliver_pending();
-SELECT channel, status, attempts, next_attempt_at FROM fluxrate_internal.deliveries ORDER BY channel;
+SELECT channel, status, attempts, next_attempt_at FROM acme_deliveries ORDER BY channel;
 SET fluxrate.pinned_now = '2026-01-01 00:02:30+00';
 CALL fluxrate.deliver_pending();
 SET fluxrate.pinned_now = '2026-01-01 00:12:30+00';
 CALL fluxrate.deliver_pending();
 SET fluxrate.pinned_now = '2026-01-01 01:12:30+00';
 CALL fluxrate.deliver_pending();
-SELECT channel, status, attempts, next_attempt_at FROM fluxrate_internal.deliveries ORDER BY channel;
+SELECT channel, status, attempts, next_attempt_at FROM acme_deliveries ORDER BY channel;
 SET fluxrate.pinned_now = '2026-01-01 07:12:30+00';
 CALL fluxrate.deliver_pending();
-SELECT channel, status, attempts, next_attempt_at FROM fluxrate_internal.deliveries ORDER BY channel;
+SELECT channel, status, attempts, next_attempt_at FROM acme_deliveries ORDER BY channel;
 -- the log keeps every attempt
 SELECT d.channel, a.attempt, a.attempted_at, a.status_code IS NULL AS no_answer
-  FROM fluxrate_internal.delivery_attempts a JOIN fluxrate_internal.deliveries d ON d.org_id = a.org_id AND d.id = a.delivery_id
+  FROM acme_attempts a JOIN acme_deliveries d ON d.org_id = a.org_id AND d.id = a.delivery_id
  ORDER BY d.channel, a.attempt;
 SELECT (fluxrate.list_deliveries(status => 'failed'))->'meta'->'total' AS failed_listed;
 -- a FAILED delivery can be retried by hand; a PENDING or unknown one cannot
-SELECT id AS failed_webhook FROM fluxrate_internal.deliveries WHERE channel = 'webhook' \gset
+SELECT id AS failed_webhook FROM acme_deliveries WHERE channel = 'webhook' \gset
 SELECT d->>'status' AS status, d->>'attempts' AS attempts FROM fluxrate.retry_delivery(:'failed_webhook') d;
 SELECT fluxrate.retry_delivery(:'failed_webhook');                                 -- PT409
 SELECT fluxrate.retry_delivery('00000000-0000-0000-0000-000000000000');            -- PT404
@@ -132,14 +137,14 @@ SELECT fluxrate.generate_invoice_token(:'draft');                               
 -- send-email: finalizes a draft first; the automatic switch off queues nothing at finalization
 SELECT (fluxrate.update_organization(auto_email => false))->>'auto_email' AS auto_email;
 SELECT (fluxrate.finalize_invoice(:'draft'))->>'status' AS finalized;
-SELECT count(*) AS emails_for_draft FROM fluxrate_internal.deliveries WHERE invoice_id = :'draft';
+SELECT count(*) AS emails_for_draft FROM acme_deliveries WHERE invoice_id = :'draft';
 SELECT r->>'success' AS success, r->>'message' AS message FROM fluxrate.send_invoice_email(:'draft') r;
 SELECT r->>'success' AS success, r->>'message' AS message FROM fluxrate.send_invoice_email(:'draft') r;   -- already queued
-SELECT count(*) AS emails_for_draft FROM fluxrate_internal.deliveries WHERE invoice_id = :'draft';
+SELECT count(*) AS emails_for_draft FROM acme_deliveries WHERE invoice_id = :'draft';
 SELECT fluxrate.update_organization(invoice_link_base => 'javascript:alert(1)');   -- PT422
 -- event filters: invoice.paid reaches both endpoints, and only them
 SELECT (fluxrate.pay_invoice(:'inv'))->>'status' AS paid;
-SELECT event, recipient FROM fluxrate_internal.deliveries WHERE event = 'invoice.paid' ORDER BY recipient;
+SELECT event, recipient FROM acme_deliveries WHERE event = 'invoice.paid' ORDER BY recipient;
 
 -- Tenancy: Globex sees none of Acme's endpoints, deliveries, settings or invoices
 SELECT fluxrate.act_as(:'org_b', true) IS NOT NULL AS acting_b;
