@@ -147,6 +147,16 @@ assert ok, "the retried e-mail is not the second invoice"
 print("retried e-mail delivered")
 PYEOF
 
+echo "== STARTTLS is required, not opportunistic: a server without it gets nothing in plain text"
+q "$A SELECT fluxrate.set_smtp_settings('127.0.0.1', $SMTP_PORT, 'billing@acme.test', username => 'mailer', security => 'starttls')" >/dev/null
+INV3=$(q "$A SELECT (fluxrate.create_invoice('$CUST', 'USD', line_items => '[{\"description\": \"Audit\", \"quantity\": 1, \"unit_amount\": 10}]'))->>'id'" | tail -1)
+q "$A SELECT fluxrate.finalize_invoice('$INV3')" >/dev/null
+psql -X -q -c "CALL fluxrate.deliver_pending()"
+got=$(q "SELECT status || ' ' || attempts || ' ' || (last_error ILIKE '%ssl%' OR last_error ILIKE '%tls%') FROM fluxrate_internal.deliveries WHERE invoice_id = '$INV3' AND channel = 'email'")
+echo "starttls against a plain server: $got ($(q "SELECT last_error FROM fluxrate_internal.deliveries WHERE invoice_id = '$INV3' AND channel = 'email'"))"
+[ "$got" = "PENDING 1 true" ] || fail "expected a refused STARTTLS, got $got"
+[ "$(ls "$W/smtp" | grep -c '\.eml$')" = 2 ] || fail "a message went out without TLS"
+
 echo "== no secret in plain text in any table or in the server log"
 pg_dump fluxrate > "$W/dump.sql"
 if grep -qF "$SMTP_PW" "$W/dump.sql"; then fail "the SMTP password is in a table"; fi
@@ -165,6 +175,6 @@ got=$(psql -X -q -t -A -d restored -c "SELECT fluxrate_internal.unseal(password_
                                          FROM fluxrate_internal.smtp_settings")
 [ "$got" = t ] || { cat "$W/restore.err"; fail "the restored database cannot open its SMTP password ($got)"; }
 got=$(psql -X -q -t -A -d restored -c "SELECT count(*) || ' ' || sum(total) FROM fluxrate_internal.invoices")
-[ "$got" = "2 310.00" ] || fail "restored invoices: $got"
+[ "$got" = "3 320.00" ] || fail "restored invoices: $got"
 q "ALTER DATABASE fluxrate RESET fluxrate.pinned_now"
 echo "ok"
