@@ -138,7 +138,7 @@ SELECT r->'status' AS status, r->'body'->>'code' AS code, r->'body'->>'message' 
 SELECT r->'status' AS status FROM req('anon', 'POST', 'signup', '{"email": "bo@globex.test", "password": "globex pass", "organization_name": "Globex"}') r;
 -- nothing half-written by the refusals: two organizations, two users
 RESET SESSION AUTHORIZATION;
-SELECT (SELECT count(*) FROM fluxrate_internal.organizations WHERE name IN ('Acme', 'Acme 2', 'X', 'Globex')) AS orgs, (SELECT count(*) FROM fluxrate_internal.users) AS users,
+SELECT (SELECT count(*) FROM fluxrate_internal.organizations WHERE name IN ('Acme 2', 'X')) AS refused_orgs, (SELECT count(*) FROM fluxrate_internal.users) AS users,
        (SELECT password_hash LIKE '$argon2id$%' FROM fluxrate_internal.users WHERE email = 'ada@acme.test') AS argon2id;
 SET SESSION AUTHORIZATION fr_authenticator;
 

@@ -170,6 +170,22 @@ BEGIN
 END
 $$;
 
+-- Every (customer, meter) SUM of one organization over one period: the plain
+-- GROUP BY it is, planned for the actual bounds (EXECUTE ... USING plans with the
+-- values, so the planner sees millions of rows and picks a hash aggregate).
+CREATE FUNCTION fluxrate_internal.org_period_sums(org_id uuid, period_start timestamptz, period_end timestamptz)
+  RETURNS TABLE (customer_id uuid, meter_id uuid, usage numeric)
+  LANGUAGE plpgsql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+BEGIN
+  RETURN QUERY EXECUTE
+    'SELECT e.customer_id, e.meter_id, sum(e.quantity) FROM fluxrate_internal.usage_events e
+      WHERE e.org_id = $1 AND e."timestamp" >= $2 AND e."timestamp" < $3 GROUP BY e.customer_id, e.meter_id'
+    USING org_id, period_start, period_end;
+END
+$$;
+
 -- Many (customer, meter, period) triples at once; ord is the 1-based position in
 -- the arrays.  Plain meters (SUM, COUNT, MAX, MIN, AVG without filters) are one
 -- index-only range scan of the covering index each, inside one statement; the
@@ -185,15 +201,32 @@ CREATE FUNCTION fluxrate_internal.period_usage(org_id uuid, customer_ids uuid[],
            (mt.filters = '[]'::jsonb AND mt.aggregation_type IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG')) AS plain
       FROM unnest(customer_ids, meter_ids, period_starts, period_ends) WITH ORDINALITY AS x(c, m, s, e, ord)
       JOIN fluxrate_internal.meters mt ON mt.org_id = period_usage.org_id AND mt.id = x.m
+  ), shape AS MATERIALIZED (
+    -- one period shared by every SUM pair, asked for at least half of the
+    -- organization's customers (a whole-organization report, an analytics pass)
+    SELECT count(DISTINCT (t.s, t.e)) = 1
+           AND count(DISTINCT t.c) * 2 >= (SELECT count(*) FROM fluxrate_internal.customers cu
+                                           WHERE cu.org_id = period_usage.org_id) AS whole,
+           min(t.s) AS s, max(t.e) AS e
+      FROM t WHERE t.plain AND t.agg = 'SUM'
   ), sums AS (
-    -- one pass: the planner picks a hash join over the events for many pairs,
-    -- index-only range scans for a few (SUM alone, the common case: one aggregate per row)
+    -- a few pairs or several periods (a closing batch): one index-only range scan
+    -- per pair inside one join (SUM alone, the common case: one aggregate per row)
     SELECT t.ord, coalesce(sum(e.quantity), 0) AS usage
       FROM t LEFT JOIN fluxrate_internal.usage_events e
         ON e.org_id = period_usage.org_id AND e.customer_id = t.c AND e.meter_id = t.m
        AND e."timestamp" >= t.s AND e."timestamp" < t.e
-     WHERE t.plain AND t.agg = 'SUM'
+     WHERE t.plain AND t.agg = 'SUM' AND NOT (SELECT whole FROM shape)
      GROUP BY t.ord
+    UNION ALL
+    -- most of the organization over one period: aggregate first, in one pass over
+    -- the period (what a plain GROUP BY does), then join the 10,000s of sums back,
+    -- instead of joining millions of events to the pairs (run-time gated: only one
+    -- of the two branches executes)
+    SELECT t.ord, coalesce(a.usage, 0)
+      FROM t LEFT JOIN fluxrate_internal.org_period_sums(period_usage.org_id, (SELECT s FROM shape), (SELECT e FROM shape)) a
+        ON a.customer_id = t.c AND a.meter_id = t.m
+     WHERE t.plain AND t.agg = 'SUM' AND (SELECT whole FROM shape)
   ), others AS (
     SELECT t.ord, CASE t.agg WHEN 'COUNT' THEN count(e.quantity)::numeric
                     WHEN 'MAX' THEN coalesce(max(e.quantity), 0) WHEN 'MIN' THEN coalesce(min(e.quantity), 0)
