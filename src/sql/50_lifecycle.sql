@@ -128,6 +128,15 @@ $$;
 -- days for midnight boundaries: Jan 15 -> Feb 1 of a January period = 17/31).
 -- One line per ACTIVE charge, zero-usage lines included (a statement), then the
 -- plan's minimum-commitment true-up.  Each line rounded once.
+-- FIXED charges billed in advance:
+--   * an 'opening' invoice carries only them, for its own (first) period;
+--   * a closing invoice (kind 'subscription') whose meta_data names an advance
+--     period (advance_start/advance_end: the next period, absent when the
+--     subscription ends with this one) carries them for that next period, at the
+--     full price, labelled with its dates;
+--   * interim and final invoices never carry them (that period was paid ahead).
+-- For the minimum commitment, the period's total counts the in-advance fees of
+-- the period itself (billed earlier) and not the next period's.
 CREATE FUNCTION fluxrate_internal.fill_lines(org_id uuid, invoice_id uuid, nominal_start timestamptz, nominal_end timestamptz,
     usage_map jsonb DEFAULT NULL)
   RETURNS void
@@ -146,6 +155,9 @@ DECLARE
   v_usage numeric;
   v_sum numeric := 0;
   v_unit numeric;
+  v_opening boolean;
+  v_adv_start timestamptz;
+  v_adv_end timestamptz;
 BEGIN
   SELECT * INTO i FROM fluxrate_internal.invoices x WHERE x.org_id = fill_lines.org_id AND x.id = fill_lines.invoice_id;
   SELECT * INTO s FROM fluxrate_internal.subscriptions x WHERE x.org_id = i.org_id AND x.id = i.subscription_id;
@@ -153,22 +165,41 @@ BEGIN
   DELETE FROM fluxrate_internal.invoice_lines l WHERE l.org_id = i.org_id AND l.invoice_id = i.id;
   v_frac := CASE WHEN i.period_start = nominal_start AND i.period_end = nominal_end THEN 1
                  ELSE extract(epoch FROM (i.period_end - i.period_start)) / extract(epoch FROM (nominal_end - nominal_start)) END;
+  v_opening := i.kind = 'opening';
+  IF i.kind = 'subscription' THEN
+    v_adv_start := (i.meta_data->>'advance_start')::timestamptz;
+    v_adv_end := (i.meta_data->>'advance_end')::timestamptz;
+  END IF;
   FOR c IN
     SELECT ch.*, m.meter_name FROM fluxrate_internal.charges ch
       LEFT JOIN fluxrate_internal.meters m ON m.org_id = ch.org_id AND m.id = ch.meter_id
      WHERE ch.org_id = i.org_id AND ch.plan_id = s.plan_id AND ch.status = 'ACTIVE'
+       AND (NOT v_opening OR (ch.type = 'FIXED' AND ch.billing_timing = 'in_advance'))
      ORDER BY ch.type, ch.created_at, ch.id
   LOOP
+    IF c.type = 'FIXED' AND c.billing_timing = 'in_advance' AND NOT v_opening THEN
+      -- paid ahead for this period: it counts towards the minimum commitment
+      v_sum := v_sum + c.unit_price * v_frac;
+      CONTINUE WHEN v_adv_start IS NULL;
+      -- the next period's fee, in advance, whole
+      v_pos := v_pos + 1;
+      INSERT INTO fluxrate_internal.invoice_lines (org_id, invoice_id, position, line_type, charge_id, description,
+          quantity, unit_amount, line_total, amount_unrounded, period_start, period_end, meta)
+      VALUES (i.org_id, i.id, v_pos, 'fixed', c.id, coalesce(c.display_name, 'Fixed fee'), 1, c.unit_price,
+              fluxrate_internal.round_money(c.unit_price, i.currency), c.unit_price, v_adv_start, v_adv_end,
+              jsonb_build_object('billing_timing', 'in_advance'));
+      CONTINUE;
+    END IF;
     v_pos := v_pos + 1;
     IF c.type = 'FIXED' THEN
       v_amount := c.unit_price * v_frac;
       INSERT INTO fluxrate_internal.invoice_lines (org_id, invoice_id, position, line_type, charge_id, description,
-          quantity, unit_amount, line_total, amount_unrounded, period_start, period_end)
+          quantity, unit_amount, line_total, amount_unrounded, period_start, period_end, meta)
       VALUES (i.org_id, i.id, v_pos, 'fixed', c.id,
               coalesce(c.display_name, 'Fixed fee') || CASE WHEN v_frac <> 1 THEN ' (prorated)' ELSE '' END,
               CASE WHEN v_frac = 1 THEN 1 ELSE round(v_frac, 12) END, c.unit_price,
               fluxrate_internal.round_money(v_amount, i.currency), v_amount,
-              i.period_start, i.period_end);
+              i.period_start, i.period_end, jsonb_build_object('billing_timing', c.billing_timing));
     ELSE
       -- the closer computes every usage of its batch in one statement and passes it in
       v_usage := coalesce((usage_map->>(c.id::text))::numeric,
@@ -186,6 +217,11 @@ BEGIN
     END IF;
     v_sum := v_sum + v_amount;
   END LOOP;
+  IF v_opening THEN
+    -- only the period's in-advance fees: no usage yet, no true-up (that is the closing invoice's)
+    PERFORM fluxrate_internal.recompute_totals(i.org_id, i.id);
+    RETURN;
+  END IF;
   -- Late usage: events that reached an already finalized period of this
   -- subscription.  Per charge and past period: the usage now minus the usage
   -- billed so far (the usage line plus earlier late lines; the deltas telescope,
@@ -243,11 +279,16 @@ END
 $$;
 
 -- A DRAFT subscription invoice for [period_start, period_end), once: the unique
--- index on (org_id, subscription_id, period_start) makes a second closer's insert
--- a no-op.  Returns the invoice id, or NULL when it already existed.
+-- indexes on (org_id, subscription_id, period_start) of kinds 'subscription' and
+-- 'opening' make a second closer's insert a no-op.  Returns the invoice id, or
+-- NULL when it already existed.  advance_start/advance_end: the next period,
+-- whose in-advance FIXED fees a closing invoice carries (NULL: the subscription
+-- ends with this period, or the invoice is not a closing one).  An opening
+-- invoice of a period that has not started yet waits for its start, then the
+-- grace period.
 CREATE FUNCTION fluxrate_internal.create_period_invoice(s fluxrate_internal.subscriptions, period_start timestamptz,
     period_end timestamptz, nominal_start timestamptz, nominal_end timestamptz, kind text DEFAULT 'subscription',
-    usage_map jsonb DEFAULT NULL)
+    usage_map jsonb DEFAULT NULL, advance_start timestamptz DEFAULT NULL, advance_end timestamptz DEFAULT NULL)
   RETURNS uuid
   LANGUAGE plpgsql VOLATILE
   SET search_path = pg_catalog, pg_temp
@@ -263,14 +304,24 @@ BEGIN
   INSERT INTO fluxrate_internal.invoices (org_id, kind, customer_id, subscription_id, currency, period_start, period_end,
       scheduled_finalize_at, meta_data, created_at, updated_at)
   VALUES (s.org_id, create_period_invoice.kind, s.customer_id, s.id, v_currency, create_period_invoice.period_start,
-          create_period_invoice.period_end, fluxrate.now() + v_grace,
-          jsonb_build_object('nominal_start', create_period_invoice.nominal_start, 'nominal_end', create_period_invoice.nominal_end),
+          create_period_invoice.period_end,
+          CASE WHEN create_period_invoice.kind = 'opening' THEN greatest(fluxrate.now(), create_period_invoice.period_start)
+               ELSE fluxrate.now() END + v_grace,
+          jsonb_build_object('nominal_start', create_period_invoice.nominal_start, 'nominal_end', create_period_invoice.nominal_end)
+          || CASE WHEN create_period_invoice.advance_start IS NULL THEN '{}'::jsonb
+                  ELSE jsonb_build_object('advance_start', create_period_invoice.advance_start,
+                                          'advance_end', create_period_invoice.advance_end) END,
           fluxrate.now(), fluxrate.now())
-  ON CONFLICT (org_id, subscription_id, period_start) WHERE kind = 'subscription' DO NOTHING
+  ON CONFLICT DO NOTHING
   RETURNING id INTO v_id;
   IF v_id IS NOT NULL THEN
     PERFORM fluxrate_internal.fill_lines(s.org_id, v_id, create_period_invoice.nominal_start, create_period_invoice.nominal_end,
                                          create_period_invoice.usage_map);
+    -- nothing to bill (a plan of in-advance fees only, in its last period): no invoice
+    IF NOT EXISTS (SELECT 1 FROM fluxrate_internal.invoice_lines l WHERE l.org_id = s.org_id AND l.invoice_id = v_id) THEN
+      DELETE FROM fluxrate_internal.invoices i WHERE i.org_id = s.org_id AND i.id = v_id;
+      RETURN NULL;
+    END IF;
     PERFORM fluxrate_internal.emit_event(s.org_id, 'invoice.created',
       (SELECT jsonb_build_object('invoice_id', i.id, 'customer_id', i.customer_id, 'subscription_id', i.subscription_id,
                                  'total', i.total, 'currency', i.currency, 'status', i.status)
@@ -279,6 +330,59 @@ BEGIN
   RETURN v_id;
 END
 $$;
+
+-- Does the plan bill any FIXED charge in advance?
+CREATE FUNCTION fluxrate_internal.bills_in_advance(org_id uuid, plan_id uuid) RETURNS boolean
+  LANGUAGE sql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+  SELECT EXISTS (SELECT 1 FROM fluxrate_internal.charges ch
+                  WHERE ch.org_id = bills_in_advance.org_id AND ch.plan_id = bills_in_advance.plan_id
+                    AND ch.type = 'FIXED' AND ch.billing_timing = 'in_advance' AND ch.status = 'ACTIVE')
+$$;
+
+-- The opening invoice: when a subscription starts billing (at creation, or when
+-- its trial ends) and its plan bills FIXED charges in advance, the first
+-- period's fees (prorated for a partial calendar period) go on a DRAFT of kind
+-- 'opening' that finalizes after the grace period like the others.
+-- last_invoiced_date marks the subscription as opened (and keeps a restore of a
+-- dump, which re-inserts the rows, from opening it twice).
+CREATE FUNCTION fluxrate_internal.open_subscription(s fluxrate_internal.subscriptions) RETURNS uuid
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  np record;
+  v_id uuid;
+BEGIN
+  IF s.status <> 'ACTIVE' OR s.current_period_index <> 0 OR NOT fluxrate_internal.bills_in_advance(s.org_id, s.plan_id) THEN
+    RETURN NULL;
+  END IF;
+  SELECT * INTO np FROM fluxrate_internal.nominal_period(s);
+  v_id := fluxrate_internal.create_period_invoice(s, s.current_period_start, s.current_period_end,
+                                                  np.nominal_start, np.nominal_end, 'opening');
+  IF v_id IS NOT NULL THEN
+    UPDATE fluxrate_internal.subscriptions x SET last_invoiced_date = fluxrate.now()
+     WHERE x.org_id = s.org_id AND x.id = s.id;
+  END IF;
+  RETURN v_id;
+END
+$$;
+
+-- create_subscription (20_catalog.sql) inserts ACTIVE subscriptions directly:
+-- open them in the same transaction.
+CREATE FUNCTION fluxrate_internal.subscription_opened() RETURNS trigger
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+BEGIN
+  PERFORM fluxrate_internal.open_subscription(NEW);
+  RETURN NULL;
+END
+$$;
+CREATE TRIGGER subscriptions_open AFTER INSERT ON fluxrate_internal.subscriptions
+  FOR EACH ROW WHEN (NEW.status = 'ACTIVE' AND NEW.current_period_index = 0 AND NEW.last_invoiced_date IS NULL)
+  EXECUTE FUNCTION fluxrate_internal.subscription_opened();
 
 -- The nominal bounds of period n of a subscription.
 CREATE FUNCTION fluxrate_internal.nominal_period(s fluxrate_internal.subscriptions, OUT nominal_start timestamptz, OUT nominal_end timestamptz)
@@ -360,10 +464,17 @@ BEGIN
        WHERE x.org_id = s.org_id AND x.id = s.id;
       PERFORM fluxrate_internal.emit_event(s.org_id, 'subscription.activated',
         jsonb_build_object('subscription_id', s.id, 'customer_id', s.customer_id));
+      -- the first period's in-advance fees
+      PERFORM fluxrate_internal.open_subscription(x) FROM fluxrate_internal.subscriptions x
+       WHERE x.org_id = s.org_id AND x.id = s.id;
     ELSE
       SELECT * INTO np FROM fluxrate_internal.nominal_period(s);
+      -- usage of the period that ended, in-advance fees of the next one (unless the subscription ends now)
       PERFORM fluxrate_internal.create_period_invoice(s, s.current_period_start, s.current_period_end,
-                                                      np.nominal_start, np.nominal_end, 'subscription', v_usage->(s.id::text));
+                                                      np.nominal_start, np.nominal_end, 'subscription', v_usage->(s.id::text),
+        CASE WHEN NOT s.cancel_at_period_end THEN s.current_period_end END,
+        CASE WHEN NOT s.cancel_at_period_end THEN
+          fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, s.current_period_index + 2) END);
       IF s.cancel_at_period_end THEN
         UPDATE fluxrate_internal.subscriptions x
            SET status = 'CANCELED', ended_at = s.current_period_end, last_invoiced_date = v_now
@@ -878,12 +989,26 @@ BEGIN
   END IF;
   SELECT * INTO np FROM fluxrate_internal.nominal_period(s);
   IF s.current_period_end <= v_now THEN
-    v_id := fluxrate_internal.create_period_invoice(s, s.current_period_start, s.current_period_end, np.nominal_start, np.nominal_end);
-    UPDATE fluxrate_internal.subscriptions x
-       SET current_period_index = s.current_period_index + 1, current_period_start = s.current_period_end,
-           current_period_end = fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, s.current_period_index + 2),
-           last_invoiced_date = v_now
-     WHERE x.org_id = v_org AND x.id = s.id;
+    -- what the closer would do: usage of the ended period, in-advance fees of the
+    -- next one, or the end of the subscription
+    v_id := fluxrate_internal.create_period_invoice(s, s.current_period_start, s.current_period_end, np.nominal_start, np.nominal_end,
+      'subscription', NULL,
+      CASE WHEN NOT s.cancel_at_period_end THEN s.current_period_end END,
+      CASE WHEN NOT s.cancel_at_period_end THEN
+        fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, s.current_period_index + 2) END);
+    IF s.cancel_at_period_end THEN
+      UPDATE fluxrate_internal.subscriptions x
+         SET status = 'CANCELED', ended_at = s.current_period_end, last_invoiced_date = v_now
+       WHERE x.org_id = v_org AND x.id = s.id;
+      PERFORM fluxrate_internal.emit_event(v_org, 'subscription.canceled',
+        jsonb_build_object('subscription_id', s.id, 'customer_id', s.customer_id, 'ended_at', s.current_period_end));
+    ELSE
+      UPDATE fluxrate_internal.subscriptions x
+         SET current_period_index = s.current_period_index + 1, current_period_start = s.current_period_end,
+             current_period_end = fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, s.current_period_index + 2),
+             last_invoiced_date = v_now
+       WHERE x.org_id = v_org AND x.id = s.id;
+    END IF;
   ELSIF s.current_period_start >= v_now THEN
     PERFORM fluxrate_internal.fail('PT409', 'nothing to invoice yet', 'The current period has just started.');
   ELSE
@@ -892,6 +1017,11 @@ BEGIN
      WHERE x.org_id = v_org AND x.id = v_id;
     UPDATE fluxrate_internal.subscriptions x SET current_period_start = v_now, last_invoiced_date = v_now
      WHERE x.org_id = v_org AND x.id = s.id;
+  END IF;
+  IF v_id IS NULL THEN
+    -- nothing to bill: the plan's fees were billed in advance and there is no usage charge
+    RETURN jsonb_build_object('subscription_id', s.id, 'invoice', NULL,
+                              'message', 'nothing to invoice: the fees of this period were billed in advance');
   END IF;
   PERFORM set_config('response.status', '201', true);
   RETURN fluxrate_internal.invoice_json(fluxrate_internal.load_invoice(v_org, v_id));
@@ -924,7 +1054,13 @@ BEGIN
        SET cancel_at_period_end = true, canceled_at = v_now, cancel_reason = cancel_subscription.reason
      WHERE x.org_id = v_org AND x.id = s.id RETURNING * INTO s;
   ELSE
-    -- a final invoice prorated up to now (none for a trial: trials are never billed)
+    -- a subscription canceled before its first period starts: its opening
+    -- invoice, still a draft, bills a period that will not happen
+    DELETE FROM fluxrate_internal.invoices x
+     WHERE x.org_id = v_org AND x.subscription_id = s.id AND x.kind = 'opening' AND x.status = 'DRAFT'
+       AND x.period_start >= v_now;
+    -- a final invoice prorated up to now (none for a trial: trials are never billed);
+    -- in-advance fees are not on it: the period was paid ahead (no credit for the rest)
     IF s.status <> 'TRIAL' AND v_now > s.current_period_start THEN
       SELECT * INTO np FROM fluxrate_internal.nominal_period(s);
       v_inv := fluxrate_internal.create_period_invoice(s, s.current_period_start, least(v_now, s.current_period_end),
