@@ -293,4 +293,70 @@ CALL fluxrate.close_due_periods();
 SELECT s.status, s.ended_at, (SELECT count(*) FROM fluxrate_internal.invoices i WHERE i.org_id = s.org_id AND i.subscription_id = s.id) AS invoices,
        (SELECT sum(total) FROM fluxrate_internal.invoices i WHERE i.org_id = s.org_id AND i.subscription_id = s.id) AS billed
   FROM fluxrate_internal.subscriptions s WHERE s.id = :'sub_adv';
+
+-- Closing is set-based (one statement per batch); fill_lines() (used by finalization, preview,
+-- generate, cancel) stays the reference: recomputing the closer's drafts with it changes nothing.
+-- Tiers, packages, late usage and a webhook endpoint (every event fans out once).
+SET fluxrate.pinned_now = '2028-07-01 00:10:00+00';
+SELECT (fluxrate.create_webhook_endpoint('https://initrode.test/hook'))->>'status' AS endpoint;
+SELECT (fluxrate.create_plan('Tiered', 'tiered', 'USAGE', 'month', 'USD'))->>'id' AS tiered \gset
+SELECT f->>'meter_id' AS gbmeter FROM fluxrate.create_feature('Storage', 'gb', 'meter', meter_name => 'gb', property_name => 'gb',
+       aggregation_type => 'SUM') f \gset
+SELECT (fluxrate.add_charge(:'tiered', 'USAGE', meter_id => :'hmeter', pricing_model => 'graduated', display_name => 'Calls',
+        tiers => '[{"up_to": 100, "unit_price": 0.10, "flat_fee": 0}, {"up_to": null, "unit_price": 0.05, "flat_fee": 0}]'))->>'status' AS charge;
+-- (charges are listed in the order they were added: the second one a second later)
+SET fluxrate.pinned_now = '2028-07-01 00:10:01+00';
+SELECT (fluxrate.add_charge(:'tiered', 'USAGE', meter_id => :'gbmeter', pricing_model => 'package', package_size => 50,
+        package_price => 2, display_name => 'Storage'))->>'status' AS charge;
+SELECT (fluxrate.create_customer('Tiered', 'c7@example.com', 'c7', billing_address_country => 'DE'))->>'id' AS c7 \gset
+SELECT (fluxrate.create_subscription(:'c7', :'tiered', start_date => '2028-07-01 00:00+00'))->>'id' AS sub_t \gset
+INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at)
+VALUES (:'org_c', fluxrate_internal.uuid_v7(), :'c7', :'hmeter', 150, '2028-07-03', '2028-07-03'),
+       (:'org_c', fluxrate_internal.uuid_v7(), :'c7', :'gbmeter', 120, '2028-07-04', '2028-07-04'),
+       (:'org_c', fluxrate_internal.uuid_v7(), :'c7', :'hmeter', 10, '2028-08-10', '2028-08-10');
+-- July: calls 100 x 0.10 + 50 x 0.05 = 12.50; storage 120 GB = 3 packages of 50 x 2 = 6.00;
+-- subtotal 18.50, VAT 1.85, total 20.35
+SET fluxrate.pinned_now = '2028-08-01 00:00:30+00';
+CALL fluxrate.close_due_periods();
+SELECT l.description, l.quantity, l.unit_amount, l.line_total, i.subtotal, i.tax, i.total
+  FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.subscription_id = :'sub_t' ORDER BY l.position;
+CREATE TEMP VIEW draft_lines AS
+SELECT i.id, i.subtotal, i.tax, i.tax_rate, i.total, i.amount_due, l.position, l.line_type, l.charge_id, l.description, l.quantity,
+       l.unit_amount, l.line_total, l.amount_unrounded, l.period_start, l.period_end, l.meta
+  FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.org_id = :'org_c' AND i.kind = 'subscription' AND i.status = 'DRAFT';
+CREATE TEMP TABLE closer_lines AS SELECT * FROM draft_lines;
+SELECT count(*) AS recomputed FROM (
+  SELECT fluxrate_internal.fill_lines(i.org_id, i.id, (i.meta_data->>'nominal_start')::timestamptz, (i.meta_data->>'nominal_end')::timestamptz)
+    FROM fluxrate_internal.invoices i WHERE i.org_id = :'org_c' AND i.kind = 'subscription' AND i.status = 'DRAFT') x;
+SELECT (SELECT count(*) FROM closer_lines) AS lines,
+       (SELECT count(*) FROM (TABLE closer_lines EXCEPT TABLE draft_lines) a) + (SELECT count(*) FROM (TABLE draft_lines EXCEPT TABLE closer_lines) b) AS differences;
+SET fluxrate.pinned_now = '2028-08-01 01:00:30+00';
+CALL fluxrate.finalize_due_invoices();
+-- a July event arrives after July's invoice is OPEN: 60 more calls.  August: calls 10 x 0.10 = 1.00,
+-- storage 0.00, late July calls rated incrementally: rate(210) - rate(150) = (10 + 110 x 0.05) - 12.50
+-- = 3.00 for 60 calls (0.05 each); subtotal 4.00, VAT 0.40, total 4.40
+INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at)
+VALUES (:'org_c', fluxrate_internal.uuid_v7(), :'c7', :'hmeter', 60, '2028-07-20', '2028-08-05');
+SET fluxrate.pinned_now = '2028-09-01 00:00:30+00';
+CALL fluxrate.close_due_periods();
+SELECT l.line_type, l.description, l.quantity, l.unit_amount, l.line_total, i.subtotal, i.tax, i.total
+  FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.subscription_id = :'sub_t' AND i.period_start = '2028-08-01' ORDER BY l.position;
+TRUNCATE closer_lines;
+INSERT INTO closer_lines SELECT * FROM draft_lines;
+SELECT count(*) AS recomputed FROM (
+  SELECT fluxrate_internal.fill_lines(i.org_id, i.id, (i.meta_data->>'nominal_start')::timestamptz, (i.meta_data->>'nominal_end')::timestamptz)
+    FROM fluxrate_internal.invoices i WHERE i.org_id = :'org_c' AND i.kind = 'subscription' AND i.status = 'DRAFT') x;
+SELECT (SELECT count(*) FROM closer_lines) AS lines,
+       (SELECT count(*) FROM (TABLE closer_lines EXCEPT TABLE draft_lines) a) + (SELECT count(*) FROM (TABLE draft_lines EXCEPT TABLE closer_lines) b) AS differences;
+-- every event since the endpoint exists has exactly one delivery; the closer's events have the
+-- shape emit_event() writes (one shape per event, whoever wrote it)
+SELECT count(*) AS events, count(d.id) AS deliveries, count(DISTINCT o.id) AS distinct_events
+  FROM fluxrate_internal.outbox o LEFT JOIN fluxrate_internal.deliveries d ON d.org_id = o.org_id AND d.event_id = o.id
+ WHERE o.org_id = :'org_c' AND o.created_at >= '2028-07-01 00:10:00+00';
+SELECT o.event, (SELECT string_agg(k, ',' ORDER BY k) FROM jsonb_object_keys(o.payload) k) AS payload_keys,
+       (SELECT string_agg(k, ',' ORDER BY k) FROM jsonb_object_keys(o.payload->'data') k) AS data_keys, count(*) AS n
+  FROM fluxrate_internal.outbox o WHERE o.org_id = :'org_c' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3;
 RESET fluxrate.acting_org;

@@ -405,9 +405,19 @@ $$;
 
 -- Close the next due period of up to batch_size subscriptions, across
 -- organizations (owned by fluxrate_system).  Rows are claimed with SKIP LOCKED,
--- so concurrent closers split the work; the invoice and the subscription's
+-- so concurrent closers split the work; the invoices and the subscriptions'
 -- advance commit together, so a killed closer leaves no half-closed period.
 -- Returns how many subscriptions it advanced (0 = nothing is due).
+--
+-- Set-based: ending trials go one by one (once per subscription lifetime); every
+-- other claimed subscription is closed by ONE statement: its usage (period_usage,
+-- once per organization, for the period that ended and for the late-usage check
+-- of the last 12 finalized invoices), its lines (the same as fill_lines writes:
+-- charges in order, next period's in-advance fees, late usage, minimum
+-- commitment), the invoice with its totals (tax on the unrounded subtotal,
+-- rounded once), the lines, the outbox events with their fan-out, and the
+-- subscription's advance (or end).  fill_lines stays the reference: the draft
+-- is recomputed by it at finalization, and the tests compare both.
 CREATE FUNCTION fluxrate_internal.sys_close_batch(batch_size integer DEFAULT 500) RETURNS integer
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
@@ -418,10 +428,8 @@ CREATE FUNCTION fluxrate_internal.sys_close_batch(batch_size integer DEFAULT 500
 DECLARE
   s fluxrate_internal.subscriptions;
   v_batch fluxrate_internal.subscriptions[];
-  v_usage jsonb;
-  np record;
-  n integer := 0;
   v_now timestamptz := fluxrate.now();
+  v_events bigint;
 BEGIN
   v_batch := ARRAY(
     SELECT x FROM fluxrate_internal.subscriptions x
@@ -429,71 +437,223 @@ BEGIN
      ORDER BY x.current_period_end, x.org_id, x.id
      LIMIT batch_size
      FOR UPDATE SKIP LOCKED);
-  -- Set-based rating input: the usage of every (subscription, usage charge) of
-  -- the batch, through period_usage() once per organization in the batch (one
-  -- join pass over the covering index for plain meters).
-  WITH p AS (
-    SELECT b.org_id, b.id AS sub_id, ch.id AS charge_id, b.customer_id, ch.meter_id,
-           b.current_period_start AS ps, b.current_period_end AS pe,
-           row_number() OVER (PARTITION BY b.org_id ORDER BY b.id, ch.id)::integer AS ord
-      FROM unnest(v_batch) b
-      JOIN fluxrate_internal.charges ch ON ch.org_id = b.org_id AND ch.plan_id = b.plan_id
-           AND ch.type = 'USAGE' AND ch.status = 'ACTIVE'
-     WHERE b.status <> 'TRIAL'
-  ), u AS (
-    SELECT o.org_id, pu.ord, pu.usage
-      FROM (SELECT DISTINCT org_id FROM p) o,
-           LATERAL fluxrate_internal.period_usage(o.org_id,
-             ARRAY(SELECT p.customer_id FROM p WHERE p.org_id = o.org_id ORDER BY p.ord),
-             ARRAY(SELECT p.meter_id FROM p WHERE p.org_id = o.org_id ORDER BY p.ord),
-             ARRAY(SELECT p.ps FROM p WHERE p.org_id = o.org_id ORDER BY p.ord),
-             ARRAY(SELECT p.pe FROM p WHERE p.org_id = o.org_id ORDER BY p.ord)) pu
-  )
-  SELECT jsonb_object_agg(x.sub_id::text, x.per_charge) INTO v_usage
-    FROM (SELECT p.sub_id, jsonb_object_agg(p.charge_id::text, u.usage) AS per_charge
-            FROM p JOIN u ON u.org_id = p.org_id AND u.ord = p.ord
-           GROUP BY p.sub_id) x;
+  IF cardinality(v_batch) = 0 THEN
+    RETURN 0;
+  END IF;
+
+  -- the trials that are over: no invoice for them, billing starts at the trial end
   FOREACH s IN ARRAY v_batch
   LOOP
+    CONTINUE WHEN s.status <> 'TRIAL';
     PERFORM set_config('fluxrate.current_org', s.org_id::text, true);
-    IF s.status = 'TRIAL' THEN
-      -- the trial is over: no invoice for it, billing starts at the trial end
-      UPDATE fluxrate_internal.subscriptions x
-         SET status = 'ACTIVE', current_period_index = 0, current_period_start = s.billing_anchor,
-             current_period_end = fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, 1)
-       WHERE x.org_id = s.org_id AND x.id = s.id;
-      PERFORM fluxrate_internal.emit_event(s.org_id, 'subscription.activated',
-        jsonb_build_object('subscription_id', s.id, 'customer_id', s.customer_id));
-      -- the first period's in-advance fees
-      PERFORM fluxrate_internal.open_subscription(x) FROM fluxrate_internal.subscriptions x
-       WHERE x.org_id = s.org_id AND x.id = s.id;
-    ELSE
-      SELECT * INTO np FROM fluxrate_internal.nominal_period(s);
-      -- usage of the period that ended, in-advance fees of the next one (unless the subscription ends now)
-      PERFORM fluxrate_internal.create_period_invoice(s, s.current_period_start, s.current_period_end,
-                                                      np.nominal_start, np.nominal_end, 'subscription', v_usage->(s.id::text),
-        CASE WHEN NOT s.cancel_at_period_end THEN s.current_period_end END,
-        CASE WHEN NOT s.cancel_at_period_end THEN
-          fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, s.current_period_index + 2) END);
-      IF s.cancel_at_period_end THEN
-        UPDATE fluxrate_internal.subscriptions x
-           SET status = 'CANCELED', ended_at = s.current_period_end, last_invoiced_date = v_now
-         WHERE x.org_id = s.org_id AND x.id = s.id;
-        PERFORM fluxrate_internal.emit_event(s.org_id, 'subscription.canceled',
-          jsonb_build_object('subscription_id', s.id, 'customer_id', s.customer_id, 'ended_at', s.current_period_end));
-      ELSE
-        UPDATE fluxrate_internal.subscriptions x
-           SET current_period_index = s.current_period_index + 1,
-               current_period_start = s.current_period_end,
-               current_period_end = fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment,
-                                                                      s.current_period_index + 2),
-               last_invoiced_date = v_now
-         WHERE x.org_id = s.org_id AND x.id = s.id;
-      END IF;
-    END IF;
-    n := n + 1;
+    UPDATE fluxrate_internal.subscriptions x
+       SET status = 'ACTIVE', current_period_index = 0, current_period_start = s.billing_anchor,
+           current_period_end = fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, 1)
+     WHERE x.org_id = s.org_id AND x.id = s.id;
+    PERFORM fluxrate_internal.emit_event(s.org_id, 'subscription.activated',
+      jsonb_build_object('subscription_id', s.id, 'customer_id', s.customer_id));
+    -- the first period's in-advance fees
+    PERFORM fluxrate_internal.open_subscription(x) FROM fluxrate_internal.subscriptions x
+     WHERE x.org_id = s.org_id AND x.id = s.id;
   END LOOP;
-  RETURN n;
+
+  WITH b AS MATERIALIZED (
+    -- the period that ended, its proration fraction, the next period (whose
+    -- in-advance fees this invoice carries unless the subscription ends now)
+    SELECT x.*, np.nominal_start, np.nominal_end,
+           CASE WHEN x.current_period_start = np.nominal_start AND x.current_period_end = np.nominal_end THEN 1
+                ELSE extract(epoch FROM (x.current_period_end - x.current_period_start))
+                   / extract(epoch FROM (np.nominal_end - np.nominal_start)) END AS frac,
+           fluxrate_internal.period_boundary(x.billing_anchor, x.billing_interval, x.alignment,
+                                             x.current_period_index + 2) AS next_end,
+           p.currency, p.minimum_commitment, o.grace_period, coalesce(tr.rate, 0) AS tax_rate,
+           gen_random_uuid() AS invoice_id
+      FROM unnest(v_batch) x
+      CROSS JOIN LATERAL fluxrate_internal.nominal_period(x) np
+      JOIN fluxrate_internal.plans p ON p.org_id = x.org_id AND p.id = x.plan_id
+      JOIN fluxrate_internal.organizations o ON o.org_id = x.org_id
+      -- tax_rate_for(), inline: a state-specific rate beats the country-wide one; none = 0
+      LEFT JOIN LATERAL (
+        SELECT t.rate FROM fluxrate_internal.customers c, fluxrate_internal.tax_rates t
+         WHERE c.org_id = x.org_id AND c.id = x.customer_id
+           AND t.org_id = c.org_id AND t.country = c.billing_address_country
+           AND t.state IN ('', coalesce(c.billing_address_state, ''))
+         ORDER BY t.state DESC LIMIT 1) tr ON true
+     WHERE x.status <> 'TRIAL'
+  ), ch AS MATERIALIZED (
+    -- the lines of the ACTIVE charges, in charge order; in-advance fees only when there is a next period
+    SELECT b.org_id, b.id AS sub_id, c.id AS charge_id, c.type, c.billing_timing, c.meter_id, c.pricing_model,
+           c.unit_price, c.tiers, c.package_size, c.package_price, c.free_units,
+           coalesce(c.display_name, CASE WHEN c.type = 'FIXED' THEN 'Fixed fee' ELSE m.meter_name END) AS name,
+           row_number() OVER (PARTITION BY b.org_id, b.id ORDER BY c.type, c.created_at, c.id)::integer AS pos
+      FROM b
+      JOIN fluxrate_internal.charges c ON c.org_id = b.org_id AND c.plan_id = b.plan_id AND c.status = 'ACTIVE'
+      LEFT JOIN fluxrate_internal.meters m ON m.org_id = c.org_id AND m.id = c.meter_id
+     WHERE NOT (c.type = 'FIXED' AND c.billing_timing = 'in_advance' AND b.cancel_at_period_end)
+  ), late_src AS MATERIALIZED (
+    -- usage billed so far for the periods of the last 12 invoices that are finalized
+    SELECT b.org_id, b.id AS sub_id, l.charge_id, l.period_start, l.period_end,
+           sum(CASE l.line_type WHEN 'usage' THEN (l.meta->>'usage')::numeric ELSE (l.meta->>'usage_delta')::numeric END) AS billed
+      FROM b
+      CROSS JOIN LATERAL (SELECT pi.id, pi.status FROM fluxrate_internal.invoices pi
+                           WHERE pi.org_id = b.org_id AND pi.subscription_id = b.id AND pi.period_start < b.current_period_start
+                           ORDER BY pi.period_start DESC LIMIT 12) recent
+      JOIN fluxrate_internal.invoice_lines l ON l.org_id = b.org_id AND l.invoice_id = recent.id
+     WHERE recent.status IN ('OPEN', 'PAID', 'UNCOLLECTIBLE') AND l.line_type IN ('usage', 'late_usage')
+       AND l.charge_id IS NOT NULL AND l.period_end <= b.current_period_start
+     GROUP BY 1, 2, 3, 4, 5
+  ), ui AS MATERIALIZED (
+    -- every usage to measure, numbered per organization for period_usage()
+    SELECT z.*, row_number() OVER (PARTITION BY z.org_id ORDER BY z.sub_id, z.late, z.charge_id, z.ps)::integer AS ord
+      FROM (SELECT ch.org_id, ch.sub_id, ch.charge_id, b.customer_id, ch.meter_id,
+                   b.current_period_start AS ps, b.current_period_end AS pe, false AS late
+              FROM ch JOIN b ON b.org_id = ch.org_id AND b.id = ch.sub_id WHERE ch.type = 'USAGE'
+            UNION ALL
+            SELECT ls.org_id, ls.sub_id, ls.charge_id, b.customer_id, c.meter_id, ls.period_start, ls.period_end, true
+              FROM late_src ls JOIN b ON b.org_id = ls.org_id AND b.id = ls.sub_id
+              JOIN fluxrate_internal.charges c ON c.org_id = ls.org_id AND c.id = ls.charge_id) z
+  ), u AS MATERIALIZED (
+    SELECT o.org_id, pu.ord, pu.usage
+      FROM (SELECT DISTINCT org_id FROM ui) o,
+           LATERAL fluxrate_internal.period_usage(o.org_id,
+             ARRAY(SELECT ui.customer_id FROM ui WHERE ui.org_id = o.org_id ORDER BY ui.ord),
+             ARRAY(SELECT ui.meter_id FROM ui WHERE ui.org_id = o.org_id ORDER BY ui.ord),
+             ARRAY(SELECT ui.ps FROM ui WHERE ui.org_id = o.org_id ORDER BY ui.ord),
+             ARRAY(SELECT ui.pe FROM ui WHERE ui.org_id = o.org_id ORDER BY ui.ord)) pu
+  ), main AS MATERIALIZED (
+    -- one line per charge (fill_lines' first loop)
+    SELECT ch.org_id, ch.sub_id, ch.pos, ch.type, ch.charge_id, ch.billing_timing,
+           (ch.type = 'FIXED' AND ch.billing_timing = 'in_advance') AS advance,
+           ch.name, ch.pricing_model, ch.unit_price, ch.meter_id, b.frac,
+           CASE WHEN ch.type = 'USAGE' THEN uu.usage END AS usage,
+           CASE WHEN ch.type = 'USAGE' THEN
+                  fluxrate_internal.rate_usage(ch.pricing_model, ch.unit_price, ch.tiers, ch.package_size,
+                                               ch.package_price, ch.free_units, uu.usage)
+                WHEN ch.billing_timing = 'in_advance' THEN ch.unit_price
+                ELSE ch.unit_price * b.frac END AS amount
+      FROM ch JOIN b ON b.org_id = ch.org_id AND b.id = ch.sub_id
+      LEFT JOIN ui ON ch.type = 'USAGE' AND ui.org_id = ch.org_id AND ui.sub_id = ch.sub_id
+                  AND ui.charge_id = ch.charge_id AND NOT ui.late
+      LEFT JOIN u uu ON uu.org_id = ui.org_id AND uu.ord = ui.ord
+  ), late AS MATERIALIZED (
+    -- late usage (fill_lines' second loop): only increases, priced incrementally
+    SELECT y.*, (SELECT count(*) FROM main m WHERE m.org_id = y.org_id AND m.sub_id = y.sub_id)::integer
+                + row_number() OVER (PARTITION BY y.org_id, y.sub_id ORDER BY y.period_start, y.charge_id)::integer AS pos
+      FROM (SELECT ls.org_id, ls.sub_id, ls.charge_id, ls.period_start, ls.period_end, ls.billed, uu.usage AS now_usage,
+                   c.meter_id, coalesce(c.display_name, m.meter_name) AS name,
+                   fluxrate_internal.rate_usage(c.pricing_model, c.unit_price, c.tiers, c.package_size, c.package_price,
+                                                c.free_units, uu.usage)
+                 - fluxrate_internal.rate_usage(c.pricing_model, c.unit_price, c.tiers, c.package_size, c.package_price,
+                                                c.free_units, ls.billed) AS amount
+              FROM late_src ls
+              JOIN ui ON ui.org_id = ls.org_id AND ui.sub_id = ls.sub_id AND ui.late AND ui.charge_id = ls.charge_id
+                     AND ui.ps = ls.period_start
+              JOIN u uu ON uu.org_id = ui.org_id AND uu.ord = ui.ord
+              JOIN fluxrate_internal.charges c ON c.org_id = ls.org_id AND c.id = ls.charge_id
+              JOIN fluxrate_internal.meters m ON m.org_id = c.org_id AND m.id = c.meter_id
+             WHERE uu.usage <> ls.billed) y
+     WHERE y.amount > 0
+  ), mins AS MATERIALIZED (
+    -- the minimum commitment true-up: the period's own charges, its in-advance
+    -- fees (billed before) included, the next period's excluded
+    SELECT b.org_id, b.id AS sub_id, b.minimum_commitment * b.frac - t.period_sum AS amount,
+           (SELECT count(*) FROM main m WHERE m.org_id = b.org_id AND m.sub_id = b.id)::integer
+           + (SELECT count(*) FROM late l WHERE l.org_id = b.org_id AND l.sub_id = b.id)::integer + 1 AS pos
+      FROM b
+      CROSS JOIN LATERAL (
+        SELECT coalesce((SELECT sum(m.amount) FROM main m WHERE m.org_id = b.org_id AND m.sub_id = b.id AND NOT m.advance), 0)
+             + coalesce((SELECT sum(c.unit_price * b.frac) FROM fluxrate_internal.charges c
+                          WHERE c.org_id = b.org_id AND c.plan_id = b.plan_id AND c.status = 'ACTIVE'
+                            AND c.type = 'FIXED' AND c.billing_timing = 'in_advance'), 0) AS period_sum) t
+     WHERE b.minimum_commitment IS NOT NULL AND t.period_sum < b.minimum_commitment * b.frac
+  ), lines AS MATERIALIZED (
+    SELECT l.*, fluxrate_internal.round_money(l.amount, b.currency) AS line_total,
+           CASE WHEN l.advance THEN b.current_period_end ELSE coalesce(l.lps, b.current_period_start) END AS line_start,
+           CASE WHEN l.advance THEN b.next_end ELSE coalesce(l.lpe, b.current_period_end) END AS line_end
+      FROM (
+        SELECT m.org_id, m.sub_id, m.pos, CASE m.type WHEN 'USAGE' THEN 'usage' ELSE 'fixed' END AS line_type, m.charge_id,
+               m.name || CASE WHEN m.type = 'FIXED' AND NOT m.advance AND m.frac <> 1 THEN ' (prorated)' ELSE '' END AS description,
+               CASE WHEN m.type = 'USAGE' THEN m.usage WHEN m.advance OR m.frac = 1 THEN 1 ELSE round(m.frac, 12) END AS quantity,
+               CASE WHEN m.type = 'FIXED' OR m.pricing_model = 'per_unit' THEN m.unit_price
+                    WHEN m.usage = 0 THEN 0 ELSE round(m.amount / m.usage, 12) END AS unit_amount,
+               m.amount, m.advance,
+               CASE WHEN m.type = 'USAGE' THEN jsonb_build_object('meter_id', m.meter_id, 'usage', m.usage, 'pricing_model', m.pricing_model)
+                    ELSE jsonb_build_object('billing_timing', m.billing_timing) END AS meta,
+               NULL::timestamptz AS lps, NULL::timestamptz AS lpe
+          FROM main m
+        UNION ALL
+        SELECT l.org_id, l.sub_id, l.pos, 'late_usage', l.charge_id,
+               format('%s - late usage for %s to %s', l.name, to_char(l.period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD'),
+                      to_char(l.period_end AT TIME ZONE 'UTC', 'YYYY-MM-DD')),
+               l.now_usage - l.billed, round(l.amount / (l.now_usage - l.billed), 12), l.amount, false,
+               jsonb_build_object('meter_id', l.meter_id, 'usage_delta', l.now_usage - l.billed, 'usage_now', l.now_usage,
+                                  'billed_before', l.billed),
+               l.period_start, l.period_end
+          FROM late l
+        UNION ALL
+        SELECT n.org_id, n.sub_id, n.pos, 'minimum', NULL, 'Minimum commitment true-up', 1, n.amount, n.amount, false, '{}'::jsonb,
+               NULL, NULL
+          FROM mins n) l
+      JOIN b ON b.org_id = l.org_id AND b.id = l.sub_id
+  ), inv AS (
+    -- an invoice with no line (in-advance fees only, last period) is not written
+    INSERT INTO fluxrate_internal.invoices AS i (org_id, id, kind, customer_id, subscription_id, currency, subtotal, tax, tax_rate,
+        total, amount_due, period_start, period_end, scheduled_finalize_at, meta_data, created_at, updated_at)
+    SELECT b.org_id, b.invoice_id, 'subscription', b.customer_id, b.id, b.currency, t.subtotal,
+           fluxrate_internal.round_money(t.unrounded * b.tax_rate, b.currency), b.tax_rate,
+           t.subtotal + fluxrate_internal.round_money(t.unrounded * b.tax_rate, b.currency),
+           t.subtotal + fluxrate_internal.round_money(t.unrounded * b.tax_rate, b.currency),
+           b.current_period_start, b.current_period_end, v_now + b.grace_period,
+           jsonb_build_object('nominal_start', b.nominal_start, 'nominal_end', b.nominal_end)
+           || CASE WHEN b.cancel_at_period_end THEN '{}'::jsonb
+                   ELSE jsonb_build_object('advance_start', b.current_period_end, 'advance_end', b.next_end) END,
+           v_now, v_now
+      FROM b
+      JOIN (SELECT l.org_id, l.sub_id, sum(l.line_total) AS subtotal, sum(l.amount) AS unrounded
+              FROM lines l GROUP BY 1, 2) t ON t.org_id = b.org_id AND t.sub_id = b.id
+    ON CONFLICT DO NOTHING
+    RETURNING i.org_id, i.id, i.subscription_id, i.customer_id, i.total, i.currency, i.status
+  ), ins_lines AS (
+    INSERT INTO fluxrate_internal.invoice_lines (org_id, invoice_id, position, line_type, charge_id, description,
+        quantity, unit_amount, line_total, amount_unrounded, period_start, period_end, meta)
+    SELECT l.org_id, inv.id, l.pos, l.line_type, l.charge_id, l.description, l.quantity, l.unit_amount, l.line_total, l.amount,
+           l.line_start, l.line_end, l.meta
+      FROM lines l
+      JOIN inv ON inv.org_id = l.org_id AND inv.subscription_id = l.sub_id
+  ), adv AS (
+    -- the period advances, or the subscription ends with it
+    UPDATE fluxrate_internal.subscriptions x
+       SET status = CASE WHEN b.cancel_at_period_end THEN 'CANCELED' ELSE x.status END,
+           ended_at = CASE WHEN b.cancel_at_period_end THEN b.current_period_end ELSE x.ended_at END,
+           current_period_index = CASE WHEN b.cancel_at_period_end THEN x.current_period_index ELSE b.current_period_index + 1 END,
+           current_period_start = CASE WHEN b.cancel_at_period_end THEN x.current_period_start ELSE b.current_period_end END,
+           current_period_end = CASE WHEN b.cancel_at_period_end THEN x.current_period_end ELSE b.next_end END,
+           last_invoiced_date = v_now
+      FROM b
+     WHERE x.org_id = b.org_id AND x.id = b.id
+    RETURNING x.org_id, x.id, x.customer_id, b.cancel_at_period_end AS ended, b.current_period_end AS ended_at
+  ), ev AS MATERIALIZED (
+    -- the outbox events, as emit_event() writes them
+    SELECT e.org_id, fluxrate_internal.uuid_v7() AS id, e.event, e.data
+      FROM (SELECT inv.org_id, inv.subscription_id AS sub_id, 1 AS k, 'invoice.created' AS event,
+                   jsonb_build_object('invoice_id', inv.id, 'customer_id', inv.customer_id, 'subscription_id', inv.subscription_id,
+                                      'total', inv.total, 'currency', inv.currency, 'status', inv.status) AS data
+              FROM inv
+            UNION ALL
+            SELECT adv.org_id, adv.id, 2, 'subscription.canceled',
+                   jsonb_build_object('subscription_id', adv.id, 'customer_id', adv.customer_id, 'ended_at', adv.ended_at)
+              FROM adv WHERE adv.ended
+            ORDER BY 1, 2, 3) e
+  ), ob AS (
+    INSERT INTO fluxrate_internal.outbox (org_id, id, event, payload, created_at)
+    SELECT ev.org_id, ev.id, ev.event,
+           jsonb_build_object('id', ev.id, 'event', ev.event, 'timestamp', v_now, 'data', ev.data), v_now
+      FROM ev
+  )
+  -- and their webhook / e-mail deliveries, as emit_event() does
+  SELECT count(f.done) INTO v_events
+    FROM (SELECT fluxrate_internal.fan_out(ev.org_id, ev.id, ev.event, ev.data, v_now)::text AS done FROM ev) f;
+  RETURN cardinality(v_batch);
 END
 $$;
 
