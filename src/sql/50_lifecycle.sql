@@ -430,6 +430,7 @@ DECLARE
   v_batch fluxrate_internal.subscriptions[];
   v_now timestamptz := fluxrate.now();
   v_events bigint;
+  v_usage jsonb;
 BEGIN
   v_batch := ARRAY(
     SELECT x FROM fluxrate_internal.subscriptions x
@@ -457,181 +458,216 @@ BEGIN
      WHERE x.org_id = s.org_id AND x.id = s.id;
   END LOOP;
 
+  -- 1. Usage, one period_usage() call per organization: the period that ended
+  -- for every (subscription, usage charge), and for the late-usage check every
+  -- (charge, period) billed on the subscription's last 12 finalized invoices.
+  -- period_usage()'s answers are zipped back to their keys by position (no join),
+  -- into {sub: {"u": {charge: usage}, "late": [{c, ps, pe, billed, now}]}}.
+  WITH items AS MATERIALIZED (
+    SELECT z.*, row_number() OVER (PARTITION BY z.org_id ORDER BY z.sub_id, z.late, z.charge_id, z.ps)::integer AS ord
+      FROM (SELECT x.org_id, x.id AS sub_id, false AS late, c.id AS charge_id, x.customer_id, c.meter_id,
+                   x.current_period_start AS ps, x.current_period_end AS pe, NULL::numeric AS billed
+              FROM unnest(v_batch) x
+              JOIN fluxrate_internal.charges c ON c.org_id = x.org_id AND c.plan_id = x.plan_id
+                   AND c.type = 'USAGE' AND c.status = 'ACTIVE'
+             WHERE x.status <> 'TRIAL'
+            UNION ALL
+            SELECT ls.org_id, ls.sub_id, true, ls.charge_id, ls.customer_id, c.meter_id, ls.ps, ls.pe, ls.billed
+              FROM (SELECT x.org_id, x.id AS sub_id, x.customer_id, l.charge_id, l.period_start AS ps, l.period_end AS pe,
+                           sum(CASE l.line_type WHEN 'usage' THEN (l.meta->>'usage')::numeric
+                                    ELSE (l.meta->>'usage_delta')::numeric END) AS billed
+                      FROM unnest(v_batch) x
+                      CROSS JOIN LATERAL (SELECT pi.id, pi.status FROM fluxrate_internal.invoices pi
+                                           WHERE pi.org_id = x.org_id AND pi.subscription_id = x.id
+                                             AND pi.period_start < x.current_period_start
+                                           ORDER BY pi.period_start DESC LIMIT 12) recent
+                      JOIN fluxrate_internal.invoice_lines l ON l.org_id = x.org_id AND l.invoice_id = recent.id
+                     WHERE x.status <> 'TRIAL' AND recent.status IN ('OPEN', 'PAID', 'UNCOLLECTIBLE')
+                       AND l.line_type IN ('usage', 'late_usage') AND l.charge_id IS NOT NULL
+                       AND l.period_end <= x.current_period_start
+                     GROUP BY 1, 2, 3, 4, 5, 6) ls
+              JOIN fluxrate_internal.charges c ON c.org_id = ls.org_id AND c.id = ls.charge_id) z
+  ), per_org AS (
+    SELECT o.org_id,
+           ARRAY(SELECT i.sub_id FROM items i WHERE i.org_id = o.org_id ORDER BY i.ord) AS subs,
+           ARRAY(SELECT i.late FROM items i WHERE i.org_id = o.org_id ORDER BY i.ord) AS lates,
+           ARRAY(SELECT i.charge_id FROM items i WHERE i.org_id = o.org_id ORDER BY i.ord) AS charges,
+           ARRAY(SELECT i.ps FROM items i WHERE i.org_id = o.org_id ORDER BY i.ord) AS pss,
+           ARRAY(SELECT i.pe FROM items i WHERE i.org_id = o.org_id ORDER BY i.ord) AS pes,
+           ARRAY(SELECT i.billed FROM items i WHERE i.org_id = o.org_id ORDER BY i.ord) AS billeds,
+           ARRAY(SELECT pu.usage FROM fluxrate_internal.period_usage(o.org_id,
+                   ARRAY(SELECT i.customer_id FROM items i WHERE i.org_id = o.org_id ORDER BY i.ord),
+                   ARRAY(SELECT i.meter_id FROM items i WHERE i.org_id = o.org_id ORDER BY i.ord),
+                   ARRAY(SELECT i.ps FROM items i WHERE i.org_id = o.org_id ORDER BY i.ord),
+                   ARRAY(SELECT i.pe FROM items i WHERE i.org_id = o.org_id ORDER BY i.ord)) pu ORDER BY pu.ord) AS usages
+      FROM (SELECT DISTINCT org_id FROM items) o
+  )
+  SELECT jsonb_object_agg(q.sub_id::text, q.m) INTO v_usage
+    FROM (SELECT z.sub_id,
+                 jsonb_build_object('u', coalesce(jsonb_object_agg(z.charge_id::text, z.usage) FILTER (WHERE NOT z.late), '{}'),
+                   'late', coalesce(jsonb_agg(jsonb_build_object('c', z.charge_id, 'ps', z.ps, 'pe', z.pe, 'billed', z.billed,
+                                                                 'now', z.usage) ORDER BY z.ps, z.charge_id)
+                                    FILTER (WHERE z.late AND z.usage <> z.billed), '[]')) AS m
+            FROM per_org, unnest(per_org.subs, per_org.lates, per_org.charges, per_org.pss, per_org.pes, per_org.billeds,
+                                 per_org.usages) z(sub_id, late, charge_id, ps, pe, billed, usage)
+           GROUP BY z.sub_id) q;
+
+  -- 2. Everything else, in one statement.  Each step derives from the claimed
+  -- rows (b, s) and carries what it needs forward, so no step joins two large
+  -- intermediate results.
   WITH b AS MATERIALIZED (
     -- the period that ended, its proration fraction, the next period (whose
     -- in-advance fees this invoice carries unless the subscription ends now)
-    SELECT x.*, np.nominal_start, np.nominal_end,
+    SELECT x.org_id, x.id AS sub_id, x.customer_id, x.plan_id, x.current_period_index AS idx,
+           x.current_period_start AS ps, x.current_period_end AS pe, x.cancel_at_period_end AS ending,
+           np.nominal_start, np.nominal_end,
            CASE WHEN x.current_period_start = np.nominal_start AND x.current_period_end = np.nominal_end THEN 1
                 ELSE extract(epoch FROM (x.current_period_end - x.current_period_start))
                    / extract(epoch FROM (np.nominal_end - np.nominal_start)) END AS frac,
            fluxrate_internal.period_boundary(x.billing_anchor, x.billing_interval, x.alignment,
                                              x.current_period_index + 2) AS next_end,
-           p.currency, p.minimum_commitment, o.grace_period, coalesce(tr.rate, 0) AS tax_rate,
-           gen_random_uuid() AS invoice_id
+           (SELECT p.currency FROM fluxrate_internal.plans p WHERE p.org_id = x.org_id AND p.id = x.plan_id) AS currency,
+           (SELECT p.minimum_commitment FROM fluxrate_internal.plans p WHERE p.org_id = x.org_id AND p.id = x.plan_id) AS minimum,
+           (SELECT o.grace_period FROM fluxrate_internal.organizations o WHERE o.org_id = x.org_id) AS grace,
+           -- tax_rate_for(), inline: a state-specific rate beats the country-wide one; none = 0
+           coalesce((SELECT t.rate FROM fluxrate_internal.customers c, fluxrate_internal.tax_rates t
+                      WHERE c.org_id = x.org_id AND c.id = x.customer_id
+                        AND t.org_id = c.org_id AND t.country = c.billing_address_country
+                        AND t.state IN ('', coalesce(c.billing_address_state, ''))
+                      ORDER BY t.state DESC LIMIT 1), 0) AS tax_rate,
+           gen_random_uuid() AS invoice_id,
+           coalesce(v_usage->(x.id::text), '{}') AS uj,
+           -- a closing invoice of this period already exists (cannot happen while the row is
+           -- locked and advances with its invoice; the unique index would refuse a second one)
+           EXISTS (SELECT 1 FROM fluxrate_internal.invoices i
+                    WHERE i.org_id = x.org_id AND i.subscription_id = x.id AND i.kind = 'subscription'
+                      AND i.period_start = x.current_period_start) AS already
       FROM unnest(v_batch) x
       CROSS JOIN LATERAL fluxrate_internal.nominal_period(x) np
-      JOIN fluxrate_internal.plans p ON p.org_id = x.org_id AND p.id = x.plan_id
-      JOIN fluxrate_internal.organizations o ON o.org_id = x.org_id
-      -- tax_rate_for(), inline: a state-specific rate beats the country-wide one; none = 0
-      LEFT JOIN LATERAL (
-        SELECT t.rate FROM fluxrate_internal.customers c, fluxrate_internal.tax_rates t
-         WHERE c.org_id = x.org_id AND c.id = x.customer_id
-           AND t.org_id = c.org_id AND t.country = c.billing_address_country
-           AND t.state IN ('', coalesce(c.billing_address_state, ''))
-         ORDER BY t.state DESC LIMIT 1) tr ON true
      WHERE x.status <> 'TRIAL'
-  ), ch AS MATERIALIZED (
-    -- the lines of the ACTIVE charges, in charge order; in-advance fees only when there is a next period
-    SELECT b.org_id, b.id AS sub_id, c.id AS charge_id, c.type, c.billing_timing, c.meter_id, c.pricing_model,
-           c.unit_price, c.tiers, c.package_size, c.package_price, c.free_units,
-           coalesce(c.display_name, CASE WHEN c.type = 'FIXED' THEN 'Fixed fee' ELSE m.meter_name END) AS name,
-           row_number() OVER (PARTITION BY b.org_id, b.id ORDER BY c.type, c.created_at, c.id)::integer AS pos
-      FROM b
-      JOIN fluxrate_internal.charges c ON c.org_id = b.org_id AND c.plan_id = b.plan_id AND c.status = 'ACTIVE'
-      LEFT JOIN fluxrate_internal.meters m ON m.org_id = c.org_id AND m.id = c.meter_id
-     WHERE NOT (c.type = 'FIXED' AND c.billing_timing = 'in_advance' AND b.cancel_at_period_end)
-  ), late_src AS MATERIALIZED (
-    -- usage billed so far for the periods of the last 12 invoices that are finalized
-    SELECT b.org_id, b.id AS sub_id, l.charge_id, l.period_start, l.period_end,
-           sum(CASE l.line_type WHEN 'usage' THEN (l.meta->>'usage')::numeric ELSE (l.meta->>'usage_delta')::numeric END) AS billed
-      FROM b
-      CROSS JOIN LATERAL (SELECT pi.id, pi.status FROM fluxrate_internal.invoices pi
-                           WHERE pi.org_id = b.org_id AND pi.subscription_id = b.id AND pi.period_start < b.current_period_start
-                           ORDER BY pi.period_start DESC LIMIT 12) recent
-      JOIN fluxrate_internal.invoice_lines l ON l.org_id = b.org_id AND l.invoice_id = recent.id
-     WHERE recent.status IN ('OPEN', 'PAID', 'UNCOLLECTIBLE') AND l.line_type IN ('usage', 'late_usage')
-       AND l.charge_id IS NOT NULL AND l.period_end <= b.current_period_start
-     GROUP BY 1, 2, 3, 4, 5
-  ), ui AS MATERIALIZED (
-    -- every usage to measure, numbered per organization for period_usage()
-    SELECT z.*, row_number() OVER (PARTITION BY z.org_id ORDER BY z.sub_id, z.late, z.charge_id, z.ps)::integer AS ord
-      FROM (SELECT ch.org_id, ch.sub_id, ch.charge_id, b.customer_id, ch.meter_id,
-                   b.current_period_start AS ps, b.current_period_end AS pe, false AS late
-              FROM ch JOIN b ON b.org_id = ch.org_id AND b.id = ch.sub_id WHERE ch.type = 'USAGE'
-            UNION ALL
-            SELECT ls.org_id, ls.sub_id, ls.charge_id, b.customer_id, c.meter_id, ls.period_start, ls.period_end, true
-              FROM late_src ls JOIN b ON b.org_id = ls.org_id AND b.id = ls.sub_id
-              JOIN fluxrate_internal.charges c ON c.org_id = ls.org_id AND c.id = ls.charge_id) z
-  ), u AS MATERIALIZED (
-    SELECT o.org_id, pu.ord, pu.usage
-      FROM (SELECT DISTINCT org_id FROM ui) o,
-           LATERAL fluxrate_internal.period_usage(o.org_id,
-             ARRAY(SELECT ui.customer_id FROM ui WHERE ui.org_id = o.org_id ORDER BY ui.ord),
-             ARRAY(SELECT ui.meter_id FROM ui WHERE ui.org_id = o.org_id ORDER BY ui.ord),
-             ARRAY(SELECT ui.ps FROM ui WHERE ui.org_id = o.org_id ORDER BY ui.ord),
-             ARRAY(SELECT ui.pe FROM ui WHERE ui.org_id = o.org_id ORDER BY ui.ord)) pu
+  ), sb AS MATERIALIZED (
+    -- the subscriptions to invoice: how many charge lines, and the in-advance fees the
+    -- period itself was charged (for the minimum commitment)
+    SELECT b.*,
+           (SELECT count(*) FROM fluxrate_internal.charges c
+             WHERE c.org_id = b.org_id AND c.plan_id = b.plan_id AND c.status = 'ACTIVE'
+               AND NOT (c.type = 'FIXED' AND c.billing_timing = 'in_advance' AND b.ending))::integer AS n_main,
+           CASE WHEN b.minimum IS NOT NULL THEN
+             coalesce((SELECT sum(c.unit_price * b.frac) FROM fluxrate_internal.charges c
+                        WHERE c.org_id = b.org_id AND c.plan_id = b.plan_id AND c.status = 'ACTIVE'
+                          AND c.type = 'FIXED' AND c.billing_timing = 'in_advance'), 0) END AS advance_paid
+      FROM b WHERE NOT b.already
   ), main AS MATERIALIZED (
-    -- one line per charge (fill_lines' first loop)
-    SELECT ch.org_id, ch.sub_id, ch.pos, ch.type, ch.charge_id, ch.billing_timing,
-           (ch.type = 'FIXED' AND ch.billing_timing = 'in_advance') AS advance,
-           ch.name, ch.pricing_model, ch.unit_price, ch.meter_id, b.frac,
-           CASE WHEN ch.type = 'USAGE' THEN uu.usage END AS usage,
-           CASE WHEN ch.type = 'USAGE' THEN
-                  fluxrate_internal.rate_usage(ch.pricing_model, ch.unit_price, ch.tiers, ch.package_size,
-                                               ch.package_price, ch.free_units, uu.usage)
-                WHEN ch.billing_timing = 'in_advance' THEN ch.unit_price
-                ELSE ch.unit_price * b.frac END AS amount
-      FROM ch JOIN b ON b.org_id = ch.org_id AND b.id = ch.sub_id
-      LEFT JOIN ui ON ch.type = 'USAGE' AND ui.org_id = ch.org_id AND ui.sub_id = ch.sub_id
-                  AND ui.charge_id = ch.charge_id AND NOT ui.late
-      LEFT JOIN u uu ON uu.org_id = ui.org_id AND uu.ord = ui.ord
+    -- one line per ACTIVE charge, in charge order (fill_lines' first loop)
+    SELECT y.*,
+           CASE WHEN y.type = 'USAGE' THEN
+                  fluxrate_internal.rate_usage(y.pricing_model, y.unit_price, y.tiers, y.package_size,
+                                               y.package_price, y.free_units, y.usage)
+                WHEN y.advance THEN y.unit_price
+                ELSE y.unit_price * y.frac END AS amount
+      FROM (SELECT sb.org_id, sb.sub_id, sb.invoice_id, sb.currency, sb.frac, sb.ps, sb.pe, sb.pe AS adv_start, sb.next_end AS adv_end,
+                   c.id AS charge_id, c.type, c.billing_timing, c.meter_id, c.pricing_model, c.unit_price, c.tiers,
+                   c.package_size, c.package_price, c.free_units,
+                   (c.type = 'FIXED' AND c.billing_timing = 'in_advance') AS advance,
+                   coalesce(c.display_name, CASE WHEN c.type = 'FIXED' THEN 'Fixed fee' ELSE m.meter_name END) AS name,
+                   CASE WHEN c.type = 'USAGE' THEN coalesce((sb.uj->'u'->>(c.id::text))::numeric,
+                     fluxrate_internal.meter_usage(sb.org_id, sb.customer_id, c.meter_id, sb.ps, sb.pe)) END AS usage,
+                   row_number() OVER (PARTITION BY sb.org_id, sb.sub_id ORDER BY c.type, c.created_at, c.id)::integer AS pos
+              FROM sb
+              JOIN fluxrate_internal.charges c ON c.org_id = sb.org_id AND c.plan_id = sb.plan_id AND c.status = 'ACTIVE'
+              LEFT JOIN fluxrate_internal.meters m ON m.org_id = c.org_id AND m.id = c.meter_id
+             WHERE NOT (c.type = 'FIXED' AND c.billing_timing = 'in_advance' AND sb.ending)) y
   ), late AS MATERIALIZED (
-    -- late usage (fill_lines' second loop): only increases, priced incrementally
-    SELECT y.*, (SELECT count(*) FROM main m WHERE m.org_id = y.org_id AND m.sub_id = y.sub_id)::integer
-                + row_number() OVER (PARTITION BY y.org_id, y.sub_id ORDER BY y.period_start, y.charge_id)::integer AS pos
-      FROM (SELECT ls.org_id, ls.sub_id, ls.charge_id, ls.period_start, ls.period_end, ls.billed, uu.usage AS now_usage,
-                   c.meter_id, coalesce(c.display_name, m.meter_name) AS name,
+    -- late usage (fill_lines' second loop): only increases, priced incrementally, after the charges
+    SELECT y.*, y.n_main + row_number() OVER (PARTITION BY y.org_id, y.sub_id ORDER BY y.lps, y.charge_id)::integer AS pos
+      FROM (SELECT sb.org_id, sb.sub_id, sb.invoice_id, sb.currency, sb.n_main, c.id AS charge_id, c.meter_id,
+                   coalesce(c.display_name, m.meter_name) AS name,
+                   (e->>'ps')::timestamptz AS lps, (e->>'pe')::timestamptz AS lpe,
+                   (e->>'billed')::numeric AS billed, (e->>'now')::numeric AS now_usage,
                    fluxrate_internal.rate_usage(c.pricing_model, c.unit_price, c.tiers, c.package_size, c.package_price,
-                                                c.free_units, uu.usage)
+                                                c.free_units, (e->>'now')::numeric)
                  - fluxrate_internal.rate_usage(c.pricing_model, c.unit_price, c.tiers, c.package_size, c.package_price,
-                                                c.free_units, ls.billed) AS amount
-              FROM late_src ls
-              JOIN ui ON ui.org_id = ls.org_id AND ui.sub_id = ls.sub_id AND ui.late AND ui.charge_id = ls.charge_id
-                     AND ui.ps = ls.period_start
-              JOIN u uu ON uu.org_id = ui.org_id AND uu.ord = ui.ord
-              JOIN fluxrate_internal.charges c ON c.org_id = ls.org_id AND c.id = ls.charge_id
-              JOIN fluxrate_internal.meters m ON m.org_id = c.org_id AND m.id = c.meter_id
-             WHERE uu.usage <> ls.billed) y
+                                                c.free_units, (e->>'billed')::numeric) AS amount
+              FROM sb
+              CROSS JOIN LATERAL jsonb_array_elements(sb.uj->'late') e
+              JOIN fluxrate_internal.charges c ON c.org_id = sb.org_id AND c.id = (e->>'c')::uuid
+              JOIN fluxrate_internal.meters m ON m.org_id = c.org_id AND m.id = c.meter_id) y
      WHERE y.amount > 0
   ), mins AS MATERIALIZED (
     -- the minimum commitment true-up: the period's own charges, its in-advance
-    -- fees (billed before) included, the next period's excluded
-    SELECT b.org_id, b.id AS sub_id, b.minimum_commitment * b.frac - t.period_sum AS amount,
-           (SELECT count(*) FROM main m WHERE m.org_id = b.org_id AND m.sub_id = b.id)::integer
-           + (SELECT count(*) FROM late l WHERE l.org_id = b.org_id AND l.sub_id = b.id)::integer + 1 AS pos
-      FROM b
-      CROSS JOIN LATERAL (
-        SELECT coalesce((SELECT sum(m.amount) FROM main m WHERE m.org_id = b.org_id AND m.sub_id = b.id AND NOT m.advance), 0)
-             + coalesce((SELECT sum(c.unit_price * b.frac) FROM fluxrate_internal.charges c
-                          WHERE c.org_id = b.org_id AND c.plan_id = b.plan_id AND c.status = 'ACTIVE'
-                            AND c.type = 'FIXED' AND c.billing_timing = 'in_advance'), 0) AS period_sum) t
-     WHERE b.minimum_commitment IS NOT NULL AND t.period_sum < b.minimum_commitment * b.frac
+    -- fees (billed before) included, the next period's excluded; after the late lines
+    SELECT sb.org_id, sb.sub_id, sb.invoice_id, sb.currency, sb.ps, sb.pe,
+           sb.minimum * sb.frac - (coalesce(ms.period_sum, 0) + sb.advance_paid) AS amount,
+           sb.n_main + coalesce(nl.n, 0)::integer + 1 AS pos
+      FROM sb
+      LEFT JOIN (SELECT m.org_id, m.sub_id, sum(m.amount) FILTER (WHERE NOT m.advance) AS period_sum
+                   FROM main m GROUP BY 1, 2) ms ON ms.org_id = sb.org_id AND ms.sub_id = sb.sub_id
+      LEFT JOIN (SELECT l.org_id, l.sub_id, count(*) AS n FROM late l GROUP BY 1, 2) nl
+             ON nl.org_id = sb.org_id AND nl.sub_id = sb.sub_id
+     WHERE sb.minimum IS NOT NULL
+       AND coalesce(ms.period_sum, 0) + sb.advance_paid < sb.minimum * sb.frac
   ), lines AS MATERIALIZED (
-    SELECT l.*, fluxrate_internal.round_money(l.amount, b.currency) AS line_total,
-           CASE WHEN l.advance THEN b.current_period_end ELSE coalesce(l.lps, b.current_period_start) END AS line_start,
-           CASE WHEN l.advance THEN b.next_end ELSE coalesce(l.lpe, b.current_period_end) END AS line_end
+    SELECT l.*, fluxrate_internal.round_money(l.amount, l.currency) AS line_total
       FROM (
-        SELECT m.org_id, m.sub_id, m.pos, CASE m.type WHEN 'USAGE' THEN 'usage' ELSE 'fixed' END AS line_type, m.charge_id,
+        SELECT m.org_id, m.sub_id, m.invoice_id, m.currency, m.pos,
+               CASE m.type WHEN 'USAGE' THEN 'usage' ELSE 'fixed' END AS line_type, m.charge_id,
                m.name || CASE WHEN m.type = 'FIXED' AND NOT m.advance AND m.frac <> 1 THEN ' (prorated)' ELSE '' END AS description,
                CASE WHEN m.type = 'USAGE' THEN m.usage WHEN m.advance OR m.frac = 1 THEN 1 ELSE round(m.frac, 12) END AS quantity,
                CASE WHEN m.type = 'FIXED' OR m.pricing_model = 'per_unit' THEN m.unit_price
                     WHEN m.usage = 0 THEN 0 ELSE round(m.amount / m.usage, 12) END AS unit_amount,
-               m.amount, m.advance,
+               m.amount,
+               CASE WHEN m.advance THEN m.adv_start ELSE m.ps END AS line_start,
+               CASE WHEN m.advance THEN m.adv_end ELSE m.pe END AS line_end,
                CASE WHEN m.type = 'USAGE' THEN jsonb_build_object('meter_id', m.meter_id, 'usage', m.usage, 'pricing_model', m.pricing_model)
-                    ELSE jsonb_build_object('billing_timing', m.billing_timing) END AS meta,
-               NULL::timestamptz AS lps, NULL::timestamptz AS lpe
+                    ELSE jsonb_build_object('billing_timing', m.billing_timing) END AS meta
           FROM main m
         UNION ALL
-        SELECT l.org_id, l.sub_id, l.pos, 'late_usage', l.charge_id,
-               format('%s - late usage for %s to %s', l.name, to_char(l.period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD'),
-                      to_char(l.period_end AT TIME ZONE 'UTC', 'YYYY-MM-DD')),
-               l.now_usage - l.billed, round(l.amount / (l.now_usage - l.billed), 12), l.amount, false,
+        SELECT l.org_id, l.sub_id, l.invoice_id, l.currency, l.pos, 'late_usage', l.charge_id,
+               format('%s - late usage for %s to %s', l.name, to_char(l.lps AT TIME ZONE 'UTC', 'YYYY-MM-DD'),
+                      to_char(l.lpe AT TIME ZONE 'UTC', 'YYYY-MM-DD')),
+               l.now_usage - l.billed, round(l.amount / (l.now_usage - l.billed), 12), l.amount, l.lps, l.lpe,
                jsonb_build_object('meter_id', l.meter_id, 'usage_delta', l.now_usage - l.billed, 'usage_now', l.now_usage,
-                                  'billed_before', l.billed),
-               l.period_start, l.period_end
+                                  'billed_before', l.billed)
           FROM late l
         UNION ALL
-        SELECT n.org_id, n.sub_id, n.pos, 'minimum', NULL, 'Minimum commitment true-up', 1, n.amount, n.amount, false, '{}'::jsonb,
-               NULL, NULL
+        SELECT n.org_id, n.sub_id, n.invoice_id, n.currency, n.pos, 'minimum', NULL, 'Minimum commitment true-up', 1,
+               n.amount, n.amount, n.ps, n.pe, '{}'::jsonb
           FROM mins n) l
-      JOIN b ON b.org_id = l.org_id AND b.id = l.sub_id
   ), inv AS (
     -- an invoice with no line (in-advance fees only, last period) is not written
     INSERT INTO fluxrate_internal.invoices AS i (org_id, id, kind, customer_id, subscription_id, currency, subtotal, tax, tax_rate,
         total, amount_due, period_start, period_end, scheduled_finalize_at, meta_data, created_at, updated_at)
-    SELECT b.org_id, b.invoice_id, 'subscription', b.customer_id, b.id, b.currency, t.subtotal,
-           fluxrate_internal.round_money(t.unrounded * b.tax_rate, b.currency), b.tax_rate,
-           t.subtotal + fluxrate_internal.round_money(t.unrounded * b.tax_rate, b.currency),
-           t.subtotal + fluxrate_internal.round_money(t.unrounded * b.tax_rate, b.currency),
-           b.current_period_start, b.current_period_end, v_now + b.grace_period,
-           jsonb_build_object('nominal_start', b.nominal_start, 'nominal_end', b.nominal_end)
-           || CASE WHEN b.cancel_at_period_end THEN '{}'::jsonb
-                   ELSE jsonb_build_object('advance_start', b.current_period_end, 'advance_end', b.next_end) END,
+    SELECT sb.org_id, sb.invoice_id, 'subscription', sb.customer_id, sb.sub_id, sb.currency, t.subtotal,
+           fluxrate_internal.round_money(t.unrounded * sb.tax_rate, sb.currency), sb.tax_rate,
+           t.subtotal + fluxrate_internal.round_money(t.unrounded * sb.tax_rate, sb.currency),
+           t.subtotal + fluxrate_internal.round_money(t.unrounded * sb.tax_rate, sb.currency),
+           sb.ps, sb.pe, v_now + sb.grace,
+           jsonb_build_object('nominal_start', sb.nominal_start, 'nominal_end', sb.nominal_end)
+           || CASE WHEN sb.ending THEN '{}'::jsonb
+                   ELSE jsonb_build_object('advance_start', sb.pe, 'advance_end', sb.next_end) END,
            v_now, v_now
-      FROM b
+      FROM sb
       JOIN (SELECT l.org_id, l.sub_id, sum(l.line_total) AS subtotal, sum(l.amount) AS unrounded
-              FROM lines l GROUP BY 1, 2) t ON t.org_id = b.org_id AND t.sub_id = b.id
-    ON CONFLICT DO NOTHING
+              FROM lines l GROUP BY 1, 2) t ON t.org_id = sb.org_id AND t.sub_id = sb.sub_id
     RETURNING i.org_id, i.id, i.subscription_id, i.customer_id, i.total, i.currency, i.status
   ), ins_lines AS (
     INSERT INTO fluxrate_internal.invoice_lines (org_id, invoice_id, position, line_type, charge_id, description,
         quantity, unit_amount, line_total, amount_unrounded, period_start, period_end, meta)
-    SELECT l.org_id, inv.id, l.pos, l.line_type, l.charge_id, l.description, l.quantity, l.unit_amount, l.line_total, l.amount,
-           l.line_start, l.line_end, l.meta
+    SELECT l.org_id, l.invoice_id, l.pos, l.line_type, l.charge_id, l.description, l.quantity, l.unit_amount, l.line_total,
+           l.amount, l.line_start, l.line_end, l.meta
       FROM lines l
-      JOIN inv ON inv.org_id = l.org_id AND inv.subscription_id = l.sub_id
   ), adv AS (
     -- the period advances, or the subscription ends with it
     UPDATE fluxrate_internal.subscriptions x
-       SET status = CASE WHEN b.cancel_at_period_end THEN 'CANCELED' ELSE x.status END,
-           ended_at = CASE WHEN b.cancel_at_period_end THEN b.current_period_end ELSE x.ended_at END,
-           current_period_index = CASE WHEN b.cancel_at_period_end THEN x.current_period_index ELSE b.current_period_index + 1 END,
-           current_period_start = CASE WHEN b.cancel_at_period_end THEN x.current_period_start ELSE b.current_period_end END,
-           current_period_end = CASE WHEN b.cancel_at_period_end THEN x.current_period_end ELSE b.next_end END,
+       SET status = CASE WHEN b.ending THEN 'CANCELED' ELSE x.status END,
+           ended_at = CASE WHEN b.ending THEN b.pe ELSE x.ended_at END,
+           current_period_index = CASE WHEN b.ending THEN x.current_period_index ELSE b.idx + 1 END,
+           current_period_start = CASE WHEN b.ending THEN x.current_period_start ELSE b.pe END,
+           current_period_end = CASE WHEN b.ending THEN x.current_period_end ELSE b.next_end END,
            last_invoiced_date = v_now
       FROM b
-     WHERE x.org_id = b.org_id AND x.id = b.id
-    RETURNING x.org_id, x.id, x.customer_id, b.cancel_at_period_end AS ended, b.current_period_end AS ended_at
+     WHERE x.org_id = b.org_id AND x.id = b.sub_id
+    RETURNING x.org_id, x.id, x.customer_id, b.ending AS ended, b.pe AS ended_at
   ), ev AS MATERIALIZED (
     -- the outbox events, as emit_event() writes them
     SELECT e.org_id, fluxrate_internal.uuid_v7() AS id, e.event, e.data
