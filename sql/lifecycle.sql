@@ -21,7 +21,8 @@ SELECT (fluxrate.create_organization('Acme', payment_terms_days => 14))->>'id' A
 SELECT (fluxrate.create_organization('Globex'))->>'id' AS org_b \gset
 SELECT fluxrate.act_as(:'org', true) IS NOT NULL AS acting;
 SELECT (fluxrate.create_plan('Basic', 'basic', 'FIXED', 'month', 'USD'))->>'id' AS plan \gset
-SELECT (fluxrate.add_charge(:'plan', 'FIXED', unit_price => 30, display_name => 'Basic'))->>'status' AS charge;
+-- in arrears: each invoice bills the fee of its own period (in-advance fees are tested at the end)
+SELECT (fluxrate.add_charge(:'plan', 'FIXED', unit_price => 30, display_name => 'Basic', billing_timing => 'in_arrears'))->>'status' AS charge;
 SELECT (fluxrate.create_customer('Calendar Co', 'cal@example.com', 'cal', billing_address_country => 'IN'))->>'id' AS cust \gset
 
 -- Calendar alignment: $30/month from Jan 15 -> first period Jan 15 - Feb 1 -> 30 x 17/31 = 16.4516 -> 16.45
@@ -165,4 +166,197 @@ SELECT fluxrate.preview_invoice(:'sub3');                                -- PT40
 SELECT fluxrate.list_subscription_invoices(:'sub3');                     -- PT404
 SELECT fluxrate.list_customer_invoices(:'cust');                         -- PT404
 SELECT (fluxrate.list_invoices())->'meta'->'total' AS b_invoices, fluxrate.list_tax_rates() AS b_tax_rates;
+RESET fluxrate.acting_org;
+
+-- FIXED charges billed in advance (the default for FIXED).  A closing invoice
+-- carries the usage of the period that ended and the in-advance fees of the next
+-- period (labelled with its dates); the first period's fees go on an opening
+-- invoice when the subscription starts (or its trial ends).  Another organization,
+-- from Jan 2028; the customers have no country (no tax) except the hybrid ones (DE, 10%).
+SET fluxrate.pinned_now = '2028-01-15 00:00:00+00';
+SELECT (fluxrate.create_organization('Initrode'))->>'id' AS org_c \gset
+SELECT fluxrate.act_as(:'org_c', true) IS NOT NULL AS acting_c;
+SELECT (fluxrate.create_plan('Seat', 'seat', 'FIXED', 'month', 'USD'))->>'id' AS adv \gset
+SELECT c->>'billing_timing' AS default_timing FROM fluxrate.add_charge(:'adv', 'FIXED', unit_price => 30, display_name => 'Seat') c;
+SELECT (fluxrate.create_plan('Seat arrears', 'seat_arrears', 'FIXED', 'month', 'USD'))->>'id' AS arr \gset
+SELECT (fluxrate.add_charge(:'arr', 'FIXED', unit_price => 30, display_name => 'Seat', billing_timing => 'in_arrears'))->>'status' AS charge;
+SELECT (fluxrate.create_plan('Hybrid', 'hybrid', 'HYBRID', 'month', 'USD', minimum_commitment => 50))->>'id' AS hyb \gset
+SELECT f->>'meter_id' AS hmeter FROM fluxrate.create_feature('Calls', 'calls', 'meter', meter_name => 'calls', property_name => 'n',
+       aggregation_type => 'SUM') f \gset
+SELECT (fluxrate.add_charge(:'hyb', 'FIXED', unit_price => 20, display_name => 'Platform'))->>'status' AS charge;
+SELECT (fluxrate.add_charge(:'hyb', 'USAGE', meter_id => :'hmeter', unit_price => 0.5, display_name => 'Calls'))->>'status' AS charge;
+SELECT (fluxrate.set_tax_rate('DE', 0.10, name => 'VAT'))->>'rate' AS vat;
+SELECT (fluxrate.create_customer('Calendar', 'c1@example.com', 'c1'))->>'id' AS c1 \gset
+SELECT (fluxrate.create_customer('Advance', 'c2@example.com', 'c2'))->>'id' AS c2 \gset
+SELECT (fluxrate.create_customer('Arrears', 'c3@example.com', 'c3'))->>'id' AS c3 \gset
+SELECT (fluxrate.create_customer('Trial', 'c4@example.com', 'c4'))->>'id' AS c4 \gset
+SELECT (fluxrate.create_customer('Hybrid', 'c5@example.com', 'c5', billing_address_country => 'DE'))->>'id' AS c5 \gset
+SELECT (fluxrate.create_customer('Hybrid quits', 'c6@example.com', 'c6', billing_address_country => 'DE'))->>'id' AS c6 \gset
+
+-- Calendar alignment, in advance: the opening invoice bills the partial first period
+-- Jan 15 - Feb 1 at once: 30 x 17/31 = 16.4516 -> 16.45, a DRAFT finalized after the grace period
+SELECT (fluxrate.create_subscription(:'c1', :'adv', start_date => '2028-01-15 00:00+00', alignment => 'calendar'))->>'id' AS sub_b \gset
+SELECT kind, status, period_start, period_end, total, scheduled_finalize_at FROM fluxrate_internal.invoices WHERE subscription_id = :'sub_b';
+SELECT l.description, l.quantity, l.line_total, l.period_start, l.period_end
+  FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.subscription_id = :'sub_b';
+-- opening is exactly-once: a second attempt writes nothing
+SELECT fluxrate_internal.open_subscription(s) IS NULL AS opened_once FROM fluxrate_internal.subscriptions s WHERE s.id = :'sub_b';
+SET fluxrate.pinned_now = '2028-01-15 01:00:00+00';
+CALL fluxrate.finalize_due_invoices();
+SELECT kind, status, invoice_number, total FROM fluxrate_internal.invoices WHERE subscription_id = :'sub_b';
+-- Feb 1: the partial period closes; its invoice carries February's fee in advance, whole: 30.00
+SET fluxrate.pinned_now = '2028-02-01 00:00:30+00';
+CALL fluxrate.close_due_periods();
+SELECT i.kind, i.period_start AS invoice_period, l.description, l.quantity, l.line_total, l.period_start, l.period_end, i.total
+  FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.subscription_id = :'sub_b' ORDER BY i.period_start, i.kind, l.position;
+
+-- In advance vs in arrears over three periods, from Mar 1 2028.  In advance: the
+-- opening invoice bills March (30.00) now; in arrears: nothing yet.
+SET fluxrate.pinned_now = '2028-03-01 00:00:00+00';
+SELECT (fluxrate.create_subscription(:'c2', :'adv', start_date => '2028-03-01 00:00+00'))->>'id' AS sub_adv \gset
+SELECT (fluxrate.create_subscription(:'c3', :'arr', start_date => '2028-03-01 00:00+00'))->>'id' AS sub_arr \gset
+-- trial until Mar 15: no invoice during the trial
+SELECT s->>'id' AS sub_trial2, s->>'status' AS status
+  FROM fluxrate.create_subscription(:'c4', :'adv', start_date => '2028-03-01 00:00+00', trial_end_date => '2028-03-15 00:00+00') s \gset
+-- hybrid (Platform 20 in advance + Calls 0.50 in arrears, minimum commitment 50, 10% VAT):
+-- opening invoices 20.00 + 2.00 VAT = 22.00
+SELECT (fluxrate.create_subscription(:'c5', :'hyb', start_date => '2028-03-01 00:00+00'))->>'id' AS sub_hyb \gset
+SELECT (fluxrate.create_subscription(:'c6', :'hyb', start_date => '2028-03-01 00:00+00'))->>'id' AS sub_hyb2 \gset
+SELECT c.name, i.kind, i.period_start, i.period_end, i.subtotal, i.tax, i.total
+  FROM fluxrate_internal.customers c LEFT JOIN fluxrate_internal.invoices i ON i.org_id = c.org_id AND i.customer_id = c.id
+ WHERE c.org_id = :'org_c' AND c.name <> 'Calendar' ORDER BY c.name;
+INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at)
+VALUES (:'org_c', fluxrate_internal.uuid_v7(), :'c5', :'hmeter', 10, '2028-03-10', '2028-03-10'),
+       (:'org_c', fluxrate_internal.uuid_v7(), :'c6', :'hmeter', 30, '2028-03-05', '2028-03-05'),
+       (:'org_c', fluxrate_internal.uuid_v7(), :'c5', :'hmeter', 4, '2028-04-12', '2028-04-12');
+
+-- Mar 15: the trial ends: ACTIVE, and the opening invoice bills Mar 15 - Apr 15 in advance: 30.00
+SET fluxrate.pinned_now = '2028-03-15 00:00:30+00';
+CALL fluxrate.close_due_periods();
+SELECT s.status, i.kind, i.period_start, i.period_end, i.total, i.scheduled_finalize_at
+  FROM fluxrate_internal.subscriptions s JOIN fluxrate_internal.invoices i ON i.org_id = s.org_id AND i.subscription_id = s.id
+ WHERE s.id = :'sub_trial2';
+
+-- Cancel immediately on Mar 20 (19 of March's 31 days): the final invoice bills the usage so far,
+-- 30 x 0.50 = 15.00, and not the Platform fee (billed in advance; no credit for the rest).
+-- Minimum commitment for the 19 days: (50 - 20) x 19/31 - 15 = 570/31 - 15 = 3.387 -> 3.39;
+-- subtotal 18.39; VAT on the unrounded 18.387 -> 1.84; total 20.23
+SET fluxrate.pinned_now = '2028-03-20 00:00:00+00';
+SELECT c->>'status' AS status FROM fluxrate.cancel_subscription(:'sub_hyb2') c;
+SELECT l.line_type, l.description, l.quantity, l.line_total, i.subtotal, i.tax, i.total
+  FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.subscription_id = :'sub_hyb2' AND i.kind = 'final' ORDER BY l.position;
+
+-- Apr 1: March closes.  Hybrid: Platform 20.00 for April (in advance), Calls 10 x 0.50 = 5.00
+-- for March; March's total counts its Platform fee (billed on the opening invoice):
+-- true-up 50 - (20 + 5) = 25.00; subtotal 50.00, VAT 5.00, total 55.00.
+SET fluxrate.pinned_now = '2028-04-01 00:00:30+00';
+CALL fluxrate.close_due_periods();
+SELECT l.line_type, l.description, l.quantity, l.line_total, l.period_start, l.period_end
+  FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.subscription_id = :'sub_hyb' AND i.kind = 'subscription' ORDER BY l.position;
+SELECT subtotal, tax, total FROM fluxrate_internal.invoices WHERE subscription_id = :'sub_hyb' AND kind = 'subscription';
+-- cancel the hybrid at period end: April's invoice bills April's usage (4 x 0.50 = 2.00) and no
+-- May fee; true-up 50 - (20 + 2) = 28.00; subtotal 30.00, VAT 3.00, total 33.00
+SET fluxrate.pinned_now = '2028-04-10 00:00:00+00';
+SELECT c->>'cancel_at_period_end' AS at_end FROM fluxrate.cancel_subscription(:'sub_hyb', true) c;
+SET fluxrate.pinned_now = '2028-05-01 00:00:30+00';
+CALL fluxrate.close_due_periods();
+SELECT l.line_type, l.description, l.quantity, l.line_total, l.period_start, l.period_end
+  FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.subscription_id = :'sub_hyb' AND i.period_start = '2028-04-01' ORDER BY l.position;
+SELECT i.subtotal, i.tax, i.total, s.status, s.ended_at
+  FROM fluxrate_internal.invoices i JOIN fluxrate_internal.subscriptions s ON s.org_id = i.org_id AND s.id = i.subscription_id
+ WHERE i.subscription_id = :'sub_hyb' AND i.period_start = '2028-04-01';
+SET fluxrate.pinned_now = '2028-06-01 00:00:30+00';
+CALL fluxrate.close_due_periods();
+-- three periods (March, April, May) closed.  In advance: opening (March) + three closings carrying
+-- April, May, June = 4 x 30.00 = 120.00, each line labelled with the period it pays for.
+-- In arrears: three invoices, March, April, May = 90.00.
+SELECT i.kind, i.period_start AS invoice_period, l.description, l.line_total, l.period_start AS pays_from, l.period_end AS pays_to
+  FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.subscription_id = :'sub_adv' ORDER BY i.period_start, i.kind, l.position;
+SELECT i.kind, i.period_start AS invoice_period, l.description, l.line_total, l.period_start AS pays_from, l.period_end AS pays_to
+  FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.subscription_id = :'sub_arr' ORDER BY i.period_start, i.kind, l.position;
+SELECT s.id = :'sub_adv' AS in_advance, count(i.*) AS invoices, sum(i.total) AS billed
+  FROM fluxrate_internal.subscriptions s JOIN fluxrate_internal.invoices i ON i.org_id = s.org_id AND i.subscription_id = s.id
+ WHERE s.id IN (:'sub_adv', :'sub_arr') GROUP BY 1 ORDER BY 1;
+-- cancel at period end in June: June was paid on May's invoice; July's fee is not billed, and
+-- with nothing else to bill (no usage charge) there is no closing invoice at all
+SET fluxrate.pinned_now = '2028-06-10 00:00:00+00';
+SELECT c->>'cancel_at_period_end' AS at_end FROM fluxrate.cancel_subscription(:'sub_adv', true) c;
+SET fluxrate.pinned_now = '2028-07-01 00:00:30+00';
+CALL fluxrate.close_due_periods();
+SELECT s.status, s.ended_at, (SELECT count(*) FROM fluxrate_internal.invoices i WHERE i.org_id = s.org_id AND i.subscription_id = s.id) AS invoices,
+       (SELECT sum(total) FROM fluxrate_internal.invoices i WHERE i.org_id = s.org_id AND i.subscription_id = s.id) AS billed
+  FROM fluxrate_internal.subscriptions s WHERE s.id = :'sub_adv';
+
+-- Closing is set-based (one statement per batch); fill_lines() (used by finalization, preview,
+-- generate, cancel) stays the reference: recomputing the closer's drafts with it changes nothing.
+-- Tiers, packages, late usage and a webhook endpoint (every event fans out once).
+SET fluxrate.pinned_now = '2028-07-01 00:10:00+00';
+SELECT (fluxrate.create_webhook_endpoint('https://initrode.test/hook'))->>'status' AS endpoint;
+SELECT (fluxrate.create_plan('Tiered', 'tiered', 'USAGE', 'month', 'USD'))->>'id' AS tiered \gset
+SELECT f->>'meter_id' AS gbmeter FROM fluxrate.create_feature('Storage', 'gb', 'meter', meter_name => 'gb', property_name => 'gb',
+       aggregation_type => 'SUM') f \gset
+SELECT (fluxrate.add_charge(:'tiered', 'USAGE', meter_id => :'hmeter', pricing_model => 'graduated', display_name => 'Calls',
+        tiers => '[{"up_to": 100, "unit_price": 0.10, "flat_fee": 0}, {"up_to": null, "unit_price": 0.05, "flat_fee": 0}]'))->>'status' AS charge;
+-- (charges are listed in the order they were added: the second one a second later)
+SET fluxrate.pinned_now = '2028-07-01 00:10:01+00';
+SELECT (fluxrate.add_charge(:'tiered', 'USAGE', meter_id => :'gbmeter', pricing_model => 'package', package_size => 50,
+        package_price => 2, display_name => 'Storage'))->>'status' AS charge;
+SELECT (fluxrate.create_customer('Tiered', 'c7@example.com', 'c7', billing_address_country => 'DE'))->>'id' AS c7 \gset
+SELECT (fluxrate.create_subscription(:'c7', :'tiered', start_date => '2028-07-01 00:00+00'))->>'id' AS sub_t \gset
+INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at)
+VALUES (:'org_c', fluxrate_internal.uuid_v7(), :'c7', :'hmeter', 150, '2028-07-03', '2028-07-03'),
+       (:'org_c', fluxrate_internal.uuid_v7(), :'c7', :'gbmeter', 120, '2028-07-04', '2028-07-04'),
+       (:'org_c', fluxrate_internal.uuid_v7(), :'c7', :'hmeter', 10, '2028-08-10', '2028-08-10');
+-- July: calls 100 x 0.10 + 50 x 0.05 = 12.50; storage 120 GB = 3 packages of 50 x 2 = 6.00;
+-- subtotal 18.50, VAT 1.85, total 20.35
+SET fluxrate.pinned_now = '2028-08-01 00:00:30+00';
+CALL fluxrate.close_due_periods();
+SELECT l.description, l.quantity, l.unit_amount, l.line_total, i.subtotal, i.tax, i.total
+  FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.subscription_id = :'sub_t' ORDER BY l.position;
+CREATE TEMP VIEW draft_lines AS
+SELECT i.id, i.subtotal, i.tax, i.tax_rate, i.total, i.amount_due, l.position, l.line_type, l.charge_id, l.description, l.quantity,
+       l.unit_amount, l.line_total, l.amount_unrounded, l.period_start, l.period_end, l.meta
+  FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.org_id = :'org_c' AND i.kind = 'subscription' AND i.status = 'DRAFT';
+CREATE TEMP TABLE closer_lines AS SELECT * FROM draft_lines;
+SELECT count(*) AS recomputed FROM (
+  SELECT fluxrate_internal.fill_lines(i.org_id, i.id, (i.meta_data->>'nominal_start')::timestamptz, (i.meta_data->>'nominal_end')::timestamptz)
+    FROM fluxrate_internal.invoices i WHERE i.org_id = :'org_c' AND i.kind = 'subscription' AND i.status = 'DRAFT') x;
+SELECT (SELECT count(*) FROM closer_lines) AS lines,
+       (SELECT count(*) FROM (TABLE closer_lines EXCEPT TABLE draft_lines) a) + (SELECT count(*) FROM (TABLE draft_lines EXCEPT TABLE closer_lines) b) AS differences;
+SET fluxrate.pinned_now = '2028-08-01 01:00:30+00';
+CALL fluxrate.finalize_due_invoices();
+-- a July event arrives after July's invoice is OPEN: 60 more calls.  August: calls 10 x 0.10 = 1.00,
+-- storage 0.00, late July calls rated incrementally: rate(210) - rate(150) = (10 + 110 x 0.05) - 12.50
+-- = 3.00 for 60 calls (0.05 each); subtotal 4.00, VAT 0.40, total 4.40
+INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at)
+VALUES (:'org_c', fluxrate_internal.uuid_v7(), :'c7', :'hmeter', 60, '2028-07-20', '2028-08-05');
+SET fluxrate.pinned_now = '2028-09-01 00:00:30+00';
+CALL fluxrate.close_due_periods();
+SELECT l.line_type, l.description, l.quantity, l.unit_amount, l.line_total, i.subtotal, i.tax, i.total
+  FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.subscription_id = :'sub_t' AND i.period_start = '2028-08-01' ORDER BY l.position;
+TRUNCATE closer_lines;
+INSERT INTO closer_lines SELECT * FROM draft_lines;
+SELECT count(*) AS recomputed FROM (
+  SELECT fluxrate_internal.fill_lines(i.org_id, i.id, (i.meta_data->>'nominal_start')::timestamptz, (i.meta_data->>'nominal_end')::timestamptz)
+    FROM fluxrate_internal.invoices i WHERE i.org_id = :'org_c' AND i.kind = 'subscription' AND i.status = 'DRAFT') x;
+SELECT (SELECT count(*) FROM closer_lines) AS lines,
+       (SELECT count(*) FROM (TABLE closer_lines EXCEPT TABLE draft_lines) a) + (SELECT count(*) FROM (TABLE draft_lines EXCEPT TABLE closer_lines) b) AS differences;
+-- every event since the endpoint exists has exactly one delivery; the closer's events have the
+-- shape emit_event() writes (one shape per event, whoever wrote it)
+SELECT count(*) AS events, count(d.id) AS deliveries, count(DISTINCT o.id) AS distinct_events
+  FROM fluxrate_internal.outbox o LEFT JOIN fluxrate_internal.deliveries d ON d.org_id = o.org_id AND d.event_id = o.id
+ WHERE o.org_id = :'org_c' AND o.created_at >= '2028-07-01 00:10:00+00';
+SELECT o.event, (SELECT string_agg(k, ',' ORDER BY k) FROM jsonb_object_keys(o.payload) k) AS payload_keys,
+       (SELECT string_agg(k, ',' ORDER BY k) FROM jsonb_object_keys(o.payload->'data') k) AS data_keys, count(*) AS n
+  FROM fluxrate_internal.outbox o WHERE o.org_id = :'org_c' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3;
 RESET fluxrate.acting_org;

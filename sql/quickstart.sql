@@ -14,7 +14,10 @@ SELECT f->>'meter_id' AS meter_id, f->>'meter_token' AS meter_token
 -- 2. plan and charges: $49 platform fee, $0.002 per call, and a graduated storage charge
 SELECT (fluxrate.create_plan(name => 'Pro', lookup_id => 'pro_monthly', type => 'HYBRID', billing_interval => 'month',
         currency => 'USD'))->>'id' AS plan_id \gset
-SELECT (fluxrate.add_charge(plan_id => :'plan_id', type => 'FIXED', unit_price => 49, display_name => 'Platform fee'))->>'status' AS fixed;
+-- (the platform fee is billed in arrears here, on the invoice of the month it pays for; in-advance
+-- fees, the default for FIXED charges, are shown in sql/lifecycle.sql)
+SELECT (fluxrate.add_charge(plan_id => :'plan_id', type => 'FIXED', unit_price => 49, display_name => 'Platform fee',
+        billing_timing => 'in_arrears'))->>'status' AS fixed;
 SELECT (fluxrate.add_charge(plan_id => :'plan_id', type => 'USAGE', meter_id => :'meter_id', unit_price => 0.002,
         display_name => 'API calls'))->>'status' AS usage;
 -- 3. customer (in California, with an 8.25% state rate and a 5% country-wide rate: the state wins)

@@ -244,7 +244,7 @@ CREATE TABLE fluxrate_internal.invoices (
   org_id                 uuid NOT NULL,
   id                     uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
   invoice_number         text,                -- INV-YYYY-NNNN, assigned at finalization
-  kind                   text NOT NULL DEFAULT 'subscription' CHECK (kind IN ('subscription', 'manual', 'final')),
+  kind                   text NOT NULL DEFAULT 'subscription' CHECK (kind IN ('subscription', 'opening', 'manual', 'final')),
   status                 text NOT NULL DEFAULT 'DRAFT'
                            CHECK (status IN ('DRAFT', 'OPEN', 'PAID', 'VOID', 'UNCOLLECTIBLE')),
   customer_id            uuid NOT NULL,
@@ -275,6 +275,11 @@ CREATE TABLE fluxrate_internal.invoices (
 -- exactly one invoice per subscription period, whoever closes it
 CREATE UNIQUE INDEX invoices_period_once_idx ON fluxrate_internal.invoices (org_id, subscription_id, period_start)
   WHERE kind = 'subscription';
+-- and one opening invoice (the first period's in-advance fees) per subscription
+-- period: it shares period_start with the closing invoice of the same period, so
+-- it has its own kind and key
+CREATE UNIQUE INDEX invoices_opening_once_idx ON fluxrate_internal.invoices (org_id, subscription_id, period_start)
+  WHERE kind = 'opening';
 CREATE INDEX invoices_customer_idx ON fluxrate_internal.invoices (org_id, customer_id);
 -- a subscription's invoices in period order (lists, late usage)
 CREATE INDEX invoices_subscription_idx ON fluxrate_internal.invoices (org_id, subscription_id, period_start);

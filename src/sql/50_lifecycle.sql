@@ -128,6 +128,15 @@ $$;
 -- days for midnight boundaries: Jan 15 -> Feb 1 of a January period = 17/31).
 -- One line per ACTIVE charge, zero-usage lines included (a statement), then the
 -- plan's minimum-commitment true-up.  Each line rounded once.
+-- FIXED charges billed in advance:
+--   * an 'opening' invoice carries only them, for its own (first) period;
+--   * a closing invoice (kind 'subscription') whose meta_data names an advance
+--     period (advance_start/advance_end: the next period, absent when the
+--     subscription ends with this one) carries them for that next period, at the
+--     full price, labelled with its dates;
+--   * interim and final invoices never carry them (that period was paid ahead).
+-- For the minimum commitment, the period's total counts the in-advance fees of
+-- the period itself (billed earlier) and not the next period's.
 CREATE FUNCTION fluxrate_internal.fill_lines(org_id uuid, invoice_id uuid, nominal_start timestamptz, nominal_end timestamptz,
     usage_map jsonb DEFAULT NULL)
   RETURNS void
@@ -146,6 +155,9 @@ DECLARE
   v_usage numeric;
   v_sum numeric := 0;
   v_unit numeric;
+  v_opening boolean;
+  v_adv_start timestamptz;
+  v_adv_end timestamptz;
 BEGIN
   SELECT * INTO i FROM fluxrate_internal.invoices x WHERE x.org_id = fill_lines.org_id AND x.id = fill_lines.invoice_id;
   SELECT * INTO s FROM fluxrate_internal.subscriptions x WHERE x.org_id = i.org_id AND x.id = i.subscription_id;
@@ -153,22 +165,41 @@ BEGIN
   DELETE FROM fluxrate_internal.invoice_lines l WHERE l.org_id = i.org_id AND l.invoice_id = i.id;
   v_frac := CASE WHEN i.period_start = nominal_start AND i.period_end = nominal_end THEN 1
                  ELSE extract(epoch FROM (i.period_end - i.period_start)) / extract(epoch FROM (nominal_end - nominal_start)) END;
+  v_opening := i.kind = 'opening';
+  IF i.kind = 'subscription' THEN
+    v_adv_start := (i.meta_data->>'advance_start')::timestamptz;
+    v_adv_end := (i.meta_data->>'advance_end')::timestamptz;
+  END IF;
   FOR c IN
     SELECT ch.*, m.meter_name FROM fluxrate_internal.charges ch
       LEFT JOIN fluxrate_internal.meters m ON m.org_id = ch.org_id AND m.id = ch.meter_id
      WHERE ch.org_id = i.org_id AND ch.plan_id = s.plan_id AND ch.status = 'ACTIVE'
+       AND (NOT v_opening OR (ch.type = 'FIXED' AND ch.billing_timing = 'in_advance'))
      ORDER BY ch.type, ch.created_at, ch.id
   LOOP
+    IF c.type = 'FIXED' AND c.billing_timing = 'in_advance' AND NOT v_opening THEN
+      -- paid ahead for this period: it counts towards the minimum commitment
+      v_sum := v_sum + c.unit_price * v_frac;
+      CONTINUE WHEN v_adv_start IS NULL;
+      -- the next period's fee, in advance, whole
+      v_pos := v_pos + 1;
+      INSERT INTO fluxrate_internal.invoice_lines (org_id, invoice_id, position, line_type, charge_id, description,
+          quantity, unit_amount, line_total, amount_unrounded, period_start, period_end, meta)
+      VALUES (i.org_id, i.id, v_pos, 'fixed', c.id, coalesce(c.display_name, 'Fixed fee'), 1, c.unit_price,
+              fluxrate_internal.round_money(c.unit_price, i.currency), c.unit_price, v_adv_start, v_adv_end,
+              jsonb_build_object('billing_timing', 'in_advance'));
+      CONTINUE;
+    END IF;
     v_pos := v_pos + 1;
     IF c.type = 'FIXED' THEN
       v_amount := c.unit_price * v_frac;
       INSERT INTO fluxrate_internal.invoice_lines (org_id, invoice_id, position, line_type, charge_id, description,
-          quantity, unit_amount, line_total, amount_unrounded, period_start, period_end)
+          quantity, unit_amount, line_total, amount_unrounded, period_start, period_end, meta)
       VALUES (i.org_id, i.id, v_pos, 'fixed', c.id,
               coalesce(c.display_name, 'Fixed fee') || CASE WHEN v_frac <> 1 THEN ' (prorated)' ELSE '' END,
               CASE WHEN v_frac = 1 THEN 1 ELSE round(v_frac, 12) END, c.unit_price,
               fluxrate_internal.round_money(v_amount, i.currency), v_amount,
-              i.period_start, i.period_end);
+              i.period_start, i.period_end, jsonb_build_object('billing_timing', c.billing_timing));
     ELSE
       -- the closer computes every usage of its batch in one statement and passes it in
       v_usage := coalesce((usage_map->>(c.id::text))::numeric,
@@ -186,6 +217,11 @@ BEGIN
     END IF;
     v_sum := v_sum + v_amount;
   END LOOP;
+  IF v_opening THEN
+    -- only the period's in-advance fees: no usage yet, no true-up (that is the closing invoice's)
+    PERFORM fluxrate_internal.recompute_totals(i.org_id, i.id);
+    RETURN;
+  END IF;
   -- Late usage: events that reached an already finalized period of this
   -- subscription.  Per charge and past period: the usage now minus the usage
   -- billed so far (the usage line plus earlier late lines; the deltas telescope,
@@ -243,11 +279,16 @@ END
 $$;
 
 -- A DRAFT subscription invoice for [period_start, period_end), once: the unique
--- index on (org_id, subscription_id, period_start) makes a second closer's insert
--- a no-op.  Returns the invoice id, or NULL when it already existed.
+-- indexes on (org_id, subscription_id, period_start) of kinds 'subscription' and
+-- 'opening' make a second closer's insert a no-op.  Returns the invoice id, or
+-- NULL when it already existed.  advance_start/advance_end: the next period,
+-- whose in-advance FIXED fees a closing invoice carries (NULL: the subscription
+-- ends with this period, or the invoice is not a closing one).  An opening
+-- invoice of a period that has not started yet waits for its start, then the
+-- grace period.
 CREATE FUNCTION fluxrate_internal.create_period_invoice(s fluxrate_internal.subscriptions, period_start timestamptz,
     period_end timestamptz, nominal_start timestamptz, nominal_end timestamptz, kind text DEFAULT 'subscription',
-    usage_map jsonb DEFAULT NULL)
+    usage_map jsonb DEFAULT NULL, advance_start timestamptz DEFAULT NULL, advance_end timestamptz DEFAULT NULL)
   RETURNS uuid
   LANGUAGE plpgsql VOLATILE
   SET search_path = pg_catalog, pg_temp
@@ -263,14 +304,24 @@ BEGIN
   INSERT INTO fluxrate_internal.invoices (org_id, kind, customer_id, subscription_id, currency, period_start, period_end,
       scheduled_finalize_at, meta_data, created_at, updated_at)
   VALUES (s.org_id, create_period_invoice.kind, s.customer_id, s.id, v_currency, create_period_invoice.period_start,
-          create_period_invoice.period_end, fluxrate.now() + v_grace,
-          jsonb_build_object('nominal_start', create_period_invoice.nominal_start, 'nominal_end', create_period_invoice.nominal_end),
+          create_period_invoice.period_end,
+          CASE WHEN create_period_invoice.kind = 'opening' THEN greatest(fluxrate.now(), create_period_invoice.period_start)
+               ELSE fluxrate.now() END + v_grace,
+          jsonb_build_object('nominal_start', create_period_invoice.nominal_start, 'nominal_end', create_period_invoice.nominal_end)
+          || CASE WHEN create_period_invoice.advance_start IS NULL THEN '{}'::jsonb
+                  ELSE jsonb_build_object('advance_start', create_period_invoice.advance_start,
+                                          'advance_end', create_period_invoice.advance_end) END,
           fluxrate.now(), fluxrate.now())
-  ON CONFLICT (org_id, subscription_id, period_start) WHERE kind = 'subscription' DO NOTHING
+  ON CONFLICT DO NOTHING
   RETURNING id INTO v_id;
   IF v_id IS NOT NULL THEN
     PERFORM fluxrate_internal.fill_lines(s.org_id, v_id, create_period_invoice.nominal_start, create_period_invoice.nominal_end,
                                          create_period_invoice.usage_map);
+    -- nothing to bill (a plan of in-advance fees only, in its last period): no invoice
+    IF NOT EXISTS (SELECT 1 FROM fluxrate_internal.invoice_lines l WHERE l.org_id = s.org_id AND l.invoice_id = v_id) THEN
+      DELETE FROM fluxrate_internal.invoices i WHERE i.org_id = s.org_id AND i.id = v_id;
+      RETURN NULL;
+    END IF;
     PERFORM fluxrate_internal.emit_event(s.org_id, 'invoice.created',
       (SELECT jsonb_build_object('invoice_id', i.id, 'customer_id', i.customer_id, 'subscription_id', i.subscription_id,
                                  'total', i.total, 'currency', i.currency, 'status', i.status)
@@ -279,6 +330,59 @@ BEGIN
   RETURN v_id;
 END
 $$;
+
+-- Does the plan bill any FIXED charge in advance?
+CREATE FUNCTION fluxrate_internal.bills_in_advance(org_id uuid, plan_id uuid) RETURNS boolean
+  LANGUAGE sql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+  SELECT EXISTS (SELECT 1 FROM fluxrate_internal.charges ch
+                  WHERE ch.org_id = bills_in_advance.org_id AND ch.plan_id = bills_in_advance.plan_id
+                    AND ch.type = 'FIXED' AND ch.billing_timing = 'in_advance' AND ch.status = 'ACTIVE')
+$$;
+
+-- The opening invoice: when a subscription starts billing (at creation, or when
+-- its trial ends) and its plan bills FIXED charges in advance, the first
+-- period's fees (prorated for a partial calendar period) go on a DRAFT of kind
+-- 'opening' that finalizes after the grace period like the others.
+-- last_invoiced_date marks the subscription as opened (and keeps a restore of a
+-- dump, which re-inserts the rows, from opening it twice).
+CREATE FUNCTION fluxrate_internal.open_subscription(s fluxrate_internal.subscriptions) RETURNS uuid
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  np record;
+  v_id uuid;
+BEGIN
+  IF s.status <> 'ACTIVE' OR s.current_period_index <> 0 OR NOT fluxrate_internal.bills_in_advance(s.org_id, s.plan_id) THEN
+    RETURN NULL;
+  END IF;
+  SELECT * INTO np FROM fluxrate_internal.nominal_period(s);
+  v_id := fluxrate_internal.create_period_invoice(s, s.current_period_start, s.current_period_end,
+                                                  np.nominal_start, np.nominal_end, 'opening');
+  IF v_id IS NOT NULL THEN
+    UPDATE fluxrate_internal.subscriptions x SET last_invoiced_date = fluxrate.now()
+     WHERE x.org_id = s.org_id AND x.id = s.id;
+  END IF;
+  RETURN v_id;
+END
+$$;
+
+-- create_subscription (20_catalog.sql) inserts ACTIVE subscriptions directly:
+-- open them in the same transaction.
+CREATE FUNCTION fluxrate_internal.subscription_opened() RETURNS trigger
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+BEGIN
+  PERFORM fluxrate_internal.open_subscription(NEW);
+  RETURN NULL;
+END
+$$;
+CREATE TRIGGER subscriptions_open AFTER INSERT ON fluxrate_internal.subscriptions
+  FOR EACH ROW WHEN (NEW.status = 'ACTIVE' AND NEW.current_period_index = 0 AND NEW.last_invoiced_date IS NULL)
+  EXECUTE FUNCTION fluxrate_internal.subscription_opened();
 
 -- The nominal bounds of period n of a subscription.
 CREATE FUNCTION fluxrate_internal.nominal_period(s fluxrate_internal.subscriptions, OUT nominal_start timestamptz, OUT nominal_end timestamptz)
@@ -301,9 +405,19 @@ $$;
 
 -- Close the next due period of up to batch_size subscriptions, across
 -- organizations (owned by fluxrate_system).  Rows are claimed with SKIP LOCKED,
--- so concurrent closers split the work; the invoice and the subscription's
+-- so concurrent closers split the work; the invoices and the subscriptions'
 -- advance commit together, so a killed closer leaves no half-closed period.
 -- Returns how many subscriptions it advanced (0 = nothing is due).
+--
+-- Set-based: ending trials go one by one (once per subscription lifetime); every
+-- other claimed subscription is closed by ONE statement: its usage (period_usage,
+-- once per organization, for the period that ended and for the late-usage check
+-- of the last 12 finalized invoices), its lines (the same as fill_lines writes:
+-- charges in order, next period's in-advance fees, late usage, minimum
+-- commitment), the invoice with its totals (tax on the unrounded subtotal,
+-- rounded once), the lines, the outbox events with their fan-out, and the
+-- subscription's advance (or end).  fill_lines stays the reference: the draft
+-- is recomputed by it at finalization, and the tests compare both.
 CREATE FUNCTION fluxrate_internal.sys_close_batch(batch_size integer DEFAULT 500) RETURNS integer
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
@@ -314,10 +428,9 @@ CREATE FUNCTION fluxrate_internal.sys_close_batch(batch_size integer DEFAULT 500
 DECLARE
   s fluxrate_internal.subscriptions;
   v_batch fluxrate_internal.subscriptions[];
-  v_usage jsonb;
-  np record;
-  n integer := 0;
   v_now timestamptz := fluxrate.now();
+  v_events bigint;
+  v_usage jsonb;
 BEGIN
   v_batch := ARRAY(
     SELECT x FROM fluxrate_internal.subscriptions x
@@ -325,64 +438,258 @@ BEGIN
      ORDER BY x.current_period_end, x.org_id, x.id
      LIMIT batch_size
      FOR UPDATE SKIP LOCKED);
-  -- Set-based rating input: the usage of every (subscription, usage charge) of
-  -- the batch, through period_usage() once per organization in the batch (one
-  -- join pass over the covering index for plain meters).
-  WITH p AS (
-    SELECT b.org_id, b.id AS sub_id, ch.id AS charge_id, b.customer_id, ch.meter_id,
-           b.current_period_start AS ps, b.current_period_end AS pe,
-           row_number() OVER (PARTITION BY b.org_id ORDER BY b.id, ch.id)::integer AS ord
-      FROM unnest(v_batch) b
-      JOIN fluxrate_internal.charges ch ON ch.org_id = b.org_id AND ch.plan_id = b.plan_id
-           AND ch.type = 'USAGE' AND ch.status = 'ACTIVE'
-     WHERE b.status <> 'TRIAL'
-  ), u AS (
-    SELECT o.org_id, pu.ord, pu.usage
-      FROM (SELECT DISTINCT org_id FROM p) o,
-           LATERAL fluxrate_internal.period_usage(o.org_id,
-             ARRAY(SELECT p.customer_id FROM p WHERE p.org_id = o.org_id ORDER BY p.ord),
-             ARRAY(SELECT p.meter_id FROM p WHERE p.org_id = o.org_id ORDER BY p.ord),
-             ARRAY(SELECT p.ps FROM p WHERE p.org_id = o.org_id ORDER BY p.ord),
-             ARRAY(SELECT p.pe FROM p WHERE p.org_id = o.org_id ORDER BY p.ord)) pu
-  )
-  SELECT jsonb_object_agg(x.sub_id::text, x.per_charge) INTO v_usage
-    FROM (SELECT p.sub_id, jsonb_object_agg(p.charge_id::text, u.usage) AS per_charge
-            FROM p JOIN u ON u.org_id = p.org_id AND u.ord = p.ord
-           GROUP BY p.sub_id) x;
+  IF cardinality(v_batch) = 0 THEN
+    RETURN 0;
+  END IF;
+
+  -- the trials that are over: no invoice for them, billing starts at the trial end
   FOREACH s IN ARRAY v_batch
   LOOP
+    CONTINUE WHEN s.status <> 'TRIAL';
     PERFORM set_config('fluxrate.current_org', s.org_id::text, true);
-    IF s.status = 'TRIAL' THEN
-      -- the trial is over: no invoice for it, billing starts at the trial end
-      UPDATE fluxrate_internal.subscriptions x
-         SET status = 'ACTIVE', current_period_index = 0, current_period_start = s.billing_anchor,
-             current_period_end = fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, 1)
-       WHERE x.org_id = s.org_id AND x.id = s.id;
-      PERFORM fluxrate_internal.emit_event(s.org_id, 'subscription.activated',
-        jsonb_build_object('subscription_id', s.id, 'customer_id', s.customer_id));
-    ELSE
-      SELECT * INTO np FROM fluxrate_internal.nominal_period(s);
-      PERFORM fluxrate_internal.create_period_invoice(s, s.current_period_start, s.current_period_end,
-                                                      np.nominal_start, np.nominal_end, 'subscription', v_usage->(s.id::text));
-      IF s.cancel_at_period_end THEN
-        UPDATE fluxrate_internal.subscriptions x
-           SET status = 'CANCELED', ended_at = s.current_period_end, last_invoiced_date = v_now
-         WHERE x.org_id = s.org_id AND x.id = s.id;
-        PERFORM fluxrate_internal.emit_event(s.org_id, 'subscription.canceled',
-          jsonb_build_object('subscription_id', s.id, 'customer_id', s.customer_id, 'ended_at', s.current_period_end));
-      ELSE
-        UPDATE fluxrate_internal.subscriptions x
-           SET current_period_index = s.current_period_index + 1,
-               current_period_start = s.current_period_end,
-               current_period_end = fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment,
-                                                                      s.current_period_index + 2),
-               last_invoiced_date = v_now
-         WHERE x.org_id = s.org_id AND x.id = s.id;
-      END IF;
-    END IF;
-    n := n + 1;
+    UPDATE fluxrate_internal.subscriptions x
+       SET status = 'ACTIVE', current_period_index = 0, current_period_start = s.billing_anchor,
+           current_period_end = fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, 1)
+     WHERE x.org_id = s.org_id AND x.id = s.id;
+    PERFORM fluxrate_internal.emit_event(s.org_id, 'subscription.activated',
+      jsonb_build_object('subscription_id', s.id, 'customer_id', s.customer_id));
+    -- the first period's in-advance fees
+    PERFORM fluxrate_internal.open_subscription(x) FROM fluxrate_internal.subscriptions x
+     WHERE x.org_id = s.org_id AND x.id = s.id;
   END LOOP;
-  RETURN n;
+
+  -- 1. Usage, one period_usage() call per organization: the period that ended
+  -- for every (subscription, usage charge), and for the late-usage check every
+  -- (charge, period) billed on the subscription's last 12 finalized invoices.
+  -- period_usage()'s answers are zipped back to their keys by position (no join),
+  -- into {sub: {"u": {charge: usage}, "late": [{c, ps, pe, billed, now}]}}.
+  WITH items AS MATERIALIZED (
+    SELECT z.*, row_number() OVER (PARTITION BY z.org_id ORDER BY z.sub_id, z.late, z.charge_id, z.ps)::integer AS ord
+      FROM (SELECT x.org_id, x.id AS sub_id, false AS late, c.id AS charge_id, x.customer_id, c.meter_id,
+                   x.current_period_start AS ps, x.current_period_end AS pe, NULL::numeric AS billed
+              FROM unnest(v_batch) x
+              JOIN fluxrate_internal.charges c ON c.org_id = x.org_id AND c.plan_id = x.plan_id
+                   AND c.type = 'USAGE' AND c.status = 'ACTIVE'
+             WHERE x.status <> 'TRIAL'
+            UNION ALL
+            SELECT ls.org_id, ls.sub_id, true, ls.charge_id, ls.customer_id, c.meter_id, ls.ps, ls.pe, ls.billed
+              FROM (SELECT x.org_id, x.id AS sub_id, x.customer_id, l.charge_id, l.period_start AS ps, l.period_end AS pe,
+                           sum(CASE l.line_type WHEN 'usage' THEN (l.meta->>'usage')::numeric
+                                    ELSE (l.meta->>'usage_delta')::numeric END) AS billed
+                      FROM unnest(v_batch) x
+                      CROSS JOIN LATERAL (SELECT pi.id, pi.status FROM fluxrate_internal.invoices pi
+                                           WHERE pi.org_id = x.org_id AND pi.subscription_id = x.id
+                                             AND pi.period_start < x.current_period_start
+                                           ORDER BY pi.period_start DESC LIMIT 12) recent
+                      JOIN fluxrate_internal.invoice_lines l ON l.org_id = x.org_id AND l.invoice_id = recent.id
+                     WHERE x.status <> 'TRIAL' AND recent.status IN ('OPEN', 'PAID', 'UNCOLLECTIBLE')
+                       AND l.line_type IN ('usage', 'late_usage') AND l.charge_id IS NOT NULL
+                       AND l.period_end <= x.current_period_start
+                     GROUP BY 1, 2, 3, 4, 5, 6) ls
+              JOIN fluxrate_internal.charges c ON c.org_id = ls.org_id AND c.id = ls.charge_id) z
+  ), per_org AS (
+    SELECT o.org_id,
+           ARRAY(SELECT i.sub_id FROM items i WHERE i.org_id = o.org_id ORDER BY i.ord) AS subs,
+           ARRAY(SELECT i.late FROM items i WHERE i.org_id = o.org_id ORDER BY i.ord) AS lates,
+           ARRAY(SELECT i.charge_id FROM items i WHERE i.org_id = o.org_id ORDER BY i.ord) AS charges,
+           ARRAY(SELECT i.ps FROM items i WHERE i.org_id = o.org_id ORDER BY i.ord) AS pss,
+           ARRAY(SELECT i.pe FROM items i WHERE i.org_id = o.org_id ORDER BY i.ord) AS pes,
+           ARRAY(SELECT i.billed FROM items i WHERE i.org_id = o.org_id ORDER BY i.ord) AS billeds,
+           ARRAY(SELECT pu.usage FROM fluxrate_internal.period_usage(o.org_id,
+                   ARRAY(SELECT i.customer_id FROM items i WHERE i.org_id = o.org_id ORDER BY i.ord),
+                   ARRAY(SELECT i.meter_id FROM items i WHERE i.org_id = o.org_id ORDER BY i.ord),
+                   ARRAY(SELECT i.ps FROM items i WHERE i.org_id = o.org_id ORDER BY i.ord),
+                   ARRAY(SELECT i.pe FROM items i WHERE i.org_id = o.org_id ORDER BY i.ord)) pu ORDER BY pu.ord) AS usages
+      FROM (SELECT DISTINCT org_id FROM items) o
+  )
+  SELECT jsonb_object_agg(q.sub_id::text, q.m) INTO v_usage
+    FROM (SELECT z.sub_id,
+                 jsonb_build_object('u', coalesce(jsonb_object_agg(z.charge_id::text, z.usage) FILTER (WHERE NOT z.late), '{}'),
+                   'late', coalesce(jsonb_agg(jsonb_build_object('c', z.charge_id, 'ps', z.ps, 'pe', z.pe, 'billed', z.billed,
+                                                                 'now', z.usage) ORDER BY z.ps, z.charge_id)
+                                    FILTER (WHERE z.late AND z.usage <> z.billed), '[]')) AS m
+            FROM per_org, unnest(per_org.subs, per_org.lates, per_org.charges, per_org.pss, per_org.pes, per_org.billeds,
+                                 per_org.usages) z(sub_id, late, charge_id, ps, pe, billed, usage)
+           GROUP BY z.sub_id) q;
+
+  -- 2. Everything else, in one statement.  Each step derives from the claimed
+  -- rows (b, s) and carries what it needs forward, so no step joins two large
+  -- intermediate results.
+  WITH b AS MATERIALIZED (
+    -- the period that ended, its proration fraction, the next period (whose
+    -- in-advance fees this invoice carries unless the subscription ends now)
+    SELECT x.org_id, x.id AS sub_id, x.customer_id, x.plan_id, x.current_period_index AS idx,
+           x.current_period_start AS ps, x.current_period_end AS pe, x.cancel_at_period_end AS ending,
+           np.nominal_start, np.nominal_end,
+           CASE WHEN x.current_period_start = np.nominal_start AND x.current_period_end = np.nominal_end THEN 1
+                ELSE extract(epoch FROM (x.current_period_end - x.current_period_start))
+                   / extract(epoch FROM (np.nominal_end - np.nominal_start)) END AS frac,
+           fluxrate_internal.period_boundary(x.billing_anchor, x.billing_interval, x.alignment,
+                                             x.current_period_index + 2) AS next_end,
+           (SELECT p.currency FROM fluxrate_internal.plans p WHERE p.org_id = x.org_id AND p.id = x.plan_id) AS currency,
+           (SELECT p.minimum_commitment FROM fluxrate_internal.plans p WHERE p.org_id = x.org_id AND p.id = x.plan_id) AS minimum,
+           (SELECT o.grace_period FROM fluxrate_internal.organizations o WHERE o.org_id = x.org_id) AS grace,
+           -- tax_rate_for(), inline: a state-specific rate beats the country-wide one; none = 0
+           coalesce((SELECT t.rate FROM fluxrate_internal.customers c, fluxrate_internal.tax_rates t
+                      WHERE c.org_id = x.org_id AND c.id = x.customer_id
+                        AND t.org_id = c.org_id AND t.country = c.billing_address_country
+                        AND t.state IN ('', coalesce(c.billing_address_state, ''))
+                      ORDER BY t.state DESC LIMIT 1), 0) AS tax_rate,
+           gen_random_uuid() AS invoice_id,
+           coalesce(v_usage->(x.id::text), '{}') AS uj,
+           -- a closing invoice of this period already exists (cannot happen while the row is
+           -- locked and advances with its invoice; the unique index would refuse a second one)
+           EXISTS (SELECT 1 FROM fluxrate_internal.invoices i
+                    WHERE i.org_id = x.org_id AND i.subscription_id = x.id AND i.kind = 'subscription'
+                      AND i.period_start = x.current_period_start) AS already
+      FROM unnest(v_batch) x
+      CROSS JOIN LATERAL fluxrate_internal.nominal_period(x) np
+     WHERE x.status <> 'TRIAL'
+  ), sb AS MATERIALIZED (
+    -- the subscriptions to invoice: how many charge lines, and the in-advance fees the
+    -- period itself was charged (for the minimum commitment)
+    SELECT b.*,
+           (SELECT count(*) FROM fluxrate_internal.charges c
+             WHERE c.org_id = b.org_id AND c.plan_id = b.plan_id AND c.status = 'ACTIVE'
+               AND NOT (c.type = 'FIXED' AND c.billing_timing = 'in_advance' AND b.ending))::integer AS n_main,
+           CASE WHEN b.minimum IS NOT NULL THEN
+             coalesce((SELECT sum(c.unit_price * b.frac) FROM fluxrate_internal.charges c
+                        WHERE c.org_id = b.org_id AND c.plan_id = b.plan_id AND c.status = 'ACTIVE'
+                          AND c.type = 'FIXED' AND c.billing_timing = 'in_advance'), 0) END AS advance_paid
+      FROM b WHERE NOT b.already
+  ), main AS MATERIALIZED (
+    -- one line per ACTIVE charge, in charge order (fill_lines' first loop)
+    SELECT y.*,
+           CASE WHEN y.type = 'USAGE' THEN
+                  fluxrate_internal.rate_usage(y.pricing_model, y.unit_price, y.tiers, y.package_size,
+                                               y.package_price, y.free_units, y.usage)
+                WHEN y.advance THEN y.unit_price
+                ELSE y.unit_price * y.frac END AS amount
+      FROM (SELECT sb.org_id, sb.sub_id, sb.invoice_id, sb.currency, sb.frac, sb.ps, sb.pe, sb.pe AS adv_start, sb.next_end AS adv_end,
+                   c.id AS charge_id, c.type, c.billing_timing, c.meter_id, c.pricing_model, c.unit_price, c.tiers,
+                   c.package_size, c.package_price, c.free_units,
+                   (c.type = 'FIXED' AND c.billing_timing = 'in_advance') AS advance,
+                   coalesce(c.display_name, CASE WHEN c.type = 'FIXED' THEN 'Fixed fee' ELSE m.meter_name END) AS name,
+                   CASE WHEN c.type = 'USAGE' THEN coalesce((sb.uj->'u'->>(c.id::text))::numeric,
+                     fluxrate_internal.meter_usage(sb.org_id, sb.customer_id, c.meter_id, sb.ps, sb.pe)) END AS usage,
+                   row_number() OVER (PARTITION BY sb.org_id, sb.sub_id ORDER BY c.type, c.created_at, c.id)::integer AS pos
+              FROM sb
+              JOIN fluxrate_internal.charges c ON c.org_id = sb.org_id AND c.plan_id = sb.plan_id AND c.status = 'ACTIVE'
+              LEFT JOIN fluxrate_internal.meters m ON m.org_id = c.org_id AND m.id = c.meter_id
+             WHERE NOT (c.type = 'FIXED' AND c.billing_timing = 'in_advance' AND sb.ending)) y
+  ), late AS MATERIALIZED (
+    -- late usage (fill_lines' second loop): only increases, priced incrementally, after the charges
+    SELECT y.*, y.n_main + row_number() OVER (PARTITION BY y.org_id, y.sub_id ORDER BY y.lps, y.charge_id)::integer AS pos
+      FROM (SELECT sb.org_id, sb.sub_id, sb.invoice_id, sb.currency, sb.n_main, c.id AS charge_id, c.meter_id,
+                   coalesce(c.display_name, m.meter_name) AS name,
+                   (e->>'ps')::timestamptz AS lps, (e->>'pe')::timestamptz AS lpe,
+                   (e->>'billed')::numeric AS billed, (e->>'now')::numeric AS now_usage,
+                   fluxrate_internal.rate_usage(c.pricing_model, c.unit_price, c.tiers, c.package_size, c.package_price,
+                                                c.free_units, (e->>'now')::numeric)
+                 - fluxrate_internal.rate_usage(c.pricing_model, c.unit_price, c.tiers, c.package_size, c.package_price,
+                                                c.free_units, (e->>'billed')::numeric) AS amount
+              FROM sb
+              CROSS JOIN LATERAL jsonb_array_elements(sb.uj->'late') e
+              JOIN fluxrate_internal.charges c ON c.org_id = sb.org_id AND c.id = (e->>'c')::uuid
+              JOIN fluxrate_internal.meters m ON m.org_id = c.org_id AND m.id = c.meter_id) y
+     WHERE y.amount > 0
+  ), mins AS MATERIALIZED (
+    -- the minimum commitment true-up: the period's own charges, its in-advance
+    -- fees (billed before) included, the next period's excluded; after the late lines
+    SELECT sb.org_id, sb.sub_id, sb.invoice_id, sb.currency, sb.ps, sb.pe,
+           sb.minimum * sb.frac - (coalesce(ms.period_sum, 0) + sb.advance_paid) AS amount,
+           sb.n_main + coalesce(nl.n, 0)::integer + 1 AS pos
+      FROM sb
+      LEFT JOIN (SELECT m.org_id, m.sub_id, sum(m.amount) FILTER (WHERE NOT m.advance) AS period_sum
+                   FROM main m GROUP BY 1, 2) ms ON ms.org_id = sb.org_id AND ms.sub_id = sb.sub_id
+      LEFT JOIN (SELECT l.org_id, l.sub_id, count(*) AS n FROM late l GROUP BY 1, 2) nl
+             ON nl.org_id = sb.org_id AND nl.sub_id = sb.sub_id
+     WHERE sb.minimum IS NOT NULL
+       AND coalesce(ms.period_sum, 0) + sb.advance_paid < sb.minimum * sb.frac
+  ), lines AS MATERIALIZED (
+    SELECT l.*, fluxrate_internal.round_money(l.amount, l.currency) AS line_total
+      FROM (
+        SELECT m.org_id, m.sub_id, m.invoice_id, m.currency, m.pos,
+               CASE m.type WHEN 'USAGE' THEN 'usage' ELSE 'fixed' END AS line_type, m.charge_id,
+               m.name || CASE WHEN m.type = 'FIXED' AND NOT m.advance AND m.frac <> 1 THEN ' (prorated)' ELSE '' END AS description,
+               CASE WHEN m.type = 'USAGE' THEN m.usage WHEN m.advance OR m.frac = 1 THEN 1 ELSE round(m.frac, 12) END AS quantity,
+               CASE WHEN m.type = 'FIXED' OR m.pricing_model = 'per_unit' THEN m.unit_price
+                    WHEN m.usage = 0 THEN 0 ELSE round(m.amount / m.usage, 12) END AS unit_amount,
+               m.amount,
+               CASE WHEN m.advance THEN m.adv_start ELSE m.ps END AS line_start,
+               CASE WHEN m.advance THEN m.adv_end ELSE m.pe END AS line_end,
+               CASE WHEN m.type = 'USAGE' THEN jsonb_build_object('meter_id', m.meter_id, 'usage', m.usage, 'pricing_model', m.pricing_model)
+                    ELSE jsonb_build_object('billing_timing', m.billing_timing) END AS meta
+          FROM main m
+        UNION ALL
+        SELECT l.org_id, l.sub_id, l.invoice_id, l.currency, l.pos, 'late_usage', l.charge_id,
+               format('%s - late usage for %s to %s', l.name, to_char(l.lps AT TIME ZONE 'UTC', 'YYYY-MM-DD'),
+                      to_char(l.lpe AT TIME ZONE 'UTC', 'YYYY-MM-DD')),
+               l.now_usage - l.billed, round(l.amount / (l.now_usage - l.billed), 12), l.amount, l.lps, l.lpe,
+               jsonb_build_object('meter_id', l.meter_id, 'usage_delta', l.now_usage - l.billed, 'usage_now', l.now_usage,
+                                  'billed_before', l.billed)
+          FROM late l
+        UNION ALL
+        SELECT n.org_id, n.sub_id, n.invoice_id, n.currency, n.pos, 'minimum', NULL, 'Minimum commitment true-up', 1,
+               n.amount, n.amount, n.ps, n.pe, '{}'::jsonb
+          FROM mins n) l
+  ), inv AS (
+    -- an invoice with no line (in-advance fees only, last period) is not written
+    INSERT INTO fluxrate_internal.invoices AS i (org_id, id, kind, customer_id, subscription_id, currency, subtotal, tax, tax_rate,
+        total, amount_due, period_start, period_end, scheduled_finalize_at, meta_data, created_at, updated_at)
+    SELECT sb.org_id, sb.invoice_id, 'subscription', sb.customer_id, sb.sub_id, sb.currency, t.subtotal,
+           fluxrate_internal.round_money(t.unrounded * sb.tax_rate, sb.currency), sb.tax_rate,
+           t.subtotal + fluxrate_internal.round_money(t.unrounded * sb.tax_rate, sb.currency),
+           t.subtotal + fluxrate_internal.round_money(t.unrounded * sb.tax_rate, sb.currency),
+           sb.ps, sb.pe, v_now + sb.grace,
+           jsonb_build_object('nominal_start', sb.nominal_start, 'nominal_end', sb.nominal_end)
+           || CASE WHEN sb.ending THEN '{}'::jsonb
+                   ELSE jsonb_build_object('advance_start', sb.pe, 'advance_end', sb.next_end) END,
+           v_now, v_now
+      FROM sb
+      JOIN (SELECT l.org_id, l.sub_id, sum(l.line_total) AS subtotal, sum(l.amount) AS unrounded
+              FROM lines l GROUP BY 1, 2) t ON t.org_id = sb.org_id AND t.sub_id = sb.sub_id
+    RETURNING i.org_id, i.id, i.subscription_id, i.customer_id, i.total, i.currency, i.status
+  ), ins_lines AS (
+    INSERT INTO fluxrate_internal.invoice_lines (org_id, invoice_id, position, line_type, charge_id, description,
+        quantity, unit_amount, line_total, amount_unrounded, period_start, period_end, meta)
+    SELECT l.org_id, l.invoice_id, l.pos, l.line_type, l.charge_id, l.description, l.quantity, l.unit_amount, l.line_total,
+           l.amount, l.line_start, l.line_end, l.meta
+      FROM lines l
+  ), adv AS (
+    -- the period advances, or the subscription ends with it
+    UPDATE fluxrate_internal.subscriptions x
+       SET status = CASE WHEN b.ending THEN 'CANCELED' ELSE x.status END,
+           ended_at = CASE WHEN b.ending THEN b.pe ELSE x.ended_at END,
+           current_period_index = CASE WHEN b.ending THEN x.current_period_index ELSE b.idx + 1 END,
+           current_period_start = CASE WHEN b.ending THEN x.current_period_start ELSE b.pe END,
+           current_period_end = CASE WHEN b.ending THEN x.current_period_end ELSE b.next_end END,
+           last_invoiced_date = v_now
+      FROM b
+     WHERE x.org_id = b.org_id AND x.id = b.sub_id
+    RETURNING x.org_id, x.id, x.customer_id, b.ending AS ended, b.pe AS ended_at
+  ), ev AS MATERIALIZED (
+    -- the outbox events, as emit_event() writes them
+    SELECT e.org_id, fluxrate_internal.uuid_v7() AS id, e.event, e.data
+      FROM (SELECT inv.org_id, inv.subscription_id AS sub_id, 1 AS k, 'invoice.created' AS event,
+                   jsonb_build_object('invoice_id', inv.id, 'customer_id', inv.customer_id, 'subscription_id', inv.subscription_id,
+                                      'total', inv.total, 'currency', inv.currency, 'status', inv.status) AS data
+              FROM inv
+            UNION ALL
+            SELECT adv.org_id, adv.id, 2, 'subscription.canceled',
+                   jsonb_build_object('subscription_id', adv.id, 'customer_id', adv.customer_id, 'ended_at', adv.ended_at)
+              FROM adv WHERE adv.ended
+            ORDER BY 1, 2, 3) e
+  ), ob AS (
+    INSERT INTO fluxrate_internal.outbox (org_id, id, event, payload, created_at)
+    SELECT ev.org_id, ev.id, ev.event,
+           jsonb_build_object('id', ev.id, 'event', ev.event, 'timestamp', v_now, 'data', ev.data), v_now
+      FROM ev
+  )
+  -- and their webhook / e-mail deliveries, as emit_event() does
+  SELECT count(f.done) INTO v_events
+    FROM (SELECT fluxrate_internal.fan_out(ev.org_id, ev.id, ev.event, ev.data, v_now)::text AS done FROM ev) f;
+  RETURN cardinality(v_batch);
 END
 $$;
 
@@ -878,12 +1185,26 @@ BEGIN
   END IF;
   SELECT * INTO np FROM fluxrate_internal.nominal_period(s);
   IF s.current_period_end <= v_now THEN
-    v_id := fluxrate_internal.create_period_invoice(s, s.current_period_start, s.current_period_end, np.nominal_start, np.nominal_end);
-    UPDATE fluxrate_internal.subscriptions x
-       SET current_period_index = s.current_period_index + 1, current_period_start = s.current_period_end,
-           current_period_end = fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, s.current_period_index + 2),
-           last_invoiced_date = v_now
-     WHERE x.org_id = v_org AND x.id = s.id;
+    -- what the closer would do: usage of the ended period, in-advance fees of the
+    -- next one, or the end of the subscription
+    v_id := fluxrate_internal.create_period_invoice(s, s.current_period_start, s.current_period_end, np.nominal_start, np.nominal_end,
+      'subscription', NULL,
+      CASE WHEN NOT s.cancel_at_period_end THEN s.current_period_end END,
+      CASE WHEN NOT s.cancel_at_period_end THEN
+        fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, s.current_period_index + 2) END);
+    IF s.cancel_at_period_end THEN
+      UPDATE fluxrate_internal.subscriptions x
+         SET status = 'CANCELED', ended_at = s.current_period_end, last_invoiced_date = v_now
+       WHERE x.org_id = v_org AND x.id = s.id;
+      PERFORM fluxrate_internal.emit_event(v_org, 'subscription.canceled',
+        jsonb_build_object('subscription_id', s.id, 'customer_id', s.customer_id, 'ended_at', s.current_period_end));
+    ELSE
+      UPDATE fluxrate_internal.subscriptions x
+         SET current_period_index = s.current_period_index + 1, current_period_start = s.current_period_end,
+             current_period_end = fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, s.current_period_index + 2),
+             last_invoiced_date = v_now
+       WHERE x.org_id = v_org AND x.id = s.id;
+    END IF;
   ELSIF s.current_period_start >= v_now THEN
     PERFORM fluxrate_internal.fail('PT409', 'nothing to invoice yet', 'The current period has just started.');
   ELSE
@@ -892,6 +1213,11 @@ BEGIN
      WHERE x.org_id = v_org AND x.id = v_id;
     UPDATE fluxrate_internal.subscriptions x SET current_period_start = v_now, last_invoiced_date = v_now
      WHERE x.org_id = v_org AND x.id = s.id;
+  END IF;
+  IF v_id IS NULL THEN
+    -- nothing to bill: the plan's fees were billed in advance and there is no usage charge
+    RETURN jsonb_build_object('subscription_id', s.id, 'invoice', NULL,
+                              'message', 'nothing to invoice: the fees of this period were billed in advance');
   END IF;
   PERFORM set_config('response.status', '201', true);
   RETURN fluxrate_internal.invoice_json(fluxrate_internal.load_invoice(v_org, v_id));
@@ -924,7 +1250,13 @@ BEGIN
        SET cancel_at_period_end = true, canceled_at = v_now, cancel_reason = cancel_subscription.reason
      WHERE x.org_id = v_org AND x.id = s.id RETURNING * INTO s;
   ELSE
-    -- a final invoice prorated up to now (none for a trial: trials are never billed)
+    -- a subscription canceled before its first period starts: its opening
+    -- invoice, still a draft, bills a period that will not happen
+    DELETE FROM fluxrate_internal.invoices x
+     WHERE x.org_id = v_org AND x.subscription_id = s.id AND x.kind = 'opening' AND x.status = 'DRAFT'
+       AND x.period_start >= v_now;
+    -- a final invoice prorated up to now (none for a trial: trials are never billed);
+    -- in-advance fees are not on it: the period was paid ahead (no credit for the rest)
     IF s.status <> 'TRIAL' AND v_now > s.current_period_start THEN
       SELECT * INTO np FROM fluxrate_internal.nominal_period(s);
       v_inv := fluxrate_internal.create_period_invoice(s, s.current_period_start, least(v_now, s.current_period_end),
