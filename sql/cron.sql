@@ -22,16 +22,20 @@ SELECT jobname, schedule, command FROM cron.job WHERE jobname LIKE 'fluxrate-%' 
 DO $$
 BEGIN
   FOR i IN 1..150 LOOP
-    EXIT WHEN EXISTS (SELECT 1 FROM fluxrate_internal.invoices WHERE status = 'OPEN' AND total = 12.34)
+    EXIT WHEN (SELECT count(*) FROM fluxrate_internal.invoices WHERE status = 'OPEN' AND total = 12.34 AND currency = 'EUR') = 2
           AND (SELECT count(DISTINCT j.jobname) FROM cron.job_run_details d JOIN cron.job j USING (jobid)
                 WHERE j.jobname LIKE 'fluxrate-%' AND d.status = 'succeeded') = 3;
     PERFORM pg_sleep(1);
   END LOOP;
 END
 $$;
--- one invoice, closed and finalized by the jobs (grace period 0): 12.34 EUR
-SELECT invoice_number, status, total, currency, period_start, period_end
-  FROM fluxrate_internal.invoices WHERE org_id = :'org';
+-- finalized by the jobs (grace period 0): the opening invoice (January's fee, in
+-- advance, created with the subscription) and the one the close job wrote for the
+-- January period (February's fee, in advance): 12.34 EUR each
+SELECT i.kind, i.status, i.total, i.currency, i.period_start, i.period_end, l.period_start AS fee_from, l.period_end AS fee_to
+  FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.org_id = :'org' ORDER BY l.period_start;
+SELECT string_agg(invoice_number, ', ' ORDER BY invoice_number) AS numbers FROM fluxrate_internal.invoices WHERE org_id = :'org';
 -- each of the three jobs ran and succeeded (what delivery does: sql/delivery.sql, test/scripts/delivery.sh)
 SELECT j.jobname, bool_or(d.status = 'succeeded') AS ran_ok FROM cron.job j JOIN cron.job_run_details d USING (jobid)
  WHERE j.jobname LIKE 'fluxrate-%' GROUP BY j.jobname ORDER BY 1;

@@ -116,6 +116,10 @@ SELECT d->>'status' AS status, d->>'attempts' AS attempts FROM fluxrate.retry_de
 SELECT fluxrate.retry_delivery(:'failed_webhook');                                 -- PT409
 SELECT fluxrate.retry_delivery('00000000-0000-0000-0000-000000000000');            -- PT404
 SELECT fluxrate.list_deliveries(status => 'lost');                                 -- 22023
+-- the retried delivery starts a fresh schedule; its log keeps numbering (attempt 7)
+CALL fluxrate.deliver_pending();
+SELECT status, attempts, next_attempt_at, (SELECT max(attempt) FROM acme_attempts a WHERE a.delivery_id = d.id) AS logged
+  FROM acme_deliveries d WHERE id = :'failed_webhook';
 
 -- Public links: the finalized invoice has one; regenerating replaces it
 SELECT public_token AS token1 FROM fluxrate_internal.invoices WHERE id = :'inv' \gset

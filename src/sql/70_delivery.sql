@@ -334,6 +334,7 @@ DECLARE
   v_started timestamptz := clock_timestamp();
   v_now timestamptz := fluxrate.now();
   v_attempt integer;
+  v_log_no integer;
   v_delays interval[] := fluxrate_internal.retry_delays();
   v_final boolean := false;
 BEGIN
@@ -346,8 +347,15 @@ BEGIN
     RETURN false;
   END IF;
   PERFORM set_config('fluxrate.current_org', d.org_id::text, true);
+  -- attempts counts toward the retry schedule (a manual retry starts it again);
+  -- the log numbers every attempt ever made
   v_attempt := d.attempts + 1;
+  SELECT coalesce(max(a.attempt), 0) + 1 INTO v_log_no
+    FROM fluxrate_internal.delivery_attempts a WHERE a.org_id = d.org_id AND a.delivery_id = d.id;
 
+  -- anything unexpected while preparing or recording this delivery fails this
+  -- delivery only, never the run: one bad row must not block every other one
+  BEGIN
   IF d.channel = 'webhook' THEN
     SELECT * INTO w FROM fluxrate_internal.webhook_endpoints x WHERE x.org_id = d.org_id AND x.id = d.endpoint_id;
     v_secret := fluxrate_internal.unseal(w.secret_enc, 'webhook:' || w.org_id || ':' || w.id);
@@ -388,9 +396,15 @@ BEGIN
     END IF;
   END IF;
 
+  EXCEPTION WHEN OTHERS THEN
+    v_error := 'internal error: ' || SQLERRM;
+    v_code := NULL;
+    v_final := true;
+  END;
+
   INSERT INTO fluxrate_internal.delivery_attempts (org_id, delivery_id, attempt, attempted_at, status_code,
       error, response, duration_ms)
-  VALUES (d.org_id, d.id, v_attempt, v_now, v_code, v_error, v_response,
+  VALUES (d.org_id, d.id, v_log_no, v_now, v_code, v_error, v_response,
           (extract(epoch FROM clock_timestamp() - v_started) * 1000)::integer);
   UPDATE fluxrate_internal.deliveries x SET
       attempts = v_attempt,

@@ -17,14 +17,17 @@ q "SELECT fluxrate.act_as('$ORG');
 check() {  # expected periods per subscription
   local want=$1
   local got
-  got=$(q "SELECT count(*) || ' ' || count(DISTINCT (subscription_id, period_start)) FROM fluxrate_internal.invoices WHERE org_id = '$ORG'")
+  got=$(q "SELECT count(*) || ' ' || count(DISTINCT (subscription_id, period_start)) FROM fluxrate_internal.invoices WHERE org_id = '$ORG' AND kind = 'subscription'")
   local gaps
   gaps=$(q "SELECT count(*) FROM (SELECT period_start, lag(period_end) OVER (PARTITION BY subscription_id ORDER BY period_start) AS prev_end
-                                    FROM fluxrate_internal.invoices WHERE org_id = '$ORG') x
+                                    FROM fluxrate_internal.invoices WHERE org_id = '$ORG' AND kind = 'subscription') x
             WHERE prev_end IS NOT NULL AND prev_end <> period_start")
   local behind
   behind=$(q "SELECT count(*) FROM fluxrate_internal.subscriptions WHERE org_id = '$ORG' AND current_period_index <> $want")
-  echo "invoices, distinct periods: $got; gaps: $gaps; subscriptions not advanced: $behind"
+  local opening
+  opening=$(q "SELECT count(*) || ' ' || count(DISTINCT subscription_id) FROM fluxrate_internal.invoices WHERE org_id = '$ORG' AND kind = 'opening'")
+  echo "invoices, distinct periods: $got; gaps: $gaps; subscriptions not advanced: $behind; opening invoices, subscriptions: $opening"
+  [ "$opening" = "$N $N" ] || { echo "FAIL opening"; exit 1; }
   [ "$got" = "$((N * want)) $((N * want))" ] && [ "$gaps" = 0 ] && [ "$behind" = 0 ] || { echo "FAIL"; exit 1; }
 }
 
@@ -41,7 +44,7 @@ PGAPPNAME=victim psql -X -q -c "CALL fluxrate.close_due_periods(1)" >/dev/null 2
 sleep 1
 killed=$(q "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'victim'")
 wait $v || true
-partial=$(q "SELECT count(*) FROM fluxrate_internal.invoices WHERE org_id = '$ORG'")
+partial=$(q "SELECT count(*) FROM fluxrate_internal.invoices WHERE org_id = '$ORG' AND kind = 'subscription'")
 echo "killed $killed closer(s) with $partial invoices written so far"
 [ "$partial" -lt $((N * 8)) ] || echo "(note: the closer finished before it was killed)"
 q "CALL fluxrate.close_due_periods()" >/dev/null
@@ -54,7 +57,8 @@ psql -X -q -c "CALL fluxrate.finalize_due_invoices(5)" & b=$!
 wait $a; wait $b
 nums=$(q "SELECT count(*) || ' ' || max(split_part(invoice_number, '-', 3)::int) || ' ' || count(DISTINCT invoice_number)
           FROM fluxrate_internal.invoices WHERE org_id = '$ORG' AND status = 'OPEN'")
+N8=$((N * 9))  # 8 closed periods + 1 opening invoice each
 echo "open invoices, highest number, distinct numbers: $nums"
-[ "$nums" = "$((N * 8)) $((N * 8)) $((N * 8))" ] || { echo "FAIL: numbers are not gapless"; exit 1; }
+[ "$nums" = "$N8 $N8 $N8" ] || { echo "FAIL: numbers are not gapless"; exit 1; }
 q "ALTER DATABASE fluxrate RESET fluxrate.pinned_now"
 echo "ok"
