@@ -797,6 +797,12 @@ TextArray(char **vals, int n)
  * Resolve the customers of a batch in at most three statements: the ones that
  * exist, then the new ones created (in sorted order, so concurrent batches
  * queue instead of deadlocking), then those read back.
+ *
+ * The lookup joins unnest($2) instead of "external_id = ANY ($2)": with a
+ * parameter (not a constant) array, the kept generic plan of the ANY form may
+ * be a sequential scan testing every row against the whole array linearly
+ * (1,000 x 1,000 text comparisons: 18 ms of a batch); the join is a hash join
+ * or an index nested loop, about 1 ms.
  */
 static void
 ResolveBatchCustomers(Datum org, BatchEvent *ev, int n, TimestampTz now)
@@ -846,8 +852,9 @@ ResolveBatchCustomers(Datum org, BatchEvent *ev, int n, TimestampTz now)
 		args[0] = org;
 		args[1] = PointerGetDatum(TextArray(ids, nids));
 		if (SPI_execute_plan(Prepare(&plan_batch_customers,
-									 "SELECT external_id, id FROM fluxrate_internal.customers "
-									 "WHERE org_id OPERATOR(pg_catalog.=) $1 AND external_id OPERATOR(pg_catalog.=) ANY ($2)",
+									 "SELECT c.external_id, c.id FROM pg_catalog.unnest($2) AS x "
+									 "JOIN fluxrate_internal.customers c "
+									 "ON c.org_id OPERATOR(pg_catalog.=) $1 AND c.external_id OPERATOR(pg_catalog.=) x",
 									 2, (Oid[]) {UUIDOID, TEXTARRAYOID}), args, NULL, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "customer lookup failed");
 		for (uint64 r = 0; r < SPI_processed; r++)
