@@ -64,6 +64,24 @@ typedef struct MeterInfo
 	char	   *unique_property;
 } MeterInfo;
 
+/* What the one lookup statement of fluxrate.track found */
+typedef struct Lookup
+{
+	bool		meter_found;
+	MeterInfo	m;
+	bool		customer_found;
+	pg_uuid_t	customer;
+} Lookup;
+
+/* apikey.c (they belong in fluxrate.h, which this change does not own) */
+extern bytea *FrApiKeyHash(const char *key, unsigned char hash[32]);
+extern void FrApiKeyAccept(const unsigned char hash[32], bytea *stored, bool active);
+extern void FrApiKeyTouch(Datum org, Datum key_id, TimestampTz now);
+
+static SPIPlanPtr plan_lookup_key_token = NULL;
+static SPIPlanPtr plan_lookup_key_name = NULL;
+static SPIPlanPtr plan_lookup_token = NULL;
+static SPIPlanPtr plan_lookup_name = NULL;
 static SPIPlanPtr plan_meter_token = NULL;
 static SPIPlanPtr plan_meter_name = NULL;
 static SPIPlanPtr plan_customer = NULL;
@@ -137,6 +155,189 @@ FindMeter(Datum org, TrackInput *in, MeterInfo *m)
 	m->property = SPI_getvalue(tup, td, 3);
 	m->unique_property = SPI_getvalue(tup, td, 4);
 	return true;
+}
+
+/*
+ * The meter's key for the lookup: the token as a uuid (a malformed token is
+ * an unknown meter, not a type error), or the name.  *isnull when there is
+ * nothing to look for (the shape checks report it later).
+ */
+static Datum
+MeterKeyArg(TrackInput *in, bool *by_token, bool *isnull)
+{
+	*by_token = (in->meter_token != NULL || in->meter_name == NULL);
+	*isnull = true;
+	if (in->meter_token != NULL)
+	{
+		if (strlen(in->meter_token) != 36)
+			return (Datum) 0;
+		for (const char *c = in->meter_token; *c; c++)
+			if (!(isxdigit((unsigned char) *c) || *c == '-'))
+				return (Datum) 0;
+		*isnull = false;
+		return DirectFunctionCall1(uuid_in, CStringGetDatum(in->meter_token));
+	}
+	if (in->meter_name != NULL)
+	{
+		*isnull = false;
+		return CStringGetTextDatum(in->meter_name);
+	}
+	return (Datum) 0;
+}
+
+/* Columns 1-5 of a lookup row: the meter (if found), then the customer (if found) */
+#define LOOKUP_COLUMNS "m.id, m.aggregation_type, m.property_name, m.unique_property, c.id"
+
+static void
+ReadLookup(HeapTuple tup, TupleDesc td, Lookup *lk)
+{
+	bool		isnull;
+	Datum		d;
+
+	d = SPI_getbinval(tup, td, 1, &isnull);
+	lk->meter_found = !isnull;
+	if (!isnull)
+	{
+		memcpy(&lk->m.id, DatumGetUUIDP(d), sizeof(pg_uuid_t));
+		strlcpy(lk->m.agg, SPI_getvalue(tup, td, 2), sizeof(lk->m.agg));
+		lk->m.property = SPI_getvalue(tup, td, 3);
+		lk->m.unique_property = SPI_getvalue(tup, td, 4);
+	}
+	d = SPI_getbinval(tup, td, 5, &isnull);
+	lk->customer_found = !isnull;
+	if (!isnull)
+		memcpy(&lk->customer, DatumGetUUIDP(d), sizeof(pg_uuid_t));
+}
+
+/*
+ * fluxrate.track with an API key: verify the key and look up the meter and
+ * the customer in one statement, as fluxrate_system (the organization is not
+ * known before the key is found, so row-level security cannot apply yet).
+ * Tenancy is the join itself: the meter and the customer must belong to the
+ * key's organization.  The key row is read by this statement, in this
+ * transaction, like the old separate lookup: a revocation committed before
+ * the call is seen, with no cache to outlive it.
+ *
+ * Then the scope is checked and the organization published for row-level
+ * security; everything after this runs as fluxrate_owner, confined to it.
+ * Inside SPI.
+ */
+static Datum
+LookupWithKey(const char *key, TrackInput *in, TimestampTz now, Lookup *lk)
+{
+	unsigned char hash[32];
+	Datum		args[4];
+	char		nulls[4] = {' ', ' ', ' ', ' '};
+	bool		by_token,
+				isnull;
+	Oid			save_user;
+	int			save_sec;
+	pg_uuid_t  *org = palloc(sizeof(pg_uuid_t));
+	ArrayType  *volatile scopes = NULL;
+
+	args[0] = PointerGetDatum(FrApiKeyHash(key, hash));
+	args[1] = TimestampTzGetDatum(now);
+	args[2] = MeterKeyArg(in, &by_token, &isnull);
+	nulls[2] = isnull ? 'n' : ' ';
+	args[3] = in->customer_external_id ? CStringGetTextDatum(in->customer_external_id) : (Datum) 0;
+	nulls[3] = in->customer_external_id ? ' ' : 'n';
+
+	FrBecomeSystem(&save_user, &save_sec);
+	PG_TRY();
+	{
+		HeapTuple	tup;
+		TupleDesc	td;
+		Datum		d;
+
+		if (SPI_execute_plan(by_token ?
+							 Prepare(&plan_lookup_key_token,
+									 "SELECT " LOOKUP_COLUMNS ", k.org_id, k.id, k.scopes, "
+									 "k.status OPERATOR(pg_catalog.=) 'ACTIVE', k.key_hash, "
+									 "(k.last_used_at IS NULL OR k.last_used_at OPERATOR(pg_catalog.<) ($2 OPERATOR(pg_catalog.-) interval '1 minute')) "
+									 "FROM fluxrate_internal.api_keys k "
+									 "LEFT JOIN fluxrate_internal.meters m "
+									 "ON m.org_id OPERATOR(pg_catalog.=) k.org_id AND m.meter_token OPERATOR(pg_catalog.=) $3 "
+									 "LEFT JOIN fluxrate_internal.customers c "
+									 "ON c.org_id OPERATOR(pg_catalog.=) k.org_id AND c.external_id OPERATOR(pg_catalog.=) $4 "
+									 "WHERE k.key_hash OPERATOR(pg_catalog.=) $1",
+									 4, (Oid[]) {BYTEAOID, TIMESTAMPTZOID, UUIDOID, TEXTOID}) :
+							 Prepare(&plan_lookup_key_name,
+									 "SELECT " LOOKUP_COLUMNS ", k.org_id, k.id, k.scopes, "
+									 "k.status OPERATOR(pg_catalog.=) 'ACTIVE', k.key_hash, "
+									 "(k.last_used_at IS NULL OR k.last_used_at OPERATOR(pg_catalog.<) ($2 OPERATOR(pg_catalog.-) interval '1 minute')) "
+									 "FROM fluxrate_internal.api_keys k "
+									 "LEFT JOIN fluxrate_internal.meters m "
+									 "ON m.org_id OPERATOR(pg_catalog.=) k.org_id AND m.meter_name OPERATOR(pg_catalog.=) $3 "
+									 "LEFT JOIN fluxrate_internal.customers c "
+									 "ON c.org_id OPERATOR(pg_catalog.=) k.org_id AND c.external_id OPERATOR(pg_catalog.=) $4 "
+									 "WHERE k.key_hash OPERATOR(pg_catalog.=) $1",
+									 4, (Oid[]) {BYTEAOID, TIMESTAMPTZOID, TEXTOID, TEXTOID}),
+							 args, nulls, false, 1) != SPI_OK_SELECT)
+			elog(ERROR, "api key lookup failed");
+		if (SPI_processed != 1)
+			FrApiKeyAccept(hash, NULL, false);
+		tup = SPI_tuptable->vals[0];
+		td = SPI_tuptable->tupdesc;
+		FrApiKeyAccept(hash, DatumGetByteaPP(SPI_getbinval(tup, td, 10, &isnull)),
+					   DatumGetBool(SPI_getbinval(tup, td, 9, &isnull)));
+		memcpy(org, DatumGetUUIDP(SPI_getbinval(tup, td, 6, &isnull)), sizeof(pg_uuid_t));
+		scopes = DatumGetArrayTypeP(SPI_getbinval(tup, td, 8, &isnull));
+		ReadLookup(tup, td, lk);
+		d = SPI_getbinval(tup, td, 7, &isnull);
+		if (DatumGetBool(SPI_getbinval(tup, td, 11, &isnull)))
+			FrApiKeyTouch(UUIDPGetDatum(org), d, now);
+	}
+	PG_FINALLY();
+	{
+		SetUserIdAndSecContext(save_user, save_sec);
+	}
+	PG_END_TRY();
+
+	if (!FrScopesGrant(scopes, "usage.write"))
+		ereport(ERROR,
+				(errcode(FR_ERRCODE_FORBIDDEN),
+				 errmsg("api key lacks the usage.write scope"),
+				 errhint("Create a key with the usage.write scope.")));
+	FrSetCurrentOrg(DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(org))));
+	return UUIDPGetDatum(org);
+}
+
+/*
+ * fluxrate.track without a key (organization from the context): the meter and
+ * the customer in one statement, as fluxrate_owner under row-level security.
+ * Inside SPI.
+ */
+static void
+LookupInOrg(Datum org, TrackInput *in, Lookup *lk)
+{
+	Datum		args[3];
+	char		nulls[3] = {' ', ' ', ' '};
+	bool		by_token,
+				isnull;
+
+	args[0] = org;
+	args[1] = MeterKeyArg(in, &by_token, &isnull);
+	nulls[1] = isnull ? 'n' : ' ';
+	args[2] = in->customer_external_id ? CStringGetTextDatum(in->customer_external_id) : (Datum) 0;
+	nulls[2] = in->customer_external_id ? ' ' : 'n';
+	if (SPI_execute_plan(by_token ?
+						 Prepare(&plan_lookup_token,
+								 "SELECT " LOOKUP_COLUMNS " FROM (VALUES (1)) AS d(x) "
+								 "LEFT JOIN fluxrate_internal.meters m "
+								 "ON m.org_id OPERATOR(pg_catalog.=) $1 AND m.meter_token OPERATOR(pg_catalog.=) $2 "
+								 "LEFT JOIN fluxrate_internal.customers c "
+								 "ON c.org_id OPERATOR(pg_catalog.=) $1 AND c.external_id OPERATOR(pg_catalog.=) $3",
+								 3, (Oid[]) {UUIDOID, UUIDOID, TEXTOID}) :
+						 Prepare(&plan_lookup_name,
+								 "SELECT " LOOKUP_COLUMNS " FROM (VALUES (1)) AS d(x) "
+								 "LEFT JOIN fluxrate_internal.meters m "
+								 "ON m.org_id OPERATOR(pg_catalog.=) $1 AND m.meter_name OPERATOR(pg_catalog.=) $2 "
+								 "LEFT JOIN fluxrate_internal.customers c "
+								 "ON c.org_id OPERATOR(pg_catalog.=) $1 AND c.external_id OPERATOR(pg_catalog.=) $3",
+								 3, (Oid[]) {UUIDOID, TEXTOID, TEXTOID}),
+						 args, nulls, false, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "meter and customer lookup failed");
+	ReadLookup(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, lk);
 }
 
 static void
@@ -300,22 +501,46 @@ CheckQuantity(Numeric q, const char *agg)
 				 errdetail("quantity was %s.", DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(q))))));
 }
 
+/* Building the result as a JsonbValue: no text to print and parse again */
 static void
-AppendTs(StringInfo buf, TimestampTz ts)
+PushKey(JsonbParseState **st, const char *key)
 {
-	char		tmp[MAXDATELEN + 1];
+	JsonbValue	v;
 
-	appendStringInfoChar(buf, '"');
-	appendStringInfoString(buf, JsonEncodeDateTime(tmp, TimestampTzGetDatum(ts), TIMESTAMPTZOID, NULL));
-	appendStringInfoChar(buf, '"');
+	v.type = jbvString;
+	v.val.string.val = (char *) key;
+	v.val.string.len = strlen(key);
+	pushJsonbValue(st, WJB_KEY, &v);
 }
 
 static void
-AppendUuid(StringInfo buf, pg_uuid_t *u)
+PushString(JsonbParseState **st, const char *key, const char *val)
 {
-	appendStringInfoChar(buf, '"');
-	appendStringInfoString(buf, DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(u))));
-	appendStringInfoChar(buf, '"');
+	JsonbValue	v;
+
+	PushKey(st, key);
+	if (val == NULL)
+		v.type = jbvNull;
+	else
+	{
+		v.type = jbvString;
+		v.val.string.val = (char *) val;
+		v.val.string.len = strlen(val);
+	}
+	pushJsonbValue(st, WJB_VALUE, &v);
+}
+
+static void
+PushUuid(JsonbParseState **st, const char *key, pg_uuid_t *u)
+{
+	PushString(st, key, DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(u))));
+}
+
+/* A timestamp as to_jsonb() writes it (pushJsonbValue keeps the pointer: no stack buffer) */
+static void
+PushTs(JsonbParseState **st, const char *key, TimestampTz ts)
+{
+	PushString(st, key, JsonEncodeDateTime(NULL, TimestampTzGetDatum(ts), TIMESTAMPTZOID, NULL));
 }
 
 /* The event as Fluxrate returns it */
@@ -323,32 +548,39 @@ static Jsonb *
 EventJson(pg_uuid_t *id, pg_uuid_t *customer, pg_uuid_t *meter, Numeric q, TimestampTz ts,
 		  TimestampTz ingested, const char *key, Jsonb *meta, bool replay)
 {
-	StringInfoData buf;
+	JsonbParseState *st = NULL;
+	JsonbValue	v;
+	JsonbValue *res;
 
-	initStringInfo(&buf);
-	appendStringInfoString(&buf, "{\"id\": ");
-	AppendUuid(&buf, id);
-	appendStringInfoString(&buf, ", \"customer_id\": ");
-	AppendUuid(&buf, customer);
-	appendStringInfoString(&buf, ", \"meter_id\": ");
-	AppendUuid(&buf, meter);
-	appendStringInfoString(&buf, ", \"quantity\": ");
-	escape_json(&buf, DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(q))));
-	appendStringInfoString(&buf, ", \"timestamp\": ");
-	AppendTs(&buf, ts);
-	appendStringInfoString(&buf, ", \"created_at\": ");
-	AppendTs(&buf, ingested);
-	appendStringInfoString(&buf, ", \"ingested_at\": ");
-	AppendTs(&buf, ingested);
-	appendStringInfoString(&buf, ", \"idempotency_key\": ");
-	if (key)
-		escape_json(&buf, key);
+	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
+	PushUuid(&st, "id", id);
+	PushUuid(&st, "customer_id", customer);
+	PushUuid(&st, "meter_id", meter);
+	PushString(&st, "quantity", DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(q))));
+	PushTs(&st, "timestamp", ts);
+	PushTs(&st, "created_at", ingested);
+	PushTs(&st, "ingested_at", ingested);
+	PushString(&st, "idempotency_key", key);
+	PushKey(&st, "meta_data");
+	if (meta)
+	{
+		/* an object (checked on the way in): pushed member by member */
+		v.type = jbvBinary;
+		v.val.binary.data = &meta->root;
+		v.val.binary.len = VARSIZE(meta) - VARHDRSZ;
+		pushJsonbValue(&st, WJB_VALUE, &v);
+	}
 	else
-		appendStringInfoString(&buf, "null");
-	appendStringInfoString(&buf, ", \"meta_data\": ");
-	appendStringInfoString(&buf, meta ? JsonbToCString(NULL, &meta->root, VARSIZE(meta)) : "{}");
-	appendStringInfo(&buf, ", \"replay\": %s}", replay ? "true" : "false");
-	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+	{
+		pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
+		pushJsonbValue(&st, WJB_END_OBJECT, NULL);
+	}
+	PushKey(&st, "replay");
+	v.type = jbvBool;
+	v.val.boolean = replay;
+	pushJsonbValue(&st, WJB_VALUE, &v);
+	res = pushJsonbValue(&st, WJB_END_OBJECT, NULL);
+	return JsonbValueToJsonb(res);
 }
 
 /* Checks that need no meter and no database: presence and shape of the fields */
@@ -577,23 +809,22 @@ RaiseConflict(TrackInput *in)
  * from a new event.  Must run inside an SPI connection.
  */
 static Jsonb *
-TrackOne(Datum org, TrackInput *in, bool *replay)
+TrackOne(Datum org, TrackInput *in, Lookup *lk, TimestampTz now, bool *replay)
 {
-	MeterInfo	m;
 	Numeric		q;
 	TimestampTz ts;
-	TimestampTz now = FrNow();
 	Jsonb	   *meta;
-	pg_uuid_t	customer;
 	StoredEvent ev;
 	EventStatus st;
 
 	CheckInputShape(in);
-	if (!FindMeter(org, in, &m))
+	if (!lk->meter_found)
 		RaiseMeterNotFound(in);
-	meta = PrepareEvent(in, &m, now, &q, &ts);
-	ResolveCustomer(org, in->customer_external_id, now, &customer);
-	st = WriteEvent(org, in, &m, &customer, q, ts, now, meta, &ev);
+	meta = PrepareEvent(in, &lk->m, now, &q, &ts);
+	/* an unknown external id: create the customer (race-safe) */
+	if (!lk->customer_found)
+		ResolveCustomer(org, in->customer_external_id, now, &lk->customer);
+	st = WriteEvent(org, in, &lk->m, &lk->customer, q, ts, now, meta, &ev);
 	if (st == EV_CONFLICT)
 		RaiseConflict(in);
 	*replay = (st == EV_REPLAY);
@@ -638,9 +869,10 @@ fr_track(PG_FUNCTION_ARGS)
 	Datum		org;
 	bool		replay;
 	Jsonb	   *result;
+	Lookup		lk;
+	TimestampTz now = FrNow();
 	MemoryContext caller = CurrentMemoryContext;
 
-	org = ResolveOrg(fcinfo, 8);
 	in.meter_token = ArgText(fcinfo, 0);
 	in.customer_external_id = ArgText(fcinfo, 1);
 	in.quantity = PG_ARGISNULL(2) ? NULL : PG_GETARG_NUMERIC(2);
@@ -653,7 +885,15 @@ fr_track(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	result = TrackOne(org, &in, &replay);
+	/* the key (if any), the meter and the customer: one statement */
+	if (!PG_ARGISNULL(8))
+		org = LookupWithKey(text_to_cstring(PG_GETARG_TEXT_PP(8)), &in, now, &lk);
+	else
+	{
+		org = FrRequireOrg("usage.write");
+		LookupInOrg(org, &in, &lk);
+	}
+	result = TrackOne(org, &in, &lk, now, &replay);
 	{
 		MemoryContext spi = MemoryContextSwitchTo(caller);
 
