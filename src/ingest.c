@@ -19,7 +19,12 @@
 #include <ctype.h>
 #include <sodium.h>
 
+#include "access/genam.h"
+#include "access/table.h"
 #include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_am.h"
+#include "catalog/pg_index.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "funcapi.h"
@@ -27,12 +32,17 @@
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/datetime.h"
+#include "utils/fmgroids.h"
 #include "utils/guc.h"
+#include "utils/inval.h"
 #include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
+#include "utils/lsyscache.h"
 #include "utils/numeric.h"
+#include "utils/rel.h"
 #include "utils/resowner.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
@@ -78,10 +88,6 @@ extern bytea *FrApiKeyHash(const char *key, unsigned char hash[32]);
 extern void FrApiKeyAccept(const unsigned char hash[32], bytea *stored, bool active);
 extern void FrApiKeyTouch(Datum org, Datum key_id, TimestampTz now);
 
-static SPIPlanPtr plan_lookup_key_token = NULL;
-static SPIPlanPtr plan_lookup_key_name = NULL;
-static SPIPlanPtr plan_lookup_token = NULL;
-static SPIPlanPtr plan_lookup_name = NULL;
 static SPIPlanPtr plan_meter_token = NULL;
 static SPIPlanPtr plan_meter_name = NULL;
 static SPIPlanPtr plan_customer = NULL;
@@ -158,140 +164,311 @@ FindMeter(Datum org, TrackInput *in, MeterInfo *m)
 }
 
 /*
- * The meter's key for the lookup: the token as a uuid (a malformed token is
- * an unknown meter, not a type error), or the name.  *isnull when there is
- * nothing to look for (the shape checks report it later).
+ * Direct index lookups for fluxrate.track.
+ *
+ * The key, the meter and the customer of one event are three equality probes
+ * of three unique (or near-unique) btree indexes.  Through SPI each paid for
+ * plan-cache revalidation, executor start-up and shutdown, a result tuple
+ * store and output conversions, several times the probe itself (and the
+ * generic plan the planner picked for tiny tables was a bitmap scan, a
+ * sequential scan and a Memoize node).  Here they are plain index scans
+ * (index_beginscan / index_getnext_slot) with the statement's snapshot.
+ *
+ * What is cached per backend is only catalog knowledge: the OIDs of the three
+ * tables and of the indexes whose key columns are exactly the looked-up
+ * columns, and the attribute numbers.  A relcache invalidation of any of them
+ * (ALTER, DROP, CREATE/DROP INDEX, DROP EXTENSION, ...) drops the cache, and
+ * it is checked again after the table is locked, so it never outlives the
+ * catalog state.  No row is cached: every call reads the key, meter and
+ * customer rows afresh, so a revoked key, a deleted meter or customer are
+ * seen at once, exactly as by the previous SPI statements.
+ *
+ * These reads bypass row-level security like the previous lookup statement
+ * (it ran as fluxrate_system): tenancy is the organization in the index key,
+ * the key's own organization.  The insert still runs as fluxrate_owner under
+ * row-level security.
  */
-static Datum
-MeterKeyArg(TrackInput *in, bool *by_token, bool *isnull)
+typedef enum DlWhich
 {
-	*by_token = (in->meter_token != NULL || in->meter_name == NULL);
-	*isnull = true;
-	if (in->meter_token != NULL)
-	{
-		if (strlen(in->meter_token) != 36)
-			return (Datum) 0;
-		for (const char *c = in->meter_token; *c; c++)
-			if (!(isxdigit((unsigned char) *c) || *c == '-'))
-				return (Datum) 0;
-		*isnull = false;
-		return DirectFunctionCall1(uuid_in, CStringGetDatum(in->meter_token));
-	}
-	if (in->meter_name != NULL)
-	{
-		*isnull = false;
-		return CStringGetTextDatum(in->meter_name);
-	}
-	return (Datum) 0;
-}
+	DL_KEY_HASH,				/* api_keys (key_hash) */
+	DL_METER_TOKEN,				/* meters (org_id, meter_token) */
+	DL_METER_NAME,				/* meters (org_id, meter_name) */
+	DL_CUSTOMER,				/* customers (org_id, external_id) */
+	DL_N
+} DlWhich;
 
-/* Columns 1-5 of a lookup row: the meter (if found), then the customer (if found) */
-#define LOOKUP_COLUMNS "m.id, m.aggregation_type, m.property_name, m.unique_property, c.id"
+#define DL_MAX_OUT 6
+static const struct
+{
+	const char *rel;
+	int			nkeys;
+	const char *keys[2];
+	Oid			keytypes[2];
+	RegProcedure eqprocs[2];
+	int			nout;
+	const char *out[DL_MAX_OUT];
+}			dl_spec[DL_N] = {
+	{"api_keys", 1, {"key_hash"}, {BYTEAOID}, {F_BYTEAEQ},
+	6, {"org_id", "id", "scopes", "status", "key_hash", "last_used_at"}},
+	{"meters", 2, {"org_id", "meter_token"}, {UUIDOID, UUIDOID}, {F_UUID_EQ, F_UUID_EQ},
+	4, {"id", "aggregation_type", "property_name", "unique_property"}},
+	{"meters", 2, {"org_id", "meter_name"}, {UUIDOID, TEXTOID}, {F_UUID_EQ, F_TEXTEQ},
+	4, {"id", "aggregation_type", "property_name", "unique_property"}},
+	{"customers", 2, {"org_id", "external_id"}, {UUIDOID, TEXTOID}, {F_UUID_EQ, F_TEXTEQ},
+	1, {"id"}},
+};
+
+static bool dl_valid = false;
+static bool dl_registered = false;
+static Oid	dl_rel[DL_N];
+static Oid	dl_idx[DL_N];
+static AttrNumber dl_att[DL_N][DL_MAX_OUT];
 
 static void
-ReadLookup(HeapTuple tup, TupleDesc td, Lookup *lk)
+DlInvalidate(Datum arg, Oid relid)
 {
-	bool		isnull;
-	Datum		d;
+	if (relid == InvalidOid)
+		dl_valid = false;
+	for (int w = 0; w < DL_N && dl_valid; w++)
+		if (relid == dl_rel[w] || relid == dl_idx[w])
+			dl_valid = false;
+}
 
-	d = SPI_getbinval(tup, td, 1, &isnull);
-	lk->meter_found = !isnull;
-	if (!isnull)
+static AttrNumber
+DlAttNum(Relation rel, const char *name, Oid type)
+{
+	TupleDesc	td = RelationGetDescr(rel);
+
+	for (int i = 0; i < td->natts; i++)
 	{
-		memcpy(&lk->m.id, DatumGetUUIDP(d), sizeof(pg_uuid_t));
-		strlcpy(lk->m.agg, SPI_getvalue(tup, td, 2), sizeof(lk->m.agg));
-		lk->m.property = SPI_getvalue(tup, td, 3);
-		lk->m.unique_property = SPI_getvalue(tup, td, 4);
+		Form_pg_attribute a = TupleDescAttr(td, i);
+
+		if (!a->attisdropped && strcmp(NameStr(a->attname), name) == 0 &&
+			(type == InvalidOid || a->atttypid == type))
+			return a->attnum;
 	}
-	d = SPI_getbinval(tup, td, 5, &isnull);
-	lk->customer_found = !isnull;
-	if (!isnull)
-		memcpy(&lk->customer, DatumGetUUIDP(d), sizeof(pg_uuid_t));
+	elog(ERROR, "column %s.%s is missing", RelationGetRelationName(rel), name);
+	return InvalidAttrNumber;	/* keep compiler quiet */
 }
 
 /*
- * fluxrate.track with an API key: verify the key and look up the meter and
- * the customer in one statement, as fluxrate_system (the organization is not
- * known before the key is found, so row-level security cannot apply yet).
- * Tenancy is the join itself: the meter and the customer must belong to the
- * key's organization.  The key row is read by this statement, in this
- * transaction, like the old separate lookup: a revocation committed before
- * the call is seen, with no cache to outlive it.
- *
- * Then the scope is checked and the organization published for row-level
- * security; everything after this runs as fluxrate_owner, confined to it.
- * Inside SPI.
+ * Find the tables, the indexes and the columns.  The locks taken are kept to
+ * the end of the transaction, so what was found cannot be dropped under the
+ * lookups that follow.
  */
-static Datum
-LookupWithKey(const char *key, TrackInput *in, TimestampTz now, Lookup *lk)
+static void
+DlResolve(void)
 {
-	unsigned char hash[32];
-	Datum		args[4];
-	char		nulls[4] = {' ', ' ', ' ', ' '};
-	bool		by_token,
-				isnull;
+	Oid			nsp = get_namespace_oid("fluxrate_internal", false);
+
+	if (!dl_registered)
+	{
+		CacheRegisterRelcacheCallback(DlInvalidate, (Datum) 0);
+		dl_registered = true;
+	}
+	dl_valid = true;			/* an invalidation from here on means "again" */
+	for (int w = 0; w < DL_N; w++)
+	{
+		Oid			relid = get_relname_relid(dl_spec[w].rel, nsp);
+		Relation	rel;
+		AttrNumber	keyatt[2];
+		List	   *indexes;
+		ListCell   *lc;
+
+		if (!OidIsValid(relid))
+			elog(ERROR, "relation fluxrate_internal.%s is missing", dl_spec[w].rel);
+		rel = table_open(relid, AccessShareLock);
+		for (int k = 0; k < dl_spec[w].nkeys; k++)
+			keyatt[k] = DlAttNum(rel, dl_spec[w].keys[k], dl_spec[w].keytypes[k]);
+		for (int o = 0; o < dl_spec[w].nout; o++)
+			dl_att[w][o] = DlAttNum(rel, dl_spec[w].out[o], InvalidOid);
+		dl_rel[w] = relid;
+		dl_idx[w] = InvalidOid;
+		indexes = RelationGetIndexList(rel);
+		foreach(lc, indexes)
+		{
+			Relation	ix = index_open(lfirst_oid(lc), AccessShareLock);
+			Form_pg_index f = ix->rd_index;
+			bool		ok;
+
+			ok = (ix->rd_rel->relam == BTREE_AM_OID && f->indisvalid && f->indislive &&
+				  f->indnkeyatts == dl_spec[w].nkeys &&
+				  heap_attisnull(ix->rd_indextuple, Anum_pg_index_indpred, NULL));
+			for (int k = 0; ok && k < dl_spec[w].nkeys; k++)
+				ok = (f->indkey.values[k] == keyatt[k] &&
+					  ix->rd_opcintype[k] == dl_spec[w].keytypes[k] &&
+					  get_opcode(get_opfamily_member(ix->rd_opfamily[k], dl_spec[w].keytypes[k],
+													 dl_spec[w].keytypes[k], BTEqualStrategyNumber)) ==
+					  dl_spec[w].eqprocs[k]);
+			index_close(ix, NoLock);
+			if (ok && (!OidIsValid(dl_idx[w]) || f->indisunique))
+				dl_idx[w] = lfirst_oid(lc);
+		}
+		list_free(indexes);
+		table_close(rel, NoLock);
+		if (!OidIsValid(dl_idx[w]))
+			elog(ERROR, "no btree index on fluxrate_internal.%s (%s%s%s)", dl_spec[w].rel,
+				 dl_spec[w].keys[0], dl_spec[w].nkeys > 1 ? ", " : "",
+				 dl_spec[w].nkeys > 1 ? dl_spec[w].keys[1] : "");
+	}
+}
+
+/*
+ * The row of table w whose key columns equal keys, visible to the statement's
+ * snapshot, into *slot (created here; the caller drops it); false if none.
+ */
+static bool
+DlFetch(DlWhich w, Datum *keys, TupleTableSlot **slot)
+{
+	Relation	heap;
+	Relation	idx;
+	ScanKeyData sk[2];
+	IndexScanDesc scan;
+	Snapshot	snap = ActiveSnapshotSet() ? GetActiveSnapshot() : GetTransactionSnapshot();
+	bool		found;
+
+	for (;;)
+	{
+		while (!dl_valid)
+			DlResolve();
+		heap = try_table_open(dl_rel[w], AccessShareLock);
+		/* locking processed the pending invalidations: still valid? */
+		if (heap != NULL && dl_valid)
+			break;
+		if (heap != NULL)
+			table_close(heap, AccessShareLock);
+		dl_valid = false;
+	}
+	idx = index_open(dl_idx[w], AccessShareLock);
+	for (int k = 0; k < dl_spec[w].nkeys; k++)
+		ScanKeyEntryInitialize(&sk[k], 0, k + 1, BTEqualStrategyNumber, InvalidOid,
+							   idx->rd_indcollation[k], dl_spec[w].eqprocs[k], keys[k]);
+	*slot = table_slot_create(heap, NULL);
+	scan = index_beginscan(heap, idx, snap, dl_spec[w].nkeys, 0);
+	index_rescan(scan, sk, dl_spec[w].nkeys, NULL, 0);
+	found = index_getnext_slot(scan, ForwardScanDirection, *slot);
+	index_endscan(scan);
+	index_close(idx, NoLock);
+	table_close(heap, NoLock);
+	return found;
+}
+
+static Datum
+DlGet(TupleTableSlot *slot, DlWhich w, int out, bool *isnull)
+{
+	return slot_getattr(slot, dl_att[w][out], isnull);
+}
+
+/*
+ * The meter (by token, or by name) and the customer of one event in org.
+ * A malformed token is an unknown meter, not a type error; missing fields are
+ * reported later by the shape checks, in their usual order.
+ */
+static void
+LookupMeterAndCustomer(Datum org, TrackInput *in, Lookup *lk)
+{
+	Datum		keys[2];
+	TupleTableSlot *slot;
+	bool		isnull;
+	DlWhich		w = DL_METER_TOKEN;
+
+	lk->meter_found = false;
+	lk->customer_found = false;
+	keys[0] = org;
+	keys[1] = (Datum) 0;
+	if (in->meter_token != NULL)
+	{
+		bool		wellformed = (strlen(in->meter_token) == 36);
+
+		for (const char *c = in->meter_token; *c && wellformed; c++)
+			wellformed = (isxdigit((unsigned char) *c) || *c == '-');
+		if (wellformed)
+			keys[1] = DirectFunctionCall1(uuid_in, CStringGetDatum(in->meter_token));
+	}
+	else if (in->meter_name != NULL)
+	{
+		w = DL_METER_NAME;
+		keys[1] = CStringGetTextDatum(in->meter_name);
+	}
+	if (keys[1] != (Datum) 0)
+	{
+		if (DlFetch(w, keys, &slot))
+		{
+			lk->meter_found = true;
+			memcpy(&lk->m.id, DatumGetUUIDP(DlGet(slot, w, 0, &isnull)), sizeof(pg_uuid_t));
+			text_to_cstring_buffer(DatumGetTextPP(DlGet(slot, w, 1, &isnull)), lk->m.agg, sizeof(lk->m.agg));
+			lk->m.property = TextDatumGetCString(DlGet(slot, w, 2, &isnull));
+			lk->m.unique_property = TextDatumGetCString(DlGet(slot, w, 3, &isnull));
+		}
+		ExecDropSingleTupleTableSlot(slot);
+	}
+	if (in->customer_external_id != NULL)
+	{
+		keys[1] = CStringGetTextDatum(in->customer_external_id);
+		if (DlFetch(DL_CUSTOMER, keys, &slot))
+		{
+			lk->customer_found = true;
+			memcpy(&lk->customer, DatumGetUUIDP(DlGet(slot, DL_CUSTOMER, 0, &isnull)), sizeof(pg_uuid_t));
+		}
+		ExecDropSingleTupleTableSlot(slot);
+	}
+}
+
+/* FrApiKeyTouch as fluxrate_system (api_keys is not the organization's to write) */
+static void
+TouchKeyAsSystem(Datum org, Datum key_id, TimestampTz now)
+{
 	Oid			save_user;
 	int			save_sec;
-	pg_uuid_t  *org = palloc(sizeof(pg_uuid_t));
-	ArrayType  *volatile scopes = NULL;
-
-	args[0] = PointerGetDatum(FrApiKeyHash(key, hash));
-	args[1] = TimestampTzGetDatum(now);
-	args[2] = MeterKeyArg(in, &by_token, &isnull);
-	nulls[2] = isnull ? 'n' : ' ';
-	args[3] = in->customer_external_id ? CStringGetTextDatum(in->customer_external_id) : (Datum) 0;
-	nulls[3] = in->customer_external_id ? ' ' : 'n';
 
 	FrBecomeSystem(&save_user, &save_sec);
 	PG_TRY();
 	{
-		HeapTuple	tup;
-		TupleDesc	td;
-		Datum		d;
-
-		if (SPI_execute_plan(by_token ?
-							 Prepare(&plan_lookup_key_token,
-									 "SELECT " LOOKUP_COLUMNS ", k.org_id, k.id, k.scopes, "
-									 "k.status OPERATOR(pg_catalog.=) 'ACTIVE', k.key_hash, "
-									 "(k.last_used_at IS NULL OR k.last_used_at OPERATOR(pg_catalog.<) ($2 OPERATOR(pg_catalog.-) interval '1 minute')) "
-									 "FROM fluxrate_internal.api_keys k "
-									 "LEFT JOIN fluxrate_internal.meters m "
-									 "ON m.org_id OPERATOR(pg_catalog.=) k.org_id AND m.meter_token OPERATOR(pg_catalog.=) $3 "
-									 "LEFT JOIN fluxrate_internal.customers c "
-									 "ON c.org_id OPERATOR(pg_catalog.=) k.org_id AND c.external_id OPERATOR(pg_catalog.=) $4 "
-									 "WHERE k.key_hash OPERATOR(pg_catalog.=) $1",
-									 4, (Oid[]) {BYTEAOID, TIMESTAMPTZOID, UUIDOID, TEXTOID}) :
-							 Prepare(&plan_lookup_key_name,
-									 "SELECT " LOOKUP_COLUMNS ", k.org_id, k.id, k.scopes, "
-									 "k.status OPERATOR(pg_catalog.=) 'ACTIVE', k.key_hash, "
-									 "(k.last_used_at IS NULL OR k.last_used_at OPERATOR(pg_catalog.<) ($2 OPERATOR(pg_catalog.-) interval '1 minute')) "
-									 "FROM fluxrate_internal.api_keys k "
-									 "LEFT JOIN fluxrate_internal.meters m "
-									 "ON m.org_id OPERATOR(pg_catalog.=) k.org_id AND m.meter_name OPERATOR(pg_catalog.=) $3 "
-									 "LEFT JOIN fluxrate_internal.customers c "
-									 "ON c.org_id OPERATOR(pg_catalog.=) k.org_id AND c.external_id OPERATOR(pg_catalog.=) $4 "
-									 "WHERE k.key_hash OPERATOR(pg_catalog.=) $1",
-									 4, (Oid[]) {BYTEAOID, TIMESTAMPTZOID, TEXTOID, TEXTOID}),
-							 args, nulls, false, 1) != SPI_OK_SELECT)
-			elog(ERROR, "api key lookup failed");
-		if (SPI_processed != 1)
-			FrApiKeyAccept(hash, NULL, false);
-		tup = SPI_tuptable->vals[0];
-		td = SPI_tuptable->tupdesc;
-		FrApiKeyAccept(hash, DatumGetByteaPP(SPI_getbinval(tup, td, 10, &isnull)),
-					   DatumGetBool(SPI_getbinval(tup, td, 9, &isnull)));
-		memcpy(org, DatumGetUUIDP(SPI_getbinval(tup, td, 6, &isnull)), sizeof(pg_uuid_t));
-		scopes = DatumGetArrayTypeP(SPI_getbinval(tup, td, 8, &isnull));
-		ReadLookup(tup, td, lk);
-		d = SPI_getbinval(tup, td, 7, &isnull);
-		if (DatumGetBool(SPI_getbinval(tup, td, 11, &isnull)))
-			FrApiKeyTouch(UUIDPGetDatum(org), d, now);
+		FrApiKeyTouch(org, key_id, now);
 	}
 	PG_FINALLY();
 	{
 		SetUserIdAndSecContext(save_user, save_sec);
 	}
 	PG_END_TRY();
+}
+
+/*
+ * fluxrate.track with an API key: verify the key (its row read afresh on
+ * every call, in this transaction: a revocation is effective at once), check
+ * the scope, publish the organization for row-level security, then look up
+ * the meter and the customer of that organization.  Inside SPI.
+ */
+static Datum
+LookupWithKey(const char *key, TrackInput *in, TimestampTz now, Lookup *lk)
+{
+	unsigned char hash[32];
+	Datum		keys[1];
+	TupleTableSlot *slot;
+	bool		isnull;
+	pg_uuid_t  *org = palloc(sizeof(pg_uuid_t));
+	pg_uuid_t	key_id;
+	ArrayType  *scopes;
+	Datum		d;
+	bool		stale;
+
+	keys[0] = PointerGetDatum(FrApiKeyHash(key, hash));
+	if (!DlFetch(DL_KEY_HASH, keys, &slot))
+		FrApiKeyAccept(hash, NULL, false);
+	d = DlGet(slot, DL_KEY_HASH, 3, &isnull);	/* status */
+	FrApiKeyAccept(hash, DatumGetByteaPP(DlGet(slot, DL_KEY_HASH, 4, &isnull)),
+				   VARSIZE_ANY_EXHDR(DatumGetTextPP(d)) == 6 &&
+				   memcmp(VARDATA_ANY(DatumGetTextPP(d)), "ACTIVE", 6) == 0);
+	memcpy(org, DatumGetUUIDP(DlGet(slot, DL_KEY_HASH, 0, &isnull)), sizeof(pg_uuid_t));
+	memcpy(&key_id, DatumGetUUIDP(DlGet(slot, DL_KEY_HASH, 1, &isnull)), sizeof(pg_uuid_t));
+	scopes = DatumGetArrayTypePCopy(DlGet(slot, DL_KEY_HASH, 2, &isnull));
+	d = DlGet(slot, DL_KEY_HASH, 5, &isnull);	/* last_used_at */
+	stale = isnull || DatumGetTimestampTz(d) < now - USECS_PER_MINUTE;
+	ExecDropSingleTupleTableSlot(slot);
+
+	/* last_used_at at most once a minute */
+	if (stale)
+		TouchKeyAsSystem(UUIDPGetDatum(org), UUIDPGetDatum(&key_id), now);
 
 	if (!FrScopesGrant(scopes, "usage.write"))
 		ereport(ERROR,
@@ -299,45 +476,8 @@ LookupWithKey(const char *key, TrackInput *in, TimestampTz now, Lookup *lk)
 				 errmsg("api key lacks the usage.write scope"),
 				 errhint("Create a key with the usage.write scope.")));
 	FrSetCurrentOrg(DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(org))));
+	LookupMeterAndCustomer(UUIDPGetDatum(org), in, lk);
 	return UUIDPGetDatum(org);
-}
-
-/*
- * fluxrate.track without a key (organization from the context): the meter and
- * the customer in one statement, as fluxrate_owner under row-level security.
- * Inside SPI.
- */
-static void
-LookupInOrg(Datum org, TrackInput *in, Lookup *lk)
-{
-	Datum		args[3];
-	char		nulls[3] = {' ', ' ', ' '};
-	bool		by_token,
-				isnull;
-
-	args[0] = org;
-	args[1] = MeterKeyArg(in, &by_token, &isnull);
-	nulls[1] = isnull ? 'n' : ' ';
-	args[2] = in->customer_external_id ? CStringGetTextDatum(in->customer_external_id) : (Datum) 0;
-	nulls[2] = in->customer_external_id ? ' ' : 'n';
-	if (SPI_execute_plan(by_token ?
-						 Prepare(&plan_lookup_token,
-								 "SELECT " LOOKUP_COLUMNS " FROM (VALUES (1)) AS d(x) "
-								 "LEFT JOIN fluxrate_internal.meters m "
-								 "ON m.org_id OPERATOR(pg_catalog.=) $1 AND m.meter_token OPERATOR(pg_catalog.=) $2 "
-								 "LEFT JOIN fluxrate_internal.customers c "
-								 "ON c.org_id OPERATOR(pg_catalog.=) $1 AND c.external_id OPERATOR(pg_catalog.=) $3",
-								 3, (Oid[]) {UUIDOID, UUIDOID, TEXTOID}) :
-						 Prepare(&plan_lookup_name,
-								 "SELECT " LOOKUP_COLUMNS " FROM (VALUES (1)) AS d(x) "
-								 "LEFT JOIN fluxrate_internal.meters m "
-								 "ON m.org_id OPERATOR(pg_catalog.=) $1 AND m.meter_name OPERATOR(pg_catalog.=) $2 "
-								 "LEFT JOIN fluxrate_internal.customers c "
-								 "ON c.org_id OPERATOR(pg_catalog.=) $1 AND c.external_id OPERATOR(pg_catalog.=) $3",
-								 3, (Oid[]) {UUIDOID, TEXTOID, TEXTOID}),
-						 args, nulls, false, 1) != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "meter and customer lookup failed");
-	ReadLookup(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, lk);
 }
 
 static void
@@ -885,13 +1025,13 @@ fr_track(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	/* the key (if any), the meter and the customer: one statement */
+	/* the key (if any), the meter and the customer: direct index lookups */
 	if (!PG_ARGISNULL(8))
 		org = LookupWithKey(text_to_cstring(PG_GETARG_TEXT_PP(8)), &in, now, &lk);
 	else
 	{
 		org = FrRequireOrg("usage.write");
-		LookupInOrg(org, &in, &lk);
+		LookupMeterAndCustomer(org, &in, &lk);
 	}
 	result = TrackOne(org, &in, &lk, now, &replay);
 	{
