@@ -1094,14 +1094,15 @@ BatchInput(Jsonb *ev, TrackInput *in)
 		in->properties = JsonbValueToJsonb(v);
 }
 
-/* Remember a refusal of one batch element */
 static void
-AppendError(StringInfo out, int idx, int sqlerrcode, const char *message)
+PushInt(JsonbParseState **st, const char *key, int val)
 {
-	appendStringInfo(out, "{\"index\": %d, \"status\": \"error\", \"code\": \"%s\", \"message\": ",
-					 idx, unpack_sql_state(sqlerrcode));
-	escape_json(out, message ? message : "error");
-	appendStringInfoChar(out, '}');
+	JsonbValue	v;
+
+	PushKey(st, key);
+	v.type = jbvNumeric;
+	v.val.numeric = int64_to_numeric(val);
+	pushJsonbValue(st, WJB_VALUE, &v);
 }
 
 /* Per-batch cache of meters by token or name */
@@ -1289,9 +1290,12 @@ ResolveBatchCustomers(Datum org, BatchEvent *ev, int n, TimestampTz now)
 }
 
 /*
- * Insert every valid event of the batch in one statement; the rows the
- * ON CONFLICT clause skipped are then read in one statement and each is a
- * replay (same payload hash) or a conflict.
+ * Insert every valid event of the batch in one statement.  When every row
+ * went in (the usual case) that is all.  Otherwise the stored events of the
+ * batch's idempotency keys are read in one statement: a stored id that is the
+ * one generated here is an event of this batch; any other is a replay (same
+ * payload hash) or a conflict.  (UUIDv7 ids carry 74 random bits; an event
+ * without a key can never be skipped by ON CONFLICT.)
  */
 static void
 InsertBatch(Datum org, BatchEvent *ev, int n, TimestampTz now)
@@ -1308,14 +1312,12 @@ InsertBatch(Datum org, BatchEvent *ev, int n, TimestampTz now)
 	Datum	   *metas = palloc(sizeof(Datum) * Max(n, 1));
 	bool	   *metanulls = palloc(sizeof(bool) * Max(n, 1));
 	int		   *pos = palloc(sizeof(int) * Max(n, 1));
-	bool	   *inserted = palloc0(sizeof(bool) * Max(n, 1));
 	int			dims[1];
 	int			lbs[1] = {1};
 	Datum		args[10];
 	HASHCTL		hctl;
-	HTAB	   *byid;
-	char	  **dupkeys;
-	int			ndup = 0;
+	char	  **keyed;
+	int			nkeyed = 0;
 
 	for (int i = 0; i < n; i++)
 	{
@@ -1360,56 +1362,37 @@ InsertBatch(Datum org, BatchEvent *ev, int n, TimestampTz now)
 								 "SELECT $1, u.id, u.c, u.m, u.q, u.t, $2, u.k, u.h, u.md "
 								 "FROM ROWS FROM (pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6), "
 								 "pg_catalog.unnest($7), pg_catalog.unnest($8), pg_catalog.unnest($9), pg_catalog.unnest($10)) AS u(id, c, m, q, t, k, h, md) "
-								 "ON CONFLICT (org_id, idempotency_key) DO NOTHING RETURNING id",
+								 "ON CONFLICT (org_id, idempotency_key) DO NOTHING",
 								 10, (Oid[]) {UUIDOID, TIMESTAMPTZOID, UUIDARRAYOID, UUIDARRAYOID, UUIDARRAYOID,
 									 NUMERICARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID, BYTEAARRAYOID, JSONBARRAYOID}),
-						 args, NULL, false, 0) != SPI_OK_INSERT_RETURNING)
+						 args, NULL, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "usage event batch insert failed");
+	if (SPI_processed == (uint64) k)
+		return;					/* every event went in */
 
-	/* which of ours went in */
-	memset(&hctl, 0, sizeof(hctl));
-	hctl.keysize = 16;
-	hctl.entrysize = 16 + sizeof(int);
-	hctl.hcxt = CurrentMemoryContext;
-	byid = hash_create("fluxrate batch ids", k, &hctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	/* some keys were taken: read the stored events of the batch's keys once */
+	keyed = palloc(sizeof(char *) * k);
 	for (int j = 0; j < k; j++)
-	{
-		char	   *e = hash_search(byid, DatumGetUUIDP(ids[j]), HASH_ENTER, NULL);
-
-		*(int *) (e + 16) = j;
-	}
-	for (uint64 r = 0; r < SPI_processed; r++)
-	{
-		bool		isnull;
-		char	   *e = hash_search(byid, DatumGetUUIDP(SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1, &isnull)),
-									HASH_FIND, NULL);
-
-		if (e)
-			inserted[*(int *) (e + 16)] = true;
-	}
-
-	/* the rest had their key taken: read the stored events once */
-	dupkeys = palloc(sizeof(char *) * k);
-	for (int j = 0; j < k; j++)
-		if (!inserted[j])
-			dupkeys[ndup++] = ev[pos[j]].in.idempotency_key;
-	if (ndup > 0)
+		if (ev[pos[j]].in.idempotency_key != NULL)
+			keyed[nkeyed++] = ev[pos[j]].in.idempotency_key;
+	if (nkeyed > 0)
 	{
 		Datum		gargs[2];
 		HTAB	   *bykey;
 
 		gargs[0] = org;
-		gargs[1] = PointerGetDatum(TextArray(dupkeys, ndup));
+		gargs[1] = PointerGetDatum(TextArray(keyed, nkeyed));
 		if (SPI_execute_plan(Prepare(&plan_batch_existing,
-									 "SELECT idempotency_key, id, payload_hash FROM fluxrate_internal.usage_events "
-									 "WHERE org_id OPERATOR(pg_catalog.=) $1 AND idempotency_key OPERATOR(pg_catalog.=) ANY ($2)",
+									 "SELECT e.idempotency_key, e.id, e.payload_hash FROM pg_catalog.unnest($2) AS x "
+									 "JOIN fluxrate_internal.usage_events e "
+									 "ON e.org_id OPERATOR(pg_catalog.=) $1 AND e.idempotency_key OPERATOR(pg_catalog.=) x",
 									 2, (Oid[]) {UUIDOID, TEXTARRAYOID}), gargs, NULL, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not read the events of taken idempotency keys");
 		memset(&hctl, 0, sizeof(hctl));
 		hctl.keysize = 256;
 		hctl.entrysize = 256 + 16 + 32;
 		hctl.hcxt = CurrentMemoryContext;
-		bykey = hash_create("fluxrate batch keys", ndup, &hctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+		bykey = hash_create("fluxrate batch keys", nkeyed, &hctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
 		for (uint64 r = 0; r < SPI_processed; r++)
 		{
 			bool		isnull;
@@ -1429,9 +1412,11 @@ InsertBatch(Datum org, BatchEvent *ev, int n, TimestampTz now)
 			BatchEvent *b = &ev[pos[j]];
 			char	   *e;
 
-			if (inserted[j])
-				continue;
+			if (b->in.idempotency_key == NULL)
+				continue;		/* never skipped */
 			e = hash_search(bykey, b->in.idempotency_key, HASH_FIND, NULL);
+			if (e != NULL && memcmp(e + 256, &b->id, 16) == 0)
+				continue;		/* ours: created */
 			if (e != NULL && sodium_memcmp(e + 272, b->hash, 32) == 0)
 			{
 				b->status = 1;
@@ -1469,7 +1454,8 @@ fr_track_batch(PG_FUNCTION_ARGS)
 	volatile int created = 0,
 				replayed = 0,
 				failed = 0;
-	StringInfoData out;
+	JsonbParseState *st = NULL;
+	JsonbValue *res;
 	MemoryContext caller = CurrentMemoryContext;
 	JsonbIterator *it;
 	JsonbValue	elem;
@@ -1590,29 +1576,38 @@ fr_track_batch(PG_FUNCTION_ARGS)
 	SPI_finish();
 	MemoryContextSwitchTo(caller);
 
-	initStringInfo(&out);
-	appendStringInfoString(&out, "{\"results\": [");
+	/* the result, pushed as a JsonbValue (no text to print and parse again) */
+	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
+	PushKey(&st, "results");
+	pushJsonbValue(&st, WJB_BEGIN_ARRAY, NULL);
 	for (int i = 0; i < n; i++)
 	{
-		if (i > 0)
-			appendStringInfoString(&out, ", ");
+		pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
+		PushInt(&st, "index", i);
 		if (ev[i].status == 2)
 		{
-			AppendError(&out, i, ev[i].sqlerrcode, ev[i].message);
+			PushString(&st, "status", "error");
+			/* unpack_sql_state returns a static buffer: copy (pushJsonbValue keeps pointers) */
+			PushString(&st, "code", pstrdup(unpack_sql_state(ev[i].sqlerrcode)));
+			PushString(&st, "message", ev[i].message ? ev[i].message : "error");
 			failed++;
 		}
 		else
 		{
-			appendStringInfo(&out, "{\"index\": %d, \"status\": \"%s\", \"id\": \"%s\"}", i,
-							 ev[i].status == 1 ? "replay" : "created",
-							 DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(&ev[i].id))));
+			PushString(&st, "status", ev[i].status == 1 ? "replay" : "created");
+			PushUuid(&st, "id", &ev[i].id);
 			if (ev[i].status == 1)
 				replayed++;
 			else
 				created++;
 		}
+		pushJsonbValue(&st, WJB_END_OBJECT, NULL);
 	}
-	appendStringInfo(&out, "], \"created\": %d, \"replayed\": %d, \"failed\": %d}", created, replayed, failed);
+	pushJsonbValue(&st, WJB_END_ARRAY, NULL);
+	PushInt(&st, "created", created);
+	PushInt(&st, "replayed", replayed);
+	PushInt(&st, "failed", failed);
+	res = pushJsonbValue(&st, WJB_END_OBJECT, NULL);
 	SetResponseStatus(created > 0 ? "201" : "200");
-	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in, CStringGetDatum(out.data)));
+	PG_RETURN_JSONB_P(JsonbValueToJsonb(res));
 }
