@@ -256,17 +256,35 @@ DlAttNum(Relation rel, const char *name, Oid type)
  * the end of the transaction, so what was found cannot be dropped under the
  * lookups that follow.
  */
+static void DlResolveAll(void);
+
 static void
 DlResolve(void)
 {
-	Oid			nsp = get_namespace_oid("fluxrate_internal", false);
-
 	if (!dl_registered)
 	{
 		CacheRegisterRelcacheCallback(DlInvalidate, (Datum) 0);
 		dl_registered = true;
 	}
 	dl_valid = true;			/* an invalidation from here on means "again" */
+	PG_TRY();
+	{
+		DlResolveAll();
+	}
+	PG_CATCH();
+	{
+		/* never leave a half-resolved cache marked valid */
+		dl_valid = false;
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+}
+
+static void
+DlResolveAll(void)
+{
+	Oid			nsp = get_namespace_oid("fluxrate_internal", false);
+
 	for (int w = 0; w < DL_N; w++)
 	{
 		Oid			relid = get_relname_relid(dl_spec[w].rel, nsp);
@@ -698,8 +716,13 @@ EventJson(pg_uuid_t *id, pg_uuid_t *customer, pg_uuid_t *meter, Numeric q, Times
 	PushUuid(&st, "meter_id", meter);
 	PushString(&st, "quantity", DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(q))));
 	PushTs(&st, "timestamp", ts);
-	PushTs(&st, "created_at", ingested);
-	PushTs(&st, "ingested_at", ingested);
+	{
+		/* created_at and ingested_at are the same instant: format it once */
+		char	   *t = JsonEncodeDateTime(NULL, TimestampTzGetDatum(ingested), TIMESTAMPTZOID, NULL);
+
+		PushString(&st, "created_at", t);
+		PushString(&st, "ingested_at", t);
+	}
 	PushString(&st, "idempotency_key", key);
 	PushKey(&st, "meta_data");
 	if (meta)
