@@ -3,7 +3,9 @@
 # INSERT .. ON CONFLICT DO NOTHING, and fluxrate.track_batch of 1,000 events vs a
 # raw 1,000-row INSERT .. ON CONFLICT DO NOTHING, on identical tables (the
 # baseline table is a copy of fluxrate_internal.usage_events with all its
-# indexes), 16 clients, durable commits, side by side in one run.
+# indexes), 16 clients, durable commits, side by side in one run, the sides
+# alternating in rounds (BENCH_ROUNDS, default 3) so background load hits both
+# alike.
 set -euo pipefail
 T=${BENCH_SECONDS:-15}
 C=${BENCH_CLIENTS:-16}
@@ -51,15 +53,23 @@ SQL
 D=(-D key="$KEY" -D tok="$TOK" -D org="$ORG" -D cust="$CID" -D meter="$MID")
 run() { pgbench -n -M prepared -c "$C" -j 2 -T "$1" "${D[@]}" -f "$2" > "$3" 2>&1 || { cat "$3"; exit 1; }; }
 
-reset; run "$T" "$W/base_single.sql" "$W/bs.out"
-reset; run "$T" "$W/ours_single.sql" "$W/os.out"
-b=$(tps "$W/bs.out"); o=$(tps "$W/os.out")
-report track_single "$o" "$b"
-
-reset; run "$T" "$W/base_batch.sql" "$W/bb.out"
-reset; run "$T" "$W/ours_batch.sql" "$W/ob.out"
-b=$(awk -v t="$(tps "$W/bb.out")" 'BEGIN { print t * 1000 }'); o=$(awk -v t="$(tps "$W/ob.out")" 'BEGIN { print t * 1000 }')
-report track_batch "$o" "$b"
+# The sides alternate in R rounds of T/R seconds each (baseline, ours, baseline,
+# ours, ...), each run on reset tables, and each side's rate is the mean of its
+# rounds: a burst of other work on the machine then hits both sides alike
+# instead of skewing whichever side it happened to overlap.
+R=${BENCH_ROUNDS:-3}
+t=$(( (T + R - 1) / R ))
+side() {  # side <name> <base.sql> <ours.sql> <events per transaction>
+  local bs=0 os=0
+  for r in $(seq 1 "$R"); do
+    reset; run "$t" "$2" "$W/b.out"; bs=$(awk -v a="$bs" -v b="$(tps "$W/b.out")" 'BEGIN { print a + b }')
+    reset; run "$t" "$3" "$W/o.out"; os=$(awk -v a="$os" -v b="$(tps "$W/o.out")" 'BEGIN { print a + b }')
+  done
+  report "$1" "$(awk -v s="$os" -v r="$R" -v n="$4" 'BEGIN { print s / r * n }')" \
+              "$(awk -v s="$bs" -v r="$R" -v n="$4" 'BEGIN { print s / r * n }')"
+}
+side track_single "$W/base_single.sql" "$W/ours_single.sql" 1
+side track_batch "$W/base_batch.sql" "$W/ours_batch.sql" 1000
 reset
 q "DROP TABLE public.bench_events" >/dev/null
 rm -rf "$W"

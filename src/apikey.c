@@ -110,20 +110,24 @@ fr_new_api_key(PG_FUNCTION_ARGS)
 }
 
 /*
- * Verify a key: returns its organization, id and scopes, or raises PT401.
- * Runs as fluxrate_system.  last_used_at is written at most once a minute per
- * key, so verification does not add a write to every call.
+ * The pieces of verification, for callers that look the key up in a query of
+ * their own (fluxrate.track folds the key, meter and customer lookups into one
+ * statement: src/ingest.c).  Declared here and in ingest.c, not in fluxrate.h,
+ * which this change does not own; they belong there.
  */
-void
-FrVerifyApiKey(const char *key, Datum *org, Datum *key_id, ArrayType **scopes)
+extern bytea *FrApiKeyHash(const char *key, unsigned char hash[32]);
+extern void FrApiKeyAccept(const unsigned char hash[32], bytea *stored, bool active);
+extern void FrApiKeyTouch(Datum org, Datum key_id, TimestampTz now);
+
+/*
+ * Check a key's format and compute its keyed hash (also returned as a bytea
+ * for the lookup); PT401 if malformed.
+ */
+bytea *
+FrApiKeyHash(const char *key, unsigned char hash[32])
 {
 	size_t		len = strlen(key);
-	unsigned char hash[32];
 	bytea	   *h;
-	Datum		args[2];
-	Oid			save_user;
-	int			save_sec;
-	MemoryContext caller = CurrentMemoryContext;
 
 	if (len != FR_KEY_LEN || strncmp(key, FR_KEY_PREFIX, FR_KEY_PREFIX_LEN) != 0)
 		ereport(ERROR,
@@ -135,6 +139,81 @@ FrVerifyApiKey(const char *key, Datum *org, Datum *key_id, ArrayType **scopes)
 	h = palloc(VARHDRSZ + 32);
 	SET_VARSIZE(h, VARHDRSZ + 32);
 	memcpy(VARDATA(h), hash, 32);
+	return h;
+}
+
+/*
+ * Accept the row the lookup by hash found (stored == NULL: none): the stored
+ * hash is compared again in constant time, and a revoked key is refused.
+ * PT401 otherwise.  The caller reads the row in the same statement as the rest
+ * of its work, so a revocation committed before that statement is seen.
+ */
+void
+FrApiKeyAccept(const unsigned char hash[32], bytea *stored, bool active)
+{
+	if (stored == NULL)
+		ereport(ERROR,
+				(errcode(FR_ERRCODE_UNAUTHENTICATED),
+				 errmsg("invalid api key"),
+				 errhint("The key is unknown; create one with fluxrate.create_api_key.")));
+	/* the index found it by equality; compare again in constant time anyway */
+	if (VARSIZE_ANY_EXHDR(stored) != 32 ||
+		crypto_verify_32((const unsigned char *) VARDATA_ANY(stored), hash) != 0)
+		ereport(ERROR,
+				(errcode(FR_ERRCODE_UNAUTHENTICATED),
+				 errmsg("invalid api key")));
+	if (!active)
+		ereport(ERROR,
+				(errcode(FR_ERRCODE_UNAUTHENTICATED),
+				 errmsg("api key revoked"),
+				 errhint("Create a new key with fluxrate.create_api_key.")));
+}
+
+/*
+ * Record the use of a key whose last_used_at is more than a minute old (the
+ * lookup tells).  Inside SPI, as fluxrate_system; nothing on read-only
+ * transactions.
+ */
+void
+FrApiKeyTouch(Datum org, Datum key_id, TimestampTz now)
+{
+	Datum		targs[3];
+
+	if (XactReadOnly)
+		return;
+	if (touch_plan == NULL)
+	{
+		SPIPlanPtr	p = SPI_prepare("UPDATE fluxrate_internal.api_keys SET last_used_at = $3 "
+									"WHERE org_id OPERATOR(pg_catalog.=) $1 AND id OPERATOR(pg_catalog.=) $2",
+									3, (Oid[]) {UUIDOID, UUIDOID, TIMESTAMPTZOID});
+
+		if (p == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(p);
+		touch_plan = p;
+	}
+	targs[0] = org;
+	targs[1] = key_id;
+	targs[2] = TimestampTzGetDatum(now);
+	SPI_execute_plan(touch_plan, targs, NULL, false, 0);
+}
+
+/*
+ * Verify a key: returns its organization, id and scopes, or raises PT401.
+ * Runs as fluxrate_system.  last_used_at is written at most once a minute per
+ * key, so verification does not add a write to every call.
+ */
+void
+FrVerifyApiKey(const char *key, Datum *org, Datum *key_id, ArrayType **scopes)
+{
+	unsigned char hash[32];
+	bytea	   *h;
+	Datum		args[2];
+	Oid			save_user;
+	int			save_sec;
+	MemoryContext caller = CurrentMemoryContext;
+
+	h = FrApiKeyHash(key, hash);
 
 	FrBecomeSystem(&save_user, &save_sec);
 	PG_TRY();
@@ -142,15 +221,13 @@ FrVerifyApiKey(const char *key, Datum *org, Datum *key_id, ArrayType **scopes)
 		bool		isnull;
 		HeapTuple	tup;
 		TupleDesc	td;
-		bytea	   *stored;
-		char	   *status;
 		TimestampTz now = FrNow();
 
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "SPI_connect failed");
 		if (lookup_plan == NULL)
 		{
-			SPIPlanPtr	p = SPI_prepare("SELECT org_id, id, scopes, status, key_hash, "
+			SPIPlanPtr	p = SPI_prepare("SELECT org_id, id, scopes, status OPERATOR(pg_catalog.=) 'ACTIVE', key_hash, "
 										"(last_used_at IS NULL OR last_used_at OPERATOR(pg_catalog.<) ($2 OPERATOR(pg_catalog.-) interval '1 minute')) AS stale "
 										"FROM fluxrate_internal.api_keys WHERE key_hash OPERATOR(pg_catalog.=) $1",
 										2, (Oid[]) {BYTEAOID, TIMESTAMPTZOID});
@@ -165,25 +242,11 @@ FrVerifyApiKey(const char *key, Datum *org, Datum *key_id, ArrayType **scopes)
 		if (SPI_execute_plan(lookup_plan, args, NULL, true, 1) != SPI_OK_SELECT)
 			elog(ERROR, "api key lookup failed");
 		if (SPI_processed != 1)
-			ereport(ERROR,
-					(errcode(FR_ERRCODE_UNAUTHENTICATED),
-					 errmsg("invalid api key"),
-					 errhint("The key is unknown; create one with fluxrate.create_api_key.")));
+			FrApiKeyAccept(hash, NULL, false);
 		tup = SPI_tuptable->vals[0];
 		td = SPI_tuptable->tupdesc;
-		stored = DatumGetByteaPP(SPI_getbinval(tup, td, 5, &isnull));
-		/* the index found it by equality; compare again in constant time anyway */
-		if (VARSIZE_ANY_EXHDR(stored) != 32 ||
-			crypto_verify_32((const unsigned char *) VARDATA_ANY(stored), hash) != 0)
-			ereport(ERROR,
-					(errcode(FR_ERRCODE_UNAUTHENTICATED),
-					 errmsg("invalid api key")));
-		status = SPI_getvalue(tup, td, 4);
-		if (strcmp(status, "ACTIVE") != 0)
-			ereport(ERROR,
-					(errcode(FR_ERRCODE_UNAUTHENTICATED),
-					 errmsg("api key revoked"),
-					 errhint("Create a new key with fluxrate.create_api_key.")));
+		FrApiKeyAccept(hash, DatumGetByteaPP(SPI_getbinval(tup, td, 5, &isnull)),
+					   DatumGetBool(SPI_getbinval(tup, td, 4, &isnull)));
 		{
 			MemoryContext spi = MemoryContextSwitchTo(caller);
 
@@ -192,26 +255,8 @@ FrVerifyApiKey(const char *key, Datum *org, Datum *key_id, ArrayType **scopes)
 			*scopes = DatumGetArrayTypePCopy(SPI_getbinval(tup, td, 3, &isnull));
 			MemoryContextSwitchTo(spi);
 		}
-		if (DatumGetBool(SPI_getbinval(tup, td, 6, &isnull)) && !XactReadOnly)
-		{
-			Datum		targs[3];
-
-			if (touch_plan == NULL)
-			{
-				SPIPlanPtr	p = SPI_prepare("UPDATE fluxrate_internal.api_keys SET last_used_at = $3 "
-											"WHERE org_id OPERATOR(pg_catalog.=) $1 AND id OPERATOR(pg_catalog.=) $2",
-											3, (Oid[]) {UUIDOID, UUIDOID, TIMESTAMPTZOID});
-
-				if (p == NULL)
-					elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-				SPI_keepplan(p);
-				touch_plan = p;
-			}
-			targs[0] = *org;
-			targs[1] = *key_id;
-			targs[2] = TimestampTzGetDatum(now);
-			SPI_execute_plan(touch_plan, targs, NULL, false, 0);
-		}
+		if (DatumGetBool(SPI_getbinval(tup, td, 6, &isnull)))
+			FrApiKeyTouch(*org, *key_id, now);
 		SPI_finish();
 	}
 	PG_FINALLY();
