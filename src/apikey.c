@@ -112,12 +112,8 @@ fr_new_api_key(PG_FUNCTION_ARGS)
 /*
  * The pieces of verification, for callers that look the key up in a query of
  * their own (fluxrate.track folds the key, meter and customer lookups into one
- * statement: src/ingest.c).  Declared here and in ingest.c, not in fluxrate.h,
- * which this change does not own; they belong there.
+ * statement: src/ingest.c).  Declared in fluxrate.h.
  */
-extern bytea *FrApiKeyHash(const char *key, unsigned char hash[32]);
-extern void FrApiKeyAccept(const unsigned char hash[32], bytea *stored, bool active);
-extern void FrApiKeyTouch(Datum org, Datum key_id, TimestampTz now);
 
 /*
  * Check a key's format and compute its keyed hash (also returned as a bytea

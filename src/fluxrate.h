@@ -50,6 +50,9 @@ extern void FrRandomBase62(char *out, int len);
 #include "utils/array.h"
 extern void FrVerifyApiKey(const char *key, Datum *org, Datum *key_id, ArrayType **scopes);
 extern bool FrScopesGrant(ArrayType *scopes, const char *scope);
+extern bytea *FrApiKeyHash(const char *key, unsigned char hash[32]);
+extern void FrApiKeyAccept(const unsigned char hash[32], bytea *stored, bool active);
+extern void FrApiKeyTouch(Datum org, Datum key_id, TimestampTz now);
 /* secrets.c */
 extern void FrBecomeSystem(Oid *save_user, int *save_sec);
 extern unsigned char *FrServerSecret(const char *name);

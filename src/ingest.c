@@ -83,11 +83,6 @@ typedef struct Lookup
 	pg_uuid_t	customer;
 } Lookup;
 
-/* apikey.c (they belong in fluxrate.h, which this change does not own) */
-extern bytea *FrApiKeyHash(const char *key, unsigned char hash[32]);
-extern void FrApiKeyAccept(const unsigned char hash[32], bytea *stored, bool active);
-extern void FrApiKeyTouch(Datum org, Datum key_id, TimestampTz now);
-
 static SPIPlanPtr plan_meter_token = NULL;
 static SPIPlanPtr plan_meter_name = NULL;
 static SPIPlanPtr plan_customer = NULL;
