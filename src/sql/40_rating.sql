@@ -120,9 +120,17 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'meter not found', format('No meter %s in this organization.', meter_id));
   END IF;
-  -- plain meters: one index-only range scan of the covering index
-  IF m.filters = '[]'::jsonb AND m.aggregation_type IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG') THEN
-    SELECT CASE m.aggregation_type WHEN 'SUM' THEN sum(e.quantity) WHEN 'COUNT' THEN count(*)::numeric
+  -- plain meters: one index-only range scan of the covering index, computing only
+  -- the meter's own aggregate (a CASE over five aggregates would compute all five
+  -- for every event)
+  IF m.filters = '[]'::jsonb AND m.aggregation_type = 'SUM' THEN
+    SELECT sum(e.quantity) INTO v
+      FROM fluxrate_internal.usage_events e
+     WHERE e.org_id = meter_usage.org_id AND e.customer_id = meter_usage.customer_id AND e.meter_id = meter_usage.meter_id
+       AND e."timestamp" >= meter_usage.period_start AND e."timestamp" < meter_usage.period_end;
+    RETURN coalesce(v, 0);
+  ELSIF m.filters = '[]'::jsonb AND m.aggregation_type IN ('COUNT', 'MAX', 'MIN', 'AVG') THEN
+    SELECT CASE m.aggregation_type WHEN 'COUNT' THEN count(*)::numeric
              WHEN 'MAX' THEN max(e.quantity) WHEN 'MIN' THEN min(e.quantity) ELSE avg(e.quantity) END
       INTO v
       FROM fluxrate_internal.usage_events e
