@@ -40,16 +40,22 @@ alternate() {  # alternate "ours query" "baseline query" -> sets o, b (total sec
     b=$(awk -v a="$b" -v x="$(timeit "$2")" 'BEGIN { print a + x }')
   done
 }
-alternate "SELECT count(*) FROM fluxrate_internal.period_usage('$ORG',
+# Both sides return the sums' total: a bare count(*) over the GROUP BY would let the
+# planner drop the unused sum(numeric) from the baseline (it did, until 2026-11-24).
+OURS_SUM="SELECT count(*), sum(usage) FROM fluxrate_internal.period_usage('$ORG',
       (SELECT array_agg(c.id ORDER BY c.id, m.id) FROM fluxrate_internal.customers c, fluxrate_internal.meters m WHERE c.org_id = '$ORG' AND m.org_id = '$ORG'),
       (SELECT array_agg(m.id ORDER BY c.id, m.id) FROM fluxrate_internal.customers c, fluxrate_internal.meters m WHERE c.org_id = '$ORG' AND m.org_id = '$ORG'),
-      array_fill('2026-10-01'::timestamptz, ARRAY[10000]), array_fill('2026-11-01'::timestamptz, ARRAY[10000]))" \
-  "SELECT count(*) FROM (SELECT customer_id, meter_id, sum(quantity) FROM fluxrate_internal.usage_events WHERE $W GROUP BY 1, 2) x"
+      array_fill('2026-10-01'::timestamptz, ARRAY[10000]), array_fill('2026-11-01'::timestamptz, ARRAY[10000]))"
+BASE_SUM="SELECT count(*), sum(s) FROM (SELECT customer_id, meter_id, sum(quantity) AS s FROM fluxrate_internal.usage_events WHERE $W GROUP BY 1, 2) x"
+[ "$(q "$OURS_SUM")" = "$(q "$BASE_SUM")" ] || { echo "bench aggregate_sum: ours and the baseline disagree"; exit 1; }
+alternate "$OURS_SUM" "$BASE_SUM"
 EVENTS_ALL=$((EVENTS * ROUNDS))
 report aggregate_sum "$o" "$b"
 
-alternate "SELECT fluxrate_internal.unique_count(metadata->>'user_id') FROM fluxrate_internal.usage_events WHERE $W" \
-  "SELECT count(DISTINCT metadata->>'user_id') FROM fluxrate_internal.usage_events WHERE $W"
+OURS_U="SELECT fluxrate_internal.unique_count(metadata->>'user_id') FROM fluxrate_internal.usage_events WHERE $W"
+BASE_U="SELECT count(DISTINCT metadata->>'user_id') FROM fluxrate_internal.usage_events WHERE $W"
+[ "$(q "$OURS_U")" = "$(q "$BASE_U")" ] || { echo "bench aggregate_unique: ours and the baseline disagree"; exit 1; }
+alternate "$OURS_U" "$BASE_U"
 report aggregate_unique "$o" "$b"
 
 W2=$(mktemp -d)
