@@ -30,6 +30,10 @@ SELECT (fluxrate.create_customer(name => 'Initech', email => 'ap@initech.example
 SELECT (fluxrate.create_subscription(customer_id => :'customer_id', plan_id => :'plan_id',
        billing_interval => 'month', start_date => '2026-01-01 00:00:00+00'))->>'id' AS subscription_id \gset
 
+\echo '   the platform fee bills in advance: the subscription opens with a DRAFT for January'
+SELECT i->>'kind' AS kind, i->>'status' AS status, i->>'total' AS total
+  FROM jsonb_array_elements(fluxrate.list_subscription_invoices(:'subscription_id')) i;
+
 \echo '5. an API key (the secret is shown once; only a keyed hash is stored)'
 SELECT k->>'key' AS api_key, k->>'prefix' AS key_prefix
   FROM fluxrate.create_api_key(name => 'Production Backend', scopes => ARRAY['usage.write']) k \gset
@@ -48,19 +52,21 @@ SELECT e->>'quantity' AS quantity, e->>'replay' AS replay
 \echo '7. the month ends: the period is closed into a DRAFT, which waits the grace period (1 hour)'
 SET fluxrate.pinned_now = '2026-02-01 00:01:00+00';
 CALL fluxrate.close_due_periods();
-SELECT i->>'status' AS status, i->>'total' AS total, i->>'scheduled_finalize_at' AS finalizes_at
+SELECT i->>'kind' AS kind, i->>'status' AS status, i->>'total' AS total, i->>'scheduled_finalize_at' AS finalizes_at
   FROM jsonb_array_elements((fluxrate.list_subscription_invoices(:'subscription_id'))) i;
 
 SET fluxrate.pinned_now = '2026-02-01 01:02:00+00';
 CALL fluxrate.finalize_due_invoices();
 
 \echo ''
-\echo '== the finalized invoice =='
-SELECT (jsonb_array_elements(fluxrate.list_subscription_invoices(:'subscription_id')))->>'id' AS invoice_id \gset
+\echo '== the finalized invoice of January (its usage, and February''s fee in advance) =='
+SELECT i->>'id' AS invoice_id FROM jsonb_array_elements(fluxrate.list_subscription_invoices(:'subscription_id')) i
+ WHERE i->>'kind' = 'subscription' \gset
 SELECT i->>'invoice_number' AS number, i->>'status' AS status, i->>'currency' AS currency,
        i->>'period_start' AS period_start, i->>'period_end' AS period_end, i->>'due_date' AS due_date
   FROM fluxrate.get_invoice(:'invoice_id') i;
-SELECT l->>'description' AS line, l->>'quantity' AS quantity, l->>'unit_amount' AS unit_amount, l->>'line_total' AS amount
+SELECT l->>'description' AS line, l->>'quantity' AS quantity, l->>'unit_amount' AS unit_amount, l->>'line_total' AS amount,
+       left(l->>'period_start', 10) || ' - ' || left(l->>'period_end', 10) AS for_period
   FROM jsonb_array_elements((fluxrate.get_invoice(:'invoice_id'))->'line_items') l;
 SELECT i->>'subtotal' AS subtotal, i->>'tax' AS tax, i->>'total' AS total
   FROM fluxrate.get_invoice(:'invoice_id') i;
