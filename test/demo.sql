@@ -34,6 +34,12 @@ SELECT (fluxrate.create_subscription(customer_id => :'customer_id', plan_id => :
 SELECT i->>'kind' AS kind, i->>'status' AS status, i->>'total' AS total
   FROM jsonb_array_elements(fluxrate.list_subscription_invoices(:'subscription_id')) i;
 
+\echo '   an hour later (the grace period) it is final: numbered, due in 30 days, e-mailed if SMTP is set'
+SET fluxrate.pinned_now = '2026-01-01 10:00:30+00';
+CALL fluxrate.finalize_due_invoices();
+SELECT i->>'kind' AS kind, i->>'invoice_number' AS number, i->>'status' AS status, i->>'total' AS total
+  FROM jsonb_array_elements(fluxrate.list_subscription_invoices(:'subscription_id')) i;
+
 \echo '5. an API key (the secret is shown once; only a keyed hash is stored)'
 SELECT k->>'key' AS api_key, k->>'prefix' AS key_prefix
   FROM fluxrate.create_api_key(name => 'Production Backend', scopes => ARRAY['usage.write']) k \gset
