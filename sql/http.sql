@@ -342,6 +342,13 @@ SELECT fn, brief(req('a', 'GET', fn, body)) FROM (VALUES
 SELECT brief(req('a', 'GET', 'list_customers', '{"page_size": 101}')) AS page_too_big;
 SELECT brief(req('a', 'GET', 'get_invoice', '{"invoice_id": "not-a-uuid"}')) AS malformed_id;
 SELECT brief(req('a', 'GET', 'get_invoice', '{"invoice": "x"}')) AS unknown_key;
+-- a missing field of a create is a 400 naming it (every create parameter has a default)
+SELECT fn, brief(req('a', 'POST', fn, body)) FROM (VALUES
+  ('create_plan', '{"name": "P", "lookup_id": "p", "type": "USAGE", "billing_interval": "month"}'::jsonb),
+  ('create_customer', '{"name": "No mail"}'), ('create_feature', '{"name": "F", "type": "switch"}'),
+  ('add_charge', jsonb_build_object('plan_id', :'plan_id')), ('create_subscription', jsonb_build_object('customer_id', :'customer_id')),
+  ('create_api_key', '{"name": "k"}'), ('create_invoice', jsonb_build_object('customer_id', :'customer_id')),
+  ('update_invoice_status', '{"status": "PAID"}')) v(fn, body);
 -- writes
 SELECT fn, brief(req('a', 'POST', fn, body)) FROM (VALUES
   (1, 'update_customer', jsonb_build_object('customer_id', :'customer_id', 'phone', '+1 555 0100')),

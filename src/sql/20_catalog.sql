@@ -120,7 +120,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION fluxrate.create_feature(name text, lookup_key text, type text, description text DEFAULT NULL,
+CREATE FUNCTION fluxrate.create_feature(name text DEFAULT NULL, lookup_key text DEFAULT NULL, type text DEFAULT NULL, description text DEFAULT NULL,
     meter_name text DEFAULT NULL, property_name text DEFAULT NULL, aggregation_type text DEFAULT NULL,
     unit text DEFAULT NULL, filters jsonb DEFAULT NULL, unique_property text DEFAULT NULL)
   RETURNS jsonb
@@ -278,7 +278,10 @@ CREATE FUNCTION fluxrate_internal.plan_json(p fluxrate_internal.plans, with_chil
      ELSE '{}'::jsonb END
 $$;
 
-CREATE FUNCTION fluxrate.create_plan(name text, lookup_id text, type text, billing_interval text, currency text,
+-- every parameter has a default so that a missing key is a 400 naming it (PostgREST would
+-- otherwise answer 404: no function with that set of keys)
+CREATE FUNCTION fluxrate.create_plan(name text DEFAULT NULL, lookup_id text DEFAULT NULL, type text DEFAULT NULL,
+    billing_interval text DEFAULT NULL, currency text DEFAULT NULL,
     trial_days integer DEFAULT 0, description text DEFAULT NULL, is_active boolean DEFAULT true,
     minimum_commitment numeric DEFAULT NULL)
   RETURNS jsonb
@@ -445,7 +448,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION fluxrate.add_charge(plan_id uuid, type text, unit_price numeric DEFAULT NULL,
+CREATE FUNCTION fluxrate.add_charge(plan_id uuid DEFAULT NULL, type text DEFAULT NULL, unit_price numeric DEFAULT NULL,
     meter_id uuid DEFAULT NULL, display_name text DEFAULT NULL, pricing_model text DEFAULT NULL,
     tiers jsonb DEFAULT NULL, package_size numeric DEFAULT NULL, package_price numeric DEFAULT NULL,
     free_units numeric DEFAULT NULL, billing_timing text DEFAULT NULL)
@@ -548,7 +551,7 @@ CREATE FUNCTION fluxrate_internal.plan_feature_json(pf fluxrate_internal.plan_fe
   FROM fluxrate_internal.features f WHERE f.org_id = pf.org_id AND f.id = pf.feature_id
 $$;
 
-CREATE FUNCTION fluxrate.add_plan_feature(plan_id uuid, feature_id uuid, is_enabled boolean DEFAULT true,
+CREATE FUNCTION fluxrate.add_plan_feature(plan_id uuid DEFAULT NULL, feature_id uuid DEFAULT NULL, is_enabled boolean DEFAULT true,
     usage_limit numeric DEFAULT NULL, usage_reset_period text DEFAULT NULL, is_soft_limit boolean DEFAULT false,
     static_value text DEFAULT NULL)
   RETURNS jsonb
@@ -608,7 +611,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION fluxrate.create_customer(name text, email text, external_id text DEFAULT NULL, phone text DEFAULT NULL,
+CREATE FUNCTION fluxrate.create_customer(name text DEFAULT NULL, email text DEFAULT NULL, external_id text DEFAULT NULL, phone text DEFAULT NULL,
     billing_address_line1 text DEFAULT NULL, billing_address_city text DEFAULT NULL,
     billing_address_state text DEFAULT NULL, billing_address_country text DEFAULT NULL,
     billing_address_postal_code text DEFAULT NULL)
@@ -787,7 +790,7 @@ CREATE FUNCTION fluxrate_internal.subscription_json(s fluxrate_internal.subscrip
   FROM fluxrate_internal.plans p WHERE p.org_id = s.org_id AND p.id = s.plan_id
 $$;
 
-CREATE FUNCTION fluxrate.create_subscription(customer_id uuid, plan_id uuid, billing_interval text DEFAULT NULL,
+CREATE FUNCTION fluxrate.create_subscription(customer_id uuid DEFAULT NULL, plan_id uuid DEFAULT NULL, billing_interval text DEFAULT NULL,
     start_date timestamptz DEFAULT NULL, trial_end_date timestamptz DEFAULT NULL, alignment text DEFAULT 'anniversary')
   RETURNS jsonb
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER

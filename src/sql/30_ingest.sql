@@ -43,7 +43,7 @@ CREATE FUNCTION fluxrate_internal.api_key_json(k fluxrate_internal.api_keys) RET
     'status', k.status, 'created_at', k.created_at, 'revoked_at', k.revoked_at, 'last_used_at', k.last_used_at)
 $$;
 
-CREATE FUNCTION fluxrate.create_api_key(name text, scopes text[]) RETURNS jsonb
+CREATE FUNCTION fluxrate.create_api_key(name text DEFAULT NULL, scopes text[] DEFAULT NULL) RETURNS jsonb
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$

@@ -319,7 +319,7 @@ $$;
 -- is_enabled (and static_value).  Meter features: usage in the reset window (the
 -- calendar day/week/month/year containing now, in UTC; without a reset period,
 -- the subscription's current period) against usage_limit; a soft limit stays allowed.
-CREATE FUNCTION fluxrate.check_entitlement(customer_external_id text, lookup_key text) RETURNS jsonb
+CREATE FUNCTION fluxrate.check_entitlement(customer_external_id text DEFAULT NULL, lookup_key text DEFAULT NULL) RETURNS jsonb
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$

@@ -20,7 +20,7 @@ CREATE FUNCTION fluxrate_internal.tax_rate_for(org_id uuid, customer_id uuid) RE
      ORDER BY t.state DESC LIMIT 1), 0)
 $$;
 
-CREATE FUNCTION fluxrate.set_tax_rate(country text, rate numeric, state text DEFAULT '', name text DEFAULT 'Tax')
+CREATE FUNCTION fluxrate.set_tax_rate(country text DEFAULT NULL, rate numeric DEFAULT NULL, state text DEFAULT '', name text DEFAULT 'Tax')
   RETURNS jsonb
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
@@ -845,6 +845,7 @@ CREATE FUNCTION fluxrate_internal.load_invoice(org_id uuid, invoice_id uuid, loc
 DECLARE
   i fluxrate_internal.invoices;
 BEGIN
+  PERFORM fluxrate_internal.required(load_invoice.invoice_id, 'invoice_id');
   IF lock THEN
     SELECT * INTO i FROM fluxrate_internal.invoices x WHERE x.org_id = load_invoice.org_id AND x.id = load_invoice.invoice_id FOR UPDATE;
   ELSE
@@ -942,7 +943,7 @@ $$;
 --   DRAFT -> OPEN (finalize) | VOID;  OPEN -> PAID | VOID | UNCOLLECTIBLE;
 --   UNCOLLECTIBLE -> PAID | VOID;  PAID and VOID are final.
 -- Every change keeps the note, the previous status and the time in meta_data.
-CREATE FUNCTION fluxrate.update_invoice_status(invoice_id uuid, status text, note text DEFAULT NULL) RETURNS jsonb
+CREATE FUNCTION fluxrate.update_invoice_status(invoice_id uuid DEFAULT NULL, status text DEFAULT NULL, note text DEFAULT NULL) RETURNS jsonb
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -1060,7 +1061,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION fluxrate.create_invoice(customer_id uuid, currency text, due_date timestamptz DEFAULT NULL,
+CREATE FUNCTION fluxrate.create_invoice(customer_id uuid DEFAULT NULL, currency text DEFAULT NULL, due_date timestamptz DEFAULT NULL,
     line_items jsonb DEFAULT '[]')
   RETURNS jsonb
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER

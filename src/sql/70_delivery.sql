@@ -453,7 +453,7 @@ $$;
 -- Set (create or replace) the organization's SMTP settings.  The password is
 -- sealed at once and never returned; password => NULL keeps the stored one
 -- (so the other settings can be edited without re-typing it), '' removes it.
-CREATE FUNCTION fluxrate.set_smtp_settings(host text, port integer, from_email text,
+CREATE FUNCTION fluxrate.set_smtp_settings(host text DEFAULT NULL, port integer DEFAULT NULL, from_email text DEFAULT NULL,
     username text DEFAULT NULL, password text DEFAULT NULL, security text DEFAULT 'starttls',
     from_name text DEFAULT NULL)
   RETURNS jsonb
@@ -555,7 +555,7 @@ $$;
 
 -- The signing secret ("whsec_" + 43 base62 characters from libsodium) is
 -- returned here, once; only a sealed copy is stored.
-CREATE FUNCTION fluxrate.create_webhook_endpoint(url text, event_types text[] DEFAULT '{}', description text DEFAULT NULL)
+CREATE FUNCTION fluxrate.create_webhook_endpoint(url text DEFAULT NULL, event_types text[] DEFAULT '{}', description text DEFAULT NULL)
   RETURNS jsonb
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
