@@ -164,10 +164,16 @@ SELECT fluxrate.send_invoice_email(:'inv');                                     
 SELECT (fluxrate.create_customer('Initech', 'ap@initech.test', billing_address_country => 'DE'))->>'id' AS cust_b \gset
 SELECT (fluxrate.create_invoice(:'cust_b', 'EUR', line_items => '[{"description": "Audit", "quantity": 1, "unit_amount": 100}]'))->>'id' AS inv_b \gset
 SELECT r->>'success' AS success, r->>'message' AS message, r->'invoice'->>'status' AS status FROM fluxrate.send_invoice_email(:'inv_b') r;
+SELECT (fluxrate.void_invoice(:'inv_b'))->>'status' AS voided;
+SELECT fluxrate.send_invoice_email(:'inv_b');                                       -- PT409: a VOID invoice is not sent
 -- and Acme's endpoint, still there, was not touched
 SELECT fluxrate.act_as(:'org', true) IS NOT NULL AS acting;
 SELECT jsonb_array_length(fluxrate.list_webhook_endpoints()) AS acme_endpoints;
 -- disabling an endpoint stops new deliveries to it; rotating gives a new secret once
+SELECT fluxrate.update_webhook_endpoint(:'hook_paid', url => 'file:///etc/passwd');  -- PT422
+SELECT fluxrate.update_webhook_endpoint(:'hook_paid', status => 'PAUSED');           -- 22023
+SELECT fluxrate.update_webhook_endpoint(:'hook_paid', event_types => ARRAY['x.y']);  -- 22023
+SELECT url, status FROM acme_webhooks WHERE id = :'hook_paid';                       -- unchanged
 SELECT (fluxrate.update_webhook_endpoint(:'hook_paid', status => 'disabled'))->>'status' AS status;
 SELECT (r->>'secret') <> (:'hook_all'::jsonb->>'secret') AS new_secret FROM fluxrate.rotate_webhook_secret(:'hook_all_id') r;
 SELECT (fluxrate.delete_webhook_endpoint(:'hook_paid'))->>'deleted' AS deleted;

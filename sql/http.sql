@@ -418,6 +418,18 @@ SELECT brief(req('key_w', 'POST', 'track', jsonb_build_object('meter_token', :'m
 SELECT brief(req('a', 'POST', 'logout')) AS logout;
 SELECT brief(req('a_refresh', 'POST', 'refresh')) AS refresh_after_logout;
 
+-- Operators may bring their own JWT secret (at least 32 characters); tokens signed with
+-- the old one stop working at once, new logins work
+RESET SESSION AUTHORIZATION;
+SELECT fluxrate_internal.sys_set_jwt_secret('too-short');                         -- PT422
+SELECT fluxrate_internal.sys_set_jwt_secret(repeat('s3cret-', 6));
+SELECT length(fluxrate_internal.sys_jwt_secret()) AS secret_length;
+SET SESSION AUTHORIZATION fr_authenticator;
+SELECT brief(req('b2', 'GET', 'get_organization')) AS old_token;
+UPDATE http_creds SET bearer = (req('anon', 'POST', 'login', '{"email": "bo@globex.test", "password": "globex pass"}'))->'body'->>'access_token'
+ WHERE who = 'b2';
+SELECT brief(r), r->'body'->>'name' AS org FROM req('b2', 'GET', 'get_organization') r;
+
 -- Security lint of the exposed schema ------------------------------------------
 RESET SESSION AUTHORIZATION;
 -- no SECURITY DEFINER function without a pinned search_path, no EXECUTE for PUBLIC

@@ -748,7 +748,7 @@ DECLARE
   i fluxrate_internal.invoices := fluxrate_internal.load_invoice(v_org, send_invoice_email.invoice_id, true);
   r record;
 BEGIN
-  IF i.status IN ('VOID') THEN
+  IF i.status = 'VOID' THEN
     PERFORM fluxrate_internal.fail('PT409', 'cannot e-mail a VOID invoice', 'A voided invoice is not sent to the customer.');
   END IF;
   IF i.status = 'DRAFT' THEN
