@@ -6,6 +6,9 @@
 #      cluster (concurrency with pgbench, real SMTP and HTTP peers on loopback).
 # Prints "N passed, N failed" last.  TESTS="a b" or SCRIPTS="x" narrow the run.
 set -uo pipefail
+# SCRIPTS is also a PGXS variable (scripts to install): take it out of the
+# environment before env.sh runs make
+SCRIPT_LIST=${SCRIPTS-unset}; unset SCRIPTS
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 set +e   # count failures instead of stopping at the first
 cd "$ROOT"
@@ -32,10 +35,12 @@ if [ -n "$TESTS" ]; then
   fi
 fi
 
-if [ "${SCRIPTS-unset}" = unset ]; then
-  SCRIPTS=$(ls test/scripts/*.sh 2>/dev/null | sort | tr '\n' ' ')
+if [ "$SCRIPT_LIST" = unset ]; then
+  SCRIPT_LIST=$(ls test/scripts/*.sh 2>/dev/null | sort | tr '\n' ' ')
+else  # names (closer_concurrency) or paths
+  SCRIPT_LIST=$(for s in $SCRIPT_LIST; do [ -f "$s" ] && echo "$s" || echo "test/scripts/$s.sh"; done)
 fi
-for s in $SCRIPTS; do
+for s in $SCRIPT_LIST; do
   name=$(basename "$s" .sh)
   log="$OUT/script-$name.log"
   start=$(date +%s)
