@@ -359,4 +359,36 @@ SELECT count(*) AS events, count(d.id) AS deliveries, count(DISTINCT o.id) AS di
 SELECT o.event, (SELECT string_agg(k, ',' ORDER BY k) FROM jsonb_object_keys(o.payload) k) AS payload_keys,
        (SELECT string_agg(k, ',' ORDER BY k) FROM jsonb_object_keys(o.payload->'data') k) AS data_keys, count(*) AS n
   FROM fluxrate_internal.outbox o WHERE o.org_id = :'org_c' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3;
+
+-- The run's usage snapshot: close_due_periods() first takes the usage of the periods many
+-- subscriptions end together in one pass (sys_close_prepare), then closes in batches from it.
+-- An event of the period that arrives between the snapshot and its batch is not on the draft,
+-- and it is on the invoice once finalization recomputes the draft from the events.
+SET fluxrate.pinned_now = '2028-10-01 00:00:30+00';
+SELECT fluxrate_internal.sys_close_prepare(2) AS values_at_share_200_percent;  -- no group qualifies: per-pair usage
+SELECT count(*) AS scope_rows FROM pg_temp.fr_close_scope;
+SELECT fluxrate_internal.sys_close_prepare() AS groups_taken;
+SELECT count(*) AS org_c_meters_covered FROM pg_temp.fr_close_scope WHERE org_id = :'org_c' AND period_start = '2028-09-01';
+INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at)
+VALUES (:'org_c', fluxrate_internal.uuid_v7(), :'c7', :'hmeter', 40, '2028-09-15', '2028-10-01 00:00:20');
+SELECT sum(n) AS closed FROM (SELECT fluxrate_internal.sys_close_batch(500) AS n FROM generate_series(1, 3)) b;
+SELECT fluxrate_internal.sys_close_finish();
+SELECT count(*) AS scope_rows_after_run FROM pg_temp.fr_close_scope;
+-- the draft, from the snapshot: September's calls 0 and storage 0; the 60 late July calls
+-- (3.00) are on it too, because the August invoice that carries them is still a draft
+SELECT l.line_type, l.description, l.quantity, l.line_total, i.status, i.subtotal, i.total
+  FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.subscription_id = :'sub_t' AND i.period_start = '2028-09-01' ORDER BY l.position;
+-- finalized after the grace period, in order: August keeps the late July line; September is
+-- recomputed from the events: 40 calls x 0.10 = 4.00 (no late line: August billed it), VAT 10% 0.40, total 4.40
+SET fluxrate.pinned_now = '2028-10-01 01:00:30+00';
+CALL fluxrate.finalize_due_invoices();
+-- (August: 10 calls 1.00 + late 3.00 = 4.00, VAT 0.40, total 4.40)
+SELECT i.period_start, i.status, i.subtotal, i.tax, i.total,
+       (SELECT l.quantity FROM fluxrate_internal.invoice_lines l WHERE l.org_id = i.org_id AND l.invoice_id = i.id
+           AND l.line_type = 'usage' AND l.description = 'Calls') AS calls,
+       (SELECT sum(l.line_total) FROM fluxrate_internal.invoice_lines l WHERE l.org_id = i.org_id AND l.invoice_id = i.id
+           AND l.line_type = 'late_usage') AS late
+  FROM fluxrate_internal.invoices i WHERE i.subscription_id = :'sub_t' AND i.period_start IN ('2028-08-01', '2028-09-01')
+ ORDER BY i.period_start;
 RESET fluxrate.acting_org;

@@ -479,7 +479,7 @@ $$;
 -- min_share of the customers with a live subscription in the organization:
 -- then one pass over the period beats a range scan per pair (a pass reads every
 -- event of the period, the scans only the pairs' own).  Returns the number of
--- (customer, meter) values taken.
+-- (organization, meter, period) the snapshot covers.
 CREATE FUNCTION fluxrate_internal.sys_close_prepare(min_share numeric DEFAULT 0.25) RETURNS bigint
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
@@ -509,11 +509,11 @@ BEGIN
   LOOP
     INSERT INTO pg_temp.fr_close_scope (org_id, meter_id, period_start, period_end)
     SELECT g.org_id, m, g.ps, g.pe FROM unnest(g.meters) m;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    v_rows := v_rows + v_n;
     INSERT INTO pg_temp.fr_close_usage (org_id, customer_id, meter_id, period_start, period_end, usage)
     SELECT g.org_id, u.customer_id, u.meter_id, g.ps, g.pe, u.usage
       FROM fluxrate_internal.org_period_usage(g.org_id, g.ps, g.pe, g.agg, g.meters) u;
-    GET DIAGNOSTICS v_n = ROW_COUNT;
-    v_rows := v_rows + v_n;
   END LOOP;
   ANALYZE pg_temp.fr_close_scope, pg_temp.fr_close_usage;
   RETURN v_rows;
