@@ -123,6 +123,8 @@ CREATE FUNCTION fluxrate_internal.webhook_event_types() RETURNS text[]
                      'subscription.canceled']::text[] $$;
 
 -- Called by emit_event() in the transaction of the change.
+-- (sys_close_batch() writes the same webhook rows set-based for the events it
+-- emits, invoice.created and subscription.canceled: keep the two in step.)
 CREATE FUNCTION fluxrate_internal.fan_out(org_id uuid, event_id uuid, event text, data jsonb, at timestamptz)
   RETURNS void
   LANGUAGE plpgsql VOLATILE
