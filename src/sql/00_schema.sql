@@ -206,8 +206,9 @@ CREATE TABLE fluxrate_internal.subscriptions (
   FOREIGN KEY (org_id, plan_id) REFERENCES fluxrate_internal.plans (org_id, id)
 );
 CREATE INDEX subscriptions_customer_idx ON fluxrate_internal.subscriptions (org_id, customer_id);
--- the closer's work list: what is due, across organizations
-CREATE INDEX subscriptions_due_idx ON fluxrate_internal.subscriptions (current_period_end)
+-- the closer's work list: what is due, across organizations, in the order the
+-- closer claims it (a batch is the first rows of the index, not a sort of all due rows)
+CREATE INDEX subscriptions_due_idx ON fluxrate_internal.subscriptions (current_period_end, org_id, id)
   WHERE status IN ('TRIAL', 'ACTIVE', 'PAST_DUE');
 
 -- Usage events.  No foreign keys on purpose: the ingest path has just resolved
