@@ -78,3 +78,8 @@ SELECT conrelid::regclass AS pk_not_led_by_org_id FROM pg_constraint con
    AND conrelid <> 'fluxrate_internal.server_secrets'::regclass
    AND con.conkey[1] <> (SELECT attnum FROM pg_attribute WHERE attrelid = con.conrelid AND attname = 'org_id')
  ORDER BY 1;
+-- the closer's run snapshot lives in temporary tables of fluxrate_system: it may
+-- create them even where TEMPORARY is revoked from PUBLIC
+DO $$ BEGIN EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC', current_database()); END $$;
+SELECT has_database_privilege('fluxrate_system', current_database(), 'TEMPORARY') AS closer_may_create_temp_tables;
+DO $$ BEGIN EXECUTE format('GRANT TEMPORARY ON DATABASE %I TO PUBLIC', current_database()); END $$;

@@ -527,9 +527,10 @@ $$;
 -- Returns how many subscriptions it advanced (0 = nothing is due).
 --
 -- Set-based: ending trials go one by one (once per subscription lifetime); every
--- other claimed subscription is closed by ONE statement: its usage (period_usage,
--- once per organization, for the period that ended and for the late-usage check
--- of the last 12 finalized invoices), its lines (the same as fill_lines writes:
+-- other claimed subscription is closed by ONE statement: its usage (from the
+-- run's snapshot where it covers the pair, else period_usage() once per
+-- organization, for the period that ended and for the late-usage check of the
+-- last 12 finalized invoices), its lines (the same as fill_lines writes:
 -- charges in order, next period's in-advance fees, late usage, minimum
 -- commitment), the invoice with its totals (tax on the unrounded subtotal,
 -- rounded once), the lines, the outbox events with their fan-out, and the

@@ -90,3 +90,11 @@ GRANT EXECUTE ON FUNCTION fluxrate.track(text, text, numeric, timestamptz, text,
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA fluxrate TO fluxrate_web;
 REVOKE EXECUTE ON FUNCTION fluxrate.create_organization(text, text, text, integer, interval),
   fluxrate.act_as(uuid, boolean), fluxrate.schedule_jobs(), fluxrate.unschedule_jobs() FROM fluxrate_web;
+-- The closer keeps a run's usage snapshot in two temporary tables of its
+-- session (sys_close_prepare), created as fluxrate_system: granted here so that
+-- a database that revokes TEMPORARY from PUBLIC still closes its periods.
+DO $temp$
+BEGIN
+  EXECUTE pg_catalog.format('GRANT TEMPORARY ON DATABASE %I TO fluxrate_system', pg_catalog.current_database());
+END
+$temp$;
