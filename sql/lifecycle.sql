@@ -365,9 +365,20 @@ SELECT o.event, (SELECT string_agg(k, ',' ORDER BY k) FROM jsonb_object_keys(o.p
 -- An event of the period that arrives between the snapshot and its batch is not on the draft,
 -- and it is on the invoice once finalization recomputes the draft from the events.
 SET fluxrate.pinned_now = '2028-10-01 00:00:30+00';
-SELECT fluxrate_internal.sys_close_prepare(2) AS values_at_share_200_percent;  -- no group qualifies: per-pair usage
+SELECT fluxrate_internal.sys_close_prepare(2) AS covered_at_benefit_2;  -- no group qualifies: per-pair usage
 SELECT count(*) AS scope_rows FROM pg_temp.fr_close_scope;
-SELECT fluxrate_internal.sys_close_prepare() AS groups_taken;
+-- By default a group qualifies when its share of the organization's customers times the share of
+-- the organization's events in the period (the planner's estimate) reaches 0.2; 0 takes every due
+-- group.  One month of two years of events is ~0.04 of a pass over the organization:
+SELECT gen_random_uuid() AS org_h \gset
+INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at)
+SELECT :'org_h', gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), 1, ts, ts
+  FROM generate_series(timestamptz '2026-10-01', '2028-09-30 23:00', interval '7 hours') ts;
+ANALYZE fluxrate_internal.usage_events;
+SELECT round(fluxrate_internal.period_event_share(:'org_h', '2028-09-01', '2028-10-01'), 1) AS one_month_share,
+       round(fluxrate_internal.period_event_share(:'org_h', '2026-10-01', '2028-10-01'), 1) AS two_years_share;
+DELETE FROM fluxrate_internal.usage_events WHERE org_id = :'org_h';
+SELECT fluxrate_internal.sys_close_prepare(0) AS covered_at_benefit_0;
 SELECT count(*) AS org_c_meters_covered FROM pg_temp.fr_close_scope WHERE org_id = :'org_c' AND period_start = '2028-09-01';
 INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at)
 VALUES (:'org_c', fluxrate_internal.uuid_v7(), :'c7', :'hmeter', 40, '2028-09-15', '2028-10-01 00:00:20');
