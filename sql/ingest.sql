@@ -156,6 +156,24 @@ SELECT (fluxrate.delete_customer(:'cust_old'))->>'deleted' AS deleted;
 SELECT (fluxrate.track(api_key => :'key_c', meter_token => :'tok_sum', customer_external_id => 'cache-2', quantity => 1))->>'customer_id' AS cust_new \gset
 SELECT :'cust_new' <> :'cust_old' AS new_customer,
        EXISTS (SELECT 1 FROM fluxrate_internal.customers WHERE id = :'cust_new' AND external_id = 'cache-2') AS exists;
+-- track is SECURITY INVOKER (C): it resolves every name through pg_catalog alone and
+-- writes as fluxrate_system, so a caller's search_path reaches none of its statements,
+-- not even when they are re-planned
+CREATE SCHEMA hostile;
+CREATE FUNCTION hostile.uuid_eq(uuid, uuid) RETURNS boolean LANGUAGE plpgsql
+  AS $$ BEGIN RAISE EXCEPTION 'hostile operator called'; END $$;
+CREATE OPERATOR hostile.= (LEFTARG = uuid, RIGHTARG = uuid, FUNCTION = hostile.uuid_eq);
+CREATE TABLE hostile.usage_events (LIKE fluxrate_internal.usage_events);
+SET search_path = hostile, pg_catalog, public;
+DISCARD PLANS;
+SELECT (fluxrate.track(api_key => :'key_c', meter_token => :'tok_sum', customer_external_id => 'cache-3', quantity => 1,
+        idempotency_key => 'hostile-1'))->>'replay' AS replay;
+SELECT (fluxrate.track(api_key => :'key_c', meter_token => :'tok_sum', customer_external_id => 'cache-3', quantity => 1,
+        idempotency_key => 'hostile-1'))->>'replay' AS replay;
+RESET search_path;
+SELECT (SELECT count(*) FROM hostile.usage_events) AS hostile_rows,
+       (SELECT count(*) FROM fluxrate_internal.usage_events WHERE idempotency_key = 'hostile-1') AS events;
+DROP SCHEMA hostile CASCADE;
 RESET fluxrate.acting_org;
 -- no organization and no key: 401
 SELECT fluxrate.track(meter_token => :'tok_sum', customer_external_id => 'c', quantity => 1);                    -- PT401

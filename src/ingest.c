@@ -1398,6 +1398,9 @@ fr_ingest_cache_invalidate(PG_FUNCTION_ARGS)
 	return PointerGetDatum(NULL);
 }
 
+/* pg_catalog only: see fr_track */
+static OverrideSearchPath pinned_path = {NIL, true, false, 0};
+
 PG_FUNCTION_INFO_V1(fr_track);
 Datum
 fr_track(PG_FUNCTION_ARGS)
@@ -1420,6 +1423,18 @@ fr_track(PG_FUNCTION_ARGS)
 	in.meter_name = ArgText(fcinfo, 6);
 	in.properties = PG_ARGISNULL(7) ? NULL : PG_GETARG_JSONB_P(7);
 
+	/*
+	 * fluxrate.track is not SECURITY DEFINER ... SET search_path (that cost a
+	 * GUC nest level, a search_path set and reset, and the namespace search
+	 * path computed twice, per call).  Instead, everything in it resolves
+	 * names through pg_catalog alone (no temp schema either): a kept SPI plan
+	 * is re-planned under the search path active when it is revalidated (in
+	 * PostgreSQL 15 it does not keep its own), so the caller's search path
+	 * never reaches one.  The writes switch to fluxrate_system themselves
+	 * (TrackOne), as the key lookups never needed a role: they are direct
+	 * index scans.  An error pops the override (AtEOXact_Namespace).
+	 */
+	PushOverrideSearchPath(&pinned_path);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 
@@ -1446,6 +1461,7 @@ fr_track(PG_FUNCTION_ARGS)
 		MemoryContextSwitchTo(spi);
 	}
 	SPI_finish();
+	PopOverrideSearchPath();
 	SetResponseStatus(replay ? "200" : "201");
 	PG_RETURN_JSONB_P(result);
 }

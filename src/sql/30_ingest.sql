@@ -117,8 +117,7 @@ CREATE FUNCTION fluxrate.track(meter_token text DEFAULT NULL, customer_external_
     metadata jsonb DEFAULT NULL, meter_name text DEFAULT NULL, properties jsonb DEFAULT NULL,
     api_key text DEFAULT NULL)
   RETURNS jsonb
-  LANGUAGE C VOLATILE SECURITY DEFINER
-  SET search_path = pg_catalog, pg_temp
+  LANGUAGE C VOLATILE
   AS 'MODULE_PATHNAME', 'fr_track';
 COMMENT ON FUNCTION fluxrate.track(text, text, numeric, timestamptz, text, jsonb, text, jsonb, text) IS
   'records one usage event, idempotently, in the caller''s transaction (POST /sdk/track)';
