@@ -1038,24 +1038,23 @@ EventJson(pg_uuid_t *id, pg_uuid_t *customer, pg_uuid_t *meter, Numeric q, Times
 	JsonbParseState *st = NULL;
 	JsonbValue	v;
 	JsonbValue *res;
+	/* created_at and ingested_at are the same instant (and usually timestamp): format it once */
+	char	   *t = JsonEncodeDateTime(NULL, TimestampTzGetDatum(ingested), TIMESTAMPTZOID, NULL);
 
+	/*
+	 * The keys are pushed in jsonb's own order (shorter first, then bytewise),
+	 * so the sort at WJB_END_OBJECT finds them sorted in one pass instead of
+	 * sorting ten pairs (4% of a call's instructions).  The output is the same
+	 * in any order.
+	 */
 	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
 	PushUuid(&st, "id", id);
-	PushUuid(&st, "customer_id", customer);
+	PushKey(&st, "replay");
+	v.type = jbvBool;
+	v.val.boolean = replay;
+	pushJsonbValue(&st, WJB_VALUE, &v);
 	PushUuid(&st, "meter_id", meter);
 	PushString(&st, "quantity", DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(q))));
-	{
-		/* created_at and ingested_at are the same instant (and usually timestamp): format it once */
-		char	   *t = JsonEncodeDateTime(NULL, TimestampTzGetDatum(ingested), TIMESTAMPTZOID, NULL);
-
-		if (ts == ingested)
-			PushString(&st, "timestamp", t);
-		else
-			PushTs(&st, "timestamp", ts);
-		PushString(&st, "created_at", t);
-		PushString(&st, "ingested_at", t);
-	}
-	PushString(&st, "idempotency_key", key);
 	PushKey(&st, "meta_data");
 	if (meta)
 	{
@@ -1070,10 +1069,14 @@ EventJson(pg_uuid_t *id, pg_uuid_t *customer, pg_uuid_t *meter, Numeric q, Times
 		pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
 		pushJsonbValue(&st, WJB_END_OBJECT, NULL);
 	}
-	PushKey(&st, "replay");
-	v.type = jbvBool;
-	v.val.boolean = replay;
-	pushJsonbValue(&st, WJB_VALUE, &v);
+	if (ts == ingested)
+		PushString(&st, "timestamp", t);
+	else
+		PushTs(&st, "timestamp", ts);
+	PushString(&st, "created_at", t);
+	PushUuid(&st, "customer_id", customer);
+	PushString(&st, "ingested_at", t);
+	PushString(&st, "idempotency_key", key);
 	res = pushJsonbValue(&st, WJB_END_OBJECT, NULL);
 	return JsonbValueToJsonb(res);
 }
