@@ -581,16 +581,14 @@ LookupMeter(Datum org, TrackInput *in, MeterInfo *m)
 	if (in->meter_token != NULL)
 	{
 		bool		wellformed = (strlen(in->meter_token) == 36);
-		pg_uuid_t  *token;
 
 		for (const char *c = in->meter_token; *c && wellformed; c++)
 			wellformed = (isxdigit((unsigned char) *c) || *c == '-');
 		if (!wellformed)
 			return false;		/* a malformed token is an unknown meter, not a type error */
 		w = DL_METER_TOKEN;
-		keys[1] = DirectFunctionCall1(uuid_in, CStringGetDatum(in->meter_token));
-		token = DatumGetUUIDP(keys[1]);
-		RcMakeKey(&rk, 't', DatumGetUUIDP(org), token->data, sizeof(pg_uuid_t));
+		/* keyed by the token as sent: a hit needs no uuid_in */
+		RcMakeKey(&rk, 't', DatumGetUUIDP(org), in->meter_token, 36);
 		cacheable = true;
 	}
 	else if (in->meter_name != NULL)
@@ -598,7 +596,6 @@ LookupMeter(Datum org, TrackInput *in, MeterInfo *m)
 		size_t		len = strlen(in->meter_name);
 
 		w = DL_METER_NAME;
-		keys[1] = CStringGetTextDatum(in->meter_name);
 		cacheable = (len <= RC_TEXT_MAX);
 		if (cacheable)
 			RcMakeKey(&rk, 'n', DatumGetUUIDP(org), in->meter_name, len);
@@ -616,6 +613,9 @@ LookupMeter(Datum org, TrackInput *in, MeterInfo *m)
 		return true;
 	}
 	cacheable = cacheable && RcUsable();
+	keys[1] = (w == DL_METER_TOKEN) ?
+		DirectFunctionCall1(uuid_in, CStringGetDatum(in->meter_token)) :
+		CStringGetTextDatum(in->meter_name);
 	found = DlFetch(w, keys, cacheable, &slot);
 	if (found)
 	{
