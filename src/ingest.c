@@ -12,6 +12,8 @@
  *
  * Every query is prepared once per backend and kept (SPI_keepplan); the
  * quantity stays numeric from the argument to the row, never a float.
+ * fluxrate.track keeps the key, meter and customer rows it reads per backend
+ * ("Row caches" below) and writes as fluxrate_system.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -75,7 +77,7 @@ typedef struct MeterInfo
 	char	   *unique_property;
 } MeterInfo;
 
-/* What the one lookup statement of fluxrate.track found */
+/* What fluxrate.track's lookups (row caches or index probes) found */
 typedef struct Lookup
 {
 	bool		meter_found;
@@ -332,7 +334,7 @@ RcSubXactCallback(SubXactEvent event, SubTransactionId mySubid, SubTransactionId
 		RcFlush();
 }
 
-/* The caches may be used: catalog knowledge valid, a per-statement snapshot */
+/* The caches may be used: the transaction takes a snapshot per statement (READ COMMITTED) */
 static bool
 RcUsable(void)
 {
