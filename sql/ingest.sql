@@ -140,6 +140,40 @@ SELECT fluxrate.act_as(:'org_a', true) IS NOT NULL AS acting_a;
 SELECT (fluxrate.revoke_api_key(:'key_w_id'))->>'status' AS status;
 SELECT fluxrate.track(api_key => :'key_w', meter_token => :'tok_sum', customer_external_id => 'c', quantity => 1);  -- PT401
 SELECT fluxrate.revoke_api_key(gen_random_uuid());                                                                -- PT404
+-- track keeps the rows it reads (key, meter, customer) per backend; every change is seen
+-- by the next call, here in the same session, even inside the changing transaction
+-- (test/scripts/ingest_cache.sh: other sessions, rollbacks, REPEATABLE READ)
+SELECT tgrelid::regclass AS cached_table, tgenabled FROM pg_trigger WHERE tgname = 'ingest_cache_invalidate' ORDER BY 1;
+BEGIN;
+SELECT k->>'key' AS key_tx, k->>'id' AS key_tx_id FROM fluxrate.create_api_key('tx', ARRAY['usage.write']) k \gset
+SELECT (fluxrate.track(api_key => :'key_tx', meter_token => :'tok_sum', customer_external_id => 'cache-1', quantity => 1))->>'replay' AS replay;
+SELECT (fluxrate.revoke_api_key(:'key_tx_id'))->>'status' AS status;
+SELECT fluxrate.track(api_key => :'key_tx', meter_token => :'tok_sum', customer_external_id => 'cache-1', quantity => 1);  -- PT401
+ROLLBACK;
+SELECT k->>'key' AS key_c FROM fluxrate.create_api_key('cache', ARRAY['usage.write']) k \gset
+SELECT (fluxrate.track(api_key => :'key_c', meter_token => :'tok_sum', customer_external_id => 'cache-2', quantity => 1))->>'customer_id' AS cust_old \gset
+SELECT (fluxrate.delete_customer(:'cust_old'))->>'deleted' AS deleted;
+SELECT (fluxrate.track(api_key => :'key_c', meter_token => :'tok_sum', customer_external_id => 'cache-2', quantity => 1))->>'customer_id' AS cust_new \gset
+SELECT :'cust_new' <> :'cust_old' AS new_customer,
+       EXISTS (SELECT 1 FROM fluxrate_internal.customers WHERE id = :'cust_new' AND external_id = 'cache-2') AS exists;
+-- track is SECURITY INVOKER (C): it resolves every name through pg_catalog alone and
+-- writes as fluxrate_system, so a caller's search_path reaches none of its statements,
+-- not even when they are re-planned
+CREATE SCHEMA hostile;
+CREATE FUNCTION hostile.uuid_eq(uuid, uuid) RETURNS boolean LANGUAGE plpgsql
+  AS $$ BEGIN RAISE EXCEPTION 'hostile operator called'; END $$;
+CREATE OPERATOR hostile.= (LEFTARG = uuid, RIGHTARG = uuid, FUNCTION = hostile.uuid_eq);
+CREATE TABLE hostile.usage_events (LIKE fluxrate_internal.usage_events);
+SET search_path = hostile, pg_catalog, public;
+DISCARD PLANS;
+SELECT (fluxrate.track(api_key => :'key_c', meter_token => :'tok_sum', customer_external_id => 'cache-3', quantity => 1,
+        idempotency_key => 'hostile-1'))->>'replay' AS replay;
+SELECT (fluxrate.track(api_key => :'key_c', meter_token => :'tok_sum', customer_external_id => 'cache-3', quantity => 1,
+        idempotency_key => 'hostile-1'))->>'replay' AS replay;
+RESET search_path;
+SELECT (SELECT count(*) FROM hostile.usage_events) AS hostile_rows,
+       (SELECT count(*) FROM fluxrate_internal.usage_events WHERE idempotency_key = 'hostile-1') AS events;
+DROP SCHEMA hostile CASCADE;
 RESET fluxrate.acting_org;
 -- no organization and no key: 401
 SELECT fluxrate.track(meter_token => :'tok_sum', customer_external_id => 'c', quantity => 1);                    -- PT401

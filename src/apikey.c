@@ -110,9 +110,9 @@ fr_new_api_key(PG_FUNCTION_ARGS)
 }
 
 /*
- * The pieces of verification, for callers that look the key up in a query of
- * their own (fluxrate.track folds the key, meter and customer lookups into one
- * statement: src/ingest.c).  Declared in fluxrate.h.
+ * The pieces of verification, for callers that look the key up themselves
+ * (fluxrate.track reads the key's row from a per-backend cache or by a direct
+ * index probe: src/ingest.c).  Declared in fluxrate.h.
  */
 
 /*
@@ -139,22 +139,22 @@ FrApiKeyHash(const char *key, unsigned char hash[32])
 }
 
 /*
- * Accept the row the lookup by hash found (stored == NULL: none): the stored
- * hash is compared again in constant time, and a revoked key is refused.
- * PT401 otherwise.  The caller reads the row in the same statement as the rest
- * of its work, so a revocation committed before that statement is seen.
+ * Accept the key whose row the lookup by hash found (stored == NULL: none, or
+ * a stored hash that is not 32 bytes): the stored hash is compared again in
+ * constant time, and a revoked key is refused.  PT401 otherwise.
+ * fluxrate.track reads the row from its per-backend cache or the index
+ * (src/ingest.c, "Row caches" for when a revocation is seen).
  */
 void
-FrApiKeyAccept(const unsigned char hash[32], bytea *stored, bool active)
+FrApiKeyAcceptHash(const unsigned char hash[32], const unsigned char *stored, bool active)
 {
 	if (stored == NULL)
 		ereport(ERROR,
 				(errcode(FR_ERRCODE_UNAUTHENTICATED),
 				 errmsg("invalid api key"),
 				 errhint("The key is unknown; create one with fluxrate.create_api_key.")));
-	/* the index found it by equality; compare again in constant time anyway */
-	if (VARSIZE_ANY_EXHDR(stored) != 32 ||
-		crypto_verify_32((const unsigned char *) VARDATA_ANY(stored), hash) != 0)
+	/* the lookup found it by equality; compare again in constant time anyway */
+	if (crypto_verify_32(stored, hash) != 0)
 		ereport(ERROR,
 				(errcode(FR_ERRCODE_UNAUTHENTICATED),
 				 errmsg("invalid api key")));
@@ -163,6 +163,16 @@ FrApiKeyAccept(const unsigned char hash[32], bytea *stored, bool active)
 				(errcode(FR_ERRCODE_UNAUTHENTICATED),
 				 errmsg("api key revoked"),
 				 errhint("Create a new key with fluxrate.create_api_key.")));
+}
+
+/* The same for a stored hash as a bytea (the caller's statement read the row) */
+void
+FrApiKeyAccept(const unsigned char hash[32], bytea *stored, bool active)
+{
+	FrApiKeyAcceptHash(hash,
+					   stored != NULL && VARSIZE_ANY_EXHDR(stored) == 32 ?
+					   (const unsigned char *) VARDATA_ANY(stored) : NULL,
+					   active);
 }
 
 /*

@@ -52,6 +52,7 @@ extern void FrVerifyApiKey(const char *key, Datum *org, Datum *key_id, ArrayType
 extern bool FrScopesGrant(ArrayType *scopes, const char *scope);
 extern bytea *FrApiKeyHash(const char *key, unsigned char hash[32]);
 extern void FrApiKeyAccept(const unsigned char hash[32], bytea *stored, bool active);
+extern void FrApiKeyAcceptHash(const unsigned char hash[32], const unsigned char *stored, bool active);
 extern void FrApiKeyTouch(Datum org, Datum key_id, TimestampTz now);
 /* secrets.c */
 extern void FrBecomeSystem(Oid *save_user, int *save_sec);

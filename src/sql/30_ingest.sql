@@ -117,11 +117,29 @@ CREATE FUNCTION fluxrate.track(meter_token text DEFAULT NULL, customer_external_
     metadata jsonb DEFAULT NULL, meter_name text DEFAULT NULL, properties jsonb DEFAULT NULL,
     api_key text DEFAULT NULL)
   RETURNS jsonb
-  LANGUAGE C VOLATILE SECURITY DEFINER
-  SET search_path = pg_catalog, pg_temp
+  LANGUAGE C VOLATILE
   AS 'MODULE_PATHNAME', 'fr_track';
 COMMENT ON FUNCTION fluxrate.track(text, text, numeric, timestamptz, text, jsonb, text, jsonb, text) IS
   'records one usage event, idempotently, in the caller''s transaction (POST /sdk/track)';
+
+-- fluxrate.track caches the rows of api_keys, meters and customers it reads
+-- per backend (src/ingest.c, "Row caches"; docs/ingestion.md).  Any UPDATE,
+-- DELETE or TRUNCATE of those tables queues an invalidation that reaches every
+-- backend when it commits; INSERTs need none (misses are never cached).
+-- ENABLE ALWAYS: the caches must also hear of rows changed by a logical
+-- replication apply worker (session_replication_role = replica).
+CREATE FUNCTION fluxrate_internal.ingest_cache_invalidate() RETURNS trigger
+  LANGUAGE C
+  AS 'MODULE_PATHNAME', 'fr_ingest_cache_invalidate';
+CREATE TRIGGER ingest_cache_invalidate AFTER UPDATE OR DELETE OR TRUNCATE ON fluxrate_internal.api_keys
+  FOR EACH STATEMENT EXECUTE FUNCTION fluxrate_internal.ingest_cache_invalidate();
+CREATE TRIGGER ingest_cache_invalidate AFTER UPDATE OR DELETE OR TRUNCATE ON fluxrate_internal.meters
+  FOR EACH STATEMENT EXECUTE FUNCTION fluxrate_internal.ingest_cache_invalidate();
+CREATE TRIGGER ingest_cache_invalidate AFTER UPDATE OR DELETE OR TRUNCATE ON fluxrate_internal.customers
+  FOR EACH STATEMENT EXECUTE FUNCTION fluxrate_internal.ingest_cache_invalidate();
+ALTER TABLE fluxrate_internal.api_keys ENABLE ALWAYS TRIGGER ingest_cache_invalidate;
+ALTER TABLE fluxrate_internal.meters ENABLE ALWAYS TRIGGER ingest_cache_invalidate;
+ALTER TABLE fluxrate_internal.customers ENABLE ALWAYS TRIGGER ingest_cache_invalidate;
 
 CREATE FUNCTION fluxrate.track_batch(events jsonb, api_key text DEFAULT NULL)
   RETURNS jsonb
