@@ -15,8 +15,15 @@ ORG=$(q "SELECT (fluxrate.create_organization('Bench ingest'))->>'id'")
 TOK=$(q "SELECT fluxrate.act_as('$ORG'); SELECT (fluxrate.create_feature('Calls','calls','meter',meter_name=>'calls',property_name=>'n',aggregation_type=>'SUM'))->>'meter_token'" | tail -1)
 MID=$(q "SELECT id FROM fluxrate_internal.meters WHERE org_id = '$ORG'")
 KEY=$(q "SELECT fluxrate.act_as('$ORG'); SELECT (fluxrate.create_api_key('bench', ARRAY['usage.write']))->>'key'" | tail -1)
-# 1,000 customers exist on both sides
+# 1,000 customers exist on both sides.  Their ids are derived from their
+# number (cust-N -> 00000000-0000-4000-8000-00000000000N) so that the baseline
+# inserts exactly the rows ours does: the same customer for the same N (until
+# 2026-11-30 the baseline wrote every event for one customer, so all its
+# covering-index insertions went to one leaf page while ours went to 1,000), and
+# both sides take time-ordered ids from the same uuid_v7().
 q "SELECT fluxrate.act_as('$ORG'); SELECT count(fluxrate.create_customer('c' || g, 'c' || g || '@example.com', 'cust-' || g)) FROM generate_series(0, 999) g" >/dev/null
+q "UPDATE fluxrate_internal.customers SET id = ('00000000-0000-4000-8000-' || lpad(substr(external_id, 6), 12, '0'))::uuid
+    WHERE org_id = '$ORG' AND external_id LIKE 'cust-%'"
 CID=$(q "SELECT id FROM fluxrate_internal.customers WHERE org_id = '$ORG' AND external_id = 'cust-1'")
 q "DROP TABLE IF EXISTS public.bench_events; CREATE TABLE public.bench_events (LIKE fluxrate_internal.usage_events INCLUDING ALL)"
 
@@ -36,7 +43,8 @@ SQL
 cat > "$W/base_single.sql" <<SQL
 \set k random(1, 2000000000)
 INSERT INTO public.bench_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at, idempotency_key)
-VALUES (:org, gen_random_uuid(), :cust, :meter, 1, now(), now(), 'k' || :k) ON CONFLICT (org_id, idempotency_key) DO NOTHING;
+VALUES (:org, fluxrate_internal.uuid_v7(), ('00000000-0000-4000-8000-' || lpad((:k % 1000)::text, 12, '0'))::uuid, :meter, 1, now(), now(), 'k' || :k)
+ON CONFLICT (org_id, idempotency_key) DO NOTHING;
 SQL
 cat > "$W/ours_batch.sql" <<SQL
 \set k random(1, 2000000000)
@@ -46,7 +54,8 @@ SQL
 cat > "$W/base_batch.sql" <<SQL
 \set k random(1, 2000000000)
 INSERT INTO public.bench_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at, idempotency_key)
-SELECT :org::uuid, gen_random_uuid(), :cust::uuid, :meter::uuid, 1, now(), now(), 'b' || :k || '-' || g FROM generate_series(1, 1000) g
+SELECT :org::uuid, fluxrate_internal.uuid_v7(), ('00000000-0000-4000-8000-' || lpad((g % 1000)::text, 12, '0'))::uuid, :meter::uuid,
+       1, now(), now(), 'b' || :k || '-' || g FROM generate_series(1, 1000) g
 ON CONFLICT (org_id, idempotency_key) DO NOTHING;
 SQL
 # -M prepared: variables are bind parameters, so no quotes

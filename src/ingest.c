@@ -1859,6 +1859,31 @@ InsertBatch(Datum org, BatchEvent *ev, int n, TimestampTz now)
 }
 
 /*
+ * The writes of a batch run as fluxrate_system (no row-level security), as
+ * track's: every statement carries org, the verified key's or context's
+ * organization, and the policy's WITH CHECK would only repeat it once per
+ * event (a setting read and a uuid parsed per row: ~8% of a 1,000-event batch).
+ */
+static void
+WriteBatch(Datum org, BatchEvent *ev, int n, TimestampTz now)
+{
+	Oid			save_user;
+	int			save_sec;
+
+	FrBecomeSystem(&save_user, &save_sec);
+	PG_TRY();
+	{
+		ResolveBatchCustomers(org, ev, n, now);
+		InsertBatch(org, ev, n, now);
+	}
+	PG_FINALLY();
+	{
+		SetUserIdAndSecContext(save_user, save_sec);
+	}
+	PG_END_TRY();
+}
+
+/*
  * fluxrate.track_batch(events jsonb, api_key text): up to 1,000 events.
  *
  * Set-based, with no subtransaction per event (1,000 subtransactions would
@@ -1997,8 +2022,7 @@ fr_track_batch(PG_FUNCTION_ARGS)
 	}
 
 	/* 4. the writes: customers, then all events, in a few statements */
-	ResolveBatchCustomers(org, ev, n, now);
-	InsertBatch(org, ev, n, now);
+	WriteBatch(org, ev, n, now);
 	SPI_finish();
 	MemoryContextSwitchTo(caller);
 
