@@ -134,6 +134,16 @@ SELECT f->>'meter_token' AS tok_b FROM fluxrate.create_feature('API calls', 'api
        property_name => 'calls', aggregation_type => 'SUM') f \gset
 SELECT (fluxrate.track(api_key => :'key_b', meter_token => :'tok_b', customer_external_id => 'cust-1', quantity => 1,
         idempotency_key => 'order_1'))->>'replay' AS b_replay;
+-- a batch with org B's key (written as fluxrate_system, so only C keeps the wall): org A's
+-- meter token is unknown here (PT404 for that event); the external id 'b1', a customer of A,
+-- becomes B's own customer; A's 'b1' keeps its 2
+SELECT r->>'index' AS idx, r->>'status' AS status, r->>'code' AS code
+  FROM jsonb_array_elements((fluxrate.track_batch(jsonb_build_array(
+         jsonb_build_object('meter_token', :'tok_sum', 'customer_external_id', 'b1', 'quantity', 1),
+         jsonb_build_object('meter_token', :'tok_b', 'customer_external_id', 'b1', 'quantity', 7)), :'key_b'))->'results') r;
+SELECT c.org_id = :'org_b' AS in_b,
+       (SELECT sum(e.quantity) FROM fluxrate_internal.usage_events e WHERE e.org_id = c.org_id AND e.customer_id = c.id) AS usage
+  FROM fluxrate_internal.customers c WHERE c.external_id = 'b1' AND c.org_id IN (:'org_a', :'org_b') ORDER BY 1;
 
 -- revocation is effective at once
 SELECT fluxrate.act_as(:'org_a', true) IS NOT NULL AS acting_a;
