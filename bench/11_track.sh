@@ -4,10 +4,10 @@
 # raw 1,000-row INSERT .. ON CONFLICT DO NOTHING, on identical tables (the
 # baseline table is a copy of fluxrate_internal.usage_events with all its
 # indexes), 16 clients, durable commits, side by side in one run, the sides
-# alternating in rounds (BENCH_ROUNDS, default 3) so background load hits both
+# alternating in rounds (BENCH_ROUNDS, default 6 of 5 s) so background load hits both
 # alike.
 set -euo pipefail
-T=${BENCH_SECONDS:-15}
+T=${BENCH_SECONDS:-30}
 C=${BENCH_CLIENTS:-16}
 q() { psql -X -q -t -A -v ON_ERROR_STOP=1 -c "$1"; }
 W=$(mktemp -d)
@@ -72,7 +72,7 @@ run() { pgbench -n -M prepared -c "$C" -j 2 -T "$1" "${D[@]}" -f "$2" > "$3" 2>&
 # ours, ...), each run on reset tables, and each side's rate is the mean of its
 # rounds: a burst of other work on the machine then hits both sides alike
 # instead of skewing whichever side it happened to overlap.
-R=${BENCH_ROUNDS:-3}
+R=${BENCH_ROUNDS:-6}
 t=$(( (T + R - 1) / R ))
 side() {  # side <name> <base.sql> <ours.sql> <events per transaction>
   local bs=0 os=0
