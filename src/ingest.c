@@ -269,18 +269,23 @@ typedef struct RcKey
 	char		text[RC_TEXT_MAX];	/* zero-padded: hash, token, name, external id */
 } RcKey;
 
-typedef struct RcEntry
+/* What track needs of an API key's row */
+typedef struct KeyRow
 {
-	RcKey		key;
-	/* api key */
-	pg_uuid_t	key_org;
-	pg_uuid_t	key_id;
+	pg_uuid_t	org;
+	pg_uuid_t	id;
 	unsigned char stored_hash[32];
-	bool		stored_ok;
+	bool		stored_ok;		/* the stored hash has 32 bytes */
 	bool		active;
 	bool		grants_write;
 	bool		last_used_null;
 	TimestampTz last_used;
+} KeyRow;
+
+typedef struct RcEntry
+{
+	RcKey		key;
+	KeyRow		keyrow;			/* api key */
 	/* meter or customer */
 	pg_uuid_t	id;
 	char		agg[16];
@@ -687,19 +692,6 @@ LookupMeterAndCustomer(Datum org, TrackInput *in, Lookup *lk)
 						  LookupCustomer(org, in->customer_external_id, &lk->customer));
 }
 
-/* What track needs of an API key's row */
-typedef struct KeyRow
-{
-	pg_uuid_t	org;
-	pg_uuid_t	id;
-	unsigned char stored_hash[32];
-	bool		stored_ok;		/* the stored hash has 32 bytes */
-	bool		active;
-	bool		grants_write;
-	bool		last_used_null;
-	TimestampTz last_used;
-} KeyRow;
-
 /* The row of the key with this hash; from the row cache when it can be */
 static bool
 LookupKey(const unsigned char hash[32], bytea *hash_datum, KeyRow *kr)
@@ -716,14 +708,7 @@ LookupKey(const unsigned char hash[32], bytea *hash_datum, KeyRow *kr)
 	RcMakeKey(&rk, 'k', NULL, hash, 32);
 	if ((e = RcFind(&rk)) != NULL)
 	{
-		memcpy(&kr->org, &e->key_org, sizeof(pg_uuid_t));
-		memcpy(&kr->id, &e->key_id, sizeof(pg_uuid_t));
-		memcpy(kr->stored_hash, e->stored_hash, 32);
-		kr->stored_ok = e->stored_ok;
-		kr->active = e->active;
-		kr->grants_write = e->grants_write;
-		kr->last_used_null = e->last_used_null;
-		kr->last_used = e->last_used;
+		*kr = e->keyrow;
 		return true;
 	}
 	keys[0] = PointerGetDatum(hash_datum);
@@ -747,16 +732,7 @@ LookupKey(const unsigned char hash[32], bytea *hash_datum, KeyRow *kr)
 		kr->last_used_null = isnull;
 		kr->last_used = isnull ? 0 : DatumGetTimestampTz(d);
 		if (cacheable && (e = RcStore(&rk, gen)) != NULL)
-		{
-			memcpy(&e->key_org, &kr->org, sizeof(pg_uuid_t));
-			memcpy(&e->key_id, &kr->id, sizeof(pg_uuid_t));
-			memcpy(e->stored_hash, kr->stored_hash, 32);
-			e->stored_ok = kr->stored_ok;
-			e->active = kr->active;
-			e->grants_write = kr->grants_write;
-			e->last_used_null = kr->last_used_null;
-			e->last_used = kr->last_used;
-		}
+			e->keyrow = *kr;
 	}
 	ExecDropSingleTupleTableSlot(slot);
 	return found;
