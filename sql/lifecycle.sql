@@ -378,11 +378,14 @@ ANALYZE fluxrate_internal.usage_events;
 SELECT round(fluxrate_internal.period_event_share(:'org_h', '2028-09-01', '2028-10-01'), 1) AS one_month_share,
        round(fluxrate_internal.period_event_share(:'org_h', '2026-10-01', '2028-10-01'), 1) AS two_years_share;
 DELETE FROM fluxrate_internal.usage_events WHERE org_id = :'org_h';
-SELECT fluxrate_internal.sys_close_prepare(0) AS covered_at_benefit_0;
+-- (counts across organizations depend on the other test files: this one checks its own)
+SELECT fluxrate_internal.sys_close_prepare(0) >= 2 AS covered_at_benefit_0;
 SELECT count(*) AS org_c_meters_covered FROM pg_temp.fr_close_scope WHERE org_id = :'org_c' AND period_start = '2028-09-01';
 INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at)
 VALUES (:'org_c', fluxrate_internal.uuid_v7(), :'c7', :'hmeter', 40, '2028-09-15', '2028-10-01 00:00:20');
-SELECT sum(n) AS closed FROM (SELECT fluxrate_internal.sys_close_batch(500) AS n FROM generate_series(1, 3)) b;
+SELECT sum(n) >= 1 AS closed FROM (SELECT fluxrate_internal.sys_close_batch(500) AS n FROM generate_series(1, 3)) b;
+SELECT count(*) AS org_c_september_invoices FROM fluxrate_internal.invoices
+ WHERE org_id = :'org_c' AND kind = 'subscription' AND period_start = '2028-09-01';
 SELECT fluxrate_internal.sys_close_finish();
 SELECT count(*) AS scope_rows_after_run FROM pg_temp.fr_close_scope;
 -- the draft, from the snapshot: September's calls 0 and storage 0; the 60 late July calls

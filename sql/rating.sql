@@ -107,6 +107,16 @@ SELECT fluxrate_internal.weighted_sum(q, ts, ing, id, NULL, '2026-03-01') FROM w
 -- many triples at once
 SELECT ord, usage FROM fluxrate_internal.period_usage(:'org', ARRAY[:'cust', :'cust']::uuid[],
        ARRAY[:'SUM', :'users']::uuid[], ARRAY['2026-01-01', '2026-01-01']::timestamptz[], ARRAY['2026-02-01', '2026-01-15']::timestamptz[]) ORDER BY ord;
+-- one pass over the organization's period (the closer's snapshot, period_usage()'s whole-organization
+-- path): the same January SUM as the pair above; COUNT of the same events; other aggregations refused
+-- (22023); another organization's id finds none of these events
+SELECT u.customer_id = :'cust' AS cust, u.usage AS january_sum
+  FROM fluxrate_internal.org_period_usage(:'org', '2026-01-01', '2026-02-01', 'SUM', ARRAY[:'SUM']::uuid[]) u;
+SELECT u.usage AS january_count
+  FROM fluxrate_internal.org_period_usage(:'org', '2026-01-01', '2026-02-01', 'COUNT', ARRAY[:'SUM']::uuid[]) u;
+SELECT count(*) FROM fluxrate_internal.org_period_usage(:'org', '2026-01-01', '2026-02-01', 'UNIQUE_COUNT', ARRAY[:'users']::uuid[]);
+SELECT count(*) AS other_org_rows
+  FROM fluxrate_internal.org_period_usage(gen_random_uuid(), '2026-01-01', '2026-02-01', 'SUM', ARRAY[:'SUM']::uuid[]);
 -- filters: every operator
 SELECT f, fluxrate_internal.filters_match('{"region": "eu", "plan": "pro"}', f::jsonb) AS matches
   FROM unnest(ARRAY['[]', '[{"property": "region", "operator": "eq", "values": ["eu"]}]',

@@ -178,22 +178,37 @@ BEGIN
 END
 $$;
 
--- Every (customer, meter) SUM of one organization over one period: the plain
--- GROUP BY it is, planned for the actual bounds (EXECUTE ... USING plans with the
--- values, so the planner sees millions of rows and picks a hash aggregate).
-CREATE FUNCTION fluxrate_internal.org_period_sums(org_id uuid, period_start timestamptz, period_end timestamptz)
+-- One aggregation over one organization's period, for the given meters, in one
+-- pass (period_usage()'s whole-organization path, the closer's snapshot).  EXECUTE ... USING: planned for the real bounds (a parallel hash
+-- aggregate over millions of rows, like a plain GROUP BY), and RETURN QUERY may
+-- run in parallel.  When the meters are all of the organization's, the meter
+-- test moves from every event to every group.
+CREATE FUNCTION fluxrate_internal.org_period_usage(org_id uuid, period_start timestamptz, period_end timestamptz,
+    aggregation_type text, meter_ids uuid[])
   RETURNS TABLE (customer_id uuid, meter_id uuid, usage numeric)
   LANGUAGE plpgsql STABLE
   SET search_path = pg_catalog, pg_temp
   AS $$
+DECLARE
+  v_all boolean := (SELECT count(*) FROM fluxrate_internal.meters m WHERE m.org_id = org_period_usage.org_id)
+                   <= cardinality(meter_ids);
 BEGIN
-  RETURN QUERY EXECUTE
-    'SELECT e.customer_id, e.meter_id, sum(e.quantity) FROM fluxrate_internal.usage_events e
-      WHERE e.org_id = $1 AND e."timestamp" >= $2 AND e."timestamp" < $3 GROUP BY e.customer_id, e.meter_id'
-    USING org_id, period_start, period_end;
+  IF aggregation_type IS NULL OR aggregation_type NOT IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG') THEN
+    RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = format('no one-pass aggregation for %s', aggregation_type),
+      HINT = 'One pass computes SUM, COUNT, MAX, MIN and AVG; the other meters go through meter_usage().';
+  END IF;
+  RETURN QUERY EXECUTE format(
+    'SELECT g.customer_id, g.meter_id, g.usage
+       FROM (SELECT e.customer_id, e.meter_id, %s AS usage FROM fluxrate_internal.usage_events e
+              WHERE e.org_id = $1 AND e."timestamp" >= $2 AND e."timestamp" < $3 %s
+              GROUP BY e.customer_id, e.meter_id) g
+      WHERE g.meter_id = ANY ($4)',
+    CASE aggregation_type WHEN 'SUM' THEN 'sum(e.quantity)' WHEN 'COUNT' THEN 'count(*)::numeric'
+      WHEN 'MAX' THEN 'max(e.quantity)' WHEN 'MIN' THEN 'min(e.quantity)' WHEN 'AVG' THEN 'avg(e.quantity)' END,
+    CASE WHEN v_all THEN '' ELSE 'AND e.meter_id = ANY ($4)' END)
+    USING org_id, period_start, period_end, meter_ids;
 END
 $$;
-
 -- Many (customer, meter, period) triples at once; ord is the 1-based position in
 -- the arrays.  Plain meters (SUM, COUNT, MAX, MIN, AVG without filters) are one
 -- index-only range scan of the covering index each, inside one statement; the
@@ -232,7 +247,8 @@ CREATE FUNCTION fluxrate_internal.period_usage(org_id uuid, customer_ids uuid[],
     -- instead of joining millions of events to the pairs (run-time gated: only one
     -- of the two branches executes)
     SELECT t.ord, coalesce(a.usage, 0)
-      FROM t LEFT JOIN fluxrate_internal.org_period_sums(period_usage.org_id, (SELECT s FROM shape), (SELECT e FROM shape)) a
+      FROM t LEFT JOIN fluxrate_internal.org_period_usage(period_usage.org_id, (SELECT s FROM shape), (SELECT e FROM shape), 'SUM',
+                                                          (SELECT array_agg(DISTINCT t2.m) FROM t t2 WHERE t2.plain AND t2.agg = 'SUM')) a
         ON a.customer_id = t.c AND a.meter_id = t.m
      WHERE t.plain AND t.agg = 'SUM' AND (SELECT whole FROM shape)
   ), others AS (

@@ -433,34 +433,6 @@ BEGIN
 END
 $$;
 
--- One aggregation over one organization's period, for the given meters, in one
--- pass.  EXECUTE ... USING: planned for the real bounds (a parallel hash
--- aggregate over millions of rows, like a plain GROUP BY), and RETURN QUERY may
--- run in parallel.  When the meters are all of the organization's, the meter
--- test moves from every event to every group.
-CREATE FUNCTION fluxrate_internal.org_period_usage(org_id uuid, period_start timestamptz, period_end timestamptz,
-    aggregation_type text, meter_ids uuid[])
-  RETURNS TABLE (customer_id uuid, meter_id uuid, usage numeric)
-  LANGUAGE plpgsql STABLE
-  SET search_path = pg_catalog, pg_temp
-  AS $$
-DECLARE
-  v_all boolean := (SELECT count(*) FROM fluxrate_internal.meters m WHERE m.org_id = org_period_usage.org_id)
-                   <= cardinality(meter_ids);
-BEGIN
-  RETURN QUERY EXECUTE format(
-    'SELECT g.customer_id, g.meter_id, g.usage
-       FROM (SELECT e.customer_id, e.meter_id, %s AS usage FROM fluxrate_internal.usage_events e
-              WHERE e.org_id = $1 AND e."timestamp" >= $2 AND e."timestamp" < $3 %s
-              GROUP BY e.customer_id, e.meter_id) g
-      WHERE g.meter_id = ANY ($4)',
-    CASE aggregation_type WHEN 'SUM' THEN 'sum(e.quantity)' WHEN 'COUNT' THEN 'count(*)::numeric'
-      WHEN 'MAX' THEN 'max(e.quantity)' WHEN 'MIN' THEN 'min(e.quantity)' WHEN 'AVG' THEN 'avg(e.quantity)' END,
-    CASE WHEN v_all THEN '' ELSE 'AND e.meter_id = ANY ($4)' END)
-    USING org_id, period_start, period_end, meter_ids;
-END
-$$;
-
 -- The end of a run: the snapshot is dropped, so that a later sys_close_batch()
 -- in this session computes its usage from the events.
 CREATE FUNCTION fluxrate_internal.sys_close_finish() RETURNS void

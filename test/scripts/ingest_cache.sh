@@ -74,31 +74,24 @@ expect_ok "warm meter" "$(track "$K" "$TOK2" c1 e8)"
 q "DELETE FROM fluxrate_internal.features WHERE org_id = '$ORG' AND lookup_key = 'rows'"
 expect_err "meter deleted by cascade" "meter not found" "$(track "$K" "$TOK2" c1 e9)"
 
-# 5. a customer created in a transaction that rolls back is not used afterwards
-b "BEGIN;" >/dev/null
-OUT=$(track "$K" "$TOK" ghost e10); expect_ok "customer created in a transaction" "$OUT"
-expect_ok "same customer, same transaction" "$(track "$K" "$TOK" ghost e11)"
-GHOST=$(echo "$OUT" | sed -E 's/.*"customer_id": "([^"]+)".*/\1/')
-b "ROLLBACK;" >/dev/null
-OUT=$(track "$K" "$TOK" ghost e12); expect_ok "after the rollback" "$OUT"
-ID=$(echo "$OUT" | sed -E 's/.*"customer_id": "([^"]+)".*/\1/')
-[ "$ID" != "$GHOST" ] || fail "the rolled-back customer $GHOST was used"
-[ "$(q "SELECT count(*) FROM fluxrate_internal.customers WHERE id = '$ID'")" = 1 ] || fail "customer $ID does not exist"
-echo "ok: rolled-back customer not reused"
-
-# 6. ... nor one created in a subtransaction that rolls back
-b "BEGIN;" >/dev/null
-b "SAVEPOINT s;" >/dev/null
-OUT=$(track "$K" "$TOK" ghost2 e13); expect_ok "customer created in a subtransaction" "$OUT"
-expect_ok "same customer, same subtransaction" "$(track "$K" "$TOK" ghost2 e14)"
-GHOST=$(echo "$OUT" | sed -E 's/.*"customer_id": "([^"]+)".*/\1/')
-b "ROLLBACK TO SAVEPOINT s;" >/dev/null
-OUT=$(track "$K" "$TOK" ghost2 e15); expect_ok "after the rollback to savepoint" "$OUT"
-b "COMMIT;" >/dev/null
-ID=$(echo "$OUT" | sed -E 's/.*"customer_id": "([^"]+)".*/\1/')
-[ "$ID" != "$GHOST" ] || fail "the rolled-back customer $GHOST was used"
-[ "$(q "SELECT count(*) FROM fluxrate_internal.customers WHERE id = '$ID'")" = 1 ] || fail "customer $ID does not exist"
-echo "ok: customer of a rolled-back subtransaction not reused"
+# 5, 6. a customer created in a transaction, or a subtransaction, that rolls back
+# is not used afterwards
+not_reused() {  # not_reused <what> <external id> <key prefix> <open> <undo> [<close>]
+  local OUT GHOST ID
+  b "$4" >/dev/null
+  OUT=$(track "$K" "$TOK" "$2" "$3-1"); expect_ok "customer created in a $1" "$OUT"
+  expect_ok "same customer, same $1" "$(track "$K" "$TOK" "$2" "$3-2")"
+  GHOST=$(echo "$OUT" | sed -E 's/.*"customer_id": "([^"]+)".*/\1/')
+  b "$5" >/dev/null
+  OUT=$(track "$K" "$TOK" "$2" "$3-3"); expect_ok "after the rollback of the $1" "$OUT"
+  [ -z "${6:-}" ] || b "$6" >/dev/null
+  ID=$(echo "$OUT" | sed -E 's/.*"customer_id": "([^"]+)".*/\1/')
+  [ "$ID" != "$GHOST" ] || fail "the rolled-back customer $GHOST was used"
+  [ "$(q "SELECT count(*) FROM fluxrate_internal.customers WHERE id = '$ID'")" = 1 ] || fail "customer $ID does not exist"
+  echo "ok: customer of a rolled-back $1 not reused"
+}
+not_reused transaction ghost e10 "BEGIN;" "ROLLBACK;"
+not_reused subtransaction ghost2 e13 "BEGIN; SAVEPOINT s;" "ROLLBACK TO SAVEPOINT s;" "COMMIT;"
 
 # 7. REPEATABLE READ reads with its own snapshot (as before the caches) and
 #    leaves nothing stale behind: after it, the revocation is seen
