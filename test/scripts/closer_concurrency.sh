@@ -50,6 +50,25 @@ echo "killed $killed closer(s) with $partial invoices written so far"
 q "CALL fluxrate.close_due_periods()" >/dev/null
 check 8
 
+echo "== the closer's ANALYZE of a fast-grown invoices table: done when stale, never waited for"
+# (statistics as a closing run leaves them: far fewer pages than the table has;
+# set in the catalog by this superuser harness, since autovacuum may run anytime)
+stale="UPDATE pg_class SET relpages = 0 WHERE oid = 'fluxrate_internal.invoices'::regclass"
+PGAPPNAME=holder psql -X -q -c "BEGIN" -c "LOCK TABLE fluxrate_internal.invoices IN SHARE UPDATE EXCLUSIVE MODE" \
+  -c "SELECT pg_sleep(60)" >/dev/null 2>&1 & h=$!
+for i in $(seq 50); do
+  [ "$(q "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'holder'
+           AND l.relation = 'fluxrate_internal.invoices'::regclass AND l.granted")" = 1 ] && break; sleep 0.1
+done
+held=$(PGOPTIONS="-c statement_timeout=5s" q "$stale; SELECT fluxrate_internal.analyze_invoices_if_outgrown()")
+q "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'holder'" >/dev/null
+wait $h || true
+stale_run=$(q "$stale; SELECT fluxrate_internal.analyze_invoices_if_outgrown()")
+fresh_run=$(q "SELECT fluxrate_internal.analyze_invoices_if_outgrown()")
+pages=$(q "SELECT relpages > 8 FROM pg_class WHERE oid = 'fluxrate_internal.invoices'::regclass")
+echo "analyzed while another session held the table: $held; when stale: $stale_run; right after: $fresh_run; pages counted: $pages"
+[ "$held $stale_run $fresh_run $pages" = "f t f t" ] || { echo "FAIL: analyze_invoices_if_outgrown"; exit 1; }
+
 echo "== two finalizers at once: gapless numbers"
 q "ALTER DATABASE fluxrate SET fluxrate.pinned_now = '2026-09-01 01:00:00+00'"
 psql -X -q -c "CALL fluxrate.finalize_due_invoices(5)" & a=$!
