@@ -717,10 +717,12 @@ BEGIN
            gen_random_uuid() AS invoice_id,
            coalesce($3->(x.id::text), '{}') AS uj,
            -- a closing invoice of this period already exists (cannot happen while the row is
-           -- locked and advances with its invoice; the unique index would refuse a second one)
-           EXISTS (SELECT 1 FROM fluxrate_internal.invoices i
-                    WHERE i.org_id = x.org_id AND i.subscription_id = x.id AND i.kind = 'subscription'
-                      AND i.period_start = x.current_period_start) AS already
+           -- locked and advances with its invoice; the unique index would refuse a second one).
+           -- A scalar subquery, one index probe per row: as an EXISTS, the planner may hash
+           -- all the organization's invoices in every batch.
+           coalesce((SELECT true FROM fluxrate_internal.invoices i
+                      WHERE i.org_id = x.org_id AND i.subscription_id = x.id AND i.kind = 'subscription'
+                        AND i.period_start = x.current_period_start LIMIT 1), false) AS already
       FROM unnest($1) x
       CROSS JOIN LATERAL fluxrate_internal.nominal_period(x) np
      WHERE x.status <> 'TRIAL'
