@@ -94,6 +94,15 @@ SELECT bool_and(n = rn) AS gapless FROM (
   SELECT split_part(invoice_number, '-', 3)::int AS n, row_number() OVER (PARTITION BY split_part(invoice_number, '-', 2) ORDER BY invoice_number) AS rn
     FROM fluxrate_internal.invoices WHERE org_id = :'org' AND invoice_number IS NOT NULL) x;
 
+-- Numbers have at least four digits: the 10,000th invoice of a year widens to
+-- INV-2027-10000 (it must not be cut to INV-2027-1000, a duplicate that would stop
+-- every finalization batch holding it).  The counter is set near the edge here.
+UPDATE fluxrate_internal.invoice_counters SET last_seq = 9998 WHERE org_id = :'org' AND year = 2027;
+SELECT (fluxrate.create_invoice(:'cust', 'INR', line_items => '[{"description": "x", "quantity": 1, "unit_amount": 1}]'))->>'id' AS w1 \gset
+SELECT (fluxrate.create_invoice(:'cust', 'INR', line_items => '[{"description": "y", "quantity": 1, "unit_amount": 1}]'))->>'id' AS w2 \gset
+SELECT (fluxrate.finalize_invoice(:'w1'))->>'invoice_number' AS n9999, (fluxrate.finalize_invoice(:'w2'))->>'invoice_number' AS n10000;
+SELECT last_seq FROM fluxrate_internal.invoice_counters WHERE org_id = :'org' AND year = 2027;
+
 -- PAST_DUE: the invoices finalized Jan 1 are due Jan 15 (14 days); on Jan 16 the subscription is PAST_DUE;
 -- paying them restores ACTIVE
 SET fluxrate.pinned_now = '2027-01-16 00:00:00+00';

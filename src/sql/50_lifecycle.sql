@@ -902,7 +902,9 @@ BEGIN
   VALUES (next_invoice_number.org_id, v_year, 1)
   ON CONFLICT ON CONSTRAINT invoice_counters_pkey DO UPDATE SET last_seq = c.last_seq + 1
   RETURNING last_seq INTO v_seq;
-  RETURN format('INV-%s-%s', v_year, lpad(v_seq::text, 4, '0'));
+  -- at least four digits; the 10,000th invoice of a year is INV-YYYY-10000 (lpad
+  -- alone would cut it to a duplicate of INV-YYYY-1000)
+  RETURN format('INV-%s-%s', v_year, lpad(v_seq::text, greatest(4, length(v_seq::text)), '0'));
 END
 $$;
 
