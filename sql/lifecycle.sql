@@ -415,3 +415,68 @@ SELECT i.period_start, i.status, i.subtotal, i.tax, i.total,
   FROM fluxrate_internal.invoices i WHERE i.subscription_id = :'sub_t' AND i.period_start IN ('2028-08-01', '2028-09-01')
  ORDER BY i.period_start;
 RESET fluxrate.acting_org;
+
+-- One subscription that cannot be closed, or one invoice that cannot be finalized,
+-- does not stop billing for the others.  The failed batch is redone one row at a
+-- time: the failing one keeps its period (or stays DRAFT, its number given back), its
+-- error is kept on it, and it is retried after 5 minutes, then 10, 20 ...  (The
+-- fault is injected by a trigger here; it stands for a bug or bad data.)
+SET fluxrate.pinned_now = '2029-01-01 00:00:00+00';
+SELECT (fluxrate.create_organization('Poison', payment_terms_days => 10))->>'id' AS org_p \gset
+SELECT fluxrate.act_as(:'org_p', true) IS NOT NULL AS acting;
+SELECT (fluxrate.create_plan('Flat', 'flat', 'FIXED', 'month', 'USD'))->>'id' AS plan_p \gset
+SELECT (fluxrate.add_charge(:'plan_p', 'FIXED', unit_price => 10, billing_timing => 'in_arrears'))->>'unit_price' AS fee;
+SELECT count(fluxrate.create_subscription(((fluxrate.create_customer('P' || g, 'p' || g || '@example.com'))->>'id')::uuid,
+        :'plan_p', start_date => '2029-01-01 00:00+00')) AS subscriptions
+  FROM generate_series(1, 3) g;
+SELECT id AS p_bad FROM fluxrate_internal.subscriptions WHERE org_id = :'org_p' ORDER BY id LIMIT 1 OFFSET 1 \gset
+CREATE FUNCTION public.inject_fault() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.subscription_id::text = current_setting('test.bad_sub', true)
+     OR (TG_OP = 'UPDATE' AND NEW.status = 'OPEN' AND NEW.id::text = current_setting('test.bad_inv', true)) THEN
+    RAISE EXCEPTION 'injected fault';
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER inject_fault BEFORE INSERT OR UPDATE ON fluxrate_internal.invoices
+  FOR EACH ROW EXECUTE FUNCTION public.inject_fault();
+SET test.bad_sub = :'p_bad';
+SET fluxrate.pinned_now = '2029-02-01 00:00:30+00';
+CALL fluxrate.close_due_periods();                                                  -- WARNING, once
+-- two of three closed (10.00 each); the third kept January, with its error and next try
+SELECT s.id = :'p_bad' AS bad, s.current_period_start, count(i.id) AS invoices, sum(i.total) AS total,
+       s.close_error->>'sqlstate' AS sqlstate, s.close_error->>'message' AS message,
+       s.close_error->>'attempts' AS attempts, s.close_retry_at
+  FROM fluxrate_internal.subscriptions s
+  LEFT JOIN fluxrate_internal.invoices i ON i.org_id = s.org_id AND i.subscription_id = s.id AND i.kind = 'subscription'
+ WHERE s.org_id = :'org_p' GROUP BY s.org_id, s.id ORDER BY 1, s.id;
+SELECT (fluxrate.get_subscription(:'p_bad'))->'close_error'->>'message' AS shown_by_the_api;
+-- not retried before its time (no warning); the second failure doubles the wait
+CALL fluxrate.close_due_periods();
+SET fluxrate.pinned_now = '2029-02-01 00:05:30+00';
+CALL fluxrate.close_due_periods();                                                  -- WARNING, attempt 2
+SELECT close_error->>'attempts' AS attempts, close_retry_at FROM fluxrate_internal.subscriptions WHERE org_id = :'org_p' AND id = :'p_bad';
+-- the fault is gone: the next try closes January once, and the error is cleared
+RESET test.bad_sub;
+SET fluxrate.pinned_now = '2029-02-01 00:15:30+00';
+CALL fluxrate.close_due_periods();
+SELECT count(*) AS invoices, count(DISTINCT (subscription_id, period_start)) AS periods, sum(total) AS total,
+       (SELECT count(*) FROM fluxrate_internal.subscriptions WHERE org_id = :'org_p' AND close_error IS NULL
+           AND close_retry_at IS NULL AND current_period_start = '2029-02-01') AS advanced_clean
+  FROM fluxrate_internal.invoices WHERE org_id = :'org_p' AND kind = 'subscription';
+-- finalization: one draft refuses to open; the two others are numbered 0001 and 0002 (gapless)
+SELECT id AS p_bad_inv FROM fluxrate_internal.invoices WHERE org_id = :'org_p' ORDER BY created_at, id LIMIT 1 \gset
+SET test.bad_inv = :'p_bad_inv';
+SET fluxrate.pinned_now = '2029-02-01 01:20:00+00';
+CALL fluxrate.finalize_due_invoices();                                              -- WARNING, once
+SELECT i.id = :'p_bad_inv' AS bad, i.status, i.invoice_number, i.meta_data->'finalize_error'->>'message' AS error,
+       i.scheduled_finalize_at
+  FROM fluxrate_internal.invoices i WHERE i.org_id = :'org_p' ORDER BY 1, i.invoice_number;
+RESET test.bad_inv;
+SET fluxrate.pinned_now = '2029-02-01 01:25:00+00';
+CALL fluxrate.finalize_due_invoices();
+SELECT i.status, i.invoice_number, i.meta_data ? 'finalize_error' AS error_kept
+  FROM fluxrate_internal.invoices i WHERE i.org_id = :'org_p' AND i.id = :'p_bad_inv';
+DROP TRIGGER inject_fault ON fluxrate_internal.invoices;
+DROP FUNCTION public.inject_fault();
+RESET fluxrate.acting_org;

@@ -201,6 +201,10 @@ CREATE TABLE fluxrate_internal.subscriptions (
   ended_at              timestamptz,
   last_invoiced_date    timestamptz,
   created_at            timestamptz NOT NULL,
+  -- a closing that failed for this subscription alone (the others of its batch
+  -- were closed): retried from close_retry_at, the error kept for operators
+  close_retry_at        timestamptz,
+  close_error           jsonb,
   PRIMARY KEY (org_id, id),
   FOREIGN KEY (org_id, customer_id) REFERENCES fluxrate_internal.customers (org_id, id) ON DELETE CASCADE,
   FOREIGN KEY (org_id, plan_id) REFERENCES fluxrate_internal.plans (org_id, id)

@@ -783,6 +783,9 @@ CREATE FUNCTION fluxrate_internal.subscription_json(s fluxrate_internal.subscrip
     'current_period_start', s.current_period_start, 'current_period_end', s.current_period_end,
     'cancel_at_period_end', s.cancel_at_period_end, 'canceled_at', s.canceled_at,
     'ended_at', s.ended_at, 'last_invoiced_date', s.last_invoiced_date, 'created_at', s.created_at)
+  -- only after a failed closing (see sys_close_isolated): when, why, next try
+  || CASE WHEN s.close_error IS NOT NULL THEN pg_catalog.jsonb_build_object('close_error', s.close_error,
+       'close_retry_at', s.close_retry_at) ELSE '{}'::jsonb END
   || CASE WHEN with_features THEN pg_catalog.jsonb_build_object('features',
        coalesce((SELECT pg_catalog.jsonb_agg(fluxrate_internal.plan_feature_json(pf) ORDER BY pf.created_at, pf.id)
                  FROM fluxrate_internal.plan_features pf WHERE pf.org_id = s.org_id AND pf.plan_id = s.plan_id), '[]'::jsonb))

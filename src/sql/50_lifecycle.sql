@@ -579,7 +579,7 @@ $$;
 -- plan_cache_mode = force_custom_plan did the same, but it also reached the
 -- foreign-key checks, which then planned their query once per line: a third of
 -- a batch's time.
-CREATE FUNCTION fluxrate_internal.sys_close_batch(batch_size integer DEFAULT 500) RETURNS integer
+CREATE FUNCTION fluxrate_internal.sys_close_batch(batch_size integer DEFAULT 500, only_id uuid DEFAULT NULL) RETURNS integer
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   -- a batch of 2,000 estimates above jit_above_cost, and compiling its 266
@@ -598,6 +598,8 @@ BEGIN
   v_batch := ARRAY(
     SELECT x FROM fluxrate_internal.subscriptions x
      WHERE x.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE') AND x.current_period_end <= v_now
+       AND (x.close_retry_at IS NULL OR x.close_retry_at <= v_now)
+       AND (only_id IS NULL OR x.id = only_id)
      ORDER BY x.current_period_end, x.org_id, x.id
      LIMIT batch_size
      FOR UPDATE SKIP LOCKED);
@@ -612,7 +614,8 @@ BEGIN
     PERFORM set_config('fluxrate.current_org', s.org_id::text, true);
     UPDATE fluxrate_internal.subscriptions x
        SET status = 'ACTIVE', current_period_index = 0, current_period_start = s.billing_anchor,
-           current_period_end = fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, 1)
+           current_period_end = fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, 1),
+           close_retry_at = NULL, close_error = NULL
      WHERE x.org_id = s.org_id AND x.id = s.id;
     PERFORM fluxrate_internal.emit_event(s.org_id, 'subscription.activated',
       jsonb_build_object('subscription_id', s.id, 'customer_id', s.customer_id));
@@ -848,7 +851,7 @@ BEGIN
            current_period_index = CASE WHEN b.ending THEN x.current_period_index ELSE b.idx + 1 END,
            current_period_start = CASE WHEN b.ending THEN x.current_period_start ELSE b.pe END,
            current_period_end = CASE WHEN b.ending THEN x.current_period_end ELSE b.next_end END,
-           last_invoiced_date = $2
+           last_invoiced_date = $2, close_retry_at = NULL, close_error = NULL
       FROM b
      WHERE x.org_id = b.org_id AND x.id = b.sub_id
     RETURNING x.org_id, x.id, x.customer_id, b.ending AS ended, b.pe AS ended_at
@@ -884,6 +887,53 @@ BEGIN
   SELECT count(*) FROM dl
   $sql$ INTO v_events USING v_batch, v_now, v_usage;
   RETURN cardinality(v_batch);
+END
+$$;
+
+-- The closer's fallback when a batch fails: the same subscriptions, each closed
+-- alone in a subtransaction, so that one subscription that cannot be closed (a
+-- bug, bad data) does not stop billing for every organization behind it in the
+-- due order.  The failing one keeps its period; its error is kept on it
+-- (close_error, shown by get_subscription) and it is retried after 5 minutes,
+-- doubling per attempt up to a day.  Only runs after a batch failed, so the
+-- normal path has no subtransaction per row.  Returns how many it handled.
+CREATE FUNCTION fluxrate_internal.sys_close_isolated(batch_size integer DEFAULT 500) RETURNS integer
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  r record;
+  n integer := 0;
+  v_now timestamptz := fluxrate.now();
+  v_state text;
+  v_msg text;
+  v_attempts integer;
+BEGIN
+  FOR r IN
+    SELECT x.org_id, x.id, x.current_period_end, x.close_error FROM fluxrate_internal.subscriptions x
+     WHERE x.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE') AND x.current_period_end <= v_now
+       AND (x.close_retry_at IS NULL OR x.close_retry_at <= v_now)
+     ORDER BY x.current_period_end, x.org_id, x.id
+     LIMIT batch_size
+     FOR UPDATE SKIP LOCKED
+  LOOP
+    BEGIN
+      PERFORM fluxrate_internal.sys_close_batch(1, r.id);
+    EXCEPTION WHEN OTHERS THEN
+      GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
+      v_attempts := coalesce((r.close_error->>'attempts')::integer, 0) + 1;
+      UPDATE fluxrate_internal.subscriptions x
+         SET close_retry_at = v_now + least(interval '5 minutes' * power(2, least(v_attempts - 1, 20)), interval '1 day'),
+             close_error = jsonb_build_object('sqlstate', v_state, 'message', v_msg, 'at', v_now,
+                                              'attempts', v_attempts, 'period_end', r.current_period_end)
+       WHERE x.org_id = r.org_id AND x.id = r.id;
+      RAISE WARNING 'fluxrate: could not close the period of subscription %', r.id
+        USING DETAIL = format('%s: %s', v_state, v_msg),
+              HINT = 'The other subscriptions were closed; this one is retried later (close_error on the subscription).';
+    END;
+    n := n + 1;
+  END LOOP;
+  RETURN n;
 END
 $$;
 
@@ -939,6 +989,7 @@ BEGIN
   SELECT o.payment_terms_days INTO v_terms FROM fluxrate_internal.organizations o WHERE o.org_id = i.org_id;
   UPDATE fluxrate_internal.invoices x
      SET status = 'OPEN', invoice_number = fluxrate_internal.next_invoice_number(i.org_id, v_now),
+         meta_data = x.meta_data - 'finalize_error',
          issue_date = v_now, finalized_at = v_now,
          due_date = coalesce(x.due_date, v_now + make_interval(days => v_terms)),
          -- the public link the e-mail carries (regenerable: generate_invoice_token)
@@ -953,7 +1004,8 @@ END
 $$;
 
 -- Finalize the DRAFTs whose grace period is over (across organizations).
-CREATE FUNCTION fluxrate_internal.sys_finalize_batch(batch_size integer DEFAULT 500) RETURNS integer
+CREATE FUNCTION fluxrate_internal.sys_finalize_batch(batch_size integer DEFAULT 500, isolated boolean DEFAULT false)
+  RETURNS integer
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   -- (no plan_cache_mode = force_custom_plan here: it would reach the foreign-key
@@ -963,16 +1015,40 @@ CREATE FUNCTION fluxrate_internal.sys_finalize_batch(batch_size integer DEFAULT 
 DECLARE
   r record;
   n integer := 0;
+  v_now timestamptz := fluxrate.now();
+  v_state text;
+  v_msg text;
+  v_attempts integer;
 BEGIN
   FOR r IN
-    SELECT x.org_id, x.id FROM fluxrate_internal.invoices x
-     WHERE x.status = 'DRAFT' AND x.scheduled_finalize_at <= fluxrate.now()
+    SELECT x.org_id, x.id, x.meta_data FROM fluxrate_internal.invoices x
+     WHERE x.status = 'DRAFT' AND x.scheduled_finalize_at <= v_now
      ORDER BY x.scheduled_finalize_at, x.org_id, x.period_start, x.created_at, x.id
      LIMIT batch_size
      FOR UPDATE SKIP LOCKED
   LOOP
     PERFORM set_config('fluxrate.current_org', r.org_id::text, true);
-    PERFORM fluxrate_internal.finalize_one(r.org_id, r.id);
+    IF NOT isolated THEN
+      PERFORM fluxrate_internal.finalize_one(r.org_id, r.id);
+    ELSE
+      -- after a failed batch: each invoice in a subtransaction, so that one that
+      -- cannot be finalized stays DRAFT (its number is given back with the
+      -- subtransaction: numbering stays gapless) and the others go out
+      BEGIN
+        PERFORM fluxrate_internal.finalize_one(r.org_id, r.id);
+      EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
+        v_attempts := coalesce((r.meta_data->'finalize_error'->>'attempts')::integer, 0) + 1;
+        UPDATE fluxrate_internal.invoices x
+           SET scheduled_finalize_at = v_now + least(interval '5 minutes' * power(2, least(v_attempts - 1, 20)), interval '1 day'),
+               meta_data = x.meta_data || jsonb_build_object('finalize_error', jsonb_build_object(
+                 'sqlstate', v_state, 'message', v_msg, 'at', v_now, 'attempts', v_attempts))
+         WHERE x.org_id = r.org_id AND x.id = r.id;
+        RAISE WARNING 'fluxrate: could not finalize invoice %', r.id
+          USING DETAIL = format('%s: %s', v_state, v_msg),
+                HINT = 'The other invoices were finalized; this one stays DRAFT and is retried later (meta_data.finalize_error).';
+      END;
+    END IF;
     n := n + 1;
   END LOOP;
   RETURN n;
@@ -1002,12 +1078,20 @@ $$;
 CREATE PROCEDURE fluxrate.close_due_periods(batch_size integer DEFAULT 500)
   LANGUAGE plpgsql
   AS $$
+DECLARE
+  n integer;
 BEGIN
   -- the usage of the periods many subscriptions end together, in one pass each
   PERFORM fluxrate_internal.sys_close_prepare();
   COMMIT;
   LOOP
-    EXIT WHEN fluxrate_internal.sys_close_batch(batch_size) = 0;
+    BEGIN
+      n := fluxrate_internal.sys_close_batch(batch_size);
+    EXCEPTION WHEN OTHERS THEN
+      -- a subscription of this batch cannot be closed: close them one by one
+      n := fluxrate_internal.sys_close_isolated(batch_size);
+    END;
+    EXIT WHEN n = 0;
     COMMIT;
   END LOOP;
   PERFORM fluxrate_internal.sys_close_finish();
@@ -1019,9 +1103,17 @@ $$;
 CREATE PROCEDURE fluxrate.finalize_due_invoices(batch_size integer DEFAULT 500)
   LANGUAGE plpgsql
   AS $$
+DECLARE
+  n integer;
 BEGIN
   LOOP
-    EXIT WHEN fluxrate_internal.sys_finalize_batch(batch_size) = 0;
+    BEGIN
+      n := fluxrate_internal.sys_finalize_batch(batch_size);
+    EXCEPTION WHEN OTHERS THEN
+      -- an invoice of this batch cannot be finalized: finalize them one by one
+      n := fluxrate_internal.sys_finalize_batch(batch_size, isolated => true);
+    END;
+    EXIT WHEN n = 0;
     COMMIT;
   END LOOP;
 END
@@ -1545,6 +1637,7 @@ $$;
 
 -- the trusted application role runs the jobs (the procedures call these)
 GRANT USAGE ON SCHEMA fluxrate_internal TO fluxrate_app;
-GRANT EXECUTE ON FUNCTION fluxrate_internal.sys_close_batch(integer), fluxrate_internal.sys_finalize_batch(integer),
+GRANT EXECUTE ON FUNCTION fluxrate_internal.sys_close_batch(integer, uuid), fluxrate_internal.sys_close_isolated(integer),
+  fluxrate_internal.sys_finalize_batch(integer, boolean),
   fluxrate_internal.sys_close_prepare(numeric), fluxrate_internal.sys_close_finish(), fluxrate_internal.sys_close_tables(),
   fluxrate_internal.sys_mark_past_due() TO fluxrate_app;
