@@ -434,7 +434,7 @@ CREATE FUNCTION public.inject_fault() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   IF NEW.subscription_id::text = current_setting('test.bad_sub', true)
      OR (TG_OP = 'UPDATE' AND NEW.status = 'OPEN' AND NEW.id::text = current_setting('test.bad_inv', true)) THEN
-    RAISE EXCEPTION 'injected fault';
+    RAISE EXCEPTION 'injected fault' USING ERRCODE = coalesce(nullif(current_setting('test.fault_state', true), ''), 'P0001');
   END IF;
   RETURN NEW;
 END $$;
@@ -442,6 +442,12 @@ CREATE TRIGGER inject_fault BEFORE INSERT OR UPDATE ON fluxrate_internal.invoice
   FOR EACH ROW EXECUTE FUNCTION public.inject_fault();
 SET test.bad_sub = :'p_bad';
 SET fluxrate.pinned_now = '2029-02-01 00:00:30+00';
+-- a transient error (here a serialization failure) ends the run instead: nothing is marked
+SET test.fault_state = '40001';
+CALL fluxrate.close_due_periods();                                                  -- 40001
+SELECT count(*) FILTER (WHERE close_error IS NOT NULL) AS marked, count(*) FILTER (WHERE current_period_start = '2029-02-01') AS advanced
+  FROM fluxrate_internal.subscriptions WHERE org_id = :'org_p';
+RESET test.fault_state;
 CALL fluxrate.close_due_periods();                                                  -- WARNING, once
 -- two of three closed (10.00 each); the third kept January, with its error and next try
 SELECT s.id = :'p_bad' AS bad, s.current_period_start, count(i.id) AS invoices, sum(i.total) AS total,

@@ -890,6 +890,16 @@ BEGIN
 END
 $$;
 
+-- Errors that say nothing about the row being processed: serialization failures
+-- and deadlocks (class 40), a lock not available (55P03), lack of resources (53),
+-- operator intervention (57), system errors (58).  The jobs let these end the run
+-- (the next run retries) instead of marking a subscription or an invoice as failed.
+CREATE FUNCTION fluxrate_internal.transient_error(sqlstate text) RETURNS boolean
+  LANGUAGE sql IMMUTABLE
+  AS $$
+  SELECT left(sqlstate, 2) IN ('40', '53', '57', '58') OR sqlstate = '55P03'
+$$;
+
 -- The closer's fallback when a batch fails: the same subscriptions, each closed
 -- alone in a subtransaction, so that one subscription that cannot be closed (a
 -- bug, bad data) does not stop billing for every organization behind it in the
@@ -921,6 +931,9 @@ BEGIN
       PERFORM fluxrate_internal.sys_close_batch(1, r.id);
     EXCEPTION WHEN OTHERS THEN
       GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
+      IF fluxrate_internal.transient_error(v_state) THEN
+        RAISE;
+      END IF;
       v_attempts := coalesce((r.close_error->>'attempts')::integer, 0) + 1;
       UPDATE fluxrate_internal.subscriptions x
          SET close_retry_at = v_now + least(interval '5 minutes' * power(2, least(v_attempts - 1, 20)), interval '1 day'),
@@ -1038,6 +1051,9 @@ BEGIN
         PERFORM fluxrate_internal.finalize_one(r.org_id, r.id);
       EXCEPTION WHEN OTHERS THEN
         GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
+        IF fluxrate_internal.transient_error(v_state) THEN
+          RAISE;
+        END IF;
         v_attempts := coalesce((r.meta_data->'finalize_error'->>'attempts')::integer, 0) + 1;
         UPDATE fluxrate_internal.invoices x
            SET scheduled_finalize_at = v_now + least(interval '5 minutes' * power(2, least(v_attempts - 1, 20)), interval '1 day'),
@@ -1082,13 +1098,27 @@ DECLARE
   n integer;
 BEGIN
   -- the usage of the periods many subscriptions end together, in one pass each
-  PERFORM fluxrate_internal.sys_close_prepare();
+  -- (an optimization: if it fails, the batches compute usage pair by pair)
+  BEGIN
+    PERFORM fluxrate_internal.sys_close_prepare();
+  EXCEPTION WHEN OTHERS THEN
+    IF fluxrate_internal.transient_error(SQLSTATE) THEN
+      RAISE;
+    END IF;
+    RAISE WARNING 'fluxrate: the closing run''s usage snapshot failed; closing without it'
+      USING DETAIL = format('%s: %s', SQLSTATE, SQLERRM);
+  END;
   COMMIT;
   LOOP
     BEGIN
       n := fluxrate_internal.sys_close_batch(batch_size);
     EXCEPTION WHEN OTHERS THEN
-      -- a subscription of this batch cannot be closed: close them one by one
+      -- a subscription of this batch cannot be closed: close them one by one.
+      -- (Transient errors, a deadlock or a full disk, end the run instead: the next
+      -- run retries everything, and no subscription is marked for them.)
+      IF fluxrate_internal.transient_error(SQLSTATE) THEN
+        RAISE;
+      END IF;
       n := fluxrate_internal.sys_close_isolated(batch_size);
     END;
     EXIT WHEN n = 0;
@@ -1111,6 +1141,9 @@ BEGIN
       n := fluxrate_internal.sys_finalize_batch(batch_size);
     EXCEPTION WHEN OTHERS THEN
       -- an invoice of this batch cannot be finalized: finalize them one by one
+      IF fluxrate_internal.transient_error(SQLSTATE) THEN
+        RAISE;
+      END IF;
       n := fluxrate_internal.sys_finalize_batch(batch_size, isolated => true);
     END;
     EXIT WHEN n = 0;
@@ -1640,4 +1673,4 @@ GRANT USAGE ON SCHEMA fluxrate_internal TO fluxrate_app;
 GRANT EXECUTE ON FUNCTION fluxrate_internal.sys_close_batch(integer, uuid), fluxrate_internal.sys_close_isolated(integer),
   fluxrate_internal.sys_finalize_batch(integer, boolean),
   fluxrate_internal.sys_close_prepare(numeric), fluxrate_internal.sys_close_finish(), fluxrate_internal.sys_close_tables(),
-  fluxrate_internal.sys_mark_past_due() TO fluxrate_app;
+  fluxrate_internal.sys_mark_past_due(), fluxrate_internal.transient_error(text) TO fluxrate_app;
