@@ -900,6 +900,14 @@ CREATE FUNCTION fluxrate_internal.transient_error(sqlstate text) RETURNS boolean
   SELECT left(sqlstate, 2) IN ('40', '53', '57', '58') OR sqlstate = '55P03'
 $$;
 
+-- How long a subscription or an invoice that failed attempts times waits before
+-- the next try: 5 minutes, doubling, at most a day.
+CREATE FUNCTION fluxrate_internal.retry_delay(attempts integer) RETURNS interval
+  LANGUAGE sql IMMUTABLE
+  AS $$
+  SELECT least(interval '5 minutes' * power(2, least(greatest(attempts, 1) - 1, 20)), interval '1 day')
+$$;
+
 -- The closer's fallback when a batch fails: the same subscriptions, each closed
 -- alone in a subtransaction, so that one subscription that cannot be closed (a
 -- bug, bad data) does not stop billing for every organization behind it in the
@@ -936,7 +944,7 @@ BEGIN
       END IF;
       v_attempts := coalesce((r.close_error->>'attempts')::integer, 0) + 1;
       UPDATE fluxrate_internal.subscriptions x
-         SET close_retry_at = v_now + least(interval '5 minutes' * power(2, least(v_attempts - 1, 20)), interval '1 day'),
+         SET close_retry_at = v_now + fluxrate_internal.retry_delay(v_attempts),
              close_error = jsonb_build_object('sqlstate', v_state, 'message', v_msg, 'at', v_now,
                                               'attempts', v_attempts, 'period_end', r.current_period_end)
        WHERE x.org_id = r.org_id AND x.id = r.id;
@@ -1056,7 +1064,7 @@ BEGIN
         END IF;
         v_attempts := coalesce((r.meta_data->'finalize_error'->>'attempts')::integer, 0) + 1;
         UPDATE fluxrate_internal.invoices x
-           SET scheduled_finalize_at = v_now + least(interval '5 minutes' * power(2, least(v_attempts - 1, 20)), interval '1 day'),
+           SET scheduled_finalize_at = v_now + fluxrate_internal.retry_delay(v_attempts),
                meta_data = x.meta_data || jsonb_build_object('finalize_error', jsonb_build_object(
                  'sqlstate', v_state, 'message', v_msg, 'at', v_now, 'attempts', v_attempts))
          WHERE x.org_id = r.org_id AND x.id = r.id;
