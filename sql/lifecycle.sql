@@ -483,6 +483,14 @@ SET fluxrate.pinned_now = '2029-02-01 01:25:00+00';
 CALL fluxrate.finalize_due_invoices();
 SELECT i.status, i.invoice_number, i.meta_data ? 'finalize_error' AS error_kept
   FROM fluxrate_internal.invoices i WHERE i.org_id = :'org_p' AND i.id = :'p_bad_inv';
+-- billing a failed subscription by hand (generate_invoice) also clears its retry time, so
+-- that its next period's close is not held back by it
+SET test.bad_sub = :'p_bad';
+SET fluxrate.pinned_now = '2029-03-01 00:00:30+00';
+CALL fluxrate.close_due_periods();                                                  -- WARNING, once
+RESET test.bad_sub;
+SELECT (fluxrate.generate_invoice(:'p_bad'))->>'total' AS february_by_hand;
+SELECT close_error, close_retry_at, current_period_start FROM fluxrate_internal.subscriptions WHERE org_id = :'org_p' AND id = :'p_bad';
 DROP TRIGGER inject_fault ON fluxrate_internal.invoices;
 DROP FUNCTION public.inject_fault();
 RESET fluxrate.acting_org;

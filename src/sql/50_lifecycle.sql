@@ -1528,7 +1528,8 @@ BEGIN
         fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, s.current_period_index + 2) END);
     IF s.cancel_at_period_end THEN
       UPDATE fluxrate_internal.subscriptions x
-         SET status = 'CANCELED', ended_at = s.current_period_end, last_invoiced_date = v_now
+         SET status = 'CANCELED', ended_at = s.current_period_end, last_invoiced_date = v_now,
+             close_retry_at = NULL, close_error = NULL
        WHERE x.org_id = v_org AND x.id = s.id;
       PERFORM fluxrate_internal.emit_event(v_org, 'subscription.canceled',
         jsonb_build_object('subscription_id', s.id, 'customer_id', s.customer_id, 'ended_at', s.current_period_end));
@@ -1536,7 +1537,10 @@ BEGIN
       UPDATE fluxrate_internal.subscriptions x
          SET current_period_index = s.current_period_index + 1, current_period_start = s.current_period_end,
              current_period_end = fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, s.current_period_index + 2),
-             last_invoiced_date = v_now
+             last_invoiced_date = v_now,
+             -- closed here: a failed closer's retry time no longer applies (it would hold
+             -- the next period's close back)
+             close_retry_at = NULL, close_error = NULL
        WHERE x.org_id = v_org AND x.id = s.id;
     END IF;
   ELSIF s.current_period_start >= v_now THEN
@@ -1598,7 +1602,8 @@ BEGIN
     END IF;
     UPDATE fluxrate_internal.subscriptions x
        SET status = 'CANCELED', canceled_at = v_now, ended_at = v_now, cancel_reason = cancel_subscription.reason,
-           last_invoiced_date = CASE WHEN v_inv IS NULL THEN x.last_invoiced_date ELSE v_now END
+           last_invoiced_date = CASE WHEN v_inv IS NULL THEN x.last_invoiced_date ELSE v_now END,
+           close_retry_at = NULL, close_error = NULL
      WHERE x.org_id = v_org AND x.id = s.id RETURNING * INTO s;
     PERFORM fluxrate_internal.emit_event(v_org, 'subscription.canceled',
       jsonb_build_object('subscription_id', s.id, 'customer_id', s.customer_id, 'ended_at', v_now, 'reason', cancel_subscription.reason));
