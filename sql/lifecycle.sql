@@ -494,3 +494,63 @@ SELECT close_error, close_retry_at, current_period_start FROM fluxrate_internal.
 DROP TRIGGER inject_fault ON fluxrate_internal.invoices;
 DROP FUNCTION public.inject_fault();
 RESET fluxrate.acting_org;
+
+-- A trial canceled at period end ends with the trial: never billed, no opening invoice
+-- (a 30.00 in-advance fee and a 5.00 in-arrears fee would otherwise be billed for a month)
+SET fluxrate.pinned_now = '2030-01-01 00:00:00+00';
+SELECT (fluxrate.create_organization('Trials'))->>'id' AS org_t2 \gset
+SELECT fluxrate.act_as(:'org_t2', true) IS NOT NULL AS acting;
+SELECT (fluxrate.create_plan('P', 'p', 'FIXED', 'month', 'USD'))->>'id' AS plan_t2 \gset
+SELECT (fluxrate.add_charge(:'plan_t2', 'FIXED', unit_price => 30))->>'billing_timing' AS first_fee,
+       (fluxrate.add_charge(:'plan_t2', 'FIXED', unit_price => 5, billing_timing => 'in_arrears'))->>'billing_timing' AS second_fee;
+SELECT (fluxrate.create_subscription(((fluxrate.create_customer('T', 't@example.com'))->>'id')::uuid, :'plan_t2',
+        start_date => '2030-01-01 00:00+00', trial_end_date => '2030-01-15 00:00+00'))->>'id' AS sub_t2 \gset
+SET fluxrate.pinned_now = '2030-01-05 00:00:00+00';
+SELECT (fluxrate.cancel_subscription(:'sub_t2', cancel_at_period_end => true))->>'status' AS status_after_cancel;
+SET fluxrate.pinned_now = '2030-01-15 00:00:30+00';
+CALL fluxrate.close_due_periods();
+SET fluxrate.pinned_now = '2030-02-15 00:00:30+00';
+CALL fluxrate.close_due_periods();
+SELECT status, ended_at, (SELECT count(*) FROM fluxrate_internal.invoices WHERE org_id = :'org_t2') AS invoices,
+       (SELECT string_agg(event, ', ' ORDER BY created_at, id) FROM fluxrate_internal.outbox WHERE org_id = :'org_t2') AS events
+  FROM fluxrate_internal.subscriptions WHERE org_id = :'org_t2' AND id = :'sub_t2';
+
+-- Voiding an invoice forgives its usage: the next invoices do not bill it again as late
+-- usage, whether or not a late line for that period exists.  January bills 100 calls
+-- (100.00); a late January event of 10 is billed on February's invoice (10.00); January is
+-- voided; March and April carry no January line.  A later January event is still billed.
+SET fluxrate.pinned_now = '2031-01-01 00:00:00+00';
+SELECT (fluxrate.create_organization('Voids'))->>'id' AS org_v \gset
+SELECT fluxrate.act_as(:'org_v', true) IS NOT NULL AS acting;
+SELECT f->>'meter_id' AS meter_v FROM fluxrate.create_feature('Calls', 'calls', 'meter', meter_name => 'calls',
+       property_name => 'value', aggregation_type => 'SUM') f \gset
+SELECT (fluxrate.create_plan('P', 'p', 'USAGE', 'month', 'USD'))->>'id' AS plan_v \gset
+SELECT (fluxrate.add_charge(:'plan_v', 'USAGE', meter_id => :'meter_v', unit_price => 1))->>'status' AS charge;
+SELECT (fluxrate.create_customer('C', 'c@example.com', 'c'))->>'id' AS cust_v \gset
+SELECT (fluxrate.create_subscription(:'cust_v', :'plan_v', start_date => '2031-01-01 00:00+00'))->>'id' AS sub_v \gset
+INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at)
+VALUES (:'org_v', gen_random_uuid(), :'cust_v', :'meter_v', 100, '2031-01-10', '2031-01-10');
+SET fluxrate.pinned_now = '2031-02-01 00:00:30+00';
+CALL fluxrate.close_due_periods();
+SET fluxrate.pinned_now = '2031-02-01 01:00:30+00';
+CALL fluxrate.finalize_due_invoices();
+INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at)
+VALUES (:'org_v', gen_random_uuid(), :'cust_v', :'meter_v', 10, '2031-01-20', '2031-02-05');
+SET fluxrate.pinned_now = '2031-03-01 00:00:30+00';
+CALL fluxrate.close_due_periods();
+SET fluxrate.pinned_now = '2031-03-01 01:00:30+00';
+CALL fluxrate.finalize_due_invoices();
+SELECT (fluxrate.void_invoice(id, 'dispute'))->>'status' AS january FROM fluxrate_internal.invoices
+ WHERE org_id = :'org_v' AND subscription_id = :'sub_v' AND period_start = '2031-01-01';
+SET fluxrate.pinned_now = '2031-04-01 00:00:30+00';
+CALL fluxrate.close_due_periods();
+SET fluxrate.pinned_now = '2031-04-01 01:00:30+00';
+CALL fluxrate.finalize_due_invoices();
+INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at)
+VALUES (:'org_v', gen_random_uuid(), :'cust_v', :'meter_v', 7, '2031-01-25', '2031-04-10');
+SET fluxrate.pinned_now = '2031-05-01 00:00:30+00';
+CALL fluxrate.close_due_periods();
+SELECT to_char(i.period_start, 'YYYY-MM') AS invoice, i.status, l.line_type, l.description, l.quantity, l.line_total
+  FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.org_id = :'org_v' AND i.subscription_id = :'sub_v' ORDER BY i.period_start, l.position;
+RESET fluxrate.acting_org;

@@ -227,7 +227,10 @@ BEGIN
   -- billed so far (the usage line plus earlier late lines; the deltas telescope,
   -- so this is right for every aggregation), priced incrementally
   -- (rate(now) - rate(billed)) so tiers stay right.  Only what increases the
-  -- amount is billed; finalized invoices never change.  Looks back 12 periods.
+  -- amount is billed; finalized invoices never change.  Looks back over the
+  -- last 12 finalized invoices that bill usage (DRAFTs are not billed yet;
+  -- opening invoices carry fees only).  A VOID invoice's usage counts as billed:
+  -- voiding forgives it, the next invoice does not bill it again as late usage.
   -- (driven from the subscription's last 12 invoices through the
   -- (org_id, subscription_id, period_start) index, so the cost does not grow with
   -- the organization's other invoices, whatever the statistics say)
@@ -237,11 +240,11 @@ BEGIN
       FROM (SELECT pi.id FROM fluxrate_internal.invoices pi
              WHERE pi.org_id = i.org_id AND pi.subscription_id = i.subscription_id
                AND pi.period_start < i.period_start
+               AND pi.status IN ('OPEN', 'PAID', 'UNCOLLECTIBLE', 'VOID') AND pi.kind <> 'opening'
              ORDER BY pi.period_start DESC LIMIT 12) recent
-      JOIN fluxrate_internal.invoices pi ON pi.org_id = i.org_id AND pi.id = recent.id
       CROSS JOIN LATERAL (SELECT * FROM fluxrate_internal.invoice_lines x
                            WHERE x.org_id = i.org_id AND x.invoice_id = recent.id) l
-     WHERE pi.status IN ('OPEN', 'PAID', 'UNCOLLECTIBLE') AND l.line_type IN ('usage', 'late_usage')
+     WHERE l.line_type IN ('usage', 'late_usage')
        AND l.charge_id IS NOT NULL AND l.period_end <= i.period_start
      GROUP BY l.charge_id, l.period_start, l.period_end
      ORDER BY l.period_start, l.charge_id
@@ -612,6 +615,15 @@ BEGIN
   LOOP
     CONTINUE WHEN s.status <> 'TRIAL';
     PERFORM set_config('fluxrate.current_org', s.org_id::text, true);
+    IF s.cancel_at_period_end THEN
+      -- canceled during the trial, at its end: it ends with the trial, never billed
+      UPDATE fluxrate_internal.subscriptions x
+         SET status = 'CANCELED', ended_at = s.current_period_end, close_retry_at = NULL, close_error = NULL
+       WHERE x.org_id = s.org_id AND x.id = s.id;
+      PERFORM fluxrate_internal.emit_event(s.org_id, 'subscription.canceled',
+        jsonb_build_object('subscription_id', s.id, 'customer_id', s.customer_id, 'ended_at', s.current_period_end));
+      CONTINUE;
+    END IF;
     UPDATE fluxrate_internal.subscriptions x
        SET status = 'ACTIVE', current_period_index = 0, current_period_start = s.billing_anchor,
            current_period_end = fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, 1),
@@ -650,6 +662,8 @@ BEGIN
                       CROSS JOIN LATERAL (SELECT pi.id, pi.status FROM fluxrate_internal.invoices pi
                                            WHERE pi.org_id = x.org_id AND pi.subscription_id = x.id
                                              AND pi.period_start < x.current_period_start
+                                             AND pi.status IN ('OPEN', 'PAID', 'UNCOLLECTIBLE', 'VOID')
+                                             AND pi.kind <> 'opening'
                                            ORDER BY pi.period_start DESC LIMIT 12) recent
                       -- lateral: the lines of these invoices only (a join let the planner, whose
                       -- statistics of invoice_lines date from before the run, hash every line of
@@ -659,7 +673,7 @@ BEGIN
                                              AND l0.line_type IN ('usage', 'late_usage') AND l0.charge_id IS NOT NULL
                                              AND l0.period_end <= x.current_period_start
                                           OFFSET 0) l  -- a fence: not pulled up into a join
-                     WHERE x.status <> 'TRIAL' AND recent.status IN ('OPEN', 'PAID', 'UNCOLLECTIBLE')
+                     WHERE x.status <> 'TRIAL'
                      GROUP BY 1, 2, 3, 4, 5, 6) ls
               JOIN fluxrate_internal.charges c ON c.org_id = ls.org_id AND c.id = ls.charge_id) z
       LEFT JOIN pg_temp.fr_close_scope sc ON sc.org_id = z.org_id AND sc.meter_id = z.meter_id
