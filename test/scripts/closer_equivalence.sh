@@ -1,0 +1,566 @@
+#!/usr/bin/env bash
+# The set-based closer (sys_close_batch) writes exactly the drafts that the
+# per-invoice reference fill_lines() computes, at scale: a seeded random mix of
+# plans (per_unit, graduated, volume, package, free units, FIXED in advance and
+# in arrears, minimum commitments, USD/EUR/JPY/KWD), meters (SUM, COUNT, MAX,
+# MIN, AVG through the fast paths; a filtered SUM, UNIQUE_COUNT, LAST and
+# WEIGHTED_SUM through meter_usage()), subscriptions (month, week, day, quarter;
+# anniversary and calendar; midnight and odd starts; trials; cancel at period
+# end; interim invoices) and events, over several closing rounds with late
+# usage in between.  After every close, each DRAFT the closer wrote is
+# recomputed by fill_lines() (in a transaction that is rolled back) and both
+# sets of lines are compared, as sql/lifecycle.sql does for one organization:
+# EXCEPT both ways (values), and the same on the rows' text (representation).
+# Invariants are checked on every invoice after every round.
+set -euo pipefail
+source "$ROOT/test/cluster.sh"
+cluster_start equiv
+export PGTZ=UTC PGOPTIONS='-c client_min_messages=warning'
+q() { psql -X -q -t -A -v ON_ERROR_STOP=1 -c "$1"; }
+qf() { psql -X -q -t -A -v ON_ERROR_STOP=1 "$@"; }   # SQL on stdin
+fail() {
+  echo "FAIL: $*"
+  # EQ_KEEP=1: leave the cluster running to look at it (PGHOST below; pg_ctl stop by hand)
+  if [ "${EQ_KEEP:-0}" = 1 ]; then trap - EXIT; echo "kept: PGHOST=$PGHOST data=$CLUSTER_DIR/data"; fi
+  exit 1
+}
+t0=$(date +%s)
+
+# ---------------------------------------------------------------------------
+# Scenario builders (plain SQL functions in schema public of the test database)
+# ---------------------------------------------------------------------------
+qf <<'SQL'
+SET TimeZone = 'UTC';
+CREATE TABLE public.eq_meters (org_id uuid, meter_id uuid, name text, agg text, scale numeric, plain boolean);
+CREATE TABLE public.eq_plans (org_id uuid, plan_id uuid, n integer, billing_interval text, currency text);
+CREATE TABLE public.eq_subs (org_id uuid, sub_id uuid, customer_id uuid, n integer, note text);
+CREATE TABLE public.eq_rounds (k integer PRIMARY KEY, at timestamptz, snapshot bigint, drafts integer, lines integer,
+  late_lines integer, min_lines integer, adv_lines integer, prorated integer, diffs integer, strict_diffs integer);
+
+-- The drafts as the comparison sees them: invoice totals and every line.
+CREATE VIEW public.eq_draft_lines AS
+SELECT i.org_id, i.id, i.customer_id, i.subscription_id, i.created_at AS closed_at, i.currency,
+       i.subtotal, i.tax, i.tax_rate, i.total, i.amount_due,
+       l.position, l.line_type, l.charge_id, l.description, l.quantity, l.unit_amount, l.line_total,
+       l.amount_unrounded, l.period_start, l.period_end, l.meta
+  FROM fluxrate_internal.invoices i
+  JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.kind = 'subscription' AND i.status = 'DRAFT';
+
+-- A random pick from an array
+CREATE FUNCTION public.pick(a anyarray) RETURNS anyelement LANGUAGE sql VOLATILE
+  AS $$ SELECT a[1 + floor(random() * cardinality(a))::int] $$;
+
+-- Tax rates, meters, plans with random charges, customers and subscriptions of one organization.
+CREATE FUNCTION public.eq_build(v_org uuid, n_plans integer, n_subs integer, seed float8) RETURNS void
+  LANGUAGE plpgsql AS $fn$
+DECLARE
+  f jsonb; p uuid; m record; i integer; j integer; k integer; r float8;
+  v_iv text; v_cur text; v_min numeric; v_model text; v_scale numeric; v_tiers jsonb; b1 numeric; b2 numeric;
+  v_cust uuid; v_start timestamptz; v_align text; v_trial timestamptz; v_sub jsonb; v_note text;
+  v_t timestamptz := '2026-12-28 09:00:00+00';
+BEGIN
+  PERFORM setseed(seed);
+  PERFORM set_config('fluxrate.pinned_now', v_t::text, true);
+  PERFORM fluxrate.act_as(v_org);
+  PERFORM fluxrate.set_tax_rate('US', 0.07, name => 'Sales tax');
+  PERFORM fluxrate.set_tax_rate('US', 0.0825, 'CA', 'CA sales tax');
+  PERFORM fluxrate.set_tax_rate('DE', 0.19, name => 'MwSt');
+  PERFORM fluxrate.set_tax_rate('IN', 0.18, name => 'GST');
+  FOR m IN SELECT * FROM (VALUES
+      ('calls', 'SUM', 1000, NULL::jsonb), ('requests', 'COUNT', 8, NULL), ('peak', 'MAX', 300, NULL),
+      ('latency', 'AVG', 150, NULL), ('floor', 'MIN', 100, NULL), ('seats', 'UNIQUE_COUNT', 4, NULL),
+      ('storage', 'LAST', 300, NULL), ('eu_calls', 'SUM', 500, '[{"property": "region", "operator": "eq", "values": ["eu"]}]'),
+      ('gbh', 'WEIGHTED_SUM', 50000, NULL)) x(name, agg, scale, filters)
+  LOOP
+    f := fluxrate.create_feature(name => m.name, lookup_key => m.name, type => 'meter', meter_name => m.name,
+           property_name => CASE WHEN m.agg IN ('COUNT', 'UNIQUE_COUNT') THEN NULL ELSE 'value' END,
+           aggregation_type => m.agg, filters => m.filters);
+    INSERT INTO public.eq_meters VALUES (v_org, (f->>'meter_id')::uuid, m.name, m.agg, m.scale,
+      m.filters IS NULL AND m.agg IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG'));
+  END LOOP;
+
+  FOR i IN 1..n_plans LOOP
+    -- plans 1-11 monthly, 12-15 weekly, 16-17 daily, 18 quarterly; the last two special
+    v_iv := CASE WHEN i <= 11 THEN 'month' WHEN i <= 15 THEN 'week' WHEN i <= 17 THEN 'day' WHEN i = 18 THEN 'quarter' ELSE 'month' END;
+    v_cur := CASE i WHEN 3 THEN 'EUR' WHEN 5 THEN 'JPY' WHEN 7 THEN 'KWD' WHEN 13 THEN 'JPY' ELSE 'USD' END;
+    v_min := CASE WHEN random() < 0.3 OR i = 2 THEN round((20 + random() * 200)::numeric, 2) END;
+    f := fluxrate.create_plan(name => 'P' || i, lookup_id => 'p' || i, type => 'HYBRID', billing_interval => v_iv,
+           currency => v_cur, minimum_commitment => CASE WHEN i < n_plans - 1 THEN v_min END,
+           trial_days => CASE WHEN i = 4 THEN 10 ELSE 0 END);
+    p := (f->>'id')::uuid;
+    INSERT INTO public.eq_plans VALUES (v_org, p, i, v_iv, v_cur);
+    IF i = n_plans THEN
+      CONTINUE;                          -- a plan without charges: never an invoice
+    END IF;
+    IF i = n_plans - 1 THEN              -- in-advance fees only
+      PERFORM fluxrate.add_charge(p, 'FIXED', unit_price => 19.99, display_name => 'Seat licence');
+      CONTINUE;
+    END IF;
+    -- FIXED fees: one (in advance or in arrears), sometimes a second with the other timing
+    r := random();
+    IF r < 0.7 THEN
+      PERFORM fluxrate.add_charge(p, 'FIXED', unit_price => round((5 + random() * 95)::numeric, 2),
+        display_name => CASE WHEN random() < 0.8 THEN 'Platform' END,
+        billing_timing => CASE WHEN r < 0.35 THEN 'in_advance' ELSE 'in_arrears' END);
+      IF random() < 0.3 THEN
+        -- (a second later: charges are ordered by type, created_at, id)
+        v_t := v_t + CASE WHEN random() < 0.5 THEN interval '1 second' ELSE interval '0' END;
+        PERFORM set_config('fluxrate.pinned_now', v_t::text, true);
+        PERFORM fluxrate.add_charge(p, 'FIXED', unit_price => round((1 + random() * 30)::numeric, 3),
+          display_name => 'Support', billing_timing => CASE WHEN r < 0.35 THEN 'in_arrears' ELSE 'in_advance' END);
+      END IF;
+    END IF;
+    -- usage charges: 1 to 3, random meter and pricing model
+    FOR j IN 1..(1 + floor(random() * 3))::int LOOP
+      SELECT * INTO m FROM public.eq_meters x WHERE x.org_id = v_org ORDER BY random() LIMIT 1;
+      v_scale := m.scale;
+      v_model := public.pick(ARRAY['per_unit', 'per_unit', 'graduated', 'volume', 'package']);
+      b1 := round(v_scale * (0.2 + random() * 0.6));
+      b2 := b1 + round(v_scale * (0.1 + random()));
+      v_tiers := jsonb_build_array(
+        jsonb_build_object('up_to', b1, 'unit_price', round((random() * 40 / v_scale)::numeric, 6),
+                           'flat_fee', CASE WHEN random() < 0.3 THEN round((random() * 10)::numeric, 2) ELSE 0 END),
+        jsonb_build_object('up_to', b2, 'unit_price', round((random() * 25 / v_scale)::numeric, 6)),
+        jsonb_build_object('up_to', NULL, 'unit_price', round((random() * 10 / v_scale)::numeric, 7),
+                           'flat_fee', CASE WHEN random() < 0.3 THEN round((random() * 5)::numeric, 2) ELSE 0 END));
+      IF random() < 0.4 THEN
+        v_t := v_t + interval '1 second';
+        PERFORM set_config('fluxrate.pinned_now', v_t::text, true);
+      END IF;
+      PERFORM fluxrate.add_charge(p, 'USAGE', meter_id => m.meter_id, pricing_model => v_model,
+        display_name => CASE WHEN random() < 0.7 THEN initcap(m.name) END,
+        unit_price => CASE WHEN v_model = 'per_unit' THEN round((random() * 60 / v_scale)::numeric, 8) END,
+        tiers => CASE WHEN v_model IN ('graduated', 'volume') THEN v_tiers END,
+        package_size => CASE WHEN v_model = 'package' THEN greatest(round(v_scale / public.pick(ARRAY[3, 10, 40]), 1), 0.5) END,
+        package_price => CASE WHEN v_model = 'package' THEN round((1 + random() * 20)::numeric, 2) END,
+        free_units => CASE WHEN random() < 0.3 THEN round((v_scale * random() * 0.3)::numeric, 2) END);
+    END LOOP;
+  END LOOP;
+
+  FOR i IN 1..n_subs LOOP
+    -- a few customers have two subscriptions
+    IF i > 10 AND random() < 0.06 THEN
+      SELECT s.customer_id INTO v_cust FROM public.eq_subs s WHERE s.org_id = v_org ORDER BY s.n DESC LIMIT 1 OFFSET floor(random() * 5);
+    ELSE
+      r := random();
+      f := fluxrate.create_customer(name => 'C' || i, email => 'c' || i || '@example.com', external_id => 'c' || i,
+             billing_address_country => CASE WHEN r < 0.35 THEN 'US' WHEN r < 0.55 THEN 'DE' WHEN r < 0.65 THEN 'IN'
+                                             WHEN r < 0.8 THEN 'FR' END,
+             billing_address_state => CASE WHEN r < 0.15 THEN 'CA' WHEN r < 0.25 THEN 'NY' END);
+      v_cust := (f->>'id')::uuid;
+    END IF;
+    -- plan: a third of the subscriptions on monthly plans start together (one period end, one
+    -- snapshot group), the rest anywhere
+    r := random();
+    k := CASE WHEN r < 0.35 THEN 1 + floor(random() * 11)::int ELSE 1 + floor(random() * n_plans)::int END;
+    SELECT * INTO m FROM public.eq_plans x WHERE x.org_id = v_org AND x.n = k;
+    v_align := CASE WHEN random() < 0.5 THEN 'calendar' ELSE 'anniversary' END;
+    v_trial := NULL;
+    v_note := '';
+    IF r < 0.35 THEN
+      v_start := '2027-01-01 00:00:00+00';
+      v_note := 'together';
+    ELSE
+      r := random();
+      v_start := CASE WHEN r < 0.1 THEN '2026-11-01 00:00:00+00'::timestamptz + floor(random() * 40) * interval '1 day'
+                      WHEN r < 0.2 THEN '2027-01-29 00:00:00+00'::timestamptz + floor(random() * 3) * interval '1 day'
+                      ELSE '2027-01-01 00:00:00+00'::timestamptz + floor(random() * 28) * interval '1 day' END;
+      IF random() < 0.5 THEN
+        v_start := v_start + floor(random() * 86400) * interval '1 second';   -- an odd time of day
+        v_note := 'odd';
+      END IF;
+      IF random() < 0.08 THEN
+        v_trial := v_start + (3 + floor(random() * 20)) * interval '1 day' + floor(random() * 86400) * interval '1 second';
+        v_note := v_note || ' trial';
+      END IF;
+    END IF;
+    -- day plans are cheap but close ~30 periods a round: keep them few
+    IF m.billing_interval = 'day' AND random() < 0.6 THEN
+      SELECT * INTO m FROM public.eq_plans x WHERE x.org_id = v_org AND x.n = 1;
+    END IF;
+    v_sub := fluxrate.create_subscription(v_cust, m.plan_id, start_date => v_start, trial_end_date => v_trial,
+                                          alignment => v_align);
+    INSERT INTO public.eq_subs VALUES (v_org, (v_sub->>'id')::uuid, v_cust, i,
+      m.billing_interval || ' ' || v_align || ' ' || v_note);
+  END LOOP;
+END
+$fn$;
+
+-- Events of [t_from, t_to) for every (customer, meter) its plans charge for (and some noise on
+-- other meters): random counts, quantities with 0-3 decimals (MAX/MIN/LAST from a few values
+-- with varying scale: 120, 120.0, 120.00), timestamps at odd times, some at exact midnights
+-- (period boundaries), some tied; metadata with user_id and region.  Inserted in random
+-- order, so that the heap's order is not the events' order.
+CREATE FUNCTION public.eq_events(v_org uuid, t_from timestamptz, t_to timestamptz, density integer, share float8,
+    seed float8, v_ingested timestamptz DEFAULT NULL) RETURNS integer
+  LANGUAGE plpgsql AS $fn$
+DECLARE
+  pr record; j integer; n integer := 0; ts timestamptz; prev timestamptz; qty numeric; md jsonb;
+BEGIN
+  PERFORM setseed(seed);
+  CREATE TEMP TABLE IF NOT EXISTS eq_new (sortkey float8, customer_id uuid, meter_id uuid, quantity numeric,
+    ts timestamptz, ingested timestamptz, metadata jsonb);
+  TRUNCATE eq_new;
+  FOR pr IN
+    SELECT DISTINCT c.external_id, s.customer_id, m.meter_id, m.name, m.agg, m.scale
+      FROM public.eq_subs s
+      JOIN fluxrate_internal.customers c ON c.org_id = s.org_id AND c.id = s.customer_id
+      JOIN fluxrate_internal.subscriptions x ON x.org_id = s.org_id AND x.id = s.sub_id
+      JOIN public.eq_meters m ON m.org_id = s.org_id
+     WHERE s.org_id = v_org AND x.status <> 'CANCELED'
+       AND (m.meter_id IN (SELECT ch.meter_id FROM fluxrate_internal.charges ch WHERE ch.org_id = v_org AND ch.plan_id = x.plan_id)
+            OR m.name = 'calls')
+     ORDER BY c.external_id, m.name
+  LOOP
+    CONTINUE WHEN random() >= share;
+    prev := NULL;
+    FOR j IN 1..floor(random() * (density + 1))::int LOOP
+      ts := t_from + random() * (t_to - t_from);
+      IF random() < 0.1 THEN
+        ts := greatest(t_from, date_trunc('day', ts));         -- an exact midnight
+      ELSIF prev IS NOT NULL AND random() < 0.05 THEN
+        ts := prev;                                            -- a tie
+      END IF;
+      prev := ts;
+      qty := CASE WHEN pr.agg IN ('MAX', 'MIN', 'LAST')
+                  THEN round(public.pick(ARRAY[0.5, 1, 1.2, 1.5]) * pr.scale * 0.4, floor(random() * 3)::int)
+                  WHEN pr.agg = 'COUNT' THEN 1
+                  ELSE round((random() * pr.scale / 3)::numeric, floor(random() * 4)::int) END;
+      md := jsonb_build_object('region', public.pick(ARRAY['eu', 'us']))
+            || CASE WHEN random() < 0.9 THEN jsonb_build_object('user_id', 'u' || floor(random() * 6)) ELSE '{}' END;
+      INSERT INTO eq_new VALUES (random(), pr.customer_id, pr.meter_id, qty, ts,
+        coalesce(v_ingested, ts + floor(random() * 600) * interval '1 second'), md);
+      n := n + 1;
+    END LOOP;
+  END LOOP;
+  INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at, metadata)
+  SELECT v_org, fluxrate_internal.uuid_v7(), e.customer_id, e.meter_id, e.quantity, e.ts, e.ingested, e.metadata
+    FROM eq_new e ORDER BY e.sortkey;
+  RETURN n;
+END
+$fn$;
+
+-- Every DRAFT the closer wrote at `at`, recomputed by fill_lines() with the nominal period the
+-- closer recorded.  Call inside a transaction that is rolled back.  Fills eq_c and eq_f.
+CREATE FUNCTION public.eq_recompute(at timestamptz) RETURNS integer LANGUAGE plpgsql AS $fn$
+DECLARE
+  i record; n integer := 0;
+BEGIN
+  CREATE TEMP TABLE eq_c ON COMMIT DROP AS SELECT * FROM public.eq_draft_lines d WHERE d.closed_at = at;
+  FOR i IN SELECT x.org_id, x.id, x.meta_data FROM fluxrate_internal.invoices x
+            WHERE x.kind = 'subscription' AND x.status = 'DRAFT' AND x.created_at = at ORDER BY x.org_id, x.id
+  LOOP
+    PERFORM fluxrate_internal.fill_lines(i.org_id, i.id, (i.meta_data->>'nominal_start')::timestamptz,
+                                         (i.meta_data->>'nominal_end')::timestamptz);
+    n := n + 1;
+  END LOOP;
+  CREATE TEMP TABLE eq_f ON COMMIT DROP AS SELECT * FROM public.eq_draft_lines d WHERE d.closed_at = at;
+  RETURN n;
+END
+$fn$;
+
+-- After finalization: pay most of the new OPEN invoices, void or write off a few.
+CREATE FUNCTION public.eq_settle(fin timestamptz, seed float8) RETURNS integer LANGUAGE plpgsql AS $fn$
+DECLARE
+  o record; i record; n integer := 0;
+BEGIN
+  PERFORM setseed(seed);
+  PERFORM set_config('fluxrate.pinned_now', fin::text, true);
+  FOR o IN SELECT x.org_id FROM fluxrate_internal.organizations x ORDER BY x.name LOOP
+    PERFORM fluxrate.act_as(o.org_id);
+    FOR i IN SELECT x.id, random() AS r FROM fluxrate_internal.invoices x
+              WHERE x.org_id = o.org_id AND x.status = 'OPEN' AND x.finalized_at = fin ORDER BY x.invoice_number
+    LOOP
+      IF i.r < 0.6 THEN
+        PERFORM fluxrate.pay_invoice(i.id);
+      ELSIF i.r < 0.62 THEN
+        PERFORM fluxrate.void_invoice(i.id, 'test');
+      ELSIF i.r < 0.64 THEN
+        PERFORM fluxrate.update_invoice_status(i.id, 'UNCOLLECTIBLE');
+      END IF;
+      n := n + 1;
+    END LOOP;
+  END LOOP;
+  RETURN n;
+END
+$fn$;
+
+-- A plan whose only ACTIVE charges are FIXED fees in advance
+CREATE FUNCTION public.eq_fees_only(org_id uuid, plan_id uuid) RETURNS boolean LANGUAGE sql STABLE AS $fn$
+  SELECT NOT EXISTS (SELECT 1 FROM fluxrate_internal.charges ch WHERE ch.org_id = eq_fees_only.org_id AND ch.plan_id = eq_fees_only.plan_id
+                        AND ch.status = 'ACTIVE' AND NOT (ch.type = 'FIXED' AND ch.billing_timing = 'in_advance'))
+$fn$;
+
+-- Invariants over every invoice; returns one row per violated rule (with a count and an example).
+CREATE FUNCTION public.eq_invariants(v_now timestamptz) RETURNS TABLE (rule text, n bigint, example text)
+  LANGUAGE sql AS $fn$
+  WITH inv AS (
+    SELECT i.*, coalesce((SELECT sum(l.line_total) FROM fluxrate_internal.invoice_lines l WHERE l.org_id = i.org_id AND l.invoice_id = i.id), 0) AS lines_total,
+           coalesce((SELECT sum(coalesce(l.amount_unrounded, l.line_total)) FROM fluxrate_internal.invoice_lines l WHERE l.org_id = i.org_id AND l.invoice_id = i.id), 0) AS lines_unrounded,
+           (SELECT count(*) FROM fluxrate_internal.invoice_lines l WHERE l.org_id = i.org_id AND l.invoice_id = i.id) AS n_lines,
+           (SELECT max(l.position) FROM fluxrate_internal.invoice_lines l WHERE l.org_id = i.org_id AND l.invoice_id = i.id) AS max_pos
+      FROM fluxrate_internal.invoices i
+  ), closing AS (
+    SELECT i.*, lag(i.period_end) OVER w AS prev_end, row_number() OVER w AS k,
+           row_number() OVER (PARTITION BY i.org_id, i.subscription_id ORDER BY i.period_start DESC) AS k_desc
+      FROM fluxrate_internal.invoices i WHERE i.kind = 'subscription'
+    WINDOW w AS (PARTITION BY i.org_id, i.subscription_id ORDER BY i.period_start)
+  ), checks AS (
+    SELECT 'total = subtotal + tax' AS rule, id::text AS ex FROM inv WHERE total <> subtotal + tax
+    UNION ALL SELECT 'amount_due = total - amount_paid (0 when PAID or VOID)', id::text FROM inv
+     WHERE amount_due <> CASE WHEN status IN ('PAID', 'VOID') THEN 0 ELSE total - amount_paid END
+    UNION ALL SELECT 'subtotal = sum of line_total', id::text FROM inv WHERE subtotal <> lines_total
+    UNION ALL SELECT 'tax = round(unrounded subtotal x rate)', id::text FROM inv
+     WHERE kind <> 'manual' AND tax <> fluxrate_internal.round_money(lines_unrounded * coalesce(tax_rate, 0), currency)
+    UNION ALL SELECT 'an invoice has lines', id::text FROM inv WHERE n_lines = 0
+    UNION ALL SELECT 'line positions are 1..n', id::text FROM inv WHERE n_lines <> coalesce(max_pos, 0)
+    UNION ALL SELECT 'line_total = round(amount_unrounded)', l.invoice_id::text
+      FROM fluxrate_internal.invoice_lines l JOIN fluxrate_internal.invoices i ON i.org_id = l.org_id AND i.id = l.invoice_id
+     WHERE l.line_type <> 'manual' AND l.line_total <> fluxrate_internal.round_money(l.amount_unrounded, i.currency)
+    UNION ALL SELECT 'a draft has the customer''s current tax rate', id::text FROM inv
+     WHERE status = 'DRAFT' AND kind <> 'manual' AND tax_rate <> fluxrate_internal.tax_rate_for(org_id, customer_id)
+    UNION ALL SELECT 'one closing invoice per (subscription, period_start)', subscription_id::text
+      FROM fluxrate_internal.invoices WHERE kind = 'subscription' GROUP BY org_id, subscription_id, period_start HAVING count(*) > 1
+    UNION ALL SELECT 'one opening invoice per subscription', subscription_id::text
+      FROM fluxrate_internal.invoices WHERE kind = 'opening' GROUP BY org_id, subscription_id HAVING count(*) > 1
+    -- (a plan of in-advance fees only has nothing to bill on an interim invoice: generate_invoice
+    -- restarts the period without one)
+    UNION ALL SELECT 'no gap between closing periods', c.subscription_id::text FROM closing c
+      JOIN fluxrate_internal.subscriptions s ON s.org_id = c.org_id AND s.id = c.subscription_id
+     WHERE c.prev_end IS NOT NULL AND c.prev_end <> c.period_start AND NOT public.eq_fees_only(s.org_id, s.plan_id)
+    UNION ALL SELECT 'the first closing period starts at the billing anchor', c.subscription_id::text
+      FROM closing c JOIN fluxrate_internal.subscriptions s ON s.org_id = c.org_id AND s.id = c.subscription_id
+     WHERE c.k = 1 AND c.period_start <> s.billing_anchor
+    UNION ALL SELECT 'a live subscription''s current period follows its last closing period', c.subscription_id::text
+      FROM closing c JOIN fluxrate_internal.subscriptions s ON s.org_id = c.org_id AND s.id = c.subscription_id
+     WHERE c.k_desc = 1 AND s.status <> 'CANCELED' AND c.period_end <> s.current_period_start
+       AND NOT public.eq_fees_only(s.org_id, s.plan_id)
+    UNION ALL SELECT 'an ended subscription''s last closing period is its last period (or a fees-only one)', c.subscription_id::text
+      FROM closing c JOIN fluxrate_internal.subscriptions s ON s.org_id = c.org_id AND s.id = c.subscription_id
+     WHERE c.k_desc = 1 AND s.status = 'CANCELED' AND s.cancel_at_period_end
+       AND NOT (c.period_end = s.current_period_end
+                OR public.eq_fees_only(s.org_id, s.plan_id))
+    UNION ALL SELECT 'nothing is left to close', s.id::text FROM fluxrate_internal.subscriptions s
+     WHERE s.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE') AND s.current_period_end <= v_now
+    UNION ALL SELECT 'no failed closing', s.id::text FROM fluxrate_internal.subscriptions s WHERE s.close_error IS NOT NULL
+    UNION ALL SELECT 'no failed finalization', id::text FROM inv WHERE meta_data ? 'finalize_error'
+    UNION ALL SELECT 'a billing subscription whose plan bills in advance has its opening invoice', s.id::text
+      FROM fluxrate_internal.subscriptions s
+     WHERE s.status <> 'TRIAL' AND fluxrate_internal.bills_in_advance(s.org_id, s.plan_id)
+       AND NOT EXISTS (SELECT 1 FROM fluxrate_internal.invoices i WHERE i.org_id = s.org_id AND i.subscription_id = s.id AND i.kind = 'opening')
+    UNION ALL SELECT 'no opening invoice without an in-advance fee', i.id::text FROM fluxrate_internal.invoices i
+      JOIN fluxrate_internal.subscriptions s ON s.org_id = i.org_id AND s.id = i.subscription_id
+     WHERE i.kind = 'opening' AND NOT fluxrate_internal.bills_in_advance(s.org_id, s.plan_id)
+    UNION ALL SELECT 'an invoice''s subscription is of its organization and customer', i.id::text FROM fluxrate_internal.invoices i
+     WHERE i.subscription_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM fluxrate_internal.subscriptions s
+             WHERE s.org_id = i.org_id AND s.id = i.subscription_id AND s.customer_id = i.customer_id)
+    UNION ALL SELECT 'a line''s charge is of the subscription''s plan', l.invoice_id::text
+      FROM fluxrate_internal.invoice_lines l JOIN fluxrate_internal.invoices i ON i.org_id = l.org_id AND i.id = l.invoice_id
+      JOIN fluxrate_internal.subscriptions s ON s.org_id = i.org_id AND s.id = i.subscription_id
+     WHERE l.charge_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM fluxrate_internal.charges ch
+             WHERE ch.org_id = l.org_id AND ch.id = l.charge_id AND ch.plan_id = s.plan_id)
+    UNION ALL SELECT 'a usage line''s meter is of the organization', l.invoice_id::text FROM fluxrate_internal.invoice_lines l
+     WHERE l.meta ? 'meter_id' AND NOT EXISTS (SELECT 1 FROM fluxrate_internal.meters m
+             WHERE m.org_id = l.org_id AND m.id = (l.meta->>'meter_id')::uuid)
+    UNION ALL SELECT 'closing usage and in-arrears lines cover the invoice''s period', l.invoice_id::text
+      FROM fluxrate_internal.invoice_lines l JOIN fluxrate_internal.invoices i ON i.org_id = l.org_id AND i.id = l.invoice_id
+     WHERE i.kind IN ('subscription', 'final')
+       AND (l.line_type IN ('usage', 'minimum') OR l.meta->>'billing_timing' = 'in_arrears')
+       AND (l.period_start, l.period_end) IS DISTINCT FROM (i.period_start, i.period_end)
+    UNION ALL SELECT 'an in-advance line of a closing invoice bills the next period', l.invoice_id::text
+      FROM fluxrate_internal.invoice_lines l JOIN fluxrate_internal.invoices i ON i.org_id = l.org_id AND i.id = l.invoice_id
+     WHERE i.kind = 'subscription' AND l.meta->>'billing_timing' = 'in_advance'
+       AND (l.period_start <> i.period_end OR l.period_start IS DISTINCT FROM (i.meta_data->>'advance_start')::timestamptz
+            OR l.period_end IS DISTINCT FROM (i.meta_data->>'advance_end')::timestamptz)
+  )
+  SELECT rule, count(*), min(ex) FROM checks GROUP BY rule ORDER BY rule
+$fn$;
+SQL
+
+ORG=$(q "SELECT (fluxrate.create_organization('Equivalence', grace_period => '1 hour'))->>'id'")
+ORG_B=$(q "SELECT (fluxrate.create_organization('Other', grace_period => '30 minutes', payment_terms_days => 14))->>'id'")
+q "ALTER DATABASE fluxrate SET fluxrate.pinned_now = '2026-12-28 09:00:00+00'"
+q "SELECT public.eq_build('$ORG', 20, 320, 0.42)" >/dev/null
+q "SELECT public.eq_build('$ORG_B', 20, 12, 0.77)" >/dev/null
+q "SELECT 'subscriptions: ' || string_agg(n || ' ' || o, ', ' ORDER BY o) FROM (
+     SELECT CASE org_id WHEN '$ORG' THEN 'A' ELSE 'B' END AS o, count(*) AS n FROM public.eq_subs GROUP BY 1) x"
+q "SELECT 'mix (org A): ' || string_agg(note || ' ' || n, ', ' ORDER BY note) FROM (
+     SELECT split_part(note, ' ', 1) || '/' || split_part(note, ' ', 2) AS note, count(*) AS n
+       FROM public.eq_subs WHERE org_id = '$ORG' GROUP BY 1) x"
+q "SELECT 'trials ' || count(*) FILTER (WHERE status = 'TRIAL') || ', opening invoices ' ||
+          (SELECT count(*) FROM fluxrate_internal.invoices WHERE kind = 'opening')
+     FROM fluxrate_internal.subscriptions"
+echo "setup: $(( $(date +%s) - t0 )) s"
+
+# ---------------------------------------------------------------------------
+# One closing round: events, the close, the comparison, invariants, finalization
+# ---------------------------------------------------------------------------
+PREV='2026-11-01 00:00:00+00'
+K=0
+round() {   # round AT BATCH
+  local at=$1 batch=$2
+  K=$((K + 1))
+  # this round's events, for both organizations; late events for periods already finalized
+  local ev late=0
+  ev=$(q "SELECT public.eq_events('$ORG', '$PREV', '$at', 6, 0.9, 0.1 + $K / 100.0)
+               + public.eq_events('$ORG_B', '$PREV', '$at', 6, 1, 0.5 + $K / 100.0)")
+  if [ "$K" -gt 1 ]; then
+    late=$(q "SELECT public.eq_events('$ORG', '2026-12-01 00:00:00+00', '$PREV', 2, 0.15, 0.3 + $K / 100.0, '$at')
+                   + public.eq_events('$ORG_B', '2026-12-01 00:00:00+00', '$PREV', 2, 0.3, 0.6 + $K / 100.0, '$at')")
+  fi
+  q "ANALYZE fluxrate_internal.usage_events"
+  q "ALTER DATABASE fluxrate SET fluxrate.pinned_now = '$at'"
+  # would this run's snapshot cover anything? (the same computation close_due_periods starts with)
+  local snap
+  snap=$(q "SELECT fluxrate_internal.sys_close_prepare()")
+  q "CALL fluxrate.close_due_periods($batch)"
+  # the comparison, rolled back
+  local out
+  out=$(qf -v at="$at" <<'SQL'
+SET TimeZone = 'UTC';
+SET fluxrate.pinned_now = :'at';
+BEGIN;
+SELECT 'recomputed|' || public.eq_recompute(:'at');
+SELECT 'counts|' || (SELECT count(DISTINCT id) FROM eq_c) || '|' || (SELECT count(*) FROM eq_c) || '|'
+    || (SELECT count(*) FROM eq_c WHERE line_type = 'late_usage') || '|' || (SELECT count(*) FROM eq_c WHERE line_type = 'minimum') || '|'
+    || (SELECT count(*) FROM eq_c WHERE meta->>'billing_timing' = 'in_advance') || '|'
+    || (SELECT count(*) FROM eq_c WHERE description LIKE '%(prorated)') || '|'
+    || ((SELECT count(*) FROM (TABLE eq_c EXCEPT ALL TABLE eq_f) a) + (SELECT count(*) FROM (TABLE eq_f EXCEPT ALL TABLE eq_c) b)) || '|'
+    || ((SELECT count(*) FROM (SELECT c::text FROM eq_c c EXCEPT ALL SELECT f::text FROM eq_f f) a)
+      + (SELECT count(*) FROM (SELECT f::text FROM eq_f f EXCEPT ALL SELECT c::text FROM eq_c c) b)) || '|'
+    || (SELECT count(DISTINCT org_id) FROM eq_c);
+-- the differing rows, text-wise (a value difference is also a text difference)
+SELECT 'diff|closer|' || a::text FROM (TABLE eq_c EXCEPT ALL TABLE eq_f) a
+UNION ALL SELECT 'diff|fill_lines|' || b::text FROM (TABLE eq_f EXCEPT ALL TABLE eq_c) b
+ORDER BY 1 LIMIT 40;
+SELECT 'textdiff|closer|' || t FROM (SELECT c::text FROM eq_c c EXCEPT ALL SELECT f::text FROM eq_f f) x(t)
+UNION ALL SELECT 'textdiff|fill_lines|' || t FROM (SELECT f::text FROM eq_f f EXCEPT ALL SELECT c::text FROM eq_c c) x(t)
+ORDER BY 1 LIMIT 40;
+-- an independent oracle for the plain meters: the usage lines against a direct aggregate of the events
+SELECT 'oracle|' || count(*) || '|' || count(*) FILTER (WHERE c.quantity IS DISTINCT FROM d.usage)
+  FROM eq_c c
+  JOIN fluxrate_internal.meters m ON m.org_id = c.org_id AND m.id = (c.meta->>'meter_id')::uuid
+  CROSS JOIN LATERAL (SELECT coalesce(CASE m.aggregation_type WHEN 'SUM' THEN sum(e.quantity) WHEN 'COUNT' THEN count(*)
+                                        WHEN 'MAX' THEN max(e.quantity) WHEN 'MIN' THEN min(e.quantity) ELSE avg(e.quantity) END, 0) AS usage
+                        FROM fluxrate_internal.usage_events e
+                       WHERE e.org_id = c.org_id AND e.customer_id = c.customer_id AND e.meter_id = m.id
+                         AND e."timestamp" >= c.period_start AND e."timestamp" < c.period_end) d
+ WHERE c.line_type = 'usage' AND m.filters = '[]' AND m.aggregation_type IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG');
+ROLLBACK;
+SQL
+)
+  echo "$out" | grep -E '^(diff|textdiff)\|' || true
+  local counts oracle
+  counts=$(echo "$out" | grep '^counts|')
+  oracle=$(echo "$out" | grep '^oracle|')
+  IFS='|' read -r _ drafts lines late_l min_l adv_l pror diffs strict orgs <<<"$counts"
+  IFS='|' read -r _ o_lines o_bad <<<"$oracle"
+  local recomputed
+  recomputed=$(echo "$out" | grep '^recomputed|' | cut -d'|' -f2)
+  printf 'round %d at %s (batch %s): %s events + %s late; snapshot covers %s (org, meter, period); %s drafts in %s org(s), %s lines (%s late usage, %s minimum, %s in advance, %s prorated); differences %s, text differences %s; plain usage lines vs events %s, wrong %s\n' \
+    "$K" "$at" "$batch" "$ev" "$late" "$snap" "$drafts" "$orgs" "$lines" "$late_l" "$min_l" "$adv_l" "$pror" "$diffs" "$strict" "$o_lines" "$o_bad"
+  q "INSERT INTO public.eq_rounds VALUES ($K, '$at', $snap, $drafts, $lines, $late_l, $min_l, $adv_l, $pror, $diffs, $strict)"
+  [ "$recomputed" = "$drafts" ] || fail "round $K: recomputed $recomputed drafts, compared $drafts"
+  [ "$drafts" -gt 0 ] || fail "round $K: the closer wrote no draft"
+  [ "$diffs" = 0 ] || fail "round $K: the closer's drafts differ from fill_lines' ($diffs rows)"
+  if [ "$strict" != 0 ]; then
+    # equal values written with another scale (180 and 180.0): reported; fatal with EQ_STRICT=1
+    echo "round $K: $strict line(s) equal in value but not in representation (rows above: textdiff)"
+    [ "${EQ_STRICT:-0}" = 0 ] || fail "round $K: the closer's drafts differ from fill_lines' in representation"
+  fi
+  [ "$o_bad" = 0 ] || fail "round $K: $o_bad usage lines differ from the events"
+  # finalize after the grace period; then pay, void or write off some
+  local fin
+  fin=$(q "SELECT to_char(timestamptz '$at' + interval '1 hour', 'YYYY-MM-DD HH24:MI:SS+00')")
+  q "ALTER DATABASE fluxrate SET fluxrate.pinned_now = '$fin'"
+  q "CALL fluxrate.finalize_due_invoices()"
+  check_invariants "$at"
+  q "SELECT public.eq_settle('$fin', 0.9 - $K / 100.0)" >/dev/null
+  PREV=$at
+}
+
+check_invariants() {
+  local bad
+  bad=$(q "SELECT rule || ': ' || n || ' (e.g. ' || example || ')' FROM public.eq_invariants('$1')")
+  if [ -n "$bad" ]; then echo "$bad"; fail "invariants at $1"; fi
+}
+
+# Round 1: January.  A third of the subscriptions share the period Jan 1 - Feb 1 (the
+# snapshot takes it); weekly and daily ones close several periods (catch-up); the
+# subscriptions started in November close two months; trials end.
+round '2027-02-01 00:00:30+00' 500
+# Before round 2: a few will cancel at the end of their period; a plan gets a new charge.
+qf >/dev/null <<SQL
+SET fluxrate.pinned_now = '2027-02-10 12:00:00+00';
+SELECT setseed(0.2);
+SELECT fluxrate.act_as('$ORG', true);
+SELECT count(fluxrate.cancel_subscription(s.sub_id, cancel_at_period_end => true, reason => 'test'))
+  FROM (SELECT sub_id, random() AS r FROM public.eq_subs WHERE org_id = '$ORG' ORDER BY n) s
+  JOIN fluxrate_internal.subscriptions x ON x.org_id = '$ORG' AND x.id = s.sub_id
+ WHERE s.r < 0.05 AND x.status <> 'CANCELED';
+SELECT fluxrate.add_charge(plan_id, 'USAGE', meter_id => (SELECT meter_id FROM public.eq_meters WHERE org_id = '$ORG' AND name = 'peak'),
+       pricing_model => 'volume', display_name => 'Peak (new)',
+       tiers => '[{"up_to": 100, "unit_price": 0.01}, {"up_to": null, "unit_price": 0.02, "flat_fee": 3}]')
+  FROM public.eq_plans WHERE org_id = '$ORG' AND n = 1;
+SQL
+# Round 2: February (the snapshot again: the monthly calendar subscriptions share Feb 1 - Mar 1),
+# late January events, small batches.
+round '2027-03-01 00:00:30+00' 37
+# Mid-March: interim invoices (generate_invoice mid-period), an immediate cancellation, a charge
+# goes INACTIVE, a tax rate changes.
+qf >/dev/null <<SQL
+SET fluxrate.pinned_now = '2027-03-10 15:45:00+00';
+SELECT setseed(0.3);
+SELECT fluxrate.act_as('$ORG', true);
+SELECT count(fluxrate.generate_invoice(s.id)) FROM (
+  SELECT x.id FROM public.eq_subs e JOIN fluxrate_internal.subscriptions x ON x.org_id = e.org_id AND x.id = e.sub_id
+   WHERE e.org_id = '$ORG' AND x.status = 'ACTIVE' AND x.billing_interval = 'month'
+     AND x.current_period_start < '2027-03-10 15:45:00+00' AND x.current_period_end > '2027-03-10 15:45:00+00'
+   ORDER BY e.n LIMIT 8) s;
+SELECT count(fluxrate.cancel_subscription(s.id)) FROM (
+  SELECT x.id FROM public.eq_subs e JOIN fluxrate_internal.subscriptions x ON x.org_id = e.org_id AND x.id = e.sub_id
+   WHERE e.org_id = '$ORG' AND x.status = 'ACTIVE' ORDER BY e.n DESC LIMIT 3) s;
+SELECT fluxrate.update_charge(c.plan_id, c.id, 'INACTIVE') FROM (
+  SELECT ch.plan_id, ch.id FROM fluxrate_internal.charges ch JOIN public.eq_plans p ON p.org_id = ch.org_id AND p.plan_id = ch.plan_id
+   WHERE ch.org_id = '$ORG' AND ch.type = 'USAGE' AND p.n = 2 ORDER BY ch.created_at, ch.id LIMIT 1) c;
+SELECT fluxrate.set_tax_rate('DE', 0.16, name => 'MwSt (reduced)');
+SQL
+q "ALTER DATABASE fluxrate SET fluxrate.pinned_now = '2027-03-10 16:45:00+00'"
+q "CALL fluxrate.finalize_due_invoices()"
+# Round 3: a mid-month round (anniversary, weekly and daily periods; no shared period end)
+round '2027-03-16 13:37:00+00' 500
+# Round 4: March (the monthly calendar ones share Mar 1 - Apr 1 again; the quarterly ones close)
+round '2027-04-01 00:00:30+00' 64
+# Round 5: April, and the cancellations at period end that were asked for in February
+q "ALTER DATABASE fluxrate SET fluxrate.pinned_now = '2027-04-20 00:00:00+00'"
+qf >/dev/null <<SQL
+SET fluxrate.pinned_now = '2027-04-20 00:00:00+00';
+SELECT setseed(0.4);
+SELECT fluxrate.act_as('$ORG', true);
+SELECT count(fluxrate.cancel_subscription(s.sub_id, cancel_at_period_end => true))
+  FROM (SELECT sub_id, random() AS r FROM public.eq_subs WHERE org_id = '$ORG' ORDER BY n) s
+  JOIN fluxrate_internal.subscriptions x ON x.org_id = '$ORG' AND x.id = s.sub_id
+ WHERE s.r < 0.05 AND x.status <> 'CANCELED';
+SQL
+round '2027-05-01 00:00:30+00' 500
+
+# ---------------------------------------------------------------------------
+# Summary
+# ---------------------------------------------------------------------------
+q "SELECT 'totals: ' || count(*) || ' rounds, ' || sum(drafts) || ' drafts compared, ' || sum(lines) || ' lines ('
+          || sum(late_lines) || ' late usage, ' || sum(min_lines) || ' minimum, ' || sum(adv_lines) || ' in advance, '
+          || sum(prorated) || ' prorated), ' || sum(diffs) || ' differences; rounds with a snapshot: '
+          || count(*) FILTER (WHERE snapshot > 0) || ', without: ' || count(*) FILTER (WHERE snapshot = 0)
+     FROM public.eq_rounds"
+q "SELECT 'invoices: ' || string_agg(kind || '/' || status || ' ' || n, ', ' ORDER BY kind, status) FROM (
+     SELECT kind, status, count(*) AS n FROM fluxrate_internal.invoices GROUP BY 1, 2) x"
+q "SELECT 'subscriptions: ' || string_agg(status || ' ' || n, ', ' ORDER BY status) FROM (
+     SELECT status, count(*) AS n FROM fluxrate_internal.subscriptions GROUP BY 1) x"
+[ "$(q "SELECT count(*) FILTER (WHERE snapshot > 0) > 0 AND count(*) FILTER (WHERE snapshot = 0) > 0 FROM public.eq_rounds")" = t ] \
+  || fail "expected rounds with and without a usage snapshot"
+[ "$(q "SELECT sum(late_lines) > 0 AND sum(min_lines) > 0 AND sum(adv_lines) > 0 AND sum(prorated) > 0 FROM public.eq_rounds")" = t ] \
+  || fail "expected late usage, minimum, in-advance and prorated lines"
+q "ALTER DATABASE fluxrate RESET fluxrate.pinned_now"
+echo "run time: $(( $(date +%s) - t0 )) s"
+echo "ok"
