@@ -131,7 +131,7 @@ BEGIN
     RETURN coalesce(v, 0);
   ELSIF m.filters = '[]'::jsonb AND m.aggregation_type IN ('COUNT', 'MAX', 'MIN', 'AVG') THEN
     SELECT CASE m.aggregation_type WHEN 'COUNT' THEN count(*)::numeric
-             WHEN 'MAX' THEN max(e.quantity) WHEN 'MIN' THEN min(e.quantity) ELSE avg(e.quantity) END
+             WHEN 'MAX' THEN trim_scale(max(e.quantity)) WHEN 'MIN' THEN trim_scale(min(e.quantity)) ELSE avg(e.quantity) END
       INTO v
       FROM fluxrate_internal.usage_events e
      WHERE e.org_id = meter_usage.org_id AND e.customer_id = meter_usage.customer_id AND e.meter_id = meter_usage.meter_id
@@ -168,8 +168,8 @@ BEGIN
   SELECT CASE m.aggregation_type
     WHEN 'SUM' THEN (SELECT sum(quantity) FROM ev)
     WHEN 'COUNT' THEN (SELECT count(*)::numeric FROM ev)
-    WHEN 'MAX' THEN (SELECT max(quantity) FROM ev)
-    WHEN 'MIN' THEN (SELECT min(quantity) FROM ev)
+    WHEN 'MAX' THEN (SELECT trim_scale(max(quantity)) FROM ev)
+    WHEN 'MIN' THEN (SELECT trim_scale(min(quantity)) FROM ev)
     WHEN 'AVG' THEN (SELECT avg(quantity) FROM ev)
     WHEN 'UNIQUE_COUNT' THEN (SELECT fluxrate_internal.unique_count(metadata->>m.property_name) FROM ev)
     WHEN 'LAST' THEN (SELECT fluxrate_internal.last_value(quantity, "timestamp", ingested_at, id) FROM ev)
@@ -204,7 +204,7 @@ BEGIN
               GROUP BY e.customer_id, e.meter_id) g
       WHERE g.meter_id = ANY ($4)',
     CASE aggregation_type WHEN 'SUM' THEN 'sum(e.quantity)' WHEN 'COUNT' THEN 'count(*)::numeric'
-      WHEN 'MAX' THEN 'max(e.quantity)' WHEN 'MIN' THEN 'min(e.quantity)' WHEN 'AVG' THEN 'avg(e.quantity)' END,
+      WHEN 'MAX' THEN 'trim_scale(max(e.quantity))' WHEN 'MIN' THEN 'trim_scale(min(e.quantity))' WHEN 'AVG' THEN 'avg(e.quantity)' END,
     CASE WHEN v_all THEN '' ELSE 'AND e.meter_id = ANY ($4)' END)
     USING org_id, period_start, period_end, meter_ids;
 END
@@ -253,7 +253,7 @@ CREATE FUNCTION fluxrate_internal.period_usage(org_id uuid, customer_ids uuid[],
      WHERE t.plain AND t.agg = 'SUM' AND (SELECT whole FROM shape)
   ), others AS (
     SELECT t.ord, CASE t.agg WHEN 'COUNT' THEN count(e.quantity)::numeric
-                    WHEN 'MAX' THEN coalesce(max(e.quantity), 0) WHEN 'MIN' THEN coalesce(min(e.quantity), 0)
+                    WHEN 'MAX' THEN coalesce(trim_scale(max(e.quantity)), 0) WHEN 'MIN' THEN coalesce(trim_scale(min(e.quantity)), 0)
                     ELSE coalesce(avg(e.quantity), 0) END AS usage
       FROM t LEFT JOIN fluxrate_internal.usage_events e
         ON e.org_id = period_usage.org_id AND e.customer_id = t.c AND e.meter_id = t.m
@@ -402,7 +402,7 @@ CREATE FUNCTION fluxrate_internal.meter_range_usage(org_id uuid, m fluxrate_inte
                 AND (meter_range_usage.customer_id IS NULL OR e.customer_id = meter_range_usage.customer_id)) c)
   ELSE
     (SELECT coalesce(CASE m.aggregation_type WHEN 'SUM' THEN sum(e.quantity) WHEN 'COUNT' THEN count(*)::numeric
-              WHEN 'MAX' THEN max(e.quantity) WHEN 'MIN' THEN min(e.quantity) WHEN 'AVG' THEN avg(e.quantity)
+              WHEN 'MAX' THEN trim_scale(max(e.quantity)) WHEN 'MIN' THEN trim_scale(min(e.quantity)) WHEN 'AVG' THEN avg(e.quantity)
               WHEN 'UNIQUE_COUNT' THEN fluxrate_internal.unique_count(e.metadata->>m.property_name) END, 0)
        FROM fluxrate_internal.usage_events e
       WHERE e.org_id = meter_range_usage.org_id AND e.meter_id = m.id
@@ -468,7 +468,7 @@ BEGIN
   ), g AS (
     SELECT ev.bucket, count(*) AS n,
            CASE m.aggregation_type WHEN 'SUM' THEN sum(ev.q) WHEN 'COUNT' THEN count(*)::numeric
-             WHEN 'MAX' THEN max(ev.q) WHEN 'MIN' THEN min(ev.q) WHEN 'AVG' THEN avg(ev.q)
+             WHEN 'MAX' THEN trim_scale(max(ev.q)) WHEN 'MIN' THEN trim_scale(min(ev.q)) WHEN 'AVG' THEN avg(ev.q)
              WHEN 'UNIQUE_COUNT' THEN fluxrate_internal.unique_count(ev.meta->>m.property_name) END AS u
       FROM ev GROUP BY ev.bucket
   ), buckets AS (
