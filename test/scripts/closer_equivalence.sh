@@ -602,9 +602,9 @@ check_invariants() {
   if [ -n "$bad" ]; then echo "$bad"; fail "invariants at $1"; fi
 }
 
-# Two trials are canceled at the end of their period (the closer turns them ACTIVE at the
-# trial end like any other, bills their first period, opening invoice included, and ends
-# them at its end)
+# Two trials are canceled at the end of their period: they end with the trial, never billed
+# (the opening-invoice invariant knows it; this script found that they used to be activated
+# and billed a month)
 qf >/dev/null <<SQL
 SET fluxrate.pinned_now = '2026-12-30 00:00:00+00';
 SELECT fluxrate.act_as('$ORG', true);
