@@ -725,33 +725,76 @@ echo "period_usage done ($(lap))"
 # hands it only those: it applies no filters), every customer (no row = 0)
 qf <<'SQL'
 SET TimeZone = 'UTC';
-CREATE TEMP TABLE uq_opu AS
-SELECT o.tag, x.shape, p.k, a.agg, u.*
-  FROM public.uq_orgs o CROSS JOIN public.uq_periods p CROSS JOIN unnest(ARRAY['SUM', 'COUNT', 'MAX', 'MIN', 'AVG']) a(agg)
- CROSS JOIN (VALUES ('subset'), ('all meters')) x(shape)
- CROSS JOIN LATERAL fluxrate_internal.org_period_usage(o.org_id, p.ps, p.pe, a.agg,
-    CASE x.shape WHEN 'subset' THEN ARRAY(SELECT m.meter_id FROM public.uq_meters m WHERE m.org_id = o.org_id AND m.agg = a.agg AND m.variant = 'none')
-                 ELSE ARRAY(SELECT m.meter_id FROM public.uq_meters m WHERE m.org_id = o.org_id) END) u;
-INSERT INTO public.uq_checks
-SELECT 'org_period_usage: one row per (customer, meter), all of the organization', count(*) = 0,
-       count(*) || ' bad rows'
-  FROM (SELECT u.tag, u.shape, u.k, u.agg, u.customer_id, u.meter_id FROM uq_opu u
-         WHERE NOT EXISTS (SELECT 1 FROM public.uq_customers c JOIN public.uq_orgs o ON o.org_id = c.org_id WHERE o.tag = u.tag AND c.customer_id = u.customer_id)
-            OR NOT EXISTS (SELECT 1 FROM public.uq_meters m JOIN public.uq_orgs o ON o.org_id = m.org_id WHERE o.tag = u.tag AND m.meter_id = u.meter_id)
-        UNION ALL
-        SELECT u.tag, u.shape, u.k, u.agg, u.customer_id, u.meter_id FROM uq_opu u
-         GROUP BY 1, 2, 3, 4, 5, 6 HAVING count(*) > 1) b;
-INSERT INTO public.uq_cmp
-SELECT 'org_period_usage/' || x.shape, t.org_id, t.customer_id, t.meter_id, t.ps, t.pe, coalesce(u.usage, 0), t.r1, t.r2,
-       CASE WHEN u.usage IS NULL THEN 'no row' END
-  FROM public.uq_triples t JOIN public.uq_meters m ON m.org_id = t.org_id AND m.meter_id = t.meter_id AND m.variant = 'none'
-       AND m.agg IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG')
-  JOIN public.uq_orgs o ON o.org_id = t.org_id
-  CROSS JOIN (VALUES ('subset'), ('all meters')) x(shape)
-  LEFT JOIN uq_opu u ON u.tag = o.tag AND u.shape = x.shape AND u.k = t.k AND u.agg = m.agg AND u.customer_id = t.customer_id
-       AND u.meter_id = t.meter_id;
+CREATE FUNCTION public.uq_org_period_usage(v_sfx text, v_ks integer[]) RETURNS void LANGUAGE plpgsql AS $fn$
+BEGIN
+  CREATE TEMP TABLE uq_opu ON COMMIT DROP AS
+  SELECT o.tag, x.shape, p.k, a.agg, u.*
+    FROM public.uq_orgs o CROSS JOIN public.uq_periods p CROSS JOIN unnest(ARRAY['SUM', 'COUNT', 'MAX', 'MIN', 'AVG']) a(agg)
+   CROSS JOIN (VALUES ('subset'), ('all meters')) x(shape)
+   CROSS JOIN LATERAL fluxrate_internal.org_period_usage(o.org_id, p.ps, p.pe, a.agg,
+      CASE x.shape WHEN 'subset' THEN ARRAY(SELECT m.meter_id FROM public.uq_meters m WHERE m.org_id = o.org_id AND m.agg = a.agg AND m.variant = 'none')
+                   ELSE ARRAY(SELECT m.meter_id FROM public.uq_meters m WHERE m.org_id = o.org_id) END) u
+   WHERE p.k = ANY (v_ks);
+  INSERT INTO public.uq_checks
+  SELECT 'org_period_usage: one row per (customer, meter), all of the organization', count(*) = 0,
+         count(*) || ' bad rows'
+    FROM (SELECT u.tag, u.shape, u.k, u.agg, u.customer_id, u.meter_id FROM uq_opu u
+           WHERE NOT EXISTS (SELECT 1 FROM public.uq_customers c JOIN public.uq_orgs o ON o.org_id = c.org_id WHERE o.tag = u.tag AND c.customer_id = u.customer_id)
+              OR NOT EXISTS (SELECT 1 FROM public.uq_meters m JOIN public.uq_orgs o ON o.org_id = m.org_id WHERE o.tag = u.tag AND m.meter_id = u.meter_id)
+          UNION ALL
+          SELECT u.tag, u.shape, u.k, u.agg, u.customer_id, u.meter_id FROM uq_opu u
+           GROUP BY 1, 2, 3, 4, 5, 6 HAVING count(*) > 1) b;
+  INSERT INTO public.uq_cmp
+  SELECT 'org_period_usage/' || x.shape || v_sfx, t.org_id, t.customer_id, t.meter_id, t.ps, t.pe, coalesce(u.usage, 0), t.r1, t.r2,
+         CASE WHEN u.usage IS NULL THEN 'no row' END
+    FROM public.uq_triples t JOIN public.uq_meters m ON m.org_id = t.org_id AND m.meter_id = t.meter_id AND m.variant = 'none'
+         AND m.agg IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG')
+    JOIN public.uq_orgs o ON o.org_id = t.org_id
+    CROSS JOIN (VALUES ('subset'), ('all meters')) x(shape)
+    LEFT JOIN uq_opu u ON u.tag = o.tag AND u.shape = x.shape AND u.k = t.k AND u.agg = m.agg AND u.customer_id = t.customer_id
+         AND u.meter_id = t.meter_id
+   WHERE t.k = ANY (v_ks);
+  DROP TABLE uq_opu;
+END
+$fn$;
+BEGIN;
+SELECT public.uq_org_period_usage('', ARRAY(SELECT k FROM public.uq_periods));
+COMMIT;
 SQL
 echo "org_period_usage done ($(lap))"
+
+# 3b. Again under plans that read the events with parallel workers (Gather: the rows reach every
+# aggregate in another order): meter_usage, period_usage's two paths and org_period_usage, for
+# three periods.  That workers do run is checked on the whole-organization aggregate's plan.
+PAR="-c parallel_setup_cost=0 -c parallel_tuple_cost=0 -c min_parallel_table_scan_size=0 -c min_parallel_index_scan_size=0 -c max_parallel_workers_per_gather=2"
+for org in "$ORG_A" "$ORG_B"; do
+  for k in 3 8 9; do
+    echo "BEGIN; SELECT public.uq_period_usage('whole (parallel plans)', '$org', $k, '$T = ''$org'' AND x.k = $k', true); COMMIT;"
+    echo "BEGIN; SELECT public.uq_period_usage('pairs (parallel plans)', '$org', $k, '$T = ''$org'' AND x.k IN ($k, ($k + 3) % 10)', false); COMMIT;"
+  done
+done | PGOPTIONS="$PGOPTIONS $PAR" qf >/dev/null
+PGOPTIONS="$PGOPTIONS $PAR" qf >/dev/null <<'SQL'
+SET TimeZone = 'UTC';
+INSERT INTO public.uq_cmp
+SELECT 'meter_usage (parallel plans)', t.org_id, t.customer_id, t.meter_id, t.ps, t.pe,
+       fluxrate_internal.meter_usage(t.org_id, t.customer_id, t.meter_id, t.ps, t.pe), t.r1, t.r2
+  FROM public.uq_triples t WHERE t.k IN (3, 8, 9);
+BEGIN;
+SELECT public.uq_org_period_usage(' (parallel plans)', ARRAY[3, 8, 9]);
+COMMIT;
+DO $do$
+DECLARE
+  j jsonb;
+BEGIN
+  EXECUTE format('EXPLAIN (ANALYZE, FORMAT JSON) SELECT e.customer_id, e.meter_id, sum(e.quantity) FROM fluxrate_internal.usage_events e
+                   WHERE e.org_id = %L AND e."timestamp" >= %L AND e."timestamp" < %L GROUP BY 1, 2',
+                 (SELECT org_id FROM public.uq_orgs WHERE tag = 'A'), '2026-01-01', '2028-01-01') INTO j;
+  INSERT INTO public.uq_checks VALUES ('parallel plans: workers launched for the whole-organization aggregate',
+    j::text ~ '"Workers Launched": [1-9]', left(j::text, 200));
+END
+$do$;
+SQL
+echo "parallel plans done ($(lap))"
 
 # 4. The public API.  get_meter_usage: total, event_count, unique_customers and every bucket, for
 # the heavy customer, another one, the customer without events (organization A), and all
