@@ -372,7 +372,9 @@ BEGIN
     END IF;
   END LOOP;
   INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at, metadata)
-  SELECT v_org, md5(seed::text || '/' || v_org::text || '/' || row_number() OVER (ORDER BY e.sortkey))::uuid,
+  -- (ids from the seed and the organization's tag, not its generated id: ties come out the same on every run)
+  SELECT v_org, md5(seed::text || '/' || (SELECT o.tag FROM public.uq_orgs o WHERE o.org_id = v_org) || '/'
+                    || row_number() OVER (ORDER BY e.sortkey))::uuid,
          e.customer_id, e.meter_id, e.quantity, e.ts, e.ingested, e.metadata
     FROM uq_new e ORDER BY e.sortkey;
   RETURN n;
@@ -636,14 +638,15 @@ echo "$(q "SELECT count(*) FROM fluxrate_internal.usage_events") events: $(q "SE
 qf <<'SQL'
 SET TimeZone = 'UTC';
 CREATE TABLE public.uq_triples AS
-SELECT row_number() OVER (ORDER BY c.org_id, c.ext, m.n, p.k)::integer AS t, c.org_id, c.customer_id, m.meter_id, p.k, p.ps, p.pe,
+SELECT row_number() OVER (ORDER BY (SELECT o.tag FROM public.uq_orgs o WHERE o.org_id = c.org_id), c.ext, m.n, p.k)::integer AS t, c.org_id, c.customer_id, m.meter_id, p.k, p.ps, p.pe,
        fluxrate_internal.meter_usage(c.org_id, c.customer_id, m.meter_id, p.ps, p.pe) AS r1,
        public.uq_ref(c.org_id, c.customer_id, m.meter_id, p.ps, p.pe) AS r2
   FROM public.uq_customers c JOIN public.uq_meters m ON m.org_id = c.org_id CROSS JOIN public.uq_periods p;
 CREATE UNIQUE INDEX ON public.uq_triples (org_id, customer_id, meter_id, ps, pe);
 INSERT INTO public.uq_cmp SELECT 'meter_usage', org_id, customer_id, meter_id, ps, pe, r1, r1, r2 FROM public.uq_triples;
 SQL
-echo "meter_usage: $(q "SELECT count(*) FROM public.uq_triples") triples, $(q "SELECT count(*) FROM public.uq_triples WHERE r2 <> 0") non-zero ($(lap))"
+# (the fingerprint of the reference's answers is the same on every run of a seed)
+echo "meter_usage: $(q "SELECT count(*) FROM public.uq_triples") triples, $(q "SELECT count(*) FROM public.uq_triples WHERE r2 <> 0") non-zero, fingerprint $(q "SELECT left(md5(string_agg(r2::text, ',' ORDER BY t)), 12) FROM public.uq_triples") ($(lap))"
 
 # 2. period_usage: (a) every triple of an organization in one call, shuffled, several periods:
 # the per-pair path; (b) per period, every customer x every meter: the whole-organization path;
@@ -681,7 +684,7 @@ END
 $fn$;
 -- the customers of an organization in a shuffled order: the first `share` of them (rounded up), plus `plus`
 CREATE FUNCTION public.uq_some_customers(v_org uuid, v_k integer, share numeric, plus integer) RETURNS SETOF uuid LANGUAGE sql AS $$
-  SELECT c.id FROM fluxrate_internal.customers c WHERE c.org_id = v_org ORDER BY md5(c.id::text || v_k)
+  SELECT c.id FROM fluxrate_internal.customers c WHERE c.org_id = v_org ORDER BY md5(c.external_id || v_k)
    LIMIT ceil((SELECT count(*) FROM fluxrate_internal.customers c2 WHERE c2.org_id = v_org) * share)::int + plus
 $$;
 CREATE FUNCTION public.uq_sum_plain(v_meter uuid) RETURNS boolean LANGUAGE sql AS $$
