@@ -25,14 +25,28 @@
 # Paths: meter_usage; period_usage (its per-pair path, and its whole-
 # organization path: one period, at least half of the customers; which one
 # ran is checked with pg_stat_get_xact_function_calls); org_period_usage
-# (SUM, COUNT, MAX, MIN, AVG; a meter subset and all meters); the API
-# get_meter_usage (total, every bucket, event counts, unique customers; one
-# customer or all), get_meter_stats (today, this week, this month, at two
-# clocks; totals and first/last event), get_subscription_usage,
-# get_customer_usage, check_entitlement (usage in its window, window start,
-# allowed).  Values are compared exactly (numeric =), and their text (scale)
+# (SUM, COUNT, MAX, MIN, AVG; a meter subset and all meters); these again
+# under forced parallel plans; the API get_meter_usage (total, every bucket,
+# event counts, unique customers; one customer or all; and under another
+# session time zone), get_meter_stats (today, this week, this month at three
+# clocks; all-time events, customers, first/last event),
+# get_subscription_usage, get_customer_usage, check_entitlement (usage in its
+# window, window start, allowed); another organization's ids find nothing.
+# Values are compared exactly (numeric =), and their text (scale)
 # separately; any difference of either kind fails (EQ_STRICT=0 only reports
-# text differences).  EQ_KEEP=1 leaves the cluster running after a failure.
+# text differences), and so does a failed check (an API call that errors, a
+# wrong window, a wrong bucket list, ...).  EQ_KEEP=1 leaves the cluster
+# running after a failure; EQ_MUTATE='SQL' runs SQL first (a broken copy of a
+# path, to see that it is noticed).
+#
+# Found here, reported, not fixed (so this script fails until they are):
+#   - check_entitlement on a WEIGHTED_SUM feature without a reset period, for a
+#     subscription whose current period starts after now + 5 minutes: 22023
+#     "weighted_sum period_end is before period_start" as soon as the customer
+#     has an earlier event (the other aggregations answer 0).
+# And printed as a note: check_entitlement without a reset period counts
+# [current_period_start, now + 5 min), which runs past a current period that
+# has ended and is not closed yet (docs/rating.md: "the current period").
 set -euo pipefail
 source "$ROOT/test/cluster.sh"
 cluster_start uequiv "track_functions = 'pl'"   # (to see which period_usage() path ran)
