@@ -740,7 +740,7 @@ echo "period_usage done ($(lap))"
 # 3. org_period_usage, SUM/COUNT/MAX/MIN/AVG: the plain meter of the aggregation alone, and every
 # meter of the organization (its other query shape); compared on the plain meters (the closer
 # hands it only those: it applies no filters), every customer (no row = 0)
-qf <<'SQL'
+qf >/dev/null <<'SQL'
 SET TimeZone = 'UTC';
 CREATE FUNCTION public.uq_org_period_usage(v_sfx text, v_ks integer[]) RETURNS void LANGUAGE plpgsql AS $fn$
 BEGIN
