@@ -982,7 +982,10 @@ BEGIN
         AND (j->>'allowed')::boolean = (pf.is_enabled AND (pf.usage_limit IS NULL OR (j->>'usage')::numeric < pf.usage_limit OR pf.is_soft_limit)),
         format('%s %s: %s', c.ext, f.name, j));
       INSERT INTO public.uq_cmp VALUES ('check_entitlement', v_org, c.customer_id, f.meter_id, ws, v_now + interval '5 minutes',
-        (j->>'usage')::numeric, fluxrate_internal.meter_usage(v_org, c.customer_id, f.meter_id, ws, v_now + interval '5 minutes'),
+        -- (a window that starts after it ends, a subscription of the future: meter_usage() refuses
+        -- it for WEIGHTED_SUM, so only the reference says: 0)
+        (j->>'usage')::numeric, CASE WHEN ws <= v_now + interval '5 minutes'
+                                     THEN fluxrate_internal.meter_usage(v_org, c.customer_id, f.meter_id, ws, v_now + interval '5 minutes') END,
         public.uq_ref(v_org, c.customer_id, f.meter_id, ws, v_now + interval '5 minutes'),
         CASE WHEN pf.usage_reset_period IS NULL AND pf.current_period_end <= v_now THEN
           'ended period ' || pf.current_period_start || ' - ' || pf.current_period_end || ': its usage '
