@@ -74,6 +74,31 @@ SELECT fluxrate_internal.meter_usage(:'org', :'cust', m.id, '2026-01-16', '2026-
 -- March has no event: the Jan 31 level 3 (ingested last) is carried in for all 744 h: 3 x 744 = 2232
 SELECT fluxrate_internal.meter_usage(:'org', :'cust', m.id, '2026-03-01', '2026-04-01') AS weighted_carried_only
   FROM fluxrate_internal.meters m WHERE m.org_id = :'org' AND m.meter_name = 'WEIGHTED_SUM';
+-- Events sent together share ingested_at; their ids (UUIDv7, increasing within a session)
+-- keep the order they were sent in, and break the tie.  40 customers are each sent 1, then 2,
+-- at the same instant in one track_batch, and 40 more by two track calls in one statement:
+-- LAST is 2 for every one of them (random id bits used to pick either, about half each).
+SELECT (fluxrate.create_feature('last2', 'last2', 'meter', meter_name => 'last2', property_name => 'v',
+        aggregation_type => 'LAST'))->>'meter_token' AS tok_last \gset
+SELECT count(fluxrate.track_batch(jsonb_build_array(
+         jsonb_build_object('meter_token', :'tok_last', 'customer_external_id', 'tie-b' || g, 'quantity', 1, 'timestamp', '2026-01-15T00:00:00Z'),
+         jsonb_build_object('meter_token', :'tok_last', 'customer_external_id', 'tie-b' || g, 'quantity', 2, 'timestamp', '2026-01-15T00:00:00Z'))))
+  FROM generate_series(1, 40) g;
+SELECT count(fluxrate.track(meter_token => :'tok_last', customer_external_id => 'tie-t' || g, quantity => v.q,
+                            "timestamp" => '2026-01-15T00:00:00Z'))
+  FROM generate_series(1, 40) g CROSS JOIN LATERAL (VALUES (1), (2)) v(q);
+SELECT left(c.external_id, 5) AS sent_by, fluxrate_internal.meter_usage(:'org', c.id, m.id, '2026-01-01', '2026-02-01') AS last, count(*)
+  FROM fluxrate_internal.customers c, fluxrate_internal.meters m
+ WHERE c.org_id = :'org' AND c.external_id LIKE 'tie-%' AND m.org_id = :'org' AND m.meter_name = 'last2'
+ GROUP BY 1, 2 ORDER BY 1, 2;
+-- filters => '[]' is a meter without filters; a UNIQUE_COUNT meter names one property
+SELECT (fluxrate.create_feature('nofilter', 'nofilter', 'meter', meter_name => 'nofilter', property_name => 'v',
+        aggregation_type => 'SUM', filters => '[]'))->'meter'->'filters' AS empty_filters;
+SELECT fluxrate.create_feature('uc2', 'uc2', 'meter', meter_name => 'uc2', aggregation_type => 'UNIQUE_COUNT',
+        property_name => 'user_id', unique_property => 'account_id');                                       -- 22023
+SELECT m->>'property_name' AS property_name, m->>'unique_property' AS unique_property
+  FROM (SELECT (fluxrate.create_feature('uc1', 'uc1', 'meter', meter_name => 'uc1', aggregation_type => 'UNIQUE_COUNT',
+        unique_property => 'account_id'))->'meter' AS m) x;
 -- the weighted_sum aggregate itself, over [Mar 1 00:00, Mar 1 10:00) (10 h)
 CREATE TEMP TABLE wpts (q numeric, ts timestamptz, ing timestamptz, id uuid, k text);
 INSERT INTO wpts VALUES
@@ -234,4 +259,32 @@ SELECT fluxrate.act_as(:'other', true) IS NOT NULL AS acting_other;
 SELECT fluxrate.get_subscription_usage(:'live_sub');             -- PT404
 SELECT fluxrate.get_customer_usage(:'cust');                     -- PT404
 SELECT e->>'allowed' AS other_allowed FROM fluxrate.check_entitlement('c', 'SUM') e;
+RESET fluxrate.acting_org;
+
+-- The entitlement window without a reset period is the subscription's period that contains
+-- now.  30 s after February ended, before the closer has advanced the subscription: 90 calls
+-- in February, 20 in March's first seconds -> March's usage is 20 (allowed under 100), not 110.
+SET fluxrate.pinned_now = '2027-03-01 00:00:30+00';
+SELECT (fluxrate.create_organization('Windows'))->>'id' AS org_w \gset
+SELECT fluxrate.act_as(:'org_w', true) IS NOT NULL AS acting;
+SELECT f->>'meter_token' AS tok_w, f->>'id' AS feat_w FROM fluxrate.create_feature('calls', 'calls', 'meter', meter_name => 'calls',
+       property_name => 'n', aggregation_type => 'SUM') f \gset
+SELECT f->>'meter_token' AS tok_g, f->>'id' AS feat_g FROM fluxrate.create_feature('gbh', 'gbh', 'meter', meter_name => 'gbh',
+       property_name => 'gb', aggregation_type => 'WEIGHTED_SUM') f \gset
+SELECT (fluxrate.create_plan('P', 'p', 'USAGE', 'month', 'USD'))->>'id' AS plan_w \gset
+SELECT fluxrate.add_plan_feature(:'plan_w', :'feat_w', usage_limit => 100) IS NOT NULL AS calls_feature,
+       fluxrate.add_plan_feature(:'plan_w', :'feat_g', usage_limit => 1000) IS NOT NULL AS gbh_feature;
+SELECT (fluxrate.create_customer('Acme', 'ap@acme.example', 'acme'))->>'id' AS cust_w \gset
+SELECT (fluxrate.create_subscription(:'cust_w', :'plan_w', start_date => '2027-02-01 00:00+00'))->>'current_period_end' AS period_end;
+SELECT fluxrate.track(meter_token => :'tok_w', customer_external_id => 'acme', quantity => 90, "timestamp" => '2027-02-20 10:00:00+00') IS NOT NULL AS feb,
+       fluxrate.track(meter_token => :'tok_w', customer_external_id => 'acme', quantity => 20, "timestamp" => '2027-03-01 00:00:10+00') IS NOT NULL AS mar;
+SELECT e->>'usage' AS usage, e->>'allowed' AS allowed, e->>'window_start' AS window_start FROM fluxrate.check_entitlement('acme', 'calls') e;
+-- a subscription that starts later has no window yet: usage 0 on every meter, also on a
+-- WEIGHTED_SUM meter that has a level to carry in (it used to raise 22023)
+SELECT (fluxrate.create_customer('Later', 'l@later.example', 'later'))->>'id' AS cust_l \gset
+SELECT (fluxrate.create_subscription(:'cust_l', :'plan_w', start_date => '2027-04-15 00:00+00'))->>'status' AS later_status;
+SELECT fluxrate.track(meter_token => :'tok_g', customer_external_id => 'later', quantity => 5, "timestamp" => '2027-03-01 00:00:00+00') IS NOT NULL AS level,
+       fluxrate.track(meter_token => :'tok_w', customer_external_id => 'later', quantity => 5, "timestamp" => '2027-03-01 00:00:00+00') IS NOT NULL AS calls;
+SELECT e->>'usage' AS gbh_usage, e->>'allowed' AS allowed FROM fluxrate.check_entitlement('later', 'gbh') e;
+SELECT e->>'usage' AS calls_usage FROM fluxrate.check_entitlement('later', 'calls') e;
 RESET fluxrate.acting_org;

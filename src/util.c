@@ -21,7 +21,18 @@ static const char base62[] =
  * UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then randomness.  Time-ordered
  * ids keep the events' primary-key index appending at its right edge instead
  * of writing all over it, as random UUIDs do (baseline notes).
+ *
+ * Within one backend the ids are strictly increasing (RFC 9562 method 1: the
+ * 12 bits of rand_a count within a millisecond, from a random start in their
+ * lower half; past 4095, or when the clock steps back, the millisecond is
+ * borrowed from the future).  The id is the last tie-break of LAST and
+ * WEIGHTED_SUM ("ingestion order"): events sent in one batch or one
+ * transaction share ingested_at, and purely random bits used to order two of
+ * them made in the same millisecond either way.
  */
+static uint64 uuid_last_ms = 0;
+static uint16 uuid_last_seq = 0;
+
 void
 FrUuidV7(unsigned char out[16], TimestampTz ts)
 {
@@ -29,13 +40,27 @@ FrUuidV7(unsigned char out[16], TimestampTz ts)
 							   (int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY * 1000);
 
 	randombytes_buf(out + 6, 10);
+	if (ms > uuid_last_ms)
+	{
+		uuid_last_ms = ms;
+		uuid_last_seq = ((out[6] << 8) | out[7]) & 0x07ff;
+	}
+	else if (uuid_last_seq >= 0x0fff)
+	{
+		uuid_last_ms++;
+		uuid_last_seq = 0;
+	}
+	else
+		uuid_last_seq++;
+	ms = uuid_last_ms;
 	out[0] = (ms >> 40) & 0xff;
 	out[1] = (ms >> 32) & 0xff;
 	out[2] = (ms >> 24) & 0xff;
 	out[3] = (ms >> 16) & 0xff;
 	out[4] = (ms >> 8) & 0xff;
 	out[5] = ms & 0xff;
-	out[6] = (out[6] & 0x0f) | 0x70;	/* version 7 */
+	out[6] = 0x70 | ((uuid_last_seq >> 8) & 0x0f);	/* version 7, counter */
+	out[7] = uuid_last_seq & 0xff;
 	out[8] = (out[8] & 0x3f) | 0x80;	/* variant 10 */
 }
 

@@ -113,6 +113,10 @@ BEGIN
     END IF;
   END LOOP;
   -- normalised: operator always present, values always an array of strings
+  -- ([] itself: no filter; jsonb_agg over no element would be NULL)
+  IF pg_catalog.jsonb_array_length(filters) = 0 THEN
+    RETURN '[]'::jsonb;
+  END IF;
   RETURN (SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object('property', e->>'property',
             'operator', coalesce(e->>'operator', 'eq'),
             'values', coalesce((SELECT pg_catalog.jsonb_agg(v #>> '{}') FROM pg_catalog.jsonb_array_elements(e->'values') v), '[]'::jsonb)))
@@ -145,6 +149,15 @@ BEGIN
     -- COUNT counts events and UNIQUE_COUNT reads metadata; the others read a property
     IF v_agg NOT IN ('COUNT', 'UNIQUE_COUNT') THEN
       PERFORM fluxrate_internal.required(create_feature.property_name, 'property_name');
+    END IF;
+    -- a UNIQUE_COUNT meter counts one metadata property: ingestion requires it and
+    -- aggregation counts it, so two different names cannot both be meant
+    IF v_agg = 'UNIQUE_COUNT' AND create_feature.property_name IS DISTINCT FROM create_feature.unique_property
+       AND create_feature.property_name IS NOT NULL AND create_feature.unique_property IS NOT NULL THEN
+      PERFORM fluxrate_internal.fail('22023', 'property_name and unique_property name different properties',
+        pg_catalog.format('A UNIQUE_COUNT meter counts the distinct values of one metadata property; property_name was %s, unique_property %s.',
+                          create_feature.property_name, create_feature.unique_property),
+        'Send one of the two (they mean the same for UNIQUE_COUNT).');
     END IF;
     v_filters := fluxrate_internal.check_filters(create_feature.filters);
   ELSIF create_feature.meter_name IS NOT NULL OR create_feature.aggregation_type IS NOT NULL THEN

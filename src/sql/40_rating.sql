@@ -334,7 +334,10 @@ $$;
 -- May this customer use this feature now?  Switch and custom features: the plan's
 -- is_enabled (and static_value).  Meter features: usage in the reset window (the
 -- calendar day/week/month/year containing now, in UTC; without a reset period,
--- the subscription's current period) against usage_limit; a soft limit stays allowed.
+-- the subscription's period containing now, even when the closer has not advanced
+-- the subscription yet; none yet for a subscription that starts later: usage 0)
+-- against usage_limit; a soft limit stays allowed.  The window ends at the earlier
+-- of its own end and now + 5 minutes (events may be stamped up to 5 minutes ahead).
 CREATE FUNCTION fluxrate.check_entitlement(customer_external_id text DEFAULT NULL, lookup_key text DEFAULT NULL) RETURNS jsonb
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
@@ -343,6 +346,8 @@ DECLARE
   v_org uuid := fluxrate_internal.require_org('usage.read');
   r record;
   v_start timestamptz;
+  v_end timestamptz;
+  v_k integer;
   v_usage numeric;
   v_now timestamptz := fluxrate.now();
 BEGIN
@@ -369,9 +374,24 @@ BEGIN
     RETURN jsonb_build_object('allowed', r.is_enabled, 'feature_type', r.feature_type, 'is_enabled', r.is_enabled,
                               'static_value', r.static_value, 'subscription_id', r.id);
   END IF;
-  v_start := CASE WHEN r.usage_reset_period IS NULL THEN r.current_period_start
-                  ELSE date_trunc(r.usage_reset_period, v_now AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' END;
-  v_usage := fluxrate_internal.meter_usage(v_org, r.cust_id, r.meter_id, v_start, v_now + interval '5 minutes');
+  IF r.usage_reset_period IS NOT NULL THEN
+    v_start := date_trunc(r.usage_reset_period, v_now AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
+    v_end := ((v_start AT TIME ZONE 'UTC') + ('1 ' || r.usage_reset_period)::interval) AT TIME ZONE 'UTC';
+  ELSE
+    v_start := r.current_period_start;
+    v_end := r.current_period_end;
+    -- the period has ended but is not closed yet (the closer runs every minute): the
+    -- window is the period that contains now, as the closer will number it
+    v_k := r.current_period_index + 1;
+    WHILE v_end <= v_now AND v_k < r.current_period_index + 1000 LOOP
+      v_start := fluxrate_internal.period_boundary(r.billing_anchor, r.billing_interval, r.alignment, v_k);
+      v_end := fluxrate_internal.period_boundary(r.billing_anchor, r.billing_interval, r.alignment, v_k + 1);
+      v_k := v_k + 1;
+    END LOOP;
+  END IF;
+  v_end := least(v_end, v_now + interval '5 minutes');
+  -- (a subscription that starts later has no window yet)
+  v_usage := CASE WHEN v_end > v_start THEN fluxrate_internal.meter_usage(v_org, r.cust_id, r.meter_id, v_start, v_end) ELSE 0 END;
   RETURN jsonb_build_object('allowed', r.is_enabled AND (r.usage_limit IS NULL OR v_usage < r.usage_limit OR r.is_soft_limit),
     'feature_type', 'meter', 'is_enabled', r.is_enabled, 'usage', v_usage, 'usage_limit', r.usage_limit,
     'is_soft_limit', r.is_soft_limit, 'usage_reset_period', r.usage_reset_period,
