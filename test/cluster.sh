@@ -27,6 +27,16 @@ cluster_start() {
   psql -qX -v ON_ERROR_STOP=1 -c 'CREATE EXTENSION pg_cron; CREATE EXTENSION fluxrate;' >/dev/null
   trap cluster_stop EXIT
 }
+# Helpers every script uses: q runs one statement and prints its rows bare; qf
+# runs SQL from stdin the same way; fail reports and ends the script
+# (EQ_KEEP=1: the cluster is left running to look at it).
+q() { psql -X -q -t -A -v ON_ERROR_STOP=1 -c "$1"; }
+qf() { psql -X -q -t -A -v ON_ERROR_STOP=1 "$@"; }
+fail() {
+  echo "FAIL: $*"
+  if [ "${EQ_KEEP:-0}" = 1 ]; then trap - EXIT; echo "kept: PGHOST=$PGHOST data=$CLUSTER_DIR/data"; fi
+  exit 1
+}
 cluster_stop() {
   if [ -n "${CLUSTER_DIR:-}" ] && [ -f "$CLUSTER_DIR/data/postmaster.pid" ]; then
     pg_ctl -D "$CLUSTER_DIR/data" -m immediate -w stop >/dev/null 2>&1 || true

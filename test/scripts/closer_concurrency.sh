@@ -5,7 +5,6 @@
 set -euo pipefail
 source "$ROOT/test/cluster.sh"
 cluster_start closer
-q() { psql -X -q -t -A -v ON_ERROR_STOP=1 -c "$1"; }
 N=300
 ORG=$(q "SELECT (fluxrate.create_organization('Closers', grace_period => '5 minutes'))->>'id'")
 q "ALTER DATABASE fluxrate SET fluxrate.pinned_now = '2026-01-01 00:00:00+00'"

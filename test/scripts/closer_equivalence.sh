@@ -25,14 +25,6 @@ set -euo pipefail
 source "$ROOT/test/cluster.sh"
 cluster_start equiv "track_functions = 'pl'"   # (to count org_period_usage() calls)
 export PGTZ=UTC PGOPTIONS='-c client_min_messages=warning'
-q() { psql -X -q -t -A -v ON_ERROR_STOP=1 -c "$1"; }
-qf() { psql -X -q -t -A -v ON_ERROR_STOP=1 "$@"; }   # SQL on stdin
-fail() {
-  echo "FAIL: $*"
-  # EQ_KEEP=1: leave the cluster running to look at it (PGHOST below; pg_ctl stop by hand)
-  if [ "${EQ_KEEP:-0}" = 1 ]; then trap - EXIT; echo "kept: PGHOST=$PGHOST data=$CLUSTER_DIR/data"; fi
-  exit 1
-}
 t0=$(date +%s)
 # EQ_SEED (0-399) picks another scenario; 0 is the one the suite runs
 SEED=${EQ_SEED:-0}

@@ -12,7 +12,6 @@
 set -euo pipefail
 source "$ROOT/test/cluster.sh"
 cluster_start delivery "log_statement = 'none'"
-q() { psql -X -q -t -A -v ON_ERROR_STOP=1 -c "$1"; }
 PY=/usr/bin/python3
 W=$(mktemp -d /tmp/fluxrate-peers-XXXXXX)
 SMTP_PW='Sm7p-pa55-never-logged-4711'
@@ -20,7 +19,6 @@ pids=()
 stop_peers() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$W"; cluster_stop; }
 trap stop_peers EXIT
 wait_file() { for _ in $(seq 1 100); do [ -s "$1" ] && return 0; sleep 0.1; done; echo "FAIL: $1 never appeared"; exit 1; }
-fail() { echo "FAIL: $*"; exit 1; }
 
 $PY "$ROOT/test/peers/smtp_sink.py" "$W/smtp" mailer "$SMTP_PW" & pids+=($!); smtp_pid=$!
 $PY "$ROOT/test/peers/http_sink.py" "$W/http" & pids+=($!)

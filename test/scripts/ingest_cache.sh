@@ -7,8 +7,6 @@
 set -euo pipefail
 source "$ROOT/test/cluster.sh"
 cluster_start ingest_cache
-q() { psql -X -q -t -A -v ON_ERROR_STOP=1 -c "$1"; }
-fail() { echo "FAIL: $*"; exit 1; }
 
 ORG=$(q "SELECT (fluxrate.create_organization('Cache'))->>'id'")
 as_org() { q "SELECT fluxrate.act_as('$ORG'); $1" | tail -1; }

@@ -4,7 +4,6 @@
 set -euo pipefail
 source "$ROOT/test/cluster.sh"
 cluster_start ingest
-q() { psql -X -q -t -A -v ON_ERROR_STOP=1 -c "$1"; }
 ORG=$(q "SELECT (fluxrate.create_organization('Concurrent'))->>'id'")
 TOK=$(q "SELECT fluxrate.act_as('$ORG'); SELECT (fluxrate.create_feature('Calls','calls','meter',meter_name=>'calls',property_name=>'n',aggregation_type=>'SUM'))->>'meter_token'" | tail -1)
 KEY=$(q "SELECT fluxrate.act_as('$ORG'); SELECT (fluxrate.create_api_key('bench', ARRAY['usage.write']))->>'key'" | tail -1)

@@ -51,13 +51,6 @@ set -euo pipefail
 source "$ROOT/test/cluster.sh"
 cluster_start uequiv "track_functions = 'pl'"   # (to see which period_usage() path ran)
 export PGTZ=UTC PGOPTIONS='-c client_min_messages=warning'
-q() { psql -X -q -t -A -v ON_ERROR_STOP=1 -c "$1"; }
-qf() { psql -X -q -t -A -v ON_ERROR_STOP=1 "$@"; }   # SQL on stdin
-fail() {
-  echo "FAIL: $*"
-  if [ "${EQ_KEEP:-0}" = 1 ]; then trap - EXIT; echo "kept: PGHOST=$PGHOST data=$CLUSTER_DIR/data"; fi
-  exit 1
-}
 trap 'fail "a command failed (line $LINENO)"' ERR
 t0=$(date +%s.%N)
 lap() { awk -v s="$t0" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f s", e - s }'; }
