@@ -381,12 +381,13 @@ BEGIN
     v_start := r.current_period_start;
     v_end := r.current_period_end;
     -- the period has ended but is not closed yet (the closer runs every minute): the
-    -- window is the period that contains now, as the closer will number it
+    -- window is the period that contains now, as the closer will number it (the
+    -- current period ends at boundary index + 1, so each step needs the next one only)
     v_k := r.current_period_index + 1;
     WHILE v_end <= v_now AND v_k < r.current_period_index + 1000 LOOP
-      v_start := fluxrate_internal.period_boundary(r.billing_anchor, r.billing_interval, r.alignment, v_k);
-      v_end := fluxrate_internal.period_boundary(r.billing_anchor, r.billing_interval, r.alignment, v_k + 1);
+      v_start := v_end;
       v_k := v_k + 1;
+      v_end := fluxrate_internal.period_boundary(r.billing_anchor, r.billing_interval, r.alignment, v_k);
     END LOOP;
   END IF;
   v_end := least(v_end, v_now + interval '5 minutes');

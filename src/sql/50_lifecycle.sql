@@ -659,7 +659,7 @@ BEGIN
                            sum(CASE l.line_type WHEN 'usage' THEN (l.meta->>'usage')::numeric
                                     ELSE (l.meta->>'usage_delta')::numeric END) AS billed
                       FROM unnest($1) x
-                      CROSS JOIN LATERAL (SELECT pi.id, pi.status FROM fluxrate_internal.invoices pi
+                      CROSS JOIN LATERAL (SELECT pi.id FROM fluxrate_internal.invoices pi
                                            WHERE pi.org_id = x.org_id AND pi.subscription_id = x.id
                                              AND pi.period_start < x.current_period_start
                                              AND pi.status IN ('OPEN', 'PAID', 'UNCOLLECTIBLE', 'VOID')
