@@ -1,12 +1,14 @@
 /*-------------------------------------------------------------------------
  * util.c
- *	  Identifiers and random tokens from libsodium's CSPRNG.
+ *	  Identifiers and random tokens from libsodium's CSPRNG; the cluster's
+ *	  identity.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include <sodium.h>
 
+#include "access/xlog.h"
 #include "fmgr.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
@@ -97,4 +99,20 @@ fr_random_token(PG_FUNCTION_ARGS)
 	buf = palloc(len + 1);
 	FrRandomBase62(buf, len);
 	PG_RETURN_TEXT_P(cstring_to_text(buf));
+}
+
+/*
+ * The cluster's system identifier (pg_controldata's "Database system
+ * identifier").  The usage rollups (40_rating.sql) count events by the id of
+ * the transaction that inserted them, and transaction ids mean something only
+ * inside the cluster that handed them out: the rollup state records this
+ * number, and a state written by another cluster (a restored copy, a logical
+ * replica) is not trusted.  pg_control_system() says the same but reads the
+ * control file from disk and is not granted to ordinary roles.
+ */
+PG_FUNCTION_INFO_V1(fr_system_identifier);
+Datum
+fr_system_identifier(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_INT64((int64) GetSystemIdentifier());
 }

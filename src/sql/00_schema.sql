@@ -230,9 +230,20 @@ CREATE TABLE fluxrate_internal.usage_events (
   idempotency_key  text,
   payload_hash     bytea,                      -- to tell a replay from a conflicting reuse
   metadata         jsonb,
+  -- the inserting transaction (epoch-extended, as txid_current() gives it):
+  -- what tells the usage rollups (40_rating.sql) which events they have
+  -- counted.  Not the timestamps: a transaction can commit after a later one.
+  xact_id          bigint NOT NULL DEFAULT pg_catalog.txid_current(),
   PRIMARY KEY (org_id, id),
   UNIQUE (org_id, idempotency_key)             -- exact, no expiry, same transaction as the insert
 );
+-- The rollup refresh reads the events of the transactions that ended since the
+-- last one: the table's newest pages.  BRIN, because events arrive in roughly
+-- transaction order (a few bytes per 128 pages, next to nothing per insert);
+-- autosummarize so that pages filled since the last VACUUM are summarized
+-- without waiting for it (unsummarized ranges are always read).
+CREATE INDEX usage_events_xact_idx ON fluxrate_internal.usage_events USING brin (xact_id)
+  WITH (autosummarize = on);
 -- Period aggregation and live usage: one customer's meter over a time range,
 -- answered by an index-only scan (quantity is covered).
 CREATE INDEX usage_events_usage_idx ON fluxrate_internal.usage_events

@@ -747,7 +747,11 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'customer not found', pg_catalog.format('No customer %s in this organization.', customer_id));
   END IF;
+  -- the events and their rollups together, never interleaved with a rollup
+  -- refresh (one that had read these events could write their rollups back)
+  PERFORM pg_advisory_xact_lock_shared(fluxrate_internal.rollup_lock_key());
   DELETE FROM fluxrate_internal.usage_events e WHERE e.org_id = v_org AND e.customer_id = delete_customer.customer_id;
+  DELETE FROM fluxrate_internal.usage_rollups r WHERE r.org_id = v_org AND r.customer_id = delete_customer.customer_id;
   PERFORM set_config('response.status', '204', true);
   RETURN jsonb_build_object('id', customer_id, 'deleted', true);
 END

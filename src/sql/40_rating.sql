@@ -178,13 +178,195 @@ BEGIN
 END
 $$;
 
+-- Usage rollups ----------------------------------------------------------------
+-- What every event contributes to SUM, COUNT, MAX, MIN and AVG, kept per
+-- (organization, UTC day, customer, meter), so that a closing run reads ~31 rows
+-- per (customer, meter) instead of every event of the month.  A minute job
+-- (refresh_usage_rollups, scheduled by schedule_jobs) adds the events of the
+-- transactions that ended since its last run.
+--
+-- Exactness.  The rollups never guess which events they hold.  Each event
+-- carries the id of the transaction that inserted it (usage_events.xact_id); a
+-- refresh takes the oldest transaction still running, H (its snapshot's xmin):
+-- every transaction below H has ended, so every committed event with
+-- xact_id < H is visible to it and none can appear later.  It counts the events
+-- with xact_id in [previous H, H) and records H, in one transaction.  Invariant:
+-- the rollups hold exactly the events with xact_id < horizon.  A reader takes
+-- the rollups and the events with xact_id >= horizon (the "tail": the newest
+-- pages, found through a BRIN index) in one statement, i.e. one snapshot, so
+-- it sees each visible event once: the same answer as a pass over the events.
+-- Timestamps cannot do this: a transaction may commit after a later one, and
+-- an event may be sent for any past day.
+--
+-- What the rollups hold is a function of the events alone: not of meter
+-- filters, aggregation types or prices, which may change.  Only meters without
+-- filters use them.  Events are never updated; delete_customer removes a
+-- customer's events and its rollups together.
+--
+-- Transaction ids are the cluster's own.  The state records the cluster's
+-- system identifier, and a state from another cluster (pg_dump restores
+-- neither table: they are derived data) is rebuilt from the events.
+CREATE TABLE fluxrate_internal.usage_rollups (
+  org_id        uuid NOT NULL,
+  bucket        timestamptz NOT NULL,     -- a UTC day [bucket, bucket + 1 day)
+  customer_id   uuid NOT NULL,
+  meter_id      uuid NOT NULL,
+  events        bigint NOT NULL,
+  quantity_sum  numeric NOT NULL,
+  quantity_max  numeric NOT NULL,
+  quantity_min  numeric NOT NULL,
+  -- bucket second: a period's rows are one index range of the organization
+  PRIMARY KEY (org_id, bucket, customer_id, meter_id)
+);
+
+-- One row, written by CREATE EXTENSION; horizon NULL until the first refresh.
+CREATE TABLE fluxrate_internal.usage_rollup_state (
+  singleton          boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+  system_identifier  bigint,
+  horizon            bigint,          -- the rollups hold exactly the events with xact_id < horizon
+  refreshed_at       timestamptz,
+  rebuilt_at         timestamptz,
+  events_counted     bigint NOT NULL DEFAULT 0   -- by the last refresh
+);
+INSERT INTO fluxrate_internal.usage_rollup_state DEFAULT VALUES;
+
+CREATE FUNCTION fluxrate_internal.system_identifier() RETURNS bigint
+  LANGUAGE C STABLE PARALLEL SAFE
+  AS 'MODULE_PATHNAME', 'fr_system_identifier';
+
+-- The horizon the rollups can be read with, or NULL (never refreshed, or a
+-- state written by another cluster).  A plain SQL function: inlined into the
+-- reader's statement, it reads the state in the reader's snapshot.
+CREATE FUNCTION fluxrate_internal.rollup_horizon() RETURNS bigint
+  LANGUAGE sql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+  SELECT s.horizon FROM fluxrate_internal.usage_rollup_state s
+   WHERE s.system_identifier = fluxrate_internal.system_identifier()
+$$;
+
+-- The lock that keeps one refresh at a time, and delete_customer from
+-- interleaving with one (a refresh that read a customer's events before the
+-- delete could write their rollups back after it).  Advisory, keyed by the
+-- rollup table's oid: it needs no privilege on the state.
+CREATE FUNCTION fluxrate_internal.rollup_lock_key() RETURNS bigint
+  LANGUAGE sql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$ SELECT ('fluxrate_internal.usage_rollups'::regclass::oid)::bigint << 8 $$;
+
+-- Count the events of the transactions that ended since the last refresh
+-- (all of them when there is no usable state: the first run, another
+-- cluster's state, or rebuild => true).  Returns at once, with skipped =>
+-- true, while another refresh or a customer deletion holds the lock.
+CREATE FUNCTION fluxrate_internal.sys_refresh_rollups(rebuild boolean DEFAULT false)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  SET jit = off
+  AS $$
+DECLARE
+  st fluxrate_internal.usage_rollup_state;
+  v_from bigint;
+  v_to bigint;
+  v_events bigint := 0;
+  v_buckets bigint := 0;
+  v_sysid bigint := fluxrate_internal.system_identifier();
+BEGIN
+  IF NOT pg_try_advisory_xact_lock(fluxrate_internal.rollup_lock_key()) THEN
+    RETURN jsonb_build_object('skipped', true, 'reason', 'another refresh or a customer deletion holds the rollups');
+  END IF;
+  SELECT * INTO STRICT st FROM fluxrate_internal.usage_rollup_state;
+  rebuild := rebuild OR st.horizon IS NULL OR st.system_identifier IS DISTINCT FROM v_sysid;
+  -- the oldest transaction still running: every one below it has ended
+  v_to := txid_snapshot_xmin(txid_current_snapshot());
+  IF rebuild THEN
+    DELETE FROM fluxrate_internal.usage_rollups;
+    v_from := NULL;
+  ELSE
+    v_from := st.horizon;
+    IF v_to <= v_from THEN
+      RETURN jsonb_build_object('skipped', false, 'rebuilt', false, 'events', 0, 'buckets', 0, 'horizon', v_from);
+    END IF;
+  END IF;
+  -- EXECUTE with the bounds as literals: planned for them (a BRIN range scan of
+  -- the newest pages; a sequential scan for a rebuild).  The day is a UTC day
+  -- whatever the session's TimeZone (date_bin on timestamptz is absolute).
+  EXECUTE format(
+    'WITH n AS (
+       SELECT e.org_id, date_bin(''1 day'', e."timestamp", ''2000-01-01 00:00:00+00''::timestamptz) AS bucket,
+              e.customer_id, e.meter_id, count(*) AS events, sum(e.quantity) AS s, max(e.quantity) AS mx, min(e.quantity) AS mn
+         FROM fluxrate_internal.usage_events e
+        WHERE e.xact_id < %s %s
+        GROUP BY 1, 2, 3, 4
+     ), ins AS (
+       INSERT INTO fluxrate_internal.usage_rollups AS r
+              (org_id, bucket, customer_id, meter_id, events, quantity_sum, quantity_max, quantity_min)
+       SELECT * FROM n
+       ON CONFLICT (org_id, bucket, customer_id, meter_id) DO UPDATE
+          SET events = r.events + excluded.events,
+              quantity_sum = r.quantity_sum + excluded.quantity_sum,
+              quantity_max = greatest(r.quantity_max, excluded.quantity_max),
+              quantity_min = least(r.quantity_min, excluded.quantity_min)
+       RETURNING 1
+     )
+     SELECT coalesce((SELECT sum(n.events) FROM n), 0)::bigint, (SELECT count(*) FROM ins)',
+    v_to, CASE WHEN v_from IS NULL THEN '' ELSE format('AND e.xact_id >= %s', v_from) END)
+    INTO v_events, v_buckets;
+  UPDATE fluxrate_internal.usage_rollup_state
+     SET system_identifier = v_sysid, horizon = v_to, refreshed_at = fluxrate.now(),
+         rebuilt_at = CASE WHEN rebuild THEN fluxrate.now() ELSE rebuilt_at END,
+         events_counted = v_events;
+  RETURN jsonb_build_object('skipped', false, 'rebuilt', rebuild, 'events', v_events, 'buckets', v_buckets,
+                            'horizon', v_to);
+END
+$$;
+
+-- The minute job, and what operators call after a restore or a logical
+-- replication switchover (rebuild => true: recount every event).
+CREATE FUNCTION fluxrate.refresh_usage_rollups(rebuild boolean DEFAULT false) RETURNS jsonb
+  LANGUAGE sql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$ SELECT fluxrate_internal.sys_refresh_rollups(rebuild) $$;
+COMMENT ON FUNCTION fluxrate.refresh_usage_rollups(boolean) IS
+  'adds the events of the transactions ended since the last refresh to the daily usage rollups (the minute job); rebuild => true recounts everything';
+
+-- The rollups against the events, for one organization: every (day, customer,
+-- meter) whose rollup differs from the events it should hold (xact_id below
+-- the horizon).  No rows: they agree.  For tests and for operators who want to
+-- see it for themselves.
+CREATE FUNCTION fluxrate_internal.rollup_differences(org_id uuid)
+  RETURNS TABLE (bucket timestamptz, customer_id uuid, meter_id uuid, rollup_events bigint, event_count bigint,
+                 rollup_sum numeric, event_sum numeric)
+  LANGUAGE sql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+  WITH h AS (SELECT fluxrate_internal.rollup_horizon() AS v),
+  r AS (SELECT * FROM fluxrate_internal.usage_rollups r WHERE r.org_id = rollup_differences.org_id),
+  e AS (SELECT date_bin('1 day', e."timestamp", '2000-01-01 00:00:00+00'::timestamptz) AS bucket, e.customer_id, e.meter_id,
+               count(*) AS events, sum(e.quantity) AS s, max(e.quantity) AS mx, min(e.quantity) AS mn
+          FROM fluxrate_internal.usage_events e
+         WHERE e.org_id = rollup_differences.org_id AND e.xact_id < (SELECT v FROM h)
+         GROUP BY 1, 2, 3)
+  SELECT coalesce(r.bucket, e.bucket), coalesce(r.customer_id, e.customer_id), coalesce(r.meter_id, e.meter_id),
+         r.events, e.events, r.quantity_sum, e.s
+    FROM r FULL JOIN e ON e.bucket = r.bucket AND e.customer_id = r.customer_id AND e.meter_id = r.meter_id
+   WHERE r.events IS DISTINCT FROM e.events OR r.quantity_sum IS DISTINCT FROM e.s
+      OR r.quantity_max IS DISTINCT FROM e.mx OR r.quantity_min IS DISTINCT FROM e.mn
+      OR (SELECT v FROM h) IS NULL
+$$;
+
 -- One aggregation over one organization's period, for the given meters, in one
--- pass (period_usage()'s whole-organization path, the closer's snapshot).  EXECUTE ... USING: planned for the real bounds (a parallel hash
--- aggregate over millions of rows, like a plain GROUP BY), and RETURN QUERY may
--- run in parallel.  When the meters are all of the organization's, the meter
--- test moves from every event to every group.
+-- pass (period_usage()'s whole-organization path, the closer's snapshot).
+--
+-- When the period is whole UTC days and the rollups are usable: the period's
+-- rollup rows plus the tail (events not yet rolled up), in one statement.
+-- Otherwise one pass over the period's events.  Both are EXECUTE ... USING:
+-- planned for the real bounds (the pass is a parallel hash aggregate over
+-- millions of rows, like a plain GROUP BY; the tail is a BRIN range of the
+-- newest pages), and RETURN QUERY may run in parallel.  When the meters are all
+-- of the organization's, the meter test moves from every row to every group.
 CREATE FUNCTION fluxrate_internal.org_period_usage(org_id uuid, period_start timestamptz, period_end timestamptz,
-    aggregation_type text, meter_ids uuid[])
+    aggregation_type text, meter_ids uuid[], use_rollups boolean DEFAULT true)
   RETURNS TABLE (customer_id uuid, meter_id uuid, usage numeric)
   LANGUAGE plpgsql STABLE
   SET search_path = pg_catalog, pg_temp
@@ -192,10 +374,44 @@ CREATE FUNCTION fluxrate_internal.org_period_usage(org_id uuid, period_start tim
 DECLARE
   v_all boolean := (SELECT count(*) FROM fluxrate_internal.meters m WHERE m.org_id = org_period_usage.org_id)
                    <= cardinality(meter_ids);
+  v_horizon bigint;
 BEGIN
   IF aggregation_type IS NULL OR aggregation_type NOT IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG') THEN
     RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = format('no one-pass aggregation for %s', aggregation_type),
       HINT = 'One pass computes SUM, COUNT, MAX, MIN and AVG; the other meters go through meter_usage().';
+  END IF;
+  IF use_rollups AND fluxrate_internal.whole_utc_days(period_start, period_end) THEN
+    v_horizon := fluxrate_internal.rollup_horizon();
+  END IF;
+  IF v_horizon IS NOT NULL THEN
+    -- The horizon is read again inside the statement, in its snapshot, with the
+    -- rollups: a refresh that committed since v_horizon was read has moved
+    -- [v_horizon, h) from the tail into the rollups, and the tail's second test
+    -- drops those events.  (Horizons only grow; v_horizon, a literal, is what
+    -- lets the planner take the BRIN index.)
+    RETURN QUERY EXECUTE format(
+      'WITH h AS (SELECT fluxrate_internal.rollup_horizon() AS v)
+       SELECT g.customer_id, g.meter_id, %s AS usage
+         FROM (SELECT u.customer_id, u.meter_id, sum(u.n) AS n, sum(u.s) AS s, max(u.mx) AS mx, min(u.mn) AS mn
+                 FROM (SELECT r.customer_id, r.meter_id, r.events AS n, r.quantity_sum AS s, r.quantity_max AS mx,
+                              r.quantity_min AS mn
+                         FROM fluxrate_internal.usage_rollups r
+                        WHERE r.org_id = $1 AND r.bucket >= $2 AND r.bucket < $3 %s
+                          AND (SELECT v FROM h) IS NOT NULL
+                       UNION ALL
+                       SELECT e.customer_id, e.meter_id, 1, e.quantity, e.quantity, e.quantity
+                         FROM fluxrate_internal.usage_events e
+                        WHERE e.org_id = $1 AND e.xact_id >= %s AND e.xact_id >= coalesce((SELECT v FROM h), 0)
+                          AND e."timestamp" >= $2 AND e."timestamp" < $3 %s) u
+                GROUP BY u.customer_id, u.meter_id) g
+        WHERE g.meter_id = ANY ($4)',
+      CASE aggregation_type WHEN 'SUM' THEN 'g.s' WHEN 'COUNT' THEN 'g.n' WHEN 'MAX' THEN 'trim_scale(g.mx)'
+        WHEN 'MIN' THEN 'trim_scale(g.mn)' WHEN 'AVG' THEN 'g.s / g.n' END,
+      CASE WHEN v_all THEN '' ELSE 'AND r.meter_id = ANY ($4)' END,
+      v_horizon,
+      CASE WHEN v_all THEN '' ELSE 'AND e.meter_id = ANY ($4)' END)
+      USING org_id, period_start, period_end, meter_ids;
+    RETURN;
   END IF;
   RETURN QUERY EXECUTE format(
     'SELECT g.customer_id, g.meter_id, g.usage
@@ -208,6 +424,16 @@ BEGIN
     CASE WHEN v_all THEN '' ELSE 'AND e.meter_id = ANY ($4)' END)
     USING org_id, period_start, period_end, meter_ids;
 END
+$$;
+
+-- Whether [period_start, period_end) is whole UTC days, i.e. whole rollup buckets.
+CREATE FUNCTION fluxrate_internal.whole_utc_days(period_start timestamptz, period_end timestamptz) RETURNS boolean
+  LANGUAGE sql IMMUTABLE PARALLEL SAFE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+  SELECT period_start < period_end
+     AND date_bin('1 day', period_start, '2000-01-01 00:00:00+00'::timestamptz) = period_start
+     AND date_bin('1 day', period_end, '2000-01-01 00:00:00+00'::timestamptz) = period_end
 $$;
 -- Many (customer, meter, period) triples at once; ord is the 1-based position in
 -- the arrays.  Plain meters (SUM, COUNT, MAX, MIN, AVG without filters) are one

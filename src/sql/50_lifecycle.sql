@@ -471,7 +471,9 @@ BEGIN
 END
 $$;
 
--- Fill the snapshot for the periods that are due now.  One pass over an
+-- Fill the snapshot for the periods that are due now.  A period of whole UTC
+-- days is read from the usage rollups (40_rating.sql) and the events not yet
+-- rolled up.  Otherwise one pass over an
 -- organization's period reads every event of the organization the plan visits
 -- (~0.1-0.3 µs each, in parallel); the per-pair scans read only the due pairs'
 -- events of the period (~0.6 µs each).  So a group (organization, period) is
@@ -515,7 +517,11 @@ BEGIN
   LOOP
     IF v_key <> g.org_id::text || g.ps::text || g.pe::text THEN
       v_key := g.org_id::text || g.ps::text || g.pe::text;
-      v_share := CASE WHEN min_benefit > 0 THEN fluxrate_internal.period_event_share(g.org_id, g.ps, g.pe) ELSE 1 END;
+      -- read from the rollups, a period costs its own rows only: no events of
+      -- other periods are read for nothing
+      v_share := CASE WHEN min_benefit <= 0 THEN 1
+                      WHEN fluxrate_internal.whole_utc_days(g.ps, g.pe) AND fluxrate_internal.rollup_horizon() IS NOT NULL THEN 1
+                      ELSE fluxrate_internal.period_event_share(g.org_id, g.ps, g.pe) END;
     END IF;
     CONTINUE WHEN g.customer_share * v_share < min_benefit;
     INSERT INTO pg_temp.fr_close_scope (org_id, meter_id, period_start, period_end)
@@ -1659,6 +1665,7 @@ DECLARE
   v_close bigint;
   v_final bigint;
   v_deliver bigint;
+  v_rollups bigint;
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron') THEN
     PERFORM fluxrate_internal.fail('PT409', 'pg_cron is not installed',
@@ -1671,8 +1678,10 @@ BEGIN
     USING 'fluxrate-finalize-invoices', '* * * * *', 'CALL fluxrate.finalize_due_invoices()';
   EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO v_deliver
     USING 'fluxrate-deliver', '* * * * *', 'CALL fluxrate.deliver_pending()';
+  EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO v_rollups
+    USING 'fluxrate-usage-rollups', '* * * * *', 'SELECT fluxrate.refresh_usage_rollups()';
   RETURN jsonb_build_object('close_due_periods', v_close, 'finalize_due_invoices', v_final,
-                            'deliver_pending', v_deliver);
+                            'deliver_pending', v_deliver, 'refresh_usage_rollups', v_rollups);
 END
 $$;
 
@@ -1700,4 +1709,5 @@ GRANT USAGE ON SCHEMA fluxrate_internal TO fluxrate_app;
 GRANT EXECUTE ON FUNCTION fluxrate_internal.sys_close_batch(integer, uuid), fluxrate_internal.sys_close_isolated(integer),
   fluxrate_internal.sys_finalize_batch(integer, boolean),
   fluxrate_internal.sys_close_prepare(numeric), fluxrate_internal.sys_close_finish(), fluxrate_internal.sys_close_tables(),
-  fluxrate_internal.sys_mark_past_due(), fluxrate_internal.transient_error(text) TO fluxrate_app;
+  fluxrate_internal.sys_mark_past_due(), fluxrate_internal.transient_error(text),
+  fluxrate_internal.sys_refresh_rollups(boolean) TO fluxrate_app;

@@ -28,9 +28,18 @@ BEGIN
         'WITH CHECK (org_id OPERATOR(pg_catalog.=) fluxrate_internal.current_org_id())', r.tbl);
     END IF;
     EXECUTE pg_catalog.format('GRANT ALL ON TABLE %s TO fluxrate_system', r.tbl);
-    -- the data is the customer's, not the extension's: pg_dump must include it
-    PERFORM pg_catalog.pg_extension_config_dump(r.tbl, '');
+    -- the data is the customer's, not the extension's: pg_dump must include it.
+    -- Not the usage rollups: derived from the events, and counted by transaction
+    -- ids that mean nothing in the cluster a dump is restored into (the restored
+    -- database starts without a state and rebuilds them from the events).
+    IF r.tbl OPERATOR(pg_catalog.<>) 'fluxrate_internal.usage_rollups'::regclass
+       AND r.tbl OPERATOR(pg_catalog.<>) 'fluxrate_internal.usage_rollup_state'::regclass THEN
+      PERFORM pg_catalog.pg_extension_config_dump(r.tbl, '');
+    END IF;
   END LOOP;
+  -- the rollup state (no org_id: one row for the cluster, like server_secrets)
+  -- is read by the tenant-confined readers of the rollups: the horizon, nothing else
+  CREATE POLICY horizon_read ON fluxrate_internal.usage_rollup_state FOR SELECT TO fluxrate_owner USING (true);
 
   FOR r IN
     SELECT c.oid::regclass AS seq FROM pg_catalog.pg_class c
@@ -89,7 +98,8 @@ GRANT EXECUTE ON FUNCTION fluxrate.track(text, text, numeric, timestamptz, text,
 -- trusted-role doors (creating organizations, acting for one) nor the jobs
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA fluxrate TO fluxrate_web;
 REVOKE EXECUTE ON FUNCTION fluxrate.create_organization(text, text, text, integer, interval),
-  fluxrate.act_as(uuid, boolean), fluxrate.schedule_jobs(), fluxrate.unschedule_jobs() FROM fluxrate_web;
+  fluxrate.act_as(uuid, boolean), fluxrate.schedule_jobs(), fluxrate.unschedule_jobs(),
+  fluxrate.refresh_usage_rollups(boolean) FROM fluxrate_web;
 -- The closer keeps a run's usage snapshot in two temporary tables of its
 -- session (sys_close_prepare), created as fluxrate_system: granted here so that
 -- a database that revokes TEMPORARY from PUBLIC still closes its periods.
