@@ -179,6 +179,13 @@ FrApiKeyAccept(const unsigned char hash[32], bytea *stored, bool active)
  * Record the use of a key whose last_used_at is more than a minute old (the
  * lookup tells).  Inside SPI, as fluxrate_system; nothing on read-only
  * transactions.
+ *
+ * SKIP LOCKED: track() runs inside the application's own transactions, and
+ * the touch's row lock lasts as long as the transaction that made it.  Until
+ * that one commits, every other call with the key still sees the old
+ * last_used_at and would queue behind it: one long transaction (a batch job
+ * that tracked once) would stall all ingestion with its key.  A locked row is
+ * being touched already; skipping it loses nothing.
  */
 void
 FrApiKeyTouch(Datum org, Datum key_id, TimestampTz now)
@@ -189,8 +196,11 @@ FrApiKeyTouch(Datum org, Datum key_id, TimestampTz now)
 		return;
 	if (touch_plan == NULL)
 	{
-		SPIPlanPtr	p = SPI_prepare("UPDATE fluxrate_internal.api_keys SET last_used_at = $3 "
-									"WHERE org_id OPERATOR(pg_catalog.=) $1 AND id OPERATOR(pg_catalog.=) $2",
+		SPIPlanPtr	p = SPI_prepare("UPDATE fluxrate_internal.api_keys k SET last_used_at = $3 "
+									"FROM (SELECT l.org_id, l.id FROM fluxrate_internal.api_keys l "
+									"WHERE l.org_id OPERATOR(pg_catalog.=) $1 AND l.id OPERATOR(pg_catalog.=) $2 "
+									"FOR UPDATE SKIP LOCKED) x "
+									"WHERE k.org_id OPERATOR(pg_catalog.=) x.org_id AND k.id OPERATOR(pg_catalog.=) x.id",
 									3, (Oid[]) {UUIDOID, UUIDOID, TIMESTAMPTZOID});
 
 		if (p == NULL)
