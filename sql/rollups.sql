@@ -21,8 +21,8 @@ SELECT fluxrate.act_as(:'org', true) IS NOT NULL AS acting;
 
 -- A fresh install has no state: readers fall back to the events, and the first
 -- refresh counts every event (an earlier test's refresh is undone here)
-UPDATE fluxrate_internal.usage_rollup_state SET horizon = NULL, system_identifier = NULL;
-SELECT fluxrate_internal.rollup_horizon() IS NULL AS no_horizon;
+UPDATE fluxrate_internal.usage_rollup_state SET snapshot = NULL, system_identifier = NULL;
+SELECT fluxrate_internal.rollup_snapshot() IS NULL AS no_snapshot;
 
 -- January events on every meter, at day edges and with mixed scales:
 --   a: Jan 1 00:00 (first instant) 1.50 | Jan 1 23:59:59.999999 2 | Jan 15 0.125 | Jan 31 23:59:59 10
@@ -58,7 +58,7 @@ SELECT agg, customer, via_rollups, via_events, via_rollups::text = via_events::t
 -- the first refresh counts everything (a rebuild): 8 events x 5 meters here
 SELECT r->'skipped' AS skipped, r->'rebuilt' AS rebuilt, (r->>'events')::bigint >= 41 AS counted_all
   FROM fluxrate.refresh_usage_rollups() r;
-SELECT fluxrate_internal.rollup_horizon() IS NOT NULL AS has_horizon,
+SELECT fluxrate_internal.rollup_snapshot() IS NOT NULL AS has_snapshot,
        (SELECT system_identifier FROM fluxrate_internal.usage_rollup_state) = fluxrate_internal.system_identifier() AS this_cluster;
 -- a's SUM meter by day: Jan 1 holds both edge events, Dec 31 and Feb 1 their own
 SELECT r.bucket, r.events, r.quantity_sum, r.quantity_max, r.quantity_min
@@ -102,7 +102,7 @@ SET TimeZone = 'UTC';
 
 -- A state written by another cluster (a restored copy): not read, then rebuilt
 UPDATE fluxrate_internal.usage_rollup_state SET system_identifier = system_identifier + 1;
-SELECT fluxrate_internal.rollup_horizon() IS NULL AS not_trusted;
+SELECT fluxrate_internal.rollup_snapshot() IS NULL AS not_trusted;
 SELECT agg, customer, via_rollups, via_events FROM both_ways WHERE agg = 'SUM' ORDER BY 1, 2;
 SELECT r->'rebuilt' AS rebuilt FROM fluxrate.refresh_usage_rollups() r;
 SELECT count(*) AS differences FROM fluxrate_internal.rollup_differences(:'org');
@@ -127,7 +127,8 @@ SELECT :'org', fluxrate_internal.uuid_v7(), :'cb', m.id, 1.5, '2026-01-20', '202
 RESET fluxrate.acting_org;
 SET fluxrate.pinned_now = '2026-02-01 00:00:30+00';
 -- the run's snapshot covers the period (1 of 1 subscribed customers due; the rollups make the share 1)
-SELECT fluxrate_internal.sys_close_prepare() AS covered;
+SELECT fluxrate_internal.sys_close_prepare() > 0 AS prepared;
+SELECT count(*) AS covered FROM pg_temp.fr_close_scope WHERE org_id = :'org';
 SELECT usage FROM pg_temp.fr_close_usage WHERE org_id = :'org' AND customer_id = :'cb';
 -- Drafts only: the finalizer recomputes every draft from the events.  To see
 -- both, one rollup row is damaged by hand (+100 on b's Jan 2): rollup_differences
@@ -167,14 +168,14 @@ SELECT count(*) AS visible_rollups, count(*) FILTER (WHERE org_id = :'org') AS o
 SELECT count(*) AS other_orgs_usage
   FROM fluxrate_internal.org_period_usage(:'org', '2026-01-01', '2026-02-01', 'SUM',
                                           ARRAY(SELECT id FROM fluxrate_internal.meters WHERE org_id = :'org'));
-SELECT fluxrate_internal.rollup_horizon() IS NOT NULL AS horizon_readable;
+SELECT fluxrate_internal.rollup_snapshot() IS NOT NULL AS snapshot_readable;
 -- not writable by tenants, and the refresh is not theirs to run
-WITH u AS (UPDATE fluxrate_internal.usage_rollup_state SET horizon = 0 RETURNING 1) SELECT count(*) AS rows_written FROM u;
+WITH u AS (UPDATE fluxrate_internal.usage_rollup_state SET snapshot = NULL RETURNING 1) SELECT count(*) AS rows_written FROM u;
 RESET ROLE;
 SELECT set_config('fluxrate.current_org', '', false) IS NOT NULL AS reset;
 SET ROLE fluxrate_web;
 SELECT fluxrate.refresh_usage_rollups();   -- 42501
 RESET ROLE;
-SELECT horizon > 0 AS state_intact FROM fluxrate_internal.usage_rollup_state;
+SELECT snapshot IS NOT NULL AS state_intact FROM fluxrate_internal.usage_rollup_state;
 RESET fluxrate.acting_org;
 RESET fluxrate.pinned_now;

@@ -183,20 +183,21 @@ $$;
 -- (organization, UTC day, customer, meter), so that a closing run reads ~31 rows
 -- per (customer, meter) instead of every event of the month.  A minute job
 -- (refresh_usage_rollups, scheduled by schedule_jobs) adds the events of the
--- transactions that ended since its last run.
+-- transactions that have committed since its last run.
 --
 -- Exactness.  The rollups never guess which events they hold.  Each event
--- carries the id of the transaction that inserted it (usage_events.xact_id); a
--- refresh takes the oldest transaction still running, H (its snapshot's xmin):
--- every transaction below H has ended, so every committed event with
--- xact_id < H is visible to it and none can appear later.  It counts the events
--- with xact_id in [previous H, H) and records H, in one transaction.  Invariant:
--- the rollups hold exactly the events with xact_id < horizon.  A reader takes
--- the rollups and the events with xact_id >= horizon (the "tail": the newest
--- pages, found through a BRIN index) in one statement, i.e. one snapshot, so
--- it sees each visible event once: the same answer as a pass over the events.
--- Timestamps cannot do this: a transaction may commit after a later one, and
--- an event may be sent for any past day.
+-- carries the id of the transaction that inserted it (usage_events.xact_id),
+-- and the state keeps the snapshot S of the last refresh: the rollups hold
+-- exactly the events whose transaction is visible in S.  A refresh reads, in
+-- its own statement's snapshot S', the events visible in S' and not in S --
+-- the transactions that committed in between, whatever their ids and
+-- whenever they began -- adds them, and records S', in one transaction.  A
+-- reader takes the rollups and the events NOT visible in the recorded S (the
+-- "tail": a BRIN range of the newest pages, from S's xmin) in one statement,
+-- i.e. one snapshot: it sees each visible event once, the same answer as a
+-- pass over the events.  A transaction that stays open holds back nothing but
+-- its own events.  (Timestamps cannot do this: a transaction may commit after
+-- a later one, and an event may be sent for any past day.)
 --
 -- What the rollups hold is a function of the events alone: not of meter
 -- filters, aggregation types or prices, which may change.  Only meters without
@@ -204,8 +205,11 @@ $$;
 -- customer's events and its rollups together.
 --
 -- Transaction ids are the cluster's own.  The state records the cluster's
--- system identifier, and a state from another cluster (pg_dump restores
--- neither table: they are derived data) is rebuilt from the events.
+-- system identifier; a state from another cluster is not read, and the next
+-- refresh rebuilds.  pg_dump restores neither table (derived data): a restored
+-- database starts without a state.  Ids restored with the events are only
+-- numbers then, and each is counted once, when the new cluster's snapshots
+-- first show it as visible (visibility in later snapshots only grows).
 CREATE TABLE fluxrate_internal.usage_rollups (
   org_id        uuid NOT NULL,
   bucket        timestamptz NOT NULL,     -- a UTC day [bucket, bucket + 1 day)
@@ -219,11 +223,11 @@ CREATE TABLE fluxrate_internal.usage_rollups (
   PRIMARY KEY (org_id, bucket, customer_id, meter_id)
 );
 
--- One row, written by CREATE EXTENSION; horizon NULL until the first refresh.
+-- One row, written by CREATE EXTENSION; snapshot NULL until the first refresh.
 CREATE TABLE fluxrate_internal.usage_rollup_state (
   singleton          boolean PRIMARY KEY DEFAULT true CHECK (singleton),
   system_identifier  bigint,
-  horizon            bigint,          -- the rollups hold exactly the events with xact_id < horizon
+  snapshot           txid_snapshot,   -- the rollups hold exactly the events whose xact_id is visible in it
   refreshed_at       timestamptz,
   rebuilt_at         timestamptz,
   events_counted     bigint NOT NULL DEFAULT 0   -- by the last refresh
@@ -234,14 +238,14 @@ CREATE FUNCTION fluxrate_internal.system_identifier() RETURNS bigint
   LANGUAGE C STABLE PARALLEL SAFE
   AS 'MODULE_PATHNAME', 'fr_system_identifier';
 
--- The horizon the rollups can be read with, or NULL (never refreshed, or a
--- state written by another cluster).  A plain SQL function: inlined into the
--- reader's statement, it reads the state in the reader's snapshot.
-CREATE FUNCTION fluxrate_internal.rollup_horizon() RETURNS bigint
+-- The snapshot the rollups can be read with, or NULL (never refreshed, or a
+-- state written by another cluster).  STABLE: it reads the state in the
+-- snapshot of the statement that calls it, the one that reads the rollups.
+CREATE FUNCTION fluxrate_internal.rollup_snapshot() RETURNS txid_snapshot
   LANGUAGE sql STABLE
   SET search_path = pg_catalog, pg_temp
   AS $$
-  SELECT s.horizon FROM fluxrate_internal.usage_rollup_state s
+  SELECT s.snapshot FROM fluxrate_internal.usage_rollup_state s
    WHERE s.system_identifier = fluxrate_internal.system_identifier()
 $$;
 
@@ -254,7 +258,7 @@ CREATE FUNCTION fluxrate_internal.rollup_lock_key() RETURNS bigint
   SET search_path = pg_catalog, pg_temp
   AS $$ SELECT ('fluxrate_internal.usage_rollups'::regclass::oid)::bigint << 8 $$;
 
--- Count the events of the transactions that ended since the last refresh
+-- Count the events of the transactions that committed since the last refresh
 -- (all of them when there is no usable state: the first run, another
 -- cluster's state, or rebuild => true).  Returns at once, with skipped =>
 -- true, while another refresh or a customer deletion holds the lock.
@@ -266,8 +270,7 @@ CREATE FUNCTION fluxrate_internal.sys_refresh_rollups(rebuild boolean DEFAULT fa
   AS $$
 DECLARE
   st fluxrate_internal.usage_rollup_state;
-  v_from bigint;
-  v_to bigint;
+  v_snap txid_snapshot;
   v_events bigint := 0;
   v_buckets bigint := 0;
   v_sysid bigint := fluxrate_internal.system_identifier();
@@ -276,27 +279,25 @@ BEGIN
     RETURN jsonb_build_object('skipped', true, 'reason', 'another refresh or a customer deletion holds the rollups');
   END IF;
   SELECT * INTO STRICT st FROM fluxrate_internal.usage_rollup_state;
-  rebuild := rebuild OR st.horizon IS NULL OR st.system_identifier IS DISTINCT FROM v_sysid;
-  -- the oldest transaction still running: every one below it has ended
-  v_to := txid_snapshot_xmin(txid_current_snapshot());
+  rebuild := rebuild OR st.snapshot IS NULL OR st.system_identifier IS DISTINCT FROM v_sysid;
   IF rebuild THEN
     DELETE FROM fluxrate_internal.usage_rollups;
-    v_from := NULL;
-  ELSE
-    v_from := st.horizon;
-    IF v_to <= v_from THEN
-      RETURN jsonb_build_object('skipped', false, 'rebuilt', false, 'events', 0, 'buckets', 0, 'horizon', v_from);
-    END IF;
   END IF;
-  -- EXECUTE with the bounds as literals: planned for them (a BRIN range scan of
-  -- the newest pages; a sequential scan for a rebuild).  The day is a UTC day
-  -- whatever the session's TimeZone (date_bin on timestamptz is absolute).
+  -- One statement: its snapshot S' is the one recorded (txid_current_snapshot()
+  -- is the running statement's).  The events visible in S' and not in S: the
+  -- test against S' is implied for events of this cluster (a row is read only
+  -- if its transaction is visible), and counts an id restored from another
+  -- cluster once.  The previous xmin is a literal, for the BRIN index (events
+  -- below it were all visible in S); for a rebuild, a sequential scan.  The day
+  -- is a UTC day whatever the session's TimeZone (date_bin on timestamptz is
+  -- absolute).
   EXECUTE format(
-    'WITH n AS (
+    'WITH snap AS (SELECT txid_current_snapshot() AS now_s, %L::txid_snapshot AS prev_s),
+     n AS (
        SELECT e.org_id, date_bin(''1 day'', e."timestamp", ''2000-01-01 00:00:00+00''::timestamptz) AS bucket,
               e.customer_id, e.meter_id, count(*) AS events, sum(e.quantity) AS s, max(e.quantity) AS mx, min(e.quantity) AS mn
          FROM fluxrate_internal.usage_events e
-        WHERE e.xact_id < %s %s
+        WHERE txid_visible_in_snapshot(e.xact_id, (SELECT now_s FROM snap)) %s
         GROUP BY 1, 2, 3, 4
      ), ins AS (
        INSERT INTO fluxrate_internal.usage_rollups AS r
@@ -309,43 +310,46 @@ BEGIN
               quantity_min = least(r.quantity_min, excluded.quantity_min)
        RETURNING 1
      )
-     SELECT coalesce((SELECT sum(n.events) FROM n), 0)::bigint, (SELECT count(*) FROM ins)',
-    v_to, CASE WHEN v_from IS NULL THEN '' ELSE format('AND e.xact_id >= %s', v_from) END)
-    INTO v_events, v_buckets;
+     SELECT (SELECT now_s FROM snap), coalesce((SELECT sum(n.events) FROM n), 0)::bigint, (SELECT count(*) FROM ins)',
+    CASE WHEN rebuild THEN NULL ELSE st.snapshot END,
+    CASE WHEN rebuild THEN '' ELSE format('AND e.xact_id >= %s AND NOT txid_visible_in_snapshot(e.xact_id, (SELECT prev_s FROM snap))',
+                                          txid_snapshot_xmin(st.snapshot)) END)
+    INTO v_snap, v_events, v_buckets;
   UPDATE fluxrate_internal.usage_rollup_state
-     SET system_identifier = v_sysid, horizon = v_to, refreshed_at = fluxrate.now(),
+     SET system_identifier = v_sysid, snapshot = v_snap, refreshed_at = fluxrate.now(),
          rebuilt_at = CASE WHEN rebuild THEN fluxrate.now() ELSE rebuilt_at END,
          events_counted = v_events;
   RETURN jsonb_build_object('skipped', false, 'rebuilt', rebuild, 'events', v_events, 'buckets', v_buckets,
-                            'horizon', v_to);
+                            'snapshot', v_snap::text);
 END
 $$;
 
--- The minute job, and what operators call after a restore or a logical
--- replication switchover (rebuild => true: recount every event).
+-- The minute job, and what operators call after a logical replication
+-- switchover or anything else that wrote events with another cluster's ids
+-- into a database that already had rollups (rebuild => true: recount).
 CREATE FUNCTION fluxrate.refresh_usage_rollups(rebuild boolean DEFAULT false) RETURNS jsonb
   LANGUAGE sql VOLATILE
   SET search_path = pg_catalog, pg_temp
   AS $$ SELECT fluxrate_internal.sys_refresh_rollups(rebuild) $$;
 COMMENT ON FUNCTION fluxrate.refresh_usage_rollups(boolean) IS
-  'adds the events of the transactions ended since the last refresh to the daily usage rollups (the minute job); rebuild => true recounts everything';
+  'adds the events of the transactions committed since the last refresh to the daily usage rollups (the minute job); rebuild => true recounts everything';
 
 -- The rollups against the events, for one organization: every (day, customer,
--- meter) whose rollup differs from the events it should hold (xact_id below
--- the horizon).  No rows: they agree.  For tests and for operators who want to
--- see it for themselves.
+-- meter) whose rollup differs from the events it should hold (those visible
+-- in the state's snapshot).  No rows: they agree.  For tests and for operators
+-- who want to see it for themselves.
 CREATE FUNCTION fluxrate_internal.rollup_differences(org_id uuid)
   RETURNS TABLE (bucket timestamptz, customer_id uuid, meter_id uuid, rollup_events bigint, event_count bigint,
                  rollup_sum numeric, event_sum numeric)
   LANGUAGE sql STABLE
   SET search_path = pg_catalog, pg_temp
   AS $$
-  WITH h AS (SELECT fluxrate_internal.rollup_horizon() AS v),
+  WITH h AS (SELECT fluxrate_internal.rollup_snapshot() AS v),
   r AS (SELECT * FROM fluxrate_internal.usage_rollups r WHERE r.org_id = rollup_differences.org_id),
   e AS (SELECT date_bin('1 day', e."timestamp", '2000-01-01 00:00:00+00'::timestamptz) AS bucket, e.customer_id, e.meter_id,
                count(*) AS events, sum(e.quantity) AS s, max(e.quantity) AS mx, min(e.quantity) AS mn
           FROM fluxrate_internal.usage_events e
-         WHERE e.org_id = rollup_differences.org_id AND e.xact_id < (SELECT v FROM h)
+         WHERE e.org_id = rollup_differences.org_id AND txid_visible_in_snapshot(e.xact_id, (SELECT v FROM h))
          GROUP BY 1, 2, 3)
   SELECT coalesce(r.bucket, e.bucket), coalesce(r.customer_id, e.customer_id), coalesce(r.meter_id, e.meter_id),
          r.events, e.events, r.quantity_sum, e.s
@@ -374,23 +378,23 @@ CREATE FUNCTION fluxrate_internal.org_period_usage(org_id uuid, period_start tim
 DECLARE
   v_all boolean := (SELECT count(*) FROM fluxrate_internal.meters m WHERE m.org_id = org_period_usage.org_id)
                    <= cardinality(meter_ids);
-  v_horizon bigint;
+  v_snap txid_snapshot;
 BEGIN
   IF aggregation_type IS NULL OR aggregation_type NOT IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG') THEN
     RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = format('no one-pass aggregation for %s', aggregation_type),
       HINT = 'One pass computes SUM, COUNT, MAX, MIN and AVG; the other meters go through meter_usage().';
   END IF;
   IF use_rollups AND fluxrate_internal.whole_utc_days(period_start, period_end) THEN
-    v_horizon := fluxrate_internal.rollup_horizon();
+    v_snap := fluxrate_internal.rollup_snapshot();
   END IF;
-  IF v_horizon IS NOT NULL THEN
-    -- The horizon is read again inside the statement, in its snapshot, with the
-    -- rollups: a refresh that committed since v_horizon was read has moved
-    -- [v_horizon, h) from the tail into the rollups, and the tail's second test
-    -- drops those events.  (Horizons only grow; v_horizon, a literal, is what
-    -- lets the planner take the BRIN index.)
+  IF v_snap IS NOT NULL THEN
+    -- The state is read again inside the statement, in its snapshot, with the
+    -- rollups: a refresh that committed since v_snap was read has moved events
+    -- from the tail into the rollups, and the tail's test against the state
+    -- read in-statement drops them.  (Snapshots only move forward; v_snap's
+    -- xmin, a literal, is what lets the planner take the BRIN index.)
     RETURN QUERY EXECUTE format(
-      'WITH h AS (SELECT fluxrate_internal.rollup_horizon() AS v)
+      'WITH h AS (SELECT fluxrate_internal.rollup_snapshot() AS v)
        SELECT g.customer_id, g.meter_id, %s AS usage
          FROM (SELECT u.customer_id, u.meter_id, sum(u.n) AS n, sum(u.s) AS s, max(u.mx) AS mx, min(u.mn) AS mn
                  FROM (SELECT r.customer_id, r.meter_id, r.events AS n, r.quantity_sum AS s, r.quantity_max AS mx,
@@ -401,14 +405,15 @@ BEGIN
                        UNION ALL
                        SELECT e.customer_id, e.meter_id, 1, e.quantity, e.quantity, e.quantity
                          FROM fluxrate_internal.usage_events e
-                        WHERE e.org_id = $1 AND e.xact_id >= %s AND e.xact_id >= coalesce((SELECT v FROM h), 0)
+                        WHERE e.org_id = $1 AND e.xact_id >= %s
+                          AND NOT coalesce(txid_visible_in_snapshot(e.xact_id, (SELECT v FROM h)), false)
                           AND e."timestamp" >= $2 AND e."timestamp" < $3 %s) u
                 GROUP BY u.customer_id, u.meter_id) g
         WHERE g.meter_id = ANY ($4)',
       CASE aggregation_type WHEN 'SUM' THEN 'g.s' WHEN 'COUNT' THEN 'g.n' WHEN 'MAX' THEN 'trim_scale(g.mx)'
         WHEN 'MIN' THEN 'trim_scale(g.mn)' WHEN 'AVG' THEN 'g.s / g.n' END,
       CASE WHEN v_all THEN '' ELSE 'AND r.meter_id = ANY ($4)' END,
-      v_horizon,
+      txid_snapshot_xmin(v_snap),
       CASE WHEN v_all THEN '' ELSE 'AND e.meter_id = ANY ($4)' END)
       USING org_id, period_start, period_end, meter_ids;
     RETURN;

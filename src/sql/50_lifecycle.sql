@@ -520,7 +520,7 @@ BEGIN
       -- read from the rollups, a period costs its own rows only: no events of
       -- other periods are read for nothing
       v_share := CASE WHEN min_benefit <= 0 THEN 1
-                      WHEN fluxrate_internal.whole_utc_days(g.ps, g.pe) AND fluxrate_internal.rollup_horizon() IS NOT NULL THEN 1
+                      WHEN fluxrate_internal.whole_utc_days(g.ps, g.pe) AND fluxrate_internal.rollup_snapshot() IS NOT NULL THEN 1
                       ELSE fluxrate_internal.period_event_share(g.org_id, g.ps, g.pe) END;
     END IF;
     CONTINUE WHEN g.customer_share * v_share < min_benefit;

@@ -38,8 +38,8 @@ BEGIN
     END IF;
   END LOOP;
   -- the rollup state (no org_id: one row for the cluster, like server_secrets)
-  -- is read by the tenant-confined readers of the rollups: the horizon, nothing else
-  CREATE POLICY horizon_read ON fluxrate_internal.usage_rollup_state FOR SELECT TO fluxrate_owner USING (true);
+  -- is read by the tenant-confined readers of the rollups: a snapshot, nothing else
+  CREATE POLICY rollup_state_read ON fluxrate_internal.usage_rollup_state FOR SELECT TO fluxrate_owner USING (true);
 
   FOR r IN
     SELECT c.oid::regclass AS seq FROM pg_catalog.pg_class c
