@@ -315,6 +315,9 @@ BEGIN
     CASE WHEN rebuild THEN '' ELSE format('AND e.xact_id >= %s AND NOT txid_visible_in_snapshot(e.xact_id, (SELECT prev_s FROM snap))',
                                           txid_snapshot_xmin(st.snapshot)) END)
     INTO v_snap, v_events, v_buckets;
+  -- the closer's plans over the rollups need statistics that know their size
+  -- (50_lifecycle.sql)
+  PERFORM fluxrate_internal.analyze_if_outgrown('fluxrate_internal.usage_rollups');
   UPDATE fluxrate_internal.usage_rollup_state
      SET system_identifier = v_sysid, snapshot = v_snap, refreshed_at = fluxrate.now(),
          rebuilt_at = CASE WHEN rebuild THEN fluxrate.now() ELSE rebuilt_at END,
