@@ -60,10 +60,11 @@ SELECT r->'skipped' AS skipped, r->'rebuilt' AS rebuilt, (r->>'events')::bigint 
   FROM fluxrate.refresh_usage_rollups() r;
 SELECT fluxrate_internal.rollup_snapshot() IS NOT NULL AS has_snapshot,
        (SELECT system_identifier FROM fluxrate_internal.usage_rollup_state) = fluxrate_internal.system_identifier() AS this_cluster;
--- a's SUM meter by day: Jan 1 holds both edge events, Dec 31 and Feb 1 their own
-SELECT r.bucket, r.events, r.quantity_sum, r.quantity_max, r.quantity_min
+-- a's SUM meter by day and by month: Jan 1 holds both edge events, Dec 31 and
+-- Feb 1 their own; January 1.50 + 2 + 0.125 + 10 = 13.625 over 4 events
+SELECT r.width, r.bucket, r.events, r.quantity_sum, r.quantity_max, r.quantity_min
   FROM fluxrate_internal.usage_rollups r JOIN fluxrate_internal.meters m ON m.org_id = r.org_id AND m.id = r.meter_id
- WHERE r.org_id = :'org' AND r.customer_id = :'ca' AND m.meter_name = 'SUM' ORDER BY r.bucket;
+ WHERE r.org_id = :'org' AND r.customer_id = :'ca' AND m.meter_name = 'SUM' ORDER BY r.width, r.bucket;
 SELECT count(*) AS differences FROM fluxrate_internal.rollup_differences(:'org');
 SELECT agg, customer, via_rollups, via_events, via_rollups::text = via_events::text AS identical FROM both_ways ORDER BY 1, 2;
 -- nothing new: a second refresh counts nothing
@@ -85,6 +86,22 @@ SELECT count(*) AS differences FROM fluxrate_internal.rollup_differences(:'org')
 SELECT agg, customer, via_rollups, via_events, via_rollups::text = via_events::text AS identical FROM both_ways ORDER BY 1, 2;
 -- the neighbour's event is in the neighbour's rollups only
 SELECT org_id = :'org_b' AS neighbour, events, quantity_sum FROM fluxrate_internal.usage_rollups WHERE customer_id = :'cx';
+
+-- Whole-day periods that are not calendar months: whole months from the month
+-- rows, the days around them from the day rows.  SUM and MAX of a over
+-- [Dec 31, Feb 2) = 100 + 18.000 + 1000, [Jan 10, Feb 1) = 4.375 + 0.125 + 10,
+-- [Dec 1, Feb 1) = 100 + 18.000, [Jan 31, Feb 1) = 10, [Dec 31, Jan 1) = 100
+SELECT p.s AS period_start, p.e AS period_end, r.usage AS sum_via_rollups, x.usage AS sum_via_events,
+       rm.usage AS max_via_rollups, xm.usage AS max_via_events
+  FROM (VALUES (timestamptz '2025-12-31', timestamptz '2026-02-02'), ('2026-01-10', '2026-02-01'), ('2025-12-01', '2026-02-01'),
+               ('2026-01-31', '2026-02-01'), ('2025-12-31', '2026-01-01')) p(s, e)
+  CROSS JOIN (SELECT id FROM fluxrate_internal.meters WHERE org_id = :'org' AND meter_name = 'SUM') ms
+  CROSS JOIN (SELECT id FROM fluxrate_internal.meters WHERE org_id = :'org' AND meter_name = 'MAX') mx
+  LEFT JOIN LATERAL (SELECT usage FROM fluxrate_internal.org_period_usage(:'org', p.s, p.e, 'SUM', ARRAY[ms.id]) WHERE customer_id = :'ca') r ON true
+  LEFT JOIN LATERAL (SELECT usage FROM fluxrate_internal.org_period_usage(:'org', p.s, p.e, 'SUM', ARRAY[ms.id], false) WHERE customer_id = :'ca') x ON true
+  LEFT JOIN LATERAL (SELECT usage FROM fluxrate_internal.org_period_usage(:'org', p.s, p.e, 'MAX', ARRAY[mx.id]) WHERE customer_id = :'ca') rm ON true
+  LEFT JOIN LATERAL (SELECT usage FROM fluxrate_internal.org_period_usage(:'org', p.s, p.e, 'MAX', ARRAY[mx.id], false) WHERE customer_id = :'ca') xm ON true
+ ORDER BY 1, 2;
 
 -- Periods that are not whole UTC days are read from the events (the same answer
 -- either way; whole_utc_days decides)
@@ -131,14 +148,14 @@ SELECT fluxrate_internal.sys_close_prepare() > 0 AS prepared;
 SELECT count(*) AS covered FROM pg_temp.fr_close_scope WHERE org_id = :'org';
 SELECT usage FROM pg_temp.fr_close_usage WHERE org_id = :'org' AND customer_id = :'cb';
 -- Drafts only: the finalizer recomputes every draft from the events.  To see
--- both, one rollup row is damaged by hand (+100 on b's Jan 2): rollup_differences
+-- both, one rollup row is damaged by hand (+100 on b's January): rollup_differences
 -- shows it, the closing run reads it (draft 108.0 x 0.40 = 43.20), and the
 -- finalized invoice is right anyway (3.20)
 UPDATE fluxrate_internal.usage_rollups r SET quantity_sum = quantity_sum + 100
   FROM fluxrate_internal.meters m
- WHERE r.org_id = :'org' AND r.customer_id = :'cb' AND r.bucket = '2026-01-02' AND m.org_id = r.org_id AND m.id = r.meter_id
-   AND m.meter_name = 'SUM';
-SELECT bucket, rollup_sum, event_sum FROM fluxrate_internal.rollup_differences(:'org');
+ WHERE r.org_id = :'org' AND r.customer_id = :'cb' AND r.width = 'month' AND r.bucket = '2026-01-01'
+   AND m.org_id = r.org_id AND m.id = r.meter_id AND m.meter_name = 'SUM';
+SELECT width, bucket, rollup_sum, event_sum FROM fluxrate_internal.rollup_differences(:'org');
 CALL fluxrate.close_due_periods();
 SELECT l.description, l.quantity, l.unit_amount, l.line_total, i.total, i.status
   FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id

@@ -180,8 +180,10 @@ $$;
 
 -- Usage rollups ----------------------------------------------------------------
 -- What every event contributes to SUM, COUNT, MAX, MIN and AVG, kept per
--- (organization, UTC day, customer, meter), so that a closing run reads ~31 rows
--- per (customer, meter) instead of every event of the month.  A minute job
+-- (organization, customer, meter) and UTC day, and again per UTC calendar
+-- month, so that a closing run reads one row per (customer, meter) for each
+-- whole month of the period and one per remaining day, instead of every event
+-- of the period.  A minute job
 -- (refresh_usage_rollups, scheduled by schedule_jobs) adds the events of the
 -- transactions that have committed since its last run.
 --
@@ -212,15 +214,16 @@ $$;
 -- first show it as visible (visibility in later snapshots only grows).
 CREATE TABLE fluxrate_internal.usage_rollups (
   org_id        uuid NOT NULL,
-  bucket        timestamptz NOT NULL,     -- a UTC day [bucket, bucket + 1 day)
+  width         text NOT NULL CHECK (width IN ('day', 'month')),
+  bucket        timestamptz NOT NULL,     -- a UTC day or month: [bucket, bucket + 1 width)
   customer_id   uuid NOT NULL,
   meter_id      uuid NOT NULL,
   events        bigint NOT NULL,
   quantity_sum  numeric NOT NULL,
   quantity_max  numeric NOT NULL,
   quantity_min  numeric NOT NULL,
-  -- bucket second: a period's rows are one index range of the organization
-  PRIMARY KEY (org_id, bucket, customer_id, meter_id)
+  -- width and bucket next: a period's months, and its days, are index ranges
+  PRIMARY KEY (org_id, width, bucket, customer_id, meter_id)
 );
 
 -- One row, written by CREATE EXTENSION; snapshot NULL until the first refresh.
@@ -299,11 +302,17 @@ BEGIN
          FROM fluxrate_internal.usage_events e
         WHERE txid_visible_in_snapshot(e.xact_id, (SELECT now_s FROM snap)) %s
         GROUP BY 1, 2, 3, 4
+     ), m AS (
+       SELECT n.org_id, date_trunc(''month'', n.bucket, ''UTC'') AS bucket, n.customer_id, n.meter_id,
+              sum(n.events)::bigint AS events, sum(n.s) AS s, max(n.mx) AS mx, min(n.mn) AS mn
+         FROM n GROUP BY 1, 2, 3, 4
      ), ins AS (
        INSERT INTO fluxrate_internal.usage_rollups AS r
-              (org_id, bucket, customer_id, meter_id, events, quantity_sum, quantity_max, quantity_min)
-       SELECT * FROM n
-       ON CONFLICT (org_id, bucket, customer_id, meter_id) DO UPDATE
+              (org_id, width, bucket, customer_id, meter_id, events, quantity_sum, quantity_max, quantity_min)
+       SELECT n.org_id, ''day'', n.bucket, n.customer_id, n.meter_id, n.events, n.s, n.mx, n.mn FROM n
+       UNION ALL
+       SELECT m.org_id, ''month'', m.bucket, m.customer_id, m.meter_id, m.events, m.s, m.mx, m.mn FROM m
+       ON CONFLICT (org_id, width, bucket, customer_id, meter_id) DO UPDATE
           SET events = r.events + excluded.events,
               quantity_sum = r.quantity_sum + excluded.quantity_sum,
               quantity_max = greatest(r.quantity_max, excluded.quantity_max),
@@ -342,21 +351,23 @@ COMMENT ON FUNCTION fluxrate.refresh_usage_rollups(boolean) IS
 -- in the state's snapshot).  No rows: they agree.  For tests and for operators
 -- who want to see it for themselves.
 CREATE FUNCTION fluxrate_internal.rollup_differences(org_id uuid)
-  RETURNS TABLE (bucket timestamptz, customer_id uuid, meter_id uuid, rollup_events bigint, event_count bigint,
+  RETURNS TABLE (width text, bucket timestamptz, customer_id uuid, meter_id uuid, rollup_events bigint, event_count bigint,
                  rollup_sum numeric, event_sum numeric)
   LANGUAGE sql STABLE
   SET search_path = pg_catalog, pg_temp
   AS $$
   WITH h AS (SELECT fluxrate_internal.rollup_snapshot() AS v),
   r AS (SELECT * FROM fluxrate_internal.usage_rollups r WHERE r.org_id = rollup_differences.org_id),
-  e AS (SELECT date_bin('1 day', e."timestamp", '2000-01-01 00:00:00+00'::timestamptz) AS bucket, e.customer_id, e.meter_id,
-               count(*) AS events, sum(e.quantity) AS s, max(e.quantity) AS mx, min(e.quantity) AS mn
-          FROM fluxrate_internal.usage_events e
-         WHERE e.org_id = rollup_differences.org_id AND txid_visible_in_snapshot(e.xact_id, (SELECT v FROM h))
-         GROUP BY 1, 2, 3)
-  SELECT coalesce(r.bucket, e.bucket), coalesce(r.customer_id, e.customer_id), coalesce(r.meter_id, e.meter_id),
-         r.events, e.events, r.quantity_sum, e.s
-    FROM r FULL JOIN e ON e.bucket = r.bucket AND e.customer_id = r.customer_id AND e.meter_id = r.meter_id
+  ev AS MATERIALIZED (SELECT e.* FROM fluxrate_internal.usage_events e
+                       WHERE e.org_id = rollup_differences.org_id AND txid_visible_in_snapshot(e.xact_id, (SELECT v FROM h))),
+  e AS (SELECT w.width, CASE w.width WHEN 'day' THEN date_bin('1 day', ev."timestamp", '2000-01-01 00:00:00+00'::timestamptz)
+                                     ELSE date_trunc('month', ev."timestamp", 'UTC') END AS bucket,
+               ev.customer_id, ev.meter_id, count(*) AS events, sum(ev.quantity) AS s, max(ev.quantity) AS mx, min(ev.quantity) AS mn
+          FROM ev CROSS JOIN (VALUES ('day'), ('month')) w(width)
+         GROUP BY 1, 2, 3, 4)
+  SELECT coalesce(r.width, e.width), coalesce(r.bucket, e.bucket), coalesce(r.customer_id, e.customer_id),
+         coalesce(r.meter_id, e.meter_id), r.events, e.events, r.quantity_sum, e.s
+    FROM r FULL JOIN e ON e.width = r.width AND e.bucket = r.bucket AND e.customer_id = r.customer_id AND e.meter_id = r.meter_id
    WHERE r.events IS DISTINCT FROM e.events OR r.quantity_sum IS DISTINCT FROM e.s
       OR r.quantity_max IS DISTINCT FROM e.mx OR r.quantity_min IS DISTINCT FROM e.mn
       OR (SELECT v FROM h) IS NULL
@@ -382,6 +393,8 @@ DECLARE
   v_all boolean := (SELECT count(*) FROM fluxrate_internal.meters m WHERE m.org_id = org_period_usage.org_id)
                    <= cardinality(meter_ids);
   v_snap txid_snapshot;
+  v_ms timestamptz;
+  v_me timestamptz;
 BEGIN
   IF aggregation_type IS NULL OR aggregation_type NOT IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG') THEN
     RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = format('no one-pass aggregation for %s', aggregation_type),
@@ -389,6 +402,17 @@ BEGIN
   END IF;
   IF use_rollups AND fluxrate_internal.whole_utc_days(period_start, period_end) THEN
     v_snap := fluxrate_internal.rollup_snapshot();
+    -- the whole UTC months inside the period [v_ms, v_me), read from the month
+    -- rows; the days before and after them from the day rows
+    v_ms := date_trunc('month', period_start, 'UTC');
+    IF v_ms < period_start THEN
+      v_ms := (date_trunc('month', period_start AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC';
+    END IF;
+    v_me := date_trunc('month', period_end, 'UTC');
+    IF v_ms >= v_me THEN
+      v_ms := period_end;
+      v_me := period_end;
+    END IF;
   END IF;
   IF v_snap IS NOT NULL THEN
     -- The state is read again inside the statement, in its snapshot, with the
@@ -403,7 +427,14 @@ BEGIN
                  FROM (SELECT r.customer_id, r.meter_id, r.events AS n, r.quantity_sum AS s, r.quantity_max AS mx,
                               r.quantity_min AS mn
                          FROM fluxrate_internal.usage_rollups r
-                        WHERE r.org_id = $1 AND r.bucket >= $2 AND r.bucket < $3 %s
+                        WHERE r.org_id = $1 AND r.width = ''month'' AND r.bucket >= $5 AND r.bucket < $6 %s
+                          AND (SELECT v FROM h) IS NOT NULL
+                       UNION ALL
+                       SELECT r.customer_id, r.meter_id, r.events AS n, r.quantity_sum AS s, r.quantity_max AS mx,
+                              r.quantity_min AS mn
+                         FROM fluxrate_internal.usage_rollups r
+                        WHERE r.org_id = $1 AND r.width = ''day''
+                          AND ((r.bucket >= $2 AND r.bucket < $5) OR (r.bucket >= $6 AND r.bucket < $3)) %s
                           AND (SELECT v FROM h) IS NOT NULL
                        UNION ALL
                        SELECT e.customer_id, e.meter_id, 1, e.quantity, e.quantity, e.quantity
@@ -416,9 +447,10 @@ BEGIN
       CASE aggregation_type WHEN 'SUM' THEN 'g.s' WHEN 'COUNT' THEN 'g.n' WHEN 'MAX' THEN 'trim_scale(g.mx)'
         WHEN 'MIN' THEN 'trim_scale(g.mn)' WHEN 'AVG' THEN 'g.s / g.n' END,
       CASE WHEN v_all THEN '' ELSE 'AND r.meter_id = ANY ($4)' END,
+      CASE WHEN v_all THEN '' ELSE 'AND r.meter_id = ANY ($4)' END,
       txid_snapshot_xmin(v_snap),
       CASE WHEN v_all THEN '' ELSE 'AND e.meter_id = ANY ($4)' END)
-      USING org_id, period_start, period_end, meter_ids;
+      USING org_id, period_start, period_end, meter_ids, v_ms, v_me;
     RETURN;
   END IF;
   RETURN QUERY EXECUTE format(
