@@ -84,6 +84,26 @@ SELECT agg, customer, via_rollups, via_events, via_rollups::text = via_events::t
 SELECT (r->>'events')::bigint AS events, r->'rebuilt' AS rebuilt FROM fluxrate.refresh_usage_rollups() r;
 SELECT count(*) AS differences FROM fluxrate_internal.rollup_differences(:'org');
 SELECT agg, customer, via_rollups, via_events, via_rollups::text = via_events::text AS identical FROM both_ways ORDER BY 1, 2;
+-- A refresh inside a transaction that tracks before and after it: its own
+-- events are in neither half until it commits, then counted once by the next
+-- refresh.  b: Jan 3, 0.25 before the refresh, 0.75 after (SUM 6.5 -> 7.5)
+BEGIN;
+INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at)
+SELECT :'org', fluxrate_internal.uuid_v7(), :'cb', m.id, 0.25, '2026-01-03', '2026-02-01'
+  FROM fluxrate_internal.meters m WHERE m.org_id = :'org' AND m.meter_name = 'SUM';
+SELECT (r->>'events')::bigint AS events_counted_inside FROM fluxrate.refresh_usage_rollups() r;
+INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at)
+SELECT :'org', fluxrate_internal.uuid_v7(), :'cb', m.id, 0.75, '2026-01-03', '2026-02-01'
+  FROM fluxrate_internal.meters m WHERE m.org_id = :'org' AND m.meter_name = 'SUM';
+COMMIT;
+SELECT agg, customer, via_rollups, via_events FROM both_ways WHERE agg = 'SUM' AND customer = 'b';
+SELECT (r->>'events')::bigint AS events FROM fluxrate.refresh_usage_rollups() r;
+SELECT count(*) AS differences FROM fluxrate_internal.rollup_differences(:'org');
+SELECT agg, customer, via_rollups, via_events FROM both_ways WHERE agg = 'SUM' AND customer = 'b';
+-- (and out again, so that the hand computations below stand)
+DELETE FROM fluxrate_internal.usage_events WHERE org_id = :'org' AND customer_id = :'cb' AND "timestamp" = '2026-01-03';
+SELECT r->'rebuilt' AS rebuilt FROM fluxrate.refresh_usage_rollups(rebuild => true) r;
+
 -- the neighbour's event is in the neighbour's rollups only
 SELECT org_id = :'org_b' AS neighbour, events, quantity_sum FROM fluxrate_internal.usage_rollups WHERE customer_id = :'cx';
 

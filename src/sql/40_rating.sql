@@ -230,7 +230,8 @@ CREATE TABLE fluxrate_internal.usage_rollups (
 CREATE TABLE fluxrate_internal.usage_rollup_state (
   singleton          boolean PRIMARY KEY DEFAULT true CHECK (singleton),
   system_identifier  bigint,
-  snapshot           txid_snapshot,   -- the rollups hold exactly the events whose xact_id is visible in it
+  snapshot           txid_snapshot,   -- the rollups hold exactly the events whose xact_id is visible in it,
+  refreshed_by       bigint,          -- ... except this one: the refresh's own transaction (see sys_refresh_rollups)
   refreshed_at       timestamptz,
   rebuilt_at         timestamptz,
   events_counted     bigint NOT NULL DEFAULT 0   -- by the last refresh
@@ -251,6 +252,7 @@ CREATE FUNCTION fluxrate_internal.rollup_snapshot() RETURNS txid_snapshot
   SELECT s.snapshot FROM fluxrate_internal.usage_rollup_state s
    WHERE s.system_identifier = fluxrate_internal.system_identifier()
 $$;
+
 
 -- The lock that keeps one refresh at a time, and delete_customer from
 -- interleaving with one (a refresh that read a customer's events before the
@@ -277,6 +279,7 @@ DECLARE
   v_events bigint := 0;
   v_buckets bigint := 0;
   v_sysid bigint := fluxrate_internal.system_identifier();
+  v_self bigint;
 BEGIN
   IF NOT pg_try_advisory_xact_lock(fluxrate_internal.rollup_lock_key()) THEN
     RETURN jsonb_build_object('skipped', true, 'reason', 'another refresh or a customer deletion holds the rollups');
@@ -286,6 +289,13 @@ BEGIN
   IF rebuild THEN
     DELETE FROM fluxrate_internal.usage_rollups;
   END IF;
+  -- Our own transaction is never "visible" to the rollups: a snapshot does not
+  -- list its own transaction as running, so S' would show it as committed, and
+  -- events this transaction inserts -- before this call, when the application
+  -- tracked and refreshed in one transaction, or after it -- would be in
+  -- neither half.  Its events are counted by the next refresh, once it has
+  -- committed (refreshed_by); if it rolls back, so does this refresh.
+  v_self := txid_current();
   -- One statement: its snapshot S' is the one recorded (txid_current_snapshot()
   -- is the running statement's).  The events visible in S' and not in S: the
   -- test against S' is implied for events of this cluster (a row is read only
@@ -300,7 +310,7 @@ BEGIN
        SELECT e.org_id, date_bin(''1 day'', e."timestamp", ''2000-01-01 00:00:00+00''::timestamptz) AS bucket,
               e.customer_id, e.meter_id, count(*) AS events, sum(e.quantity) AS s, max(e.quantity) AS mx, min(e.quantity) AS mn
          FROM fluxrate_internal.usage_events e
-        WHERE txid_visible_in_snapshot(e.xact_id, (SELECT now_s FROM snap)) %s
+        WHERE txid_visible_in_snapshot(e.xact_id, (SELECT now_s FROM snap)) AND e.xact_id <> %s %s
         GROUP BY 1, 2, 3, 4
      ), m AS (
        SELECT n.org_id, date_trunc(''month'', n.bucket, ''UTC'') AS bucket, n.customer_id, n.meter_id,
@@ -321,14 +331,15 @@ BEGIN
      )
      SELECT (SELECT now_s FROM snap), coalesce((SELECT sum(n.events) FROM n), 0)::bigint, (SELECT count(*) FROM ins)',
     CASE WHEN rebuild THEN NULL ELSE st.snapshot END,
-    CASE WHEN rebuild THEN '' ELSE format('AND e.xact_id >= %s AND NOT txid_visible_in_snapshot(e.xact_id, (SELECT prev_s FROM snap))',
-                                          txid_snapshot_xmin(st.snapshot)) END)
+    v_self,
+    CASE WHEN rebuild THEN '' ELSE format('AND e.xact_id >= %s AND (NOT txid_visible_in_snapshot(e.xact_id, (SELECT prev_s FROM snap)) OR e.xact_id = %s)',
+                                          least(txid_snapshot_xmin(st.snapshot), st.refreshed_by), st.refreshed_by) END)
     INTO v_snap, v_events, v_buckets;
   -- the closer's plans over the rollups need statistics that know their size
   -- (50_lifecycle.sql)
   PERFORM fluxrate_internal.analyze_if_outgrown('fluxrate_internal.usage_rollups');
   UPDATE fluxrate_internal.usage_rollup_state
-     SET system_identifier = v_sysid, snapshot = v_snap, refreshed_at = fluxrate.now(),
+     SET system_identifier = v_sysid, snapshot = v_snap, refreshed_by = v_self, refreshed_at = fluxrate.now(),
          rebuilt_at = CASE WHEN rebuild THEN fluxrate.now() ELSE rebuilt_at END,
          events_counted = v_events;
   RETURN jsonb_build_object('skipped', false, 'rebuilt', rebuild, 'events', v_events, 'buckets', v_buckets,
@@ -356,10 +367,12 @@ CREATE FUNCTION fluxrate_internal.rollup_differences(org_id uuid)
   LANGUAGE sql STABLE
   SET search_path = pg_catalog, pg_temp
   AS $$
-  WITH h AS (SELECT fluxrate_internal.rollup_snapshot() AS v),
+  WITH h AS (SELECT st.snapshot AS v, st.refreshed_by AS self FROM fluxrate_internal.usage_rollup_state st
+              WHERE st.system_identifier = fluxrate_internal.system_identifier()),
   r AS (SELECT * FROM fluxrate_internal.usage_rollups r WHERE r.org_id = rollup_differences.org_id),
   ev AS MATERIALIZED (SELECT e.* FROM fluxrate_internal.usage_events e
-                       WHERE e.org_id = rollup_differences.org_id AND txid_visible_in_snapshot(e.xact_id, (SELECT v FROM h))),
+                       WHERE e.org_id = rollup_differences.org_id AND txid_visible_in_snapshot(e.xact_id, (SELECT v FROM h))
+                         AND e.xact_id <> (SELECT self FROM h)),
   e AS (SELECT w.width, CASE w.width WHEN 'day' THEN date_bin('1 day', ev."timestamp", '2000-01-01 00:00:00+00'::timestamptz)
                                      ELSE date_trunc('month', ev."timestamp", 'UTC') END AS bucket,
                ev.customer_id, ev.meter_id, count(*) AS events, sum(ev.quantity) AS s, max(ev.quantity) AS mx, min(ev.quantity) AS mn
@@ -393,6 +406,7 @@ DECLARE
   v_all boolean := (SELECT count(*) FROM fluxrate_internal.meters m WHERE m.org_id = org_period_usage.org_id)
                    <= cardinality(meter_ids);
   v_snap txid_snapshot;
+  v_self bigint;
   v_ms timestamptz;
   v_me timestamptz;
 BEGIN
@@ -401,7 +415,8 @@ BEGIN
       HINT = 'One pass computes SUM, COUNT, MAX, MIN and AVG; the other meters go through meter_usage().';
   END IF;
   IF use_rollups AND fluxrate_internal.whole_utc_days(period_start, period_end) THEN
-    v_snap := fluxrate_internal.rollup_snapshot();
+    SELECT st.snapshot, st.refreshed_by INTO v_snap, v_self
+      FROM fluxrate_internal.usage_rollup_state st WHERE st.system_identifier = fluxrate_internal.system_identifier();
     -- the whole UTC months inside the period [v_ms, v_me), read from the month
     -- rows; the days before and after them from the day rows
     v_ms := date_trunc('month', period_start, 'UTC');
@@ -421,7 +436,8 @@ BEGIN
     -- read in-statement drops them.  (Snapshots only move forward; v_snap's
     -- xmin, a literal, is what lets the planner take the BRIN index.)
     RETURN QUERY EXECUTE format(
-      'WITH h AS (SELECT fluxrate_internal.rollup_snapshot() AS v)
+      'WITH h AS (SELECT st.snapshot AS v, st.refreshed_by AS self FROM fluxrate_internal.usage_rollup_state st
+                   WHERE st.system_identifier = fluxrate_internal.system_identifier())
        SELECT g.customer_id, g.meter_id, %s AS usage
          FROM (SELECT u.customer_id, u.meter_id, sum(u.n) AS n, sum(u.s) AS s, max(u.mx) AS mx, min(u.mn) AS mn
                  FROM (SELECT r.customer_id, r.meter_id, r.events AS n, r.quantity_sum AS s, r.quantity_max AS mx,
@@ -440,7 +456,8 @@ BEGIN
                        SELECT e.customer_id, e.meter_id, 1, e.quantity, e.quantity, e.quantity
                          FROM fluxrate_internal.usage_events e
                         WHERE e.org_id = $1 AND e.xact_id >= %s
-                          AND NOT coalesce(txid_visible_in_snapshot(e.xact_id, (SELECT v FROM h)), false)
+                          AND NOT coalesce(txid_visible_in_snapshot(e.xact_id, (SELECT v FROM h))
+                                           AND e.xact_id <> (SELECT self FROM h), false)
                           AND e."timestamp" >= $2 AND e."timestamp" < $3 %s) u
                 GROUP BY u.customer_id, u.meter_id) g
         WHERE g.meter_id = ANY ($4)',
@@ -448,7 +465,7 @@ BEGIN
         WHEN 'MIN' THEN 'trim_scale(g.mn)' WHEN 'AVG' THEN 'g.s / g.n' END,
       CASE WHEN v_all THEN '' ELSE 'AND r.meter_id = ANY ($4)' END,
       CASE WHEN v_all THEN '' ELSE 'AND r.meter_id = ANY ($4)' END,
-      txid_snapshot_xmin(v_snap),
+      least(txid_snapshot_xmin(v_snap), v_self),
       CASE WHEN v_all THEN '' ELSE 'AND e.meter_id = ANY ($4)' END)
       USING org_id, period_start, period_end, meter_ids, v_ms, v_me;
     RETURN;

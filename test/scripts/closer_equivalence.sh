@@ -491,6 +491,13 @@ round() {   # round AT BATCH MODE: call = CALL close_due_periods(BATCH); snap / 
   ev=$(q "SELECT public.eq_events('$ORG', '$PREV', '$at', 6, 0.9, 0.1 + $K / 100.0 - $SEED / 1000.0)
                + public.eq_events('$ORG_B', '$PREV', '$at', 6, 1, 0.5 + $K / 100.0 - $SEED / 1000.0)
                + public.eq_events('$ORG_C', '$PREV', '$at', 6, 1, 0.7 + $K / 100.0 - $SEED / 1000.0)")
+  # the usage rollups (docs/rollups.md): refreshed in rounds 2-4, after the round's events and
+  # before the late ones (which the closer then reads from the tail); round 5 reads rollups two
+  # rounds old and a tail of everything since
+  if [ "$K" -ge 2 ] && [ "$K" -le 4 ]; then
+    q "SELECT fluxrate.refresh_usage_rollups()" >/dev/null
+    echo "round $K: usage rollups refreshed before the late events"
+  fi
   if [ "$K" -gt 1 ]; then
     late=$(q "SELECT public.eq_events('$ORG', '2026-12-01 00:00:00+00', '$PREV', 2, 0.15, 0.3 + $K / 100.0 - $SEED / 1000.0, '$at')
                    + public.eq_events('$ORG_B', '2026-12-01 00:00:00+00', '$PREV', 2, 0.3, 0.6 + $K / 100.0 - $SEED / 1000.0, '$at')
@@ -695,6 +702,11 @@ q "SELECT 'billed: ' || string_agg(currency || ' ' || total, ', ' ORDER BY curre
   || fail "expected rounds with and without a usage snapshot"
 [ "$(q "SELECT bool_and(opu_calls > 0) FROM public.eq_rounds WHERE mode = 'nosnap'")" = t ] \
   || fail "expected period_usage()'s whole-organization pass in the round without a snapshot"
+# the rollups, refreshed once more, hold exactly the events
+q "SELECT fluxrate.refresh_usage_rollups()" >/dev/null
+rd=$(q "SELECT count(*) FROM fluxrate_internal.organizations o, fluxrate_internal.rollup_differences(o.org_id) d")
+echo "usage rollups against the events: $rd differences"
+[ "$rd" = 0 ] || fail "$rd rollup rows differ from the events"
 [ "$(q "SELECT sum(late_lines) > 0 AND sum(min_lines) > 0 AND sum(adv_lines) > 0 AND sum(prorated) > 0 FROM public.eq_rounds")" = t ] \
   || fail "expected late usage, minimum, in-advance and prorated lines"
 q "ALTER DATABASE fluxrate RESET fluxrate.pinned_now"
