@@ -67,6 +67,13 @@ SELECT c.relname AS table_without_forced_rls FROM pg_class c
 SELECT p.oid::regprocedure AS definer_without_search_path FROM pg_proc p
  WHERE p.pronamespace IN ('fluxrate'::regnamespace, 'fluxrate_internal'::regnamespace) AND p.prosecdef
    AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%') ORDER BY 1;
+-- the only tables without org_id are the two that hold one row or a few for the
+-- whole database, which only fluxrate_system writes: the server secrets and the
+-- usage rollups' state (tenants read its snapshot, nothing else)
+SELECT c.relname AS table_without_org_id FROM pg_class c
+ WHERE c.relnamespace = 'fluxrate_internal'::regnamespace AND c.relkind = 'r'
+   AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'org_id' AND NOT a.attisdropped)
+ ORDER BY 1;
 -- org_id leads every primary key of a tenant table, and is in every unique key and foreign key
 SELECT conrelid::regclass AS constraint_without_org_id, conname FROM pg_constraint con
  WHERE connamespace = 'fluxrate_internal'::regnamespace AND contype IN ('p', 'u', 'f')

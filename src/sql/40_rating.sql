@@ -230,7 +230,7 @@ CREATE TABLE fluxrate_internal.usage_rollups (
 CREATE TABLE fluxrate_internal.usage_rollup_state (
   singleton          boolean PRIMARY KEY DEFAULT true CHECK (singleton),
   system_identifier  bigint,
-  snapshot           txid_snapshot,   -- the rollups hold exactly the events whose xact_id is visible in it,
+  snapshot           pg_catalog.txid_snapshot,   -- the rollups hold exactly the events whose xact_id is visible in it,
   refreshed_by       bigint,          -- ... except this one: the refresh's own transaction (see sys_refresh_rollups)
   refreshed_at       timestamptz,
   rebuilt_at         timestamptz,
