@@ -39,8 +39,6 @@ reset() {
     -c "REINDEX INDEX fluxrate_internal.usage_events_xact_idx" \
     -c "VACUUM ANALYZE public.bench_events" -c "CHECKPOINT" >/dev/null
 }
-report() { awk -v n="$1" -v o="$2" -v b="$3" 'BEGIN { printf "bench %s: ours=%.0f/s baseline=%.0f/s ratio=%.3f\n", n, o, b, o / b }'; }
-tps() { grep -E '^tps = ' "$1" | head -1 | sed -E 's/tps = ([0-9.]+).*/\1/'; }
 
 cat > "$W/ours_single.sql" <<SQL
 \set k random(1, 2000000000)
@@ -75,21 +73,7 @@ SQL
 D=(-D key="$KEY" -D tok="$TOK" -D org="$ORG" -D cust="$CID" -D meter="$MID")
 run() { pgbench -n -M prepared -c "$C" -j 2 -T "$1" "${D[@]}" -f "$2" > "$3" 2>&1 || { cat "$3"; exit 1; }; }
 
-# The sides alternate in R rounds of T/R seconds each (baseline, ours, baseline,
-# ours, ...), each run on reset tables, and each side's rate is the mean of its
-# rounds: a burst of other work on the machine then hits both sides alike
-# instead of skewing whichever side it happened to overlap.
-R=${BENCH_ROUNDS:-6}
-t=$(( (T + R - 1) / R ))
-side() {  # side <name> <base.sql> <ours.sql> <events per transaction>
-  local bs=0 os=0
-  for r in $(seq 1 "$R"); do
-    reset; run "$t" "$2" "$W/b.out"; bs=$(awk -v a="$bs" -v b="$(tps "$W/b.out")" 'BEGIN { print a + b }')
-    reset; run "$t" "$3" "$W/o.out"; os=$(awk -v a="$os" -v b="$(tps "$W/o.out")" 'BEGIN { print a + b }')
-  done
-  report "$1" "$(awk -v s="$os" -v r="$R" -v n="$4" 'BEGIN { print s / r * n }')" \
-              "$(awk -v s="$bs" -v r="$R" -v n="$4" 'BEGIN { print s / r * n }')"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/rounds.sh"
 side track_single "$W/base_single.sql" "$W/ours_single.sql" 1
 side track_batch "$W/base_batch.sql" "$W/ours_batch.sql" 1000
 reset

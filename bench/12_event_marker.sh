@@ -21,8 +21,6 @@ reset() {
   psql -X -q -v ON_ERROR_STOP=1 -c "TRUNCATE public.bench_with, public.bench_without" \
     -c "VACUUM ANALYZE public.bench_with" -c "VACUUM ANALYZE public.bench_without" -c "CHECKPOINT" >/dev/null
 }
-report() { awk -v n="$1" -v o="$2" -v b="$3" 'BEGIN { printf "bench %s: ours=%.0f/s baseline=%.0f/s ratio=%.3f\n", n, o, b, o / b }'; }
-tps() { grep -E '^tps = ' "$1" | head -1 | sed -E 's/tps = ([0-9.]+).*/\1/'; }
 for t in with without; do
   cat > "$W/${t}_single.sql" <<SQL
 \set k random(1, 2000000000)
@@ -40,18 +38,8 @@ ON CONFLICT (org_id, idempotency_key) DO NOTHING;
 SQL
 done
 run() { pgbench -n -M prepared -c "$C" -j 2 -T "$1" -f "$2" > "$3" 2>&1 || { cat "$3"; exit 1; }; }
-R=${BENCH_ROUNDS:-6}
-t=$(( (T + R - 1) / R ))
-side() {  # side <name> <kind> <events per transaction>
-  local bs=0 os=0
-  for r in $(seq 1 "$R"); do
-    reset; run "$t" "$W/without_$2.sql" "$W/b.out"; bs=$(awk -v a="$bs" -v b="$(tps "$W/b.out")" 'BEGIN { print a + b }')
-    reset; run "$t" "$W/with_$2.sql" "$W/o.out"; os=$(awk -v a="$os" -v b="$(tps "$W/o.out")" 'BEGIN { print a + b }')
-  done
-  report "$1" "$(awk -v s="$os" -v r="$R" -v n="$3" 'BEGIN { print s / r * n }')" \
-              "$(awk -v s="$bs" -v r="$R" -v n="$3" 'BEGIN { print s / r * n }')"
-}
-side xact_id_single single 1
-side xact_id_batch batch 1000
+source "$(dirname "${BASH_SOURCE[0]}")/rounds.sh"
+side xact_id_single "$W/without_single.sql" "$W/with_single.sql" 1
+side xact_id_batch "$W/without_batch.sql" "$W/with_batch.sql" 1000
 q "DROP TABLE public.bench_with, public.bench_without" >/dev/null
 rm -rf "$W"
