@@ -25,7 +25,9 @@
 # Paths: meter_usage; period_usage (its per-pair path, and its whole-
 # organization path: one period, at least half of the customers; which one
 # ran is checked with pg_stat_get_xact_function_calls); org_period_usage
-# (SUM, COUNT, MAX, MIN, AVG; a meter subset and all meters); these again
+# (SUM, COUNT, MAX, MIN, AVG; a meter subset and all meters; whole-UTC-day
+# periods through the usage rollups, refreshed after the bulk events, with the
+# tracked events as their tail, and again from the events alone); these again
 # under forced parallel plans; the API get_meter_usage (total, every bucket,
 # event counts, unique customers; one customer or all; and under another
 # session time zone), get_meter_stats (today, this week, this month at three
@@ -594,6 +596,9 @@ echo "setup: $(q "SELECT count(*) FROM public.uq_meters") meters, $(q "SELECT co
 # Events: bulk, then track / track_batch
 # ---------------------------------------------------------------------------
 bulk=$(q "SELECT public.uq_bulk('$ORG_A', 7, 0.75, 0.11 - $SEED / 2000.0) + public.uq_bulk('$ORG_B', 7, 0.9, 0.22 - $SEED / 2000.0)")
+# the usage rollups count the bulk events; the events sent next are their tail
+# (org_period_usage reads whole-UTC-day periods as rollups + tail: docs/rollups.md)
+q "SELECT fluxrate.refresh_usage_rollups()" >/dev/null
 q "SELECT public.uq_plan_sends('A', '$ORG_A', 360, 4, 150, 0.33 - $SEED / 2000.0), public.uq_plan_sends('B', '$ORG_B', 120, 2, 80, 0.44 - $SEED / 2000.0)" >/dev/null
 q "SELECT public.uq_send('$ORG_A') + public.uq_send('$ORG_B')" >/dev/null
 # every send had the outcome it should have, and every created event is stored exactly as sent
@@ -735,7 +740,7 @@ echo "period_usage done ($(lap))"
 # hands it only those: it applies no filters), every customer (no row = 0)
 qf >/dev/null <<'SQL'
 SET TimeZone = 'UTC';
-CREATE FUNCTION public.uq_org_period_usage(v_sfx text, v_ks integer[]) RETURNS void LANGUAGE plpgsql AS $fn$
+CREATE FUNCTION public.uq_org_period_usage(v_sfx text, v_ks integer[], v_rollups boolean DEFAULT true) RETURNS void LANGUAGE plpgsql AS $fn$
 BEGIN
   CREATE TEMP TABLE uq_opu ON COMMIT DROP AS
   SELECT o.tag, x.shape, p.k, a.agg, u.*
@@ -743,7 +748,7 @@ BEGIN
    CROSS JOIN (VALUES ('subset'), ('all meters')) x(shape)
    CROSS JOIN LATERAL fluxrate_internal.org_period_usage(o.org_id, p.ps, p.pe, a.agg,
       CASE x.shape WHEN 'subset' THEN ARRAY(SELECT m.meter_id FROM public.uq_meters m WHERE m.org_id = o.org_id AND m.agg = a.agg AND m.variant = 'none')
-                   ELSE ARRAY(SELECT m.meter_id FROM public.uq_meters m WHERE m.org_id = o.org_id) END) u
+                   ELSE ARRAY(SELECT m.meter_id FROM public.uq_meters m WHERE m.org_id = o.org_id) END, v_rollups) u
    WHERE p.k = ANY (v_ks);
   INSERT INTO public.uq_checks
   SELECT 'org_period_usage: one row per (customer, meter), all of the organization', count(*) = 0,
@@ -770,6 +775,16 @@ $fn$;
 BEGIN;
 SELECT public.uq_org_period_usage('', ARRAY(SELECT k FROM public.uq_periods));
 COMMIT;
+-- the same from the events alone (whole-day periods above went through the rollups)
+BEGIN;
+SELECT public.uq_org_period_usage(' (events only)', ARRAY(SELECT k FROM public.uq_periods), false);
+COMMIT;
+-- the rollups were read with a tail: the tracked events are not rolled up
+INSERT INTO public.uq_checks
+SELECT 'org_period_usage: rollups refreshed, the tracked events in their tail',
+       fluxrate_internal.rollup_snapshot() IS NOT NULL AND count(*) > 0, count(*) || ' events in the tail'
+  FROM fluxrate_internal.usage_events e
+ WHERE NOT txid_visible_in_snapshot(e.xact_id, fluxrate_internal.rollup_snapshot());
 SQL
 echo "org_period_usage done ($(lap))"
 
