@@ -333,7 +333,7 @@ BEGIN
     CASE WHEN rebuild THEN NULL ELSE st.snapshot END,
     v_self,
     CASE WHEN rebuild THEN '' ELSE format('AND e.xact_id >= %s AND (NOT txid_visible_in_snapshot(e.xact_id, (SELECT prev_s FROM snap)) OR e.xact_id = %s)',
-                                          least(txid_snapshot_xmin(st.snapshot), st.refreshed_by), st.refreshed_by) END)
+                                          least(txid_snapshot_xmin(st.snapshot), st.refreshed_by), coalesce(st.refreshed_by, 0)) END)
     INTO v_snap, v_events, v_buckets;
   -- the closer's plans over the rollups need statistics that know their size
   -- (50_lifecycle.sql)
@@ -372,7 +372,7 @@ CREATE FUNCTION fluxrate_internal.rollup_differences(org_id uuid)
   r AS (SELECT * FROM fluxrate_internal.usage_rollups r WHERE r.org_id = rollup_differences.org_id),
   ev AS MATERIALIZED (SELECT e.* FROM fluxrate_internal.usage_events e
                        WHERE e.org_id = rollup_differences.org_id AND txid_visible_in_snapshot(e.xact_id, (SELECT v FROM h))
-                         AND e.xact_id <> (SELECT self FROM h)),
+                         AND e.xact_id IS DISTINCT FROM (SELECT self FROM h)),
   e AS (SELECT w.width, CASE w.width WHEN 'day' THEN date_bin('1 day', ev."timestamp", '2000-01-01 00:00:00+00'::timestamptz)
                                      ELSE date_trunc('month', ev."timestamp", 'UTC') END AS bucket,
                ev.customer_id, ev.meter_id, count(*) AS events, sum(ev.quantity) AS s, max(ev.quantity) AS mx, min(ev.quantity) AS mn
@@ -433,8 +433,9 @@ BEGIN
     -- The state is read again inside the statement, in its snapshot, with the
     -- rollups: a refresh that committed since v_snap was read has moved events
     -- from the tail into the rollups, and the tail's test against the state
-    -- read in-statement drops them.  (Snapshots only move forward; v_snap's
-    -- xmin, a literal, is what lets the planner take the BRIN index.)
+    -- read in-statement drops them.  (Snapshots only move forward; the lower
+    -- bound of the tail -- v_snap's xmin, or the refresh's own transaction if
+    -- older -- is a literal so that the planner takes the BRIN index.)
     RETURN QUERY EXECUTE format(
       'WITH h AS (SELECT st.snapshot AS v, st.refreshed_by AS self FROM fluxrate_internal.usage_rollup_state st
                    WHERE st.system_identifier = fluxrate_internal.system_identifier())
@@ -457,7 +458,7 @@ BEGIN
                          FROM fluxrate_internal.usage_events e
                         WHERE e.org_id = $1 AND e.xact_id >= %s
                           AND NOT coalesce(txid_visible_in_snapshot(e.xact_id, (SELECT v FROM h))
-                                           AND e.xact_id <> (SELECT self FROM h), false)
+                                           AND e.xact_id IS DISTINCT FROM (SELECT self FROM h), false)
                           AND e."timestamp" >= $2 AND e."timestamp" < $3 %s) u
                 GROUP BY u.customer_id, u.meter_id) g
         WHERE g.meter_id = ANY ($4)',
