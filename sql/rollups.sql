@@ -192,6 +192,30 @@ SELECT l.description, l.quantity, l.unit_amount, l.line_total, i.total, i.status
 SELECT r->'rebuilt' AS rebuilt FROM fluxrate.refresh_usage_rollups(rebuild => true) r;
 SELECT count(*) AS differences FROM fluxrate_internal.rollup_differences(:'org');
 
+-- The next close reads the late-usage check's periods through the rollups too:
+-- February's usage (b, Feb 10, 2; rolled up) and a late January event (b, Jan
+-- 25, 5; after the refresh: the tail).  The run's snapshot covers January and
+-- February; January now 8.0 + 5 = 13.0, billed 8.0 -> a late-usage line of
+-- 5 x 0.40 = 2.00; February 2 x 0.40 = 0.80; total 2.80
+INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at)
+SELECT :'org', fluxrate_internal.uuid_v7(), :'cb', m.id, 2, '2026-02-10', '2026-02-10'
+  FROM fluxrate_internal.meters m WHERE m.org_id = :'org' AND m.meter_name = 'SUM';
+SELECT (r->>'events')::bigint AS events FROM fluxrate.refresh_usage_rollups() r;
+INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at)
+SELECT :'org', fluxrate_internal.uuid_v7(), :'cb', m.id, 5, '2026-01-25', '2026-02-28'
+  FROM fluxrate_internal.meters m WHERE m.org_id = :'org' AND m.meter_name = 'SUM';
+SET fluxrate.pinned_now = '2026-03-01 00:00:30+00';
+SELECT fluxrate_internal.sys_close_prepare() > 0 AS prepared;
+SELECT sc.period_start, sc.period_end, su.usage
+  FROM pg_temp.fr_close_scope sc
+  LEFT JOIN pg_temp.fr_close_usage su ON su.org_id = sc.org_id AND su.meter_id = sc.meter_id
+       AND su.period_start = sc.period_start AND su.period_end = sc.period_end AND su.customer_id = :'cb'
+ WHERE sc.org_id = :'org' ORDER BY 1;
+CALL fluxrate.close_due_periods();
+SELECT l.line_type, l.quantity, l.unit_amount, l.line_total, l.period_start, i.total, i.status
+  FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.org_id = :'org' AND i.customer_id = :'cb' AND i.period_start = '2026-02-01' ORDER BY l.position;
+
 -- delete_customer removes the customer's rollups with its events
 SELECT fluxrate.act_as(:'org', true) IS NOT NULL AS acting;
 SELECT count(*) AS a_rollups_before FROM fluxrate_internal.usage_rollups WHERE org_id = :'org' AND customer_id = :'ca';
