@@ -649,7 +649,7 @@ CREATE FUNCTION fluxrate_internal.analyze_invoices_if_outgrown() RETURNS boolean
 -- plan_cache_mode = force_custom_plan did the same, but it also reached the
 -- foreign-key checks, which then planned their query once per line: a third of
 -- a batch's time.
-CREATE FUNCTION fluxrate_internal.sys_close_batch(batch_size integer DEFAULT 500, only_id uuid DEFAULT NULL) RETURNS integer
+CREATE FUNCTION fluxrate_internal.sys_close_batch(batch_size integer DEFAULT 2000, only_id uuid DEFAULT NULL) RETURNS integer
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   -- a batch of 2,000 estimates above jit_above_cost, and compiling its 266
@@ -996,7 +996,7 @@ $$;
 -- (close_error, shown by get_subscription) and it is retried after 5 minutes,
 -- doubling per attempt up to a day.  Only runs after a batch failed, so the
 -- normal path has no subtransaction per row.  Returns how many it handled.
-CREATE FUNCTION fluxrate_internal.sys_close_isolated(batch_size integer DEFAULT 500) RETURNS integer
+CREATE FUNCTION fluxrate_internal.sys_close_isolated(batch_size integer DEFAULT 2000) RETURNS integer
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -1179,8 +1179,11 @@ $$;
 
 -- The jobs.  Invoker procedures (a SECURITY DEFINER procedure may not COMMIT):
 -- each batch commits, so a long catch-up makes progress and a killed run loses
--- at most one batch, which the next run redoes.
-CREATE PROCEDURE fluxrate.close_due_periods(batch_size integer DEFAULT 500)
+-- at most one batch, which the next run redoes.  Closing batches of 2,000
+-- (~0.2 s each): a batch's fixed costs -- the claim, planning its two big
+-- statements, the commit -- were ~15% of a run in batches of 500 (10,000
+-- subscriptions: 1.26-1.35 s against 1.09-1.13 s).
+CREATE PROCEDURE fluxrate.close_due_periods(batch_size integer DEFAULT 2000)
   LANGUAGE plpgsql
   AS $$
 DECLARE
