@@ -107,8 +107,9 @@ fr_random_token(PG_FUNCTION_ARGS)
  * the transaction that inserted them, and transaction ids mean something only
  * inside the cluster that handed them out: the rollup state records this
  * number, and a state written by another cluster (a restored copy, a logical
- * replica) is not trusted.  pg_control_system() says the same but reads the
- * control file from disk and is not granted to ordinary roles.
+ * replica) is not trusted.  pg_control_system() says the same, but reads and
+ * checks the control file from disk on every call; every reader of the
+ * rollups asks, so this returns the copy in shared memory.
  */
 PG_FUNCTION_INFO_V1(fr_system_identifier);
 Datum

@@ -237,8 +237,9 @@ CREATE TABLE fluxrate_internal.usage_events (
   PRIMARY KEY (org_id, id),
   UNIQUE (org_id, idempotency_key)             -- exact, no expiry, same transaction as the insert
 );
--- The rollup refresh reads the events of the transactions that ended since the
--- last one: the table's newest pages.  BRIN, because events arrive in roughly
+-- The rollup refresh reads the events of the transactions that committed since
+-- the last one, and a reader the events not rolled up yet: the table's newest
+-- pages.  BRIN, because events arrive in roughly
 -- transaction order (a few bytes per 128 pages, next to nothing per insert);
 -- autosummarize so that pages filled since the last VACUUM are summarized
 -- without waiting for it (unsummarized ranges are always read).
