@@ -122,6 +122,34 @@ BEGIN
 END
 $$;
 
+-- The late-usage window, defined once for fill_lines, sys_close_batch and
+-- sys_close_prepare: the usage and late-usage lines, for periods ending by
+-- `before`, of the subscription's last 12 finalized invoices that bill usage
+-- (DRAFTs are not billed yet; opening invoices carry fees only; a VOID
+-- invoice's usage counts as billed: voiding forgives it).  Driven from the
+-- subscription's own invoices through the (org_id, subscription_id,
+-- period_start) index, so its cost does not grow with the organization's other
+-- invoices; the lines lateral is a fence (OFFSET 0): pulled up into a join, the
+-- planner, whose statistics of invoice_lines may date from before a closing
+-- run, hashed every line of the organization.  Plain SQL without SET clauses,
+-- so that it is inlined into its callers' queries (they pin search_path).
+CREATE FUNCTION fluxrate_internal.late_window_lines(org_id uuid, subscription_id uuid, before timestamptz)
+  RETURNS TABLE (charge_id uuid, period_start timestamptz, period_end timestamptz, line_type text, meta jsonb)
+  LANGUAGE sql STABLE
+  AS $$
+  SELECT l.charge_id, l.period_start, l.period_end, l.line_type, l.meta
+    FROM (SELECT pi.id FROM fluxrate_internal.invoices pi
+           WHERE pi.org_id = $1 AND pi.subscription_id = $2 AND pi.period_start < $3
+             AND pi.status IN ('OPEN', 'PAID', 'UNCOLLECTIBLE', 'VOID') AND pi.kind <> 'opening'
+           ORDER BY pi.period_start DESC LIMIT 12) recent
+    CROSS JOIN LATERAL (SELECT l0.charge_id, l0.period_start, l0.period_end, l0.line_type, l0.meta
+                          FROM fluxrate_internal.invoice_lines l0
+                         WHERE l0.org_id = $1 AND l0.invoice_id = recent.id
+                           AND l0.line_type IN ('usage', 'late_usage') AND l0.charge_id IS NOT NULL
+                           AND l0.period_end <= $3
+                        OFFSET 0) l
+$$;
+
 -- (Re)compute the lines of a subscription invoice over [period_start, period_end).
 -- nominal_start/nominal_end is the whole period the dates fall in: FIXED charges
 -- are prorated by the fraction of it the invoice covers (exact time, which is
@@ -227,25 +255,12 @@ BEGIN
   -- billed so far (the usage line plus earlier late lines; the deltas telescope,
   -- so this is right for every aggregation), priced incrementally
   -- (rate(now) - rate(billed)) so tiers stay right.  Only what increases the
-  -- amount is billed; finalized invoices never change.  Looks back over the
-  -- last 12 finalized invoices that bill usage (DRAFTs are not billed yet;
-  -- opening invoices carry fees only).  A VOID invoice's usage counts as billed:
-  -- voiding forgives it, the next invoice does not bill it again as late usage.
-  -- (driven from the subscription's last 12 invoices through the
-  -- (org_id, subscription_id, period_start) index, so the cost does not grow with
-  -- the organization's other invoices, whatever the statistics say)
+  -- amount is billed; finalized invoices never change.  The window:
+  -- late_window_lines() (the last 12 finalized invoices that bill usage).
   FOR r IN
     SELECT l.charge_id, l.period_start, l.period_end,
            sum(CASE l.line_type WHEN 'usage' THEN (l.meta->>'usage')::numeric ELSE (l.meta->>'usage_delta')::numeric END) AS billed
-      FROM (SELECT pi.id FROM fluxrate_internal.invoices pi
-             WHERE pi.org_id = i.org_id AND pi.subscription_id = i.subscription_id
-               AND pi.period_start < i.period_start
-               AND pi.status IN ('OPEN', 'PAID', 'UNCOLLECTIBLE', 'VOID') AND pi.kind <> 'opening'
-             ORDER BY pi.period_start DESC LIMIT 12) recent
-      CROSS JOIN LATERAL (SELECT * FROM fluxrate_internal.invoice_lines x
-                           WHERE x.org_id = i.org_id AND x.invoice_id = recent.id) l
-     WHERE l.line_type IN ('usage', 'late_usage')
-       AND l.charge_id IS NOT NULL AND l.period_end <= i.period_start
+      FROM fluxrate_internal.late_window_lines(i.org_id, i.subscription_id, i.period_start) l
      GROUP BY l.charge_id, l.period_start, l.period_end
      ORDER BY l.period_start, l.charge_id
   LOOP
@@ -548,18 +563,7 @@ BEGIN
                      (SELECT count(DISTINCT o.customer_id) FROM fluxrate_internal.subscriptions o
                        WHERE o.org_id = x.org_id AND o.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE')) AS subscribed
                 FROM fluxrate_internal.subscriptions x
-                -- (the same invoices and lines sys_close_batch's late-usage check reads)
-                CROSS JOIN LATERAL (SELECT pi.id FROM fluxrate_internal.invoices pi
-                                     WHERE pi.org_id = x.org_id AND pi.subscription_id = x.id
-                                       AND pi.period_start < x.current_period_start
-                                       AND pi.status IN ('OPEN', 'PAID', 'UNCOLLECTIBLE', 'VOID')
-                                       AND pi.kind <> 'opening'
-                                     ORDER BY pi.period_start DESC LIMIT 12) recent
-                CROSS JOIN LATERAL (SELECT l0.charge_id, l0.period_start, l0.period_end FROM fluxrate_internal.invoice_lines l0
-                                     WHERE l0.org_id = x.org_id AND l0.invoice_id = recent.id
-                                       AND l0.line_type IN ('usage', 'late_usage') AND l0.charge_id IS NOT NULL
-                                       AND l0.period_end <= x.current_period_start
-                                    OFFSET 0) l
+                CROSS JOIN LATERAL fluxrate_internal.late_window_lines(x.org_id, x.id, x.current_period_start) l
                WHERE x.status IN ('ACTIVE', 'PAST_DUE') AND x.current_period_end <= v_now
                GROUP BY 1, 2, 3) d
         JOIN fluxrate_internal.charges c ON c.org_id = d.org_id AND c.id = ANY (d.charges)
@@ -726,20 +730,7 @@ BEGIN
                            sum(CASE l.line_type WHEN 'usage' THEN (l.meta->>'usage')::numeric
                                     ELSE (l.meta->>'usage_delta')::numeric END) AS billed
                       FROM unnest($1) x
-                      CROSS JOIN LATERAL (SELECT pi.id FROM fluxrate_internal.invoices pi
-                                           WHERE pi.org_id = x.org_id AND pi.subscription_id = x.id
-                                             AND pi.period_start < x.current_period_start
-                                             AND pi.status IN ('OPEN', 'PAID', 'UNCOLLECTIBLE', 'VOID')
-                                             AND pi.kind <> 'opening'
-                                           ORDER BY pi.period_start DESC LIMIT 12) recent
-                      -- lateral: the lines of these invoices only (a join let the planner, whose
-                      -- statistics of invoice_lines date from before the run, hash every line of
-                      -- the organization in every batch)
-                      CROSS JOIN LATERAL (SELECT l0.* FROM fluxrate_internal.invoice_lines l0
-                                           WHERE l0.org_id = x.org_id AND l0.invoice_id = recent.id
-                                             AND l0.line_type IN ('usage', 'late_usage') AND l0.charge_id IS NOT NULL
-                                             AND l0.period_end <= x.current_period_start
-                                          OFFSET 0) l  -- a fence: not pulled up into a join
+                      CROSS JOIN LATERAL fluxrate_internal.late_window_lines(x.org_id, x.id, x.current_period_start) l
                      WHERE x.status <> 'TRIAL'
                      GROUP BY 1, 2, 3, 4, 5, 6) ls
               JOIN fluxrate_internal.charges c ON c.org_id = ls.org_id AND c.id = ls.charge_id) z
