@@ -20,6 +20,11 @@ if [ ! -x "$TI/usr/lib/postgresql/15/bin/postgres" ]; then
   mkdir -p "$TI/usr/lib/postgresql" "$TI/usr/share/postgresql"
   cp -a /usr/lib/postgresql/15 "$TI/usr/lib/postgresql/"
   cp -a /usr/share/postgresql/15 "$TI/usr/share/postgresql/"
+else
+  # a copy made before a package of test/deps.sh was installed (plpgsql_check)
+  # gets what it lacks; what is there (fluxrate's own files) is kept
+  cp -an /usr/lib/postgresql/15 "$TI/usr/lib/postgresql/"
+  cp -an /usr/share/postgresql/15 "$TI/usr/share/postgresql/"
 fi
 make -s PG_CONFIG=$PG_CONFIG install DESTDIR="$TI" >/dev/null
 export PGBIN=$TI/usr/lib/postgresql/15/bin

@@ -396,6 +396,8 @@ $$;
 -- millions of rows, like a plain GROUP BY; the tail is a BRIN range of the
 -- newest pages), and RETURN QUERY may run in parallel.  When the meters are all
 -- of the organization's, the meter test moves from every row to every group.
+-- (plpgsql_check warns that the OUT variables are "maybe unmodified": the rows
+-- come from RETURN QUERY EXECUTE, which it cannot see into; sql/lint.sql.)
 CREATE FUNCTION fluxrate_internal.org_period_usage(org_id uuid, period_start timestamptz, period_end timestamptz,
     aggregation_type text, meter_ids uuid[], use_rollups boolean DEFAULT true)
   RETURNS TABLE (customer_id uuid, meter_id uuid, usage numeric)

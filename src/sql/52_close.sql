@@ -271,7 +271,6 @@ CREATE FUNCTION fluxrate_internal.sys_close_batch(batch_size integer DEFAULT 200
 DECLARE
   v_batch fluxrate_internal.subscriptions[];
   v_now timestamptz := fluxrate.now();
-  v_events bigint;
   v_usage jsonb;
 BEGIN
   PERFORM fluxrate_internal.sys_close_tables();
@@ -293,7 +292,7 @@ BEGIN
        || fluxrate_internal.close_sql_advance() || ', '
        || fluxrate_internal.close_sql_outbox()
        || ' SELECT count(*) FROM dl'
-    INTO v_events USING v_batch, v_now, v_usage;
+    USING v_batch, v_now, v_usage;
   RETURN cardinality(v_batch);
 END
 $$;
