@@ -8,7 +8,7 @@
 --   sys_close_batch()          the set-based closer of up to batch_size subscriptions,
 --                              top-down in stages: sys_close_claim(),
 --                              sys_close_trials(), sys_close_usage(), then one
---                              statement made of close_sql_periods(), the lines
+--                              statement, close_statement(): close_sql_periods(), the lines
 --                              (close_sql_charge_lines(), _late_lines(), _minimum(),
 --                              _lines()), close_sql_invoices(), _advance(), _outbox()
 --   transient_error(), retry_delay(), sys_close_isolated()   a failed batch is
@@ -239,8 +239,8 @@ CREATE FUNCTION fluxrate_internal.analyze_invoices_if_outgrown() RETURNS boolean
 --            ended and of the late-usage check of the last 12 finalized
 --            invoices, from the run's snapshot where it covers the pair, else
 --            period_usage() once per organization
---   then ONE statement for every other claimed subscription, assembled from
---   named parts (close_sql_*()):
+--   then ONE statement for every other claimed subscription, close_statement(),
+--   assembled from named parts (close_sql_*()):
 --   periods  the period that ended, its proration, the next period, currency,
 --            tax rate, the new invoice's id; the subscriptions to invoice
 --   lines    the charge lines, late usage, minimum commitment (the same as
@@ -281,18 +281,8 @@ BEGIN
   END IF;
   PERFORM fluxrate_internal.sys_close_trials(v_batch);
   v_usage := fluxrate_internal.sys_close_usage(v_batch);
-  -- $1 the claimed rows, $2 now, $3 the usage by subscription
-  EXECUTE 'WITH '
-       || fluxrate_internal.close_sql_periods() || ', '
-       || fluxrate_internal.close_sql_charge_lines() || ', '
-       || fluxrate_internal.close_sql_late_lines() || ', '
-       || fluxrate_internal.close_sql_minimum() || ', '
-       || fluxrate_internal.close_sql_lines() || ', '
-       || fluxrate_internal.close_sql_invoices() || ', '
-       || fluxrate_internal.close_sql_advance() || ', '
-       || fluxrate_internal.close_sql_outbox()
-       || ' SELECT count(*) FROM dl'
-    USING v_batch, v_now, v_usage;
+  -- periods, lines, invoices, advance, outbox
+  EXECUTE fluxrate_internal.close_statement() USING v_batch, v_now, v_usage;
   RETURN cardinality(v_batch);
 END
 $$;
@@ -424,11 +414,12 @@ BEGIN
 END
 $$;
 
--- The parts of the closing statement, in its order.  Each is a piece of one
--- WITH list over $1 (the claimed subscriptions), $2 (now) and $3 (the usage by
--- subscription, of sys_close_usage()), and may name the CTEs of the parts
+-- The parts of the closing statement (close_statement(), after them).  Each is
+-- a piece of one WITH list over $1 (the claimed subscriptions), $2 (now) and $3 (the usage
+-- by subscription, of sys_close_usage()), and may name the CTEs of the parts
 -- before it.  Each step derives from the claimed rows (b, sb) and carries what
 -- it needs forward, so no step joins two large intermediate results.
+-- (bench/close_plan.sh prints its plan.)
 
 -- Stage periods: b, each claimed subscription that is not a trial, with its
 -- period, proration and next period; sb, those of b to invoice.
@@ -673,6 +664,23 @@ CREATE FUNCTION fluxrate_internal.close_sql_outbox() RETURNS text
     RETURNING 1
   )
 $sql$ $fn$;
+
+-- The closing statement: its parts in order (defined after them: a SQL body is
+-- checked at CREATE).
+CREATE FUNCTION fluxrate_internal.close_statement() RETURNS text
+  LANGUAGE sql IMMUTABLE
+  AS $$
+  SELECT 'WITH '
+         || fluxrate_internal.close_sql_periods() || ', '
+         || fluxrate_internal.close_sql_charge_lines() || ', '
+         || fluxrate_internal.close_sql_late_lines() || ', '
+         || fluxrate_internal.close_sql_minimum() || ', '
+         || fluxrate_internal.close_sql_lines() || ', '
+         || fluxrate_internal.close_sql_invoices() || ', '
+         || fluxrate_internal.close_sql_advance() || ', '
+         || fluxrate_internal.close_sql_outbox()
+         || ' SELECT count(*) FROM dl'
+$$;
 
 -- Errors that say nothing about the row being processed: serialization failures
 -- and deadlocks (class 40), a lock not available (55P03), lack of resources (53),
