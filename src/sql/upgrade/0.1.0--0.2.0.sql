@@ -14,3 +14,8 @@
 -- fluxrate UPDATE and compares the catalog with a fresh 0.2.0 install: a
 -- forgotten step shows there as a difference.
 -- Every name schema-qualified, as in the install script.
+
+-- render (issue 14, item 5): the media-type domains PostgREST serves the PDF
+-- and HTML invoices with (75_render.sql); types are not replayed.
+CREATE DOMAIN fluxrate."application/pdf" AS bytea;
+CREATE DOMAIN fluxrate."text/html" AS text;
