@@ -718,10 +718,13 @@ CREATE FUNCTION fluxrate_internal.meter_range_usage(org_id uuid, m fluxrate_inte
 $$;
 
 -- GET /meters/{meter_id}/usage: the meter's usage over [start_date, end_date)
--- (default the last 30 days up to now), in every hour/day/week/month bucket of
--- the range (empty buckets included, at most 10,000), for all customers or one.
+-- (default the last 30 days up to now), by hour/day/week/month bucket of the
+-- range (at most 10,000), for all customers or one.  Only the buckets with
+-- events or usage, unless include_empty => true asks for every bucket of the
+-- range (zeros included, the 0.1.0 behaviour).
 CREATE FUNCTION fluxrate.get_meter_usage(meter_id uuid, start_date timestamptz DEFAULT NULL,
-    end_date timestamptz DEFAULT NULL, group_by text DEFAULT 'day', customer_id uuid DEFAULT NULL)
+    end_date timestamptz DEFAULT NULL, group_by text DEFAULT 'day', customer_id uuid DEFAULT NULL,
+    include_empty boolean DEFAULT false)
   RETURNS jsonb
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
@@ -785,13 +788,15 @@ BEGIN
     'event_count', (SELECT count(*) FROM ev),
     'unique_customers', (SELECT count(DISTINCT ev.cust) FROM ev),
     'period_start', v_start, 'period_end', v_end,
-    'grouped_data', (SELECT coalesce(jsonb_agg(jsonb_build_object('period', bk.bucket AT TIME ZONE 'UTC',
-        'usage', CASE WHEN m.aggregation_type IN ('LAST', 'WEIGHTED_SUM')
-                   THEN fluxrate_internal.meter_range_usage(v_org, m, get_meter_usage.customer_id,
-                          greatest(bk.bucket AT TIME ZONE 'UTC', v_start), least((bk.bucket + v_step) AT TIME ZONE 'UTC', v_end))
-                   ELSE coalesce(g.u, 0) END,
-        'event_count', coalesce(g.n, 0)) ORDER BY bk.bucket), '[]'::jsonb)
-      FROM buckets bk LEFT JOIN g ON g.bucket = bk.bucket))
+    'grouped_data', (SELECT coalesce(jsonb_agg(jsonb_build_object('period', r.bucket AT TIME ZONE 'UTC',
+        'usage', r.usage, 'event_count', r.n) ORDER BY r.bucket), '[]'::jsonb)
+      FROM (SELECT bk.bucket, coalesce(g.n, 0) AS n,
+                   CASE WHEN m.aggregation_type IN ('LAST', 'WEIGHTED_SUM')
+                     THEN fluxrate_internal.meter_range_usage(v_org, m, get_meter_usage.customer_id,
+                            greatest(bk.bucket AT TIME ZONE 'UTC', v_start), least((bk.bucket + v_step) AT TIME ZONE 'UTC', v_end))
+                     ELSE coalesce(g.u, 0) END AS usage
+              FROM buckets bk LEFT JOIN g ON g.bucket = bk.bucket) r
+     WHERE coalesce(get_meter_usage.include_empty, false) OR r.n > 0 OR r.usage <> 0))
     INTO v_result;
   RETURN v_result;
 END

@@ -841,7 +841,7 @@ BEGIN
     FOR p IN SELECT * FROM public.uq_periods x WHERE x.k = ANY (v_ks || v_ks_all) ORDER BY x.k LOOP
       FOR c IN SELECT u FROM unnest(CASE WHEN p.k = ANY (v_ks) THEN custs ELSE '{}' END
                                     || CASE WHEN p.k = ANY (v_ks_all) THEN ARRAY[NULL::uuid] ELSE '{}' END) u LOOP
-        j := fluxrate.get_meter_usage(m.meter_id, p.ps, p.pe, p.group_by, c);
+        j := fluxrate.get_meter_usage(m.meter_id, p.ps, p.pe, p.group_by, c, include_empty => true);
         n := n + 1;
         sfx := CASE WHEN c IS NULL THEN ' (all customers)' ELSE '' END;
         step := ('1 ' || p.group_by)::interval;
