@@ -725,7 +725,7 @@ $$;
 CREATE FUNCTION fluxrate.get_meter_usage(meter_id uuid, start_date timestamptz DEFAULT NULL,
     end_date timestamptz DEFAULT NULL, group_by text DEFAULT 'day', customer_id uuid DEFAULT NULL,
     include_empty boolean DEFAULT false)
-  RETURNS jsonb
+  RETURNS json                           -- keys in a logical order (75_render.sql)
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -798,7 +798,7 @@ BEGIN
               FROM buckets bk LEFT JOIN g ON g.bucket = bk.bucket) r
      WHERE coalesce(get_meter_usage.include_empty, false) OR r.n > 0 OR r.usage <> 0))
     INTO v_result;
-  RETURN v_result;
+  RETURN fluxrate_internal.ordered_json(v_result);
 END
 $$;
 

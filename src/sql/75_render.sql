@@ -279,3 +279,38 @@ BEGIN
    ORDER BY i.created_at, i.id, l.position;
 END
 $$;
+
+-- JSON in a logical order ---------------------------------------------------------
+-- jsonb keeps an object's keys sorted by length, then bytes ("id", "tax",
+-- "kind", "total", ...).  The documents are still built as jsonb (they compose
+-- with || and the jsonb operators); the reads a person looks at return json
+-- written by json_in_order (src/render_json.c): identity, parties, money,
+-- dates, then the nested collections; a key this list does not name comes
+-- after the named ones, in byte order.
+CREATE OR REPLACE FUNCTION fluxrate_internal.json_in_order(doc jsonb, key_order text[]) RETURNS json
+  LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE
+  AS 'MODULE_PATHNAME', 'fr_json_in_order';
+
+CREATE OR REPLACE FUNCTION fluxrate_internal.ordered_json(doc jsonb) RETURNS json
+  LANGUAGE sql IMMUTABLE PARALLEL SAFE
+  AS $$
+  SELECT fluxrate_internal.json_in_order(doc, ARRAY['id', 'invoice_number', 'name', 'status', 'kind', 'meter_id',
+    'customer_id', 'customer_name', 'subscription_id', 'plan_id', 'currency', 'position', 'line_type', 'charge_id',
+    'description', 'quantity', 'unit_amount', 'line_total', 'period', 'usage', 'total_usage', 'event_count',
+    'unique_customers', 'subtotal', 'tax', 'tax_rate', 'total', 'amount_due', 'amount_paid', 'period_start', 'period_end',
+    'issue_date', 'due_date', 'scheduled_finalize_at', 'finalized_at', 'paid_at', 'voided_at', 'public_token',
+    'created_at', 'updated_at', 'meta_data', 'line_items', 'grouped_data']::text[])
+$$;
+
+-- get_invoice's document: the invoice with its lines and the customer's name.
+CREATE OR REPLACE FUNCTION fluxrate_internal.invoice_document(org_id uuid, invoice_id uuid) RETURNS json
+  LANGUAGE plpgsql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  i fluxrate_internal.invoices := fluxrate_internal.load_invoice(invoice_document.org_id, invoice_document.invoice_id);
+BEGIN
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.invoice_json(i) || jsonb_build_object('customer_name',
+    (SELECT c.name FROM fluxrate_internal.customers c WHERE c.org_id = i.org_id AND c.id = i.customer_id)));
+END
+$$;

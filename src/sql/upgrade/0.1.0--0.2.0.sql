@@ -22,3 +22,6 @@ CREATE DOMAIN fluxrate."text/html" AS text;
 -- get_meter_usage gained include_empty (default false: only the buckets with
 -- events or usage); a new parameter is a new signature, so the old one goes.
 DROP FUNCTION fluxrate.get_meter_usage(uuid, timestamptz, timestamptz, text, uuid);
+-- get_invoice returns json (keys in a logical order, with the customer's
+-- name): a new return type, so the jsonb one goes.
+DROP FUNCTION fluxrate.get_invoice(uuid);
