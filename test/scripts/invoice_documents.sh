@@ -124,6 +124,33 @@ assert re.search(r"Amount due\s+2725\.88 USD", out), out
 print("e-mail carries the PDF (%d bytes, sha256 %s...)" % (len(data), hashlib.sha256(data).hexdigest()[:12]))
 PYEOF
 
+echo "== a long invoice: 150 lines over several PDF pages, long descriptions wrapped, every amount on a page"
+# by hand: line n (1..150) is n x 1.01, so its amount is 1.01 n; the total is
+# 1.01 x (150 x 151 / 2) = 1.01 x 11,325 = 11,438.25 (Initech is taxed 8.25%:
+# 11,438.25 x 0.0825 = 943.655625 -> 943.66, amount due 12,381.91)
+LONG=$(q "$A SELECT (fluxrate.create_invoice('$CUST', 'USD', line_items => (SELECT jsonb_agg(jsonb_build_object(
+       'description', 'Item ' || n || CASE WHEN n % 10 = 0 THEN ' with a description long enough to wrap over more than one line of the table in the PDF invoice' ELSE '' END,
+       'quantity', n, 'unit_amount', 1.01) ORDER BY n) FROM generate_series(1, 150) n)))->>'id'" | tail -1)
+as_org "$ORG" "SELECT encode(fluxrate.invoice_pdf('$LONG'), 'hex')" | $PY -c \
+  'import sys; sys.stdout.buffer.write(bytes.fromhex(sys.stdin.read().split()[-1]))' > "$W/long.pdf"
+pages=$(pdfinfo "$W/long.pdf" | awk '/^Pages:/ {print $2}')
+[ "$pages" -ge 3 ] || fail "150 lines on $pages pages"
+pdftotext -layout "$W/long.pdf" "$W/long.txt"
+$PY - "$W/long.txt" <<'PYEOF'
+import re, sys
+from decimal import Decimal
+t = open(sys.argv[1]).read()
+for n in range(1, 151):
+    amount = (Decimal("1.01") * n).quantize(Decimal("0.01"))
+    assert re.search(r"Item %d\b.*\s%d\s+1\.01\s+%s USD" % (n, n, re.escape(str(amount))), t), ("line", n, amount)
+for label, value in (("Subtotal", "11438.25"), (r"Tax \(8\.25%\)", "943.66"), ("Total", "12381.91"), ("Amount due", "12381.91")):
+    assert re.search(label + r"\s+" + re.escape(value) + " USD", t), (label, value, t[-1500:])
+# the long description wraps onto a second line of its own, under the description column
+assert re.search(r"Item 10 with a description long enough to wrap over more than +10 +1\.01 +10\.10 USD\none line of the table in the PDF invoice\n", t), t[:2000]
+print("150 lines, total 12381.91 USD")
+PYEOF
+echo "long invoice: $pages pages"
+
 echo "== another organization: PT404 for every form, no rows"
 B="SELECT fluxrate.act_as('$OTHER');"
 for f in invoice_text invoice_html invoice_pdf; do
@@ -133,6 +160,6 @@ done
 got=$(q "$B SELECT (SELECT count(*) FROM fluxrate.invoice_rows()) || ' ' || (SELECT count(*) FROM fluxrate.invoice_line_rows())" | tail -1)
 [ "$got" = "0 0" ] || fail "another organization sees rows: $got"
 got=$(q "$A SELECT (SELECT count(*) FROM fluxrate.invoice_rows()) || ' ' || (SELECT count(*) FROM fluxrate.invoice_line_rows())" | tail -1)
-[ "$got" = "1 2" ] || fail "the organization's own rows: $got"
+[ "$got" = "2 152" ] || fail "the organization's own rows: $got"
 q "ALTER DATABASE fluxrate RESET fluxrate.pinned_now"
 echo "ok"
