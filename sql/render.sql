@@ -35,10 +35,11 @@ SELECT line FROM regexp_split_to_table(fluxrate.invoice_text(:'inv_jpy'), E'\n')
 SELECT line FROM regexp_split_to_table(fluxrate.invoice_text(:'inv_kwd'), E'\n') line WHERE line ~ 'Support|Total|Currency';
 
 -- The table-shaped reads, with the customer's name
+-- (ordered here: the two drafts share the pinned clock, and ties go by random id)
 SELECT invoice_number, customer_name, status, kind, currency, subtotal, tax, total, amount_due, issue_date, due_date, line_count
-  FROM fluxrate.invoice_rows();
+  FROM fluxrate.invoice_rows() ORDER BY invoice_number NULLS LAST, currency;
 SELECT invoice_number, customer_name, position, line_type, description, quantity, unit_amount, line_total, currency
-  FROM fluxrate.invoice_line_rows();
+  FROM fluxrate.invoice_line_rows() ORDER BY invoice_number NULLS LAST, currency, position;
 -- filtered with WHERE (PostgREST: ?status=eq.OPEN)
 SELECT invoice_number, customer_name, total FROM fluxrate.invoice_rows() WHERE status = 'OPEN';
 
