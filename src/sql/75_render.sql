@@ -38,6 +38,7 @@ DECLARE
   i fluxrate_internal.invoices;
   o fluxrate_internal.organizations;
   c fluxrate_internal.customers;
+  v_address text;
 BEGIN
   SELECT * INTO i FROM fluxrate_internal.invoices x WHERE x.org_id = invoice_parts.org_id AND x.id = invoice_parts.invoice_id;
   SELECT * INTO o FROM fluxrate_internal.organizations x WHERE x.org_id = invoice_parts.org_id;
@@ -54,8 +55,14 @@ BEGIN
   subject := format('Invoice %s from %s: %s due %s', invoice_number, o.name,
                     fluxrate_internal.money_text(i.total, i.currency), due);
   pairs := ARRAY[['Invoice number', invoice_number], ['Status', i.status], ['From', o.name],
-                 ['Bill to', c.name || coalesce(' <' || nullif(btrim(c.email), '') || '>', '')],
-                 ['Issue date', coalesce(to_char(i.issue_date AT TIME ZONE 'UTC', 'YYYY-MM-DD'), '(not issued)')],
+                 ['Bill to', c.name || coalesce(' <' || nullif(btrim(c.email), '') || '>', '')]];
+  v_address := concat_ws(', ', nullif(btrim(c.billing_address_line1), ''), nullif(btrim(c.billing_address_city), ''),
+                         nullif(btrim(c.billing_address_state), ''), nullif(btrim(c.billing_address_postal_code), ''),
+                         c.billing_address_country);
+  IF v_address <> '' THEN
+    pairs := pairs || ARRAY[['Address', v_address]];
+  END IF;
+  pairs := pairs || ARRAY[['Issue date', coalesce(to_char(i.issue_date AT TIME ZONE 'UTC', 'YYYY-MM-DD'), '(not issued)')],
                  ['Due date', due]];
   IF period IS NOT NULL THEN
     pairs := pairs || ARRAY[['Period', period]];
