@@ -9,7 +9,9 @@ SET fluxrate.pinned_now = '2026-03-01 09:00:00+00';
 SELECT (fluxrate.create_organization('Acme Billing', payment_terms_days => 14))->>'id' AS org \gset
 SELECT (fluxrate.create_organization('Globex'))->>'id' AS org_b \gset
 SELECT fluxrate.act_as(:'org', true) IS NOT NULL AS acting;
-SELECT (fluxrate.create_customer('Bob <Buyer> & Sons', 'bob@example.com', 'bob', billing_address_country => 'US'))->>'id' AS cust \gset
+SELECT (fluxrate.create_customer('Bob <Buyer> & Sons', 'bob@example.com', 'bob', billing_address_line1 => '1 Main St',
+       billing_address_city => 'Springfield', billing_address_state => 'IL', billing_address_postal_code => '62701',
+       billing_address_country => 'US'))->>'id' AS cust \gset
 SELECT (fluxrate.create_customer('Yamada KK', 'ap@yamada.example', 'yamada', billing_address_country => 'JP'))->>'id' AS cust_jp \gset
 
 -- By hand: 3 x 19.99 = 59.97; 2.5 x 0.333 = 0.8325 -> 0.83 (rounded once, per line);
