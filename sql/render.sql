@@ -51,6 +51,11 @@ SELECT string_agg(k, ', ') AS invoice_keys FROM json_object_keys(fluxrate.get_in
 SELECT string_agg(k, ', ') AS line_keys FROM json_object_keys((fluxrate.get_invoice(:'inv'))->'line_items'->0) k;
 SELECT g->>'customer_name' AS customer_name, g->>'total' AS total, json_array_length(g->'line_items') AS lines
   FROM fluxrate.get_invoice(:'inv') g;
+-- the other single-document reads too: what it is, what it belongs to, its terms, money, dates, contents
+SELECT string_agg(k, ', ') AS organization_keys FROM json_object_keys(fluxrate.get_organization()) k;
+SELECT string_agg(k, ', ') AS customer_keys FROM json_object_keys(fluxrate.get_customer(:'cust')) k;
+-- a key the order does not name goes before the timestamps, in byte order; nested objects are ordered too
+SELECT fluxrate_internal.ordered_json('{"zeta": 1, "created_at": "t", "alpha": {"total": 2, "id": 1, "b": [{"usage": 3, "period": "p"}]}, "id": 0}');
 
 -- The PDF: the media-type domain PostgREST serves as application/pdf; a PDF file;
 -- the same bytes every time (no creation date, no random file id)

@@ -10,7 +10,8 @@
  * documents are still built as jsonb (they compose with || and the jsonb
  * operators); this file writes one out with each object's keys in the order
  * of key_order (75_render.sql holds the list), the keys it does not name
- * after them in byte order, formatted as jsonb prints (", " and ": ").
+ * where "*" stands in it (else last), in byte order, formatted as jsonb
+ * prints (", " and ": ").
  *
  * In C because a recursive SQL function over jsonb_each() costs a plan per
  * nested value (a 720-bucket usage document took 180 ms that way).
@@ -33,6 +34,7 @@ typedef struct
 {
 	char	  **keys;
 	int			n;
+	int			unknown;		/* the rank of a key the list does not name: where "*" is */
 } KeyOrder;
 
 typedef struct
@@ -50,7 +52,7 @@ Rank(KeyOrder *ko, const char *key)
 	for (int i = 0; i < ko->n; i++)
 		if (strcmp(ko->keys[i], key) == 0)
 			return i;
-	return ko->n;
+	return ko->unknown;
 }
 
 static int
@@ -172,8 +174,13 @@ fr_json_in_order(PG_FUNCTION_ARGS)
 
 	deconstruct_array(order, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &ko.n);
 	ko.keys = palloc(sizeof(char *) * (ko.n > 0 ? ko.n : 1));
+	ko.unknown = ko.n;
 	for (int i = 0; i < ko.n; i++)
+	{
 		ko.keys[i] = nulls[i] ? pstrdup("") : TextDatumGetCString(elems[i]);
+		if (strcmp(ko.keys[i], "*") == 0)
+			ko.unknown = i;
+	}
 	initStringInfo(&out);
 	EmitContainer(&doc->root, &out, &ko);
 	PG_RETURN_TEXT_P(cstring_to_text_with_len(out.data, out.len));

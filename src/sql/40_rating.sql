@@ -580,7 +580,8 @@ CREATE FUNCTION fluxrate_internal.subscription_usage(org_id uuid, s fluxrate_int
                    WHERE pf.org_id = subscription_usage.org_id AND pf.plan_id = s.plan_id)
 $$;
 
-CREATE FUNCTION fluxrate.get_subscription_usage(subscription_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_subscription_usage(subscription_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -592,11 +593,12 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'subscription not found', format('No subscription %s in this organization.', subscription_id));
   END IF;
-  RETURN fluxrate_internal.subscription_usage(v_org, s);
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.subscription_usage(v_org, s));
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_customer_usage(customer_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_customer_usage(customer_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -607,11 +609,11 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'customer not found', format('No customer %s in this organization.', customer_id));
   END IF;
-  RETURN jsonb_build_object('customer_id', customer_id, 'subscriptions',
+  RETURN fluxrate_internal.ordered_json(jsonb_build_object('customer_id', customer_id, 'subscriptions',
     coalesce((SELECT jsonb_agg(fluxrate_internal.subscription_usage(v_org, s) ORDER BY s.created_at, s.id)
                 FROM fluxrate_internal.subscriptions s
                WHERE s.org_id = v_org AND s.customer_id = get_customer_usage.customer_id
-                 AND s.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE')), '[]'::jsonb));
+                 AND s.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE')), '[]'::jsonb)));
 END
 $$;
 
@@ -804,7 +806,8 @@ $$;
 
 -- GET /meters/{meter_id}/stats: all-time counts, and the usage so far in the UTC
 -- day, ISO week and month containing now ([start of the unit, now)).
-CREATE FUNCTION fluxrate.get_meter_stats(meter_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_meter_stats(meter_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -830,6 +833,6 @@ BEGIN
     INTO v_result
     FROM fluxrate_internal.usage_events e
    WHERE e.org_id = v_org AND e.meter_id = m.id AND fluxrate_internal.filters_match(e.metadata, m.filters);
-  RETURN v_result;
+  RETURN fluxrate_internal.ordered_json(v_result);
 END
 $$;

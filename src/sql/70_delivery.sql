@@ -463,7 +463,8 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_smtp_settings() RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_smtp_settings() RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -475,7 +476,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'smtp is not configured', hint => 'Call fluxrate.set_smtp_settings().');
   END IF;
-  RETURN fluxrate_internal.smtp_json(s);
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.smtp_json(s));
 END
 $$;
 

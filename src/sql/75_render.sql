@@ -291,9 +291,9 @@ $$;
 -- jsonb keeps an object's keys sorted by length, then bytes ("id", "tax",
 -- "kind", "total", ...).  The documents are still built as jsonb (they compose
 -- with || and the jsonb operators); the reads a person looks at return json
--- written by json_in_order (src/render_json.c): identity, parties, money,
--- dates, then the nested collections; a key this list does not name comes
--- after the named ones, in byte order.
+-- written by json_in_order (src/render_json.c): what it is, what it belongs
+-- to, its terms, quantities and money, dates, then the nested collections; a
+-- key the list does not name goes where '*' stands, in byte order.
 CREATE OR REPLACE FUNCTION fluxrate_internal.json_in_order(doc jsonb, key_order text[]) RETURNS json
   LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE
   AS 'MODULE_PATHNAME', 'fr_json_in_order';
@@ -301,12 +301,33 @@ CREATE OR REPLACE FUNCTION fluxrate_internal.json_in_order(doc jsonb, key_order 
 CREATE OR REPLACE FUNCTION fluxrate_internal.ordered_json(doc jsonb) RETURNS json
   LANGUAGE sql IMMUTABLE PARALLEL SAFE
   AS $$
-  SELECT fluxrate_internal.json_in_order(doc, ARRAY['id', 'invoice_number', 'name', 'status', 'kind', 'meter_id',
-    'customer_id', 'customer_name', 'subscription_id', 'plan_id', 'currency', 'position', 'line_type', 'charge_id',
-    'description', 'quantity', 'unit_amount', 'line_total', 'period', 'usage', 'total_usage', 'event_count',
-    'unique_customers', 'subtotal', 'tax', 'tax_rate', 'total', 'amount_due', 'amount_paid', 'period_start', 'period_end',
-    'issue_date', 'due_date', 'scheduled_finalize_at', 'finalized_at', 'paid_at', 'voided_at', 'public_token',
-    'created_at', 'updated_at', 'meta_data', 'line_items', 'grouped_data']::text[])
+  SELECT fluxrate_internal.json_in_order(doc, ARRAY[
+    -- what it is
+    'id', 'position', 'invoice_number', 'name', 'display_name', 'lookup_key', 'lookup_id', 'external_id', 'email', 'phone',
+    'status', 'kind', 'type', 'line_type',
+    -- what it belongs to
+    'organization_id', 'feature_id', 'meter_id', 'meter_name', 'meter_token', 'property_name', 'aggregation_type',
+    'unique_property', 'unit', 'filters', 'customer_id', 'customer_name', 'subscription_id', 'plan_id', 'plan_name', 'charge_id', 'endpoint_id',
+    'description',
+    -- its terms
+    'billing_interval', 'alignment', 'currency', 'pricing_model', 'billing_timing', 'unit_price', 'package_size',
+    'package_price', 'free_units', 'tiers', 'trial_days', 'minimum_commitment', 'is_active', 'is_enabled', 'usage_limit',
+    'usage_reset_period', 'is_soft_limit', 'static_value',
+    'billing_country', 'billing_state', 'billing_address_line1', 'billing_address_city', 'billing_address_state',
+    'billing_address_postal_code', 'billing_address_country', 'payment_terms_days', 'grace_period_seconds', 'auto_email',
+    'invoice_link_base',
+    -- quantities and money
+    'quantity', 'unit_amount', 'line_total', 'period', 'usage', 'total_usage', 'event_count', 'total_events',
+    'unique_customers', 'first_event_date', 'last_event_date', 'today_usage', 'this_week_usage', 'this_month_usage',
+    'subtotal', 'tax', 'tax_rate', 'total', 'amount_due', 'amount_paid',
+    -- when
+    'period_start', 'period_end', 'current_period_start', 'current_period_end', 'start_date', 'trial_end_date',
+    'cancel_at_period_end', 'canceled_at', 'cancel_reason', 'ended_at', 'issue_date', 'due_date', 'scheduled_finalize_at',
+    'finalized_at', 'paid_at', 'voided_at', 'public_token',
+    '*',            -- the keys this list does not name, in byte order
+    'created_at', 'updated_at', 'meta_data',
+    -- what it contains
+    'meter', 'charges', 'features', 'line_items', 'grouped_data', 'subscriptions', 'data', 'meta']::text[])
 $$;
 
 -- get_invoice's document: the invoice with its lines and the customer's name.

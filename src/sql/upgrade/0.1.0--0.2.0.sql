@@ -25,3 +25,14 @@ DROP FUNCTION fluxrate.get_meter_usage(uuid, timestamptz, timestamptz, text, uui
 -- get_invoice returns json (keys in a logical order, with the customer's
 -- name): a new return type, so the jsonb one goes.
 DROP FUNCTION fluxrate.get_invoice(uuid);
+-- The other single-document reads return json too (keys in a logical order).
+DROP FUNCTION fluxrate.get_organization();
+DROP FUNCTION fluxrate.get_feature(uuid);
+DROP FUNCTION fluxrate.get_meter(uuid);
+DROP FUNCTION fluxrate.get_plan(uuid);
+DROP FUNCTION fluxrate.get_customer(uuid);
+DROP FUNCTION fluxrate.get_subscription(uuid);
+DROP FUNCTION fluxrate.get_subscription_usage(uuid);
+DROP FUNCTION fluxrate.get_customer_usage(uuid);
+DROP FUNCTION fluxrate.get_meter_stats(uuid);
+DROP FUNCTION fluxrate.get_smtp_settings();
