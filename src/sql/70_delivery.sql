@@ -209,7 +209,9 @@ CREATE FUNCTION fluxrate_internal.invoice_email(org_id uuid, invoice_id uuid, de
   AS $$
 DECLARE
   p record := fluxrate_internal.invoice_parts(invoice_email.org_id, invoice_email.invoice_id);
+  i fluxrate_internal.invoices;
   o fluxrate_internal.organizations;
+  c fluxrate_internal.customers;
   s fluxrate_internal.smtp_settings;
   v_greeting text[];
   v_text text;
@@ -219,7 +221,9 @@ DECLARE
   v_file text;
   v_from text;
 BEGIN
+  SELECT * INTO i FROM fluxrate_internal.invoices x WHERE x.org_id = invoice_email.org_id AND x.id = invoice_email.invoice_id;
   SELECT * INTO o FROM fluxrate_internal.organizations x WHERE x.org_id = invoice_email.org_id;
+  SELECT * INTO c FROM fluxrate_internal.customers x WHERE x.org_id = i.org_id AND x.id = i.customer_id;
   SELECT * INTO s FROM fluxrate_internal.smtp_settings x WHERE x.org_id = invoice_email.org_id;
   subject := p.subject;
   v_greeting := ARRAY[format('Hello %s,', p.customer_name),
@@ -239,14 +243,14 @@ BEGIN
                  ELSE s.from_email END;
   message := concat_ws(E'\n',
     'From: ' || v_from,
-    'To: ' || CASE WHEN p.customer_name IS NOT NULL AND p.customer_name <> recipient
-                   THEN fluxrate_internal.mime_header(p.customer_name) || ' <' || recipient || '>'
+    'To: ' || CASE WHEN c.name IS NOT NULL AND c.name <> recipient
+                   THEN fluxrate_internal.mime_header(c.name) || ' <' || recipient || '>'
                    ELSE '<' || recipient || '>' END,
     'Subject: ' || fluxrate_internal.mime_header(subject),
     'Date: ' || to_char(fluxrate.now() AT TIME ZONE 'UTC', 'Dy, DD Mon YYYY HH24:MI:SS') || ' +0000',
     -- stable across retries: a receiver that got the message twice can tell
     'Message-ID: <' || delivery_id || '@fluxrate.invalid>',
-    'X-Fluxrate-Invoice-Id: ' || invoice_email.invoice_id,
+    'X-Fluxrate-Invoice-Id: ' || i.id,
     'MIME-Version: 1.0',
     'Content-Type: multipart/mixed; boundary="' || v_boundary || '"',
     '',
