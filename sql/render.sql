@@ -59,7 +59,8 @@ SELECT fluxrate_internal.ordered_json('{"zeta": 1, "created_at": "t", "alpha": {
 
 -- The PDF: the media-type domain PostgREST serves as application/pdf; a PDF file;
 -- the same bytes every time (no creation date, no random file id)
-SELECT pg_typeof(fluxrate.invoice_pdf(:'inv')) AS type, pg_typeof(fluxrate.invoice_html(:'inv')) AS html_type;
+SELECT pg_typeof(fluxrate.invoice_pdf(:'inv')) AS type, pg_typeof(fluxrate.invoice_html(:'inv')) AS html_type,
+       pg_typeof(fluxrate.invoice_text(:'inv')) AS text_type;
 SELECT encode(substr(fluxrate.invoice_pdf(:'inv'), 1, 8), 'escape') AS header, length(fluxrate.invoice_pdf(:'inv')) > 1000 AS sizeable,
        md5(fluxrate.invoice_pdf(:'inv')) = md5(fluxrate.invoice_pdf(:'inv')) AS deterministic,
        position('%%EOF' IN encode(fluxrate.invoice_pdf(:'inv'), 'escape')) > 0 AS complete;

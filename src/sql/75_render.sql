@@ -11,13 +11,15 @@
 --
 -- PostgREST serves a function's result with the media type named by its
 -- return type's domain (its "media type handlers"): invoice_pdf returns the
--- domain "application/pdf" over bytea and invoice_html "text/html" over text,
+-- domain "application/pdf" over bytea, invoice_html "text/html" and
+-- invoice_text "text/plain" over text (PostgREST 12 has no built-in text/plain),
 -- so GET /rpc/invoice_pdf?invoice_id=... with Accept: application/pdf is the
 -- PDF itself.  The domains are created by the install script and, for an
 -- upgraded database, by the upgrade script.
 
 CREATE DOMAIN fluxrate."application/pdf" AS bytea;
 CREATE DOMAIN fluxrate."text/html" AS text;
+CREATE DOMAIN fluxrate."text/plain" AS text;
 
 CREATE OR REPLACE FUNCTION fluxrate_internal.render_pdf(title text, pairs text[], head text[], rows text[],
     totals text[], notes text[])
@@ -198,7 +200,7 @@ $$;
 -- The public forms ------------------------------------------------------------
 
 -- psql: SELECT fluxrate.invoice_text(:'invoice_id') \g (format=unaligned tuples_only)
-CREATE OR REPLACE FUNCTION fluxrate.invoice_text(invoice_id uuid) RETURNS text
+CREATE OR REPLACE FUNCTION fluxrate.invoice_text(invoice_id uuid) RETURNS fluxrate."text/plain"
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$

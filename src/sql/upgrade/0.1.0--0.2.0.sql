@@ -19,6 +19,7 @@
 -- and HTML invoices with (75_render.sql); types are not replayed.
 CREATE DOMAIN fluxrate."application/pdf" AS bytea;
 CREATE DOMAIN fluxrate."text/html" AS text;
+CREATE DOMAIN fluxrate."text/plain" AS text;
 -- get_meter_usage gained include_empty (default false: only the buckets with
 -- events or usage); a new parameter is a new signature, so the old one goes.
 DROP FUNCTION fluxrate.get_meter_usage(uuid, timestamptz, timestamptz, text, uuid);
