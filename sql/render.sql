@@ -35,6 +35,10 @@ SELECT (fluxrate.create_invoice(:'cust_jp', 'JPY', line_items => '[{"description
 SELECT (fluxrate.create_invoice(:'cust_jp', 'KWD', line_items => '[{"description": "Support", "quantity": 1, "unit_amount": 1.2345}]'))->>'id' AS inv_kwd \gset
 SELECT line FROM regexp_split_to_table(fluxrate.invoice_text(:'inv_jpy'), E'\n') line WHERE line ~ 'API calls|Total|Currency';
 SELECT line FROM regexp_split_to_table(fluxrate.invoice_text(:'inv_kwd'), E'\n') line WHERE line ~ 'Support|Total|Currency';
+-- a long description wraps at 48 characters under itself, a line break in it is a space,
+-- a word longer than the column is cut
+SELECT w FROM unnest(fluxrate_internal.wrap_text('Premium support, 24/7, with a named engineer and'
+       || E'\na four-hour response time; ticket https://support.example/tickets/ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789', 48)) w;
 
 -- The table-shaped reads, with the customer's name
 -- (ordered here: the two drafts share the pinned clock, and ties go by random id)

@@ -87,8 +87,42 @@ BEGIN
 END
 $$;
 
+-- A line of text as lines of at most `width` characters, broken at spaces (a
+-- longer word is cut); control characters (a line break) are spaces first.
+CREATE OR REPLACE FUNCTION fluxrate_internal.wrap_text(t text, width integer) RETURNS text[]
+  LANGUAGE plpgsql IMMUTABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_out text[] := '{}';
+  v_cur text := '';
+  v_word text;
+BEGIN
+  FOREACH v_word IN ARRAY regexp_split_to_array(btrim(regexp_replace(coalesce(t, ''), '[[:cntrl:]]', ' ', 'g')), ' +') LOOP
+    WHILE length(v_word) > width LOOP
+      IF v_cur <> '' THEN
+        v_out := array_append(v_out, v_cur);
+        v_cur := '';
+      END IF;
+      v_out := array_append(v_out, left(v_word, width));
+      v_word := substr(v_word, width + 1);
+    END LOOP;
+    IF v_cur = '' THEN
+      v_cur := v_word;
+    ELSIF length(v_cur) + 1 + length(v_word) <= width THEN
+      v_cur := v_cur || ' ' || v_word;
+    ELSE
+      v_out := array_append(v_out, v_cur);
+      v_cur := v_word;
+    END IF;
+  END LOOP;
+  RETURN array_append(v_out, v_cur);
+END
+$$;
+
 -- The plain-text invoice: label/value pairs, then the lines as a table with
--- the numbers right-aligned, then the totals under the amount column.
+-- the numbers right-aligned (a description wider than 48 characters wraps
+-- under itself), then the totals under the amount column.
 CREATE OR REPLACE FUNCTION fluxrate_internal.render_invoice_text(org_id uuid, invoice_id uuid) RETURNS text
   LANGUAGE plpgsql STABLE
   SET search_path = pg_catalog, pg_temp
@@ -99,6 +133,7 @@ DECLARE
   v_label_w integer := 0;
   v_out text[] := '{}';
   v_line text;
+  v_desc text[];
   n integer := coalesce(array_length(p.rows, 1), 0);
 BEGIN
   FOR k IN 1 .. array_length(p.pairs, 1) LOOP
@@ -115,6 +150,7 @@ BEGIN
       w[c] := greatest(w[c], length(p.rows[k][c]));
     END LOOP;
   END LOOP;
+  w[1] := greatest(length(p.head[1]), least(w[1], 48));
   FOR k IN 1 .. array_length(p.totals, 1) LOOP
     w[4] := greatest(w[4], length(p.totals[k][2]));
   END LOOP;
@@ -122,8 +158,10 @@ BEGIN
   v_line := rpad(p.head[1], w[1]) || '  ' || lpad(p.head[2], w[2]) || '  ' || lpad(p.head[3], w[3]) || '  ' || lpad(p.head[4], w[4]);
   v_out := v_out || ARRAY[v_line, repeat('-', w[1]) || '  ' || repeat('-', w[2]) || '  ' || repeat('-', w[3]) || '  ' || repeat('-', w[4])];
   FOR k IN 1 .. n LOOP
-    v_out := array_append(v_out, rpad(p.rows[k][1], w[1]) || '  ' || lpad(p.rows[k][2], w[2]) || '  '
+    v_desc := fluxrate_internal.wrap_text(p.rows[k][1], w[1]);
+    v_out := array_append(v_out, rpad(v_desc[1], w[1]) || '  ' || lpad(p.rows[k][2], w[2]) || '  '
                                  || lpad(p.rows[k][3], w[3]) || '  ' || lpad(p.rows[k][4], w[4]));
+    v_out := v_out || v_desc[2:];
   END LOOP;
   IF n = 0 THEN
     v_out := array_append(v_out, '(no lines)');
