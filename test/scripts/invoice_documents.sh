@@ -136,10 +136,19 @@ as_org "$ORG" "SELECT encode(fluxrate.invoice_pdf('$LONG'), 'hex')" | $PY -c \
 pages=$(pdfinfo "$W/long.pdf" | awk '/^Pages:/ {print $2}')
 [ "$pages" -ge 3 ] || fail "150 lines on $pages pages"
 pdftotext -layout "$W/long.pdf" "$W/long.txt"
-$PY - "$W/long.txt" <<'PYEOF'
+as_org "$ORG" "SELECT fluxrate.invoice_text('$LONG')" > "$W/long-text.txt"
+$PY - "$W/long.txt" "$W/long-text.txt" <<'PYEOF'
 import re, sys
 from decimal import Decimal
 t = open(sys.argv[1]).read()
+# the text form: the same amounts, the long descriptions wrapped at 48 characters under themselves
+text = open(sys.argv[2]).read()
+assert max(len(l) for l in text.splitlines() if l.startswith("Item ")) <= 48 + 2 + 8 + 2 + 11 + 2 + 12, "a line too wide"
+assert re.search(r"\nItem 10 with a description long enough to wrap +10 +1\.01 +10\.10 USD\nover more than one line", text), text[:1500]
+for n in range(1, 151):
+    amount = (Decimal("1.01") * n).quantize(Decimal("0.01"))
+    assert re.search(r"\nItem %d\b.* %d +1\.01 +%s USD\n" % (n, n, re.escape(str(amount))), text), ("text line", n)
+assert re.search(r"\n +Amount due +12381\.91 USD\n", text)
 for n in range(1, 151):
     amount = (Decimal("1.01") * n).quantize(Decimal("0.01"))
     assert re.search(r"Item %d\b.*\s%d\s+1\.01\s+%s USD" % (n, n, re.escape(str(amount))), t), ("line", n, amount)
