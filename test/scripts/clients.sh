@@ -45,7 +45,7 @@ q "$A SELECT fluxrate.create_subscription(customer_id => '$CUST', plan_id => '$P
        start_date => '2026-01-01 00:00:00+00')" >/dev/null
 
 echo "== 1. psycopg: usage inside the application's own transaction"
-$PY - "$PGHOST" "$ORG" "$TOKEN" "$METER" <<'PYEOF'
+timeout 60 $PY - "$PGHOST" "$ORG" "$TOKEN" "$METER" <<'PYEOF'
 import sys, psycopg
 from decimal import Decimal
 host, org, token, meter = sys.argv[1:]
@@ -99,7 +99,7 @@ PYEOF
 
 echo "== the month closes (the jobs called through psycopg) into one invoice of the committed usage"
 q "ALTER DATABASE fluxrate SET fluxrate.pinned_now = '2026-02-01 00:00:30+00'"
-$PY - "$PGHOST" "$ORG" <<'PYEOF'
+timeout 60 $PY - "$PGHOST" "$ORG" <<'PYEOF'
 import sys, psycopg
 from decimal import Decimal
 host, org = sys.argv[1:]
@@ -232,7 +232,7 @@ done
 echo "committed usage per tenant: k x 32 for k = 1..8"
 
 echo "== 3. session => true through transaction pooling: the next client inherits the organization"
-$PY - "$W/sock" "${ORGS[0]}" <<'PYEOF'
+timeout 60 $PY - "$W/sock" "${ORGS[0]}" <<'PYEOF'
 import sys, psycopg
 sock, org = sys.argv[1:]
 def client():
