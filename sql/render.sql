@@ -88,3 +88,23 @@ RESET fluxrate.acting_org;
 SELECT fluxrate.invoice_text(:'inv');                                   -- PT401
 SELECT count(*) FROM fluxrate.invoice_rows();                           -- PT401
 RESET fluxrate.pinned_now;
+
+-- The public link, as HTML and PDF, with no credentials: the token opens one
+-- finalized invoice of its organization, nothing else
+SET fluxrate.pinned_now = '2026-03-01 09:00:00+00';
+SELECT public_token AS token FROM fluxrate_internal.invoices WHERE id = :'inv' \gset
+SET ROLE fluxrate_anon;
+SELECT position('>59.97 USD</td>' IN fluxrate.public_invoice_html(:'token')) > 0 AS html_has_seats,
+       position('60.80 USD' IN fluxrate.public_invoice_html(:'token')) > 0 AS html_has_total,
+       encode(substr(fluxrate.public_invoice_pdf(:'token'), 1, 8), 'escape') AS pdf_header;
+SELECT md5(fluxrate.public_invoice_pdf(:'token')) AS public_md5 \gset
+SELECT fluxrate.public_invoice_html('00000000-0000-0000-0000-000000000000');   -- PT404
+SELECT fluxrate.public_invoice_pdf('not-a-token');                            -- PT404
+SELECT fluxrate.invoice_pdf(:'inv');                                          -- 42501: the token is the only door
+RESET ROLE;
+-- the same PDF the organization gets
+SELECT fluxrate.act_as(:'org', true) IS NOT NULL AS acting;
+SELECT md5(fluxrate.invoice_pdf(:'inv')) = :'public_md5' AS same_pdf;
+-- a draft has no link (the JPY invoice): nothing to open
+SELECT public_token IS NULL AS draft_has_no_token FROM fluxrate_internal.invoices WHERE id = :'inv_jpy';
+RESET fluxrate.pinned_now;
