@@ -143,6 +143,11 @@ BEGIN
   PERFORM fluxrate_internal.one_of(create_feature.type, 'type', ARRAY['meter', 'switch', 'custom']);
   IF create_feature.type = 'meter' THEN
     PERFORM fluxrate_internal.required(create_feature.meter_name, 'meter_name');
+    -- identifiers are 1 to 255 characters (docs/security.md, "Ingestion bounds")
+    IF pg_catalog.length(create_feature.meter_name) > 255 THEN
+      PERFORM fluxrate_internal.fail('22023', 'meter_name must be 1 to 255 characters',
+        pg_catalog.format('meter_name has %s characters.', pg_catalog.length(create_feature.meter_name)));
+    END IF;
     PERFORM fluxrate_internal.required(v_agg, 'aggregation_type');
     PERFORM fluxrate_internal.one_of(v_agg, 'aggregation_type',
       ARRAY['SUM', 'COUNT', 'MAX', 'MIN', 'AVG', 'UNIQUE_COUNT', 'LAST', 'WEIGHTED_SUM']);
@@ -199,7 +204,8 @@ EXCEPTION WHEN unique_violation THEN
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_feature(feature_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_feature(feature_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -211,7 +217,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'feature not found', pg_catalog.format('No feature %s in this organization.', feature_id));
   END IF;
-  RETURN fluxrate_internal.feature_json(f);
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.feature_json(f));
 END
 $$;
 
@@ -231,7 +237,8 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_meter(meter_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_meter(meter_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -243,7 +250,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'meter not found', pg_catalog.format('No meter %s in this organization.', meter_id));
   END IF;
-  RETURN fluxrate_internal.meter_json(m);
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.meter_json(m));
 END
 $$;
 
@@ -339,7 +346,8 @@ EXCEPTION WHEN unique_violation THEN
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_plan(plan_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_plan(plan_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -351,7 +359,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'plan not found', pg_catalog.format('No plan %s in this organization.', plan_id));
   END IF;
-  RETURN fluxrate_internal.plan_json(p, true);
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.plan_json(p, true));
 END
 $$;
 
@@ -663,7 +671,8 @@ EXCEPTION WHEN unique_violation THEN
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_customer(customer_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_customer(customer_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -675,7 +684,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'customer not found', pg_catalog.format('No customer %s in this organization.', customer_id));
   END IF;
-  RETURN fluxrate_internal.customer_json(c);
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.customer_json(c));
 END
 $$;
 
@@ -885,7 +894,8 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_subscription(subscription_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_subscription(subscription_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -897,7 +907,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'subscription not found', pg_catalog.format('No subscription %s in this organization.', subscription_id));
   END IF;
-  RETURN fluxrate_internal.subscription_json(s, true);
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.subscription_json(s, true));
 END
 $$;
 
