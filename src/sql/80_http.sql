@@ -7,6 +7,11 @@
 --   fluxrate_anon    no credentials: sign-up, login, refresh, public invoice links
 --   fluxrate_web     a signed-in dashboard user (JWT: Bearer or access_token cookie)
 --   fluxrate_apikey  an API key (X-API-Key): ingestion and usage reads, by scope
+-- fluxrate_web and fluxrate_apikey are the roles whose request.jwt.claims
+-- fluxrate believes (context.c): granted to PostgREST's authenticator only.
+-- For SQL applications (not PostgREST):
+--   fluxrate_ingest  track and track_batch with an api_key argument, nothing
+--                    else; no claims are believed from it (docs/security.md)
 -- Their EXECUTE grants are in 99_security.sql (after every function exists).
 --
 -- Tokens: access tokens are HS256 JWTs (src/jwt.c, OpenSSL) signed with the
@@ -25,6 +30,9 @@ BEGIN
   END IF;
   IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'fluxrate_apikey') THEN
     CREATE ROLE fluxrate_apikey NOLOGIN;
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'fluxrate_ingest') THEN
+    CREATE ROLE fluxrate_ingest NOLOGIN;
   END IF;
 END
 $roles$;
@@ -364,3 +372,41 @@ BEGIN
   END IF;
 END
 $$;
+
+-- The check that the claims-believing roles went where they belong.  Any
+-- member of fluxrate_web or fluxrate_apikey can SET ROLE to it and set
+-- request.jwt.claims: it can act as any organization.  That is PostgREST's
+-- authenticator's job, recognised by the shape docs/postgrest.conf gives it
+-- (LOGIN, NOINHERIT, also granted fluxrate_anon); every other member, direct or
+-- through another role, is a warning.  Superusers can do anything anyway and
+-- are not listed.  schedule_jobs() raises each as a WARNING; the operator's
+-- health view can read it.  No rows: nothing to warn about.
+CREATE FUNCTION fluxrate_internal.role_grant_warnings()
+  RETURNS TABLE (role_name name, claims_role name, warning text, hint text)
+  LANGUAGE sql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+  WITH RECURSIVE m(member, claims_role, direct) AS (
+    SELECT am.member, r.rolname, true
+      FROM pg_catalog.pg_auth_members am
+      JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) am.roleid
+     WHERE r.rolname IN ('fluxrate_web', 'fluxrate_apikey')
+    UNION
+    SELECT am.member, m.claims_role, false
+      FROM m JOIN pg_catalog.pg_auth_members am ON am.roleid OPERATOR(pg_catalog.=) m.member
+  )
+  SELECT DISTINCT r.rolname, m.claims_role,
+         pg_catalog.format('role "%s" is %s member of %s: it can set request.jwt.claims and act as any organization',
+                           r.rolname, CASE WHEN m.direct THEN 'a' ELSE 'an indirect' END, m.claims_role),
+         'Grant fluxrate_web and fluxrate_apikey only to PostgREST''s authenticator (LOGIN NOINHERIT, see docs/postgrest.conf); an SQL application that tracks gets fluxrate_ingest.'
+    FROM m
+    JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) m.member
+   WHERE NOT r.rolsuper
+     AND NOT (m.direct AND r.rolcanlogin AND NOT r.rolinherit
+              AND EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members a
+                            JOIN pg_catalog.pg_roles anon ON anon.oid OPERATOR(pg_catalog.=) a.roleid
+                           WHERE a.member OPERATOR(pg_catalog.=) r.oid AND anon.rolname OPERATOR(pg_catalog.=) 'fluxrate_anon'))
+   ORDER BY 1, 2
+$$;
+COMMENT ON FUNCTION fluxrate_internal.role_grant_warnings() IS
+  'members of the claims-believing roles (fluxrate_web, fluxrate_apikey) that are not a PostgREST authenticator: each can act as any organization';

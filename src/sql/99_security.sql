@@ -98,6 +98,14 @@ GRANT EXECUTE ON FUNCTION fluxrate.track(text, text, numeric, timestamptz, text,
   fluxrate.check_entitlement(text, text), fluxrate.list_meter_events(uuid, integer, integer),
   fluxrate.get_meter_usage(uuid, timestamptz, timestamptz, text, uuid), fluxrate.get_meter_stats(uuid)
   TO fluxrate_apikey;
+-- SQL applications that only track (fluxrate_ingest, docs/security.md "Roles"):
+-- track and track_batch, each authenticated by its api_key argument; the role
+-- is never one whose claims are believed, and it cannot act_as
+GRANT USAGE ON SCHEMA fluxrate TO fluxrate_ingest;
+GRANT EXECUTE ON FUNCTION fluxrate.track(text, text, numeric, timestamptz, text, jsonb, text, jsonb, text),
+  fluxrate.track_batch(jsonb, text) TO fluxrate_ingest;
+-- the operator's check of who holds the claims-believing roles
+GRANT EXECUTE ON FUNCTION fluxrate_internal.role_grant_warnings() TO fluxrate_app;
 -- signed-in users: the whole management API of their organization, but not the
 -- trusted-role doors (creating organizations, acting for one) nor the jobs
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA fluxrate TO fluxrate_web;

@@ -14,3 +14,19 @@
 -- fluxrate UPDATE and compares the catalog with a fresh 0.2.0 install: a
 -- forgotten step shows there as a difference.
 -- Every name schema-qualified, as in the install script.
+
+-- create_subscription takes backfill (docs/security.md, "Start dates"): a new
+-- parameter is a new signature, so the 0.1.0 function goes and the replay
+-- creates the new one (PostgREST calls it by parameter name; old calls work).
+DROP FUNCTION fluxrate.create_subscription(uuid, uuid, text, timestamptz, timestamptz, text);
+
+-- The organizations a rollup refresh set aside (40_rating.sql, docs/security.md
+-- "Job fairness").
+CREATE TABLE fluxrate_internal.rollup_errors (
+  org_id      uuid PRIMARY KEY,
+  sqlstate    text NOT NULL,
+  message     text NOT NULL,
+  failed_at   timestamptz NOT NULL,
+  attempts    integer NOT NULL DEFAULT 1,
+  retry_at    timestamptz NOT NULL
+);
