@@ -786,6 +786,16 @@ BEGIN
   PERFORM pg_advisory_xact_lock_shared(fluxrate_internal.rollup_lock_key());
   DELETE FROM fluxrate_internal.usage_events e WHERE e.org_id = v_org AND e.customer_id = delete_customer.customer_id;
   DELETE FROM fluxrate_internal.usage_rollups r WHERE r.org_id = v_org AND r.customer_id = delete_customer.customer_id;
+  -- its outbox events and their deliveries, sent or not (its invoices, and the
+  -- deliveries that name them, went with the customer row: ON DELETE CASCADE).
+  -- A track that raced this delete and commits after it wrote an event for a
+  -- customer that no longer exists: the next rollup refresh deletes it
+  -- (sys_rollup_add), docs/security.md "Deletion".
+  WITH ob AS (
+    DELETE FROM fluxrate_internal.outbox o
+     WHERE o.org_id = v_org AND o.payload->'data'->>'customer_id' = delete_customer.customer_id::text
+    RETURNING o.id)
+  DELETE FROM fluxrate_internal.deliveries d USING ob WHERE d.org_id = v_org AND d.event_id = ob.id;
   PERFORM set_config('response.status', '204', true);
   RETURN jsonb_build_object('id', customer_id, 'deleted', true);
 END

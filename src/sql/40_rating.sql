@@ -878,6 +878,10 @@ CREATE FUNCTION fluxrate_internal.meter_range_usage(org_id uuid, m fluxrate_inte
   END
 $$;
 
+-- The bound on buckets x customers of an analytics request (get_meter_usage).
+CREATE FUNCTION fluxrate_internal.max_analytics_work() RETURNS bigint
+  LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 10000::bigint $$;
+
 -- GET /meters/{meter_id}/usage: the meter's usage over [start_date, end_date)
 -- (default the last 30 days up to now), in every hour/day/week/month bucket of
 -- the range (empty buckets included, at most 10,000), for all customers or one.
@@ -897,6 +901,8 @@ DECLARE
   v_first timestamp;
   m fluxrate_internal.meters;
   v_result jsonb;
+  v_buckets bigint;
+  v_customers bigint;
 BEGIN
   v_group := coalesce(fluxrate_internal.one_of(get_meter_usage.group_by, 'group_by', ARRAY['hour', 'day', 'week', 'month']), 'day');
   v_start := coalesce(get_meter_usage.start_date, ((v_now AT TIME ZONE 'UTC') - interval '30 days') AT TIME ZONE 'UTC');
@@ -921,6 +927,23 @@ BEGIN
     PERFORM 1 FROM fluxrate_internal.customers c WHERE c.org_id = v_org AND c.id = get_meter_usage.customer_id;
     IF NOT FOUND THEN
       PERFORM fluxrate_internal.fail('PT404', 'customer not found', format('No customer %s in this organization.', customer_id));
+    END IF;
+  END IF;
+  -- The work bound (docs/security.md, "Limits"): LAST and WEIGHTED_SUM meters
+  -- compute every bucket once per customer (meter_usage() over the bucket),
+  -- ~0.3 ms each: at most 10,000 buckets x customers, ~3 s, inside the HTTP
+  -- roles' statement_timeout.  The other aggregations are one pass over the
+  -- range's events whatever the buckets.
+  IF m.aggregation_type IN ('LAST', 'WEIGHTED_SUM') THEN
+    v_buckets := (SELECT count(*) FROM generate_series(v_first, v_end AT TIME ZONE 'UTC', v_step) s
+                   WHERE s < v_end AT TIME ZONE 'UTC');
+    v_customers := CASE WHEN get_meter_usage.customer_id IS NOT NULL THEN 1
+                        ELSE (SELECT count(*) FROM fluxrate_internal.customers c WHERE c.org_id = v_org) END;
+    IF v_buckets * v_customers > fluxrate_internal.max_analytics_work() THEN
+      PERFORM fluxrate_internal.fail('PT422', 'usage request too large',
+        format('%s %s buckets x %s customers = %s computations of a %s meter; at most %s.', v_buckets, v_group, v_customers,
+               v_buckets * v_customers, m.aggregation_type, fluxrate_internal.max_analytics_work()),
+        'Use a coarser group_by, a shorter range, or one customer_id.');
     END IF;
   END IF;
   WITH ev AS MATERIALIZED (

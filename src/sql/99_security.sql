@@ -88,7 +88,8 @@ GRANT EXECUTE ON ALL PROCEDURES IN SCHEMA fluxrate TO fluxrate_app;
 GRANT USAGE ON SCHEMA fluxrate, fluxrate_internal TO fluxrate_anon, fluxrate_web, fluxrate_apikey;
 -- what the pre-request needs, whoever the caller is
 GRANT EXECUTE ON FUNCTION fluxrate.pre_request(), fluxrate_internal.sys_api_key_claims(text),
-  fluxrate_internal.sys_access_token_claims(text) TO fluxrate_anon, fluxrate_web, fluxrate_apikey;
+  fluxrate_internal.sys_access_token_claims(text), fluxrate_internal.sys_token_user_exists(uuid, uuid),
+  fluxrate_internal.http_statement_timeout(text) TO fluxrate_anon, fluxrate_web, fluxrate_apikey;
 -- no credentials: sign up, log in, refresh, read a public invoice link
 GRANT EXECUTE ON FUNCTION fluxrate.signup(text, text, text), fluxrate.login(text, text), fluxrate.refresh(text),
   fluxrate.public_invoice(text) TO fluxrate_anon, fluxrate_web, fluxrate_apikey;
