@@ -486,7 +486,7 @@ BEGIN
   INSERT INTO fluxrate_internal.rollup_errors AS r (org_id, sqlstate, message, failed_at, attempts, retry_at)
   VALUES (sys_rollup_set_aside.org_id, sys_rollup_set_aside.sqlstate, sys_rollup_set_aside.message, at, 1,
           at + fluxrate_internal.retry_delay(1))
-  ON CONFLICT (org_id) DO UPDATE
+  ON CONFLICT ON CONSTRAINT rollup_errors_pkey DO UPDATE
      SET sqlstate = excluded.sqlstate, message = excluded.message, failed_at = excluded.failed_at,
          attempts = r.attempts + 1, retry_at = excluded.failed_at + fluxrate_internal.retry_delay(r.attempts + 1)
   RETURNING r.attempts INTO v_attempts;
