@@ -44,24 +44,18 @@ SELECT (fluxrate.create_customer('Mallory', 'm@hostile.example', 'mallory'))->>'
 -- 1. Start dates ---------------------------------------------------------------
 -- never infinite; 0001-01-01 (739,951 daily periods) refused with or without
 -- backfill, and refused at once (the walk that counts periods stops at 121)
-SELECT q, pg_temp.sqlstate_of(q) AS sqlstate FROM (VALUES
-  (format($$SELECT fluxrate.create_subscription(%L, %L, start_date => '-infinity')$$, :'cust_h', :'plan_hd')),
-  (format($$SELECT fluxrate.create_subscription(%L, %L, start_date => '-infinity', backfill => true)$$, :'cust_h', :'plan_hd')),
-  (format($$SELECT fluxrate.create_subscription(%L, %L, start_date => 'infinity')$$, :'cust_h', :'plan_hd')),
-  (format($$SELECT fluxrate.create_subscription(%L, %L, trial_end_date => 'infinity')$$, :'cust_h', :'plan_hd')),
-  (format($$SELECT fluxrate.create_subscription(%L, %L, start_date => '0001-01-01')$$, :'cust_h', :'plan_hd')),
-  (format($$SELECT fluxrate.create_subscription(%L, %L, start_date => '0001-01-01', backfill => true)$$, :'cust_h', :'plan_hd')),
-  -- 121 days back on a daily plan: one more than a backfill may bill
-  (format($$SELECT fluxrate.create_subscription(%L, %L, start_date => '2026-02-14', backfill => true)$$, :'cust_h', :'plan_hd')),
-  -- more than two years ahead
-  (format($$SELECT fluxrate.create_subscription(%L, %L, start_date => '2028-06-16')$$, :'cust_h', :'plan_hd')),
-  -- a trial of more than 3650 days
-  (format($$SELECT fluxrate.create_subscription(%L, %L, trial_end_date => '2040-01-01')$$, :'cust_h', :'plan_hd'))) t(q);
+SELECT args, pg_temp.sqlstate_of(format('SELECT fluxrate.create_subscription(%L, %L, %s)', :'cust_h', :'plan_hd', args)) AS sqlstate
+  FROM (VALUES ($$start_date => '-infinity'$$), ($$start_date => '-infinity', backfill => true$$),
+               ($$start_date => 'infinity'$$), ($$trial_end_date => 'infinity'$$),
+               ($$start_date => '0001-01-01'$$), ($$start_date => '0001-01-01', backfill => true$$),
+               -- 121 days back on a daily plan: one more than a backfill may bill
+               ($$start_date => '2026-02-14', backfill => true$$),
+               -- more than two years ahead; a trial of more than 3650 days
+               ($$start_date => '2028-06-16'$$), ($$trial_end_date => '2040-01-01'$$)) t(args);
 -- the refusal says how many periods and how to ask for them
 \set VERBOSITY default
 SELECT fluxrate.create_subscription(:'cust_h', :'plan_hm', start_date => '2020-01-01');
 \set VERBOSITY sqlstate
-\set SHOW_CONTEXT never
 -- nothing half-written by the refusals
 SELECT count(*) AS hostile_subscriptions FROM fluxrate_internal.subscriptions WHERE org_id = :'org_h';
 -- one period back is no backfill (Jun 1 start: the first period ends Jul 1);
@@ -71,7 +65,6 @@ SELECT (fluxrate.create_subscription(:'cust_h', :'plan_hm', start_date => '2026-
 \set VERBOSITY default
 SELECT (fluxrate.create_subscription(:'cust_h', :'plan_hm', start_date => '2020-01-01', backfill => true))->>'backfill_periods' AS backfill_periods;
 \set VERBOSITY sqlstate
-\set SHOW_CONTEXT never
 -- the most a backfill may bill: 120 days back on the daily plan (Feb 15 .. Jun 14 = 120 periods)
 SELECT (fluxrate.create_subscription(:'cust_h', :'plan_hd', start_date => '2026-02-15', backfill => true))->>'backfill_periods' AS max_backfill;
 
@@ -137,6 +130,52 @@ SELECT count(*) AS rollup_errors FROM fluxrate_internal.rollup_errors;
 SELECT count(*) AS hostile_differences FROM fluxrate_internal.rollup_differences(:'org_h');
 SET fluxrate.pinned_now = '2026-06-15 00:00:00+00';
 
+-- 3a. The closer makes progress for every organization in every run --------
+-- Twelve hostile subscriptions whose period end is -infinity (rows from before
+-- start dates were bounded: written here directly), besides the two backfills
+-- (77 monthly periods from 2020-01-01, 120 daily from 2026-02-15).  They used
+-- to fill every batch (due first) and never advance: close_due_periods()
+-- never returned.
+SELECT fluxrate.act_as(:'org_h', true) IS NOT NULL AS acting;
+SELECT count(fluxrate.create_subscription(:'cust_h', :'plan_hd', start_date => '2026-06-15')) AS more_subscriptions FROM generate_series(1, 12);
+UPDATE fluxrate_internal.subscriptions
+   SET start_date = '-infinity', billing_anchor = '-infinity', current_period_start = '-infinity', current_period_end = '-infinity'
+ WHERE org_id = :'org_h' AND start_date = '2026-06-15';
+-- a fair batch of 10: the hostile organization gets its share, not all 10
+-- places, and the neighbour's one due subscription is in it (claimed and
+-- rolled back here)
+BEGIN;
+SELECT fluxrate_internal.sys_close_tables();
+SELECT count(*) FILTER (WHERE c.org_id = :'org_h') < 10 AS hostile_below_all,
+       count(*) FILTER (WHERE c.org_id = :'org_h') <= ceil(10.0 / count(DISTINCT c.org_id)) AS hostile_within_share,
+       count(*) FILTER (WHERE c.org_id = :'org_n') AS neighbour
+  FROM unnest(fluxrate_internal.sys_close_claim(10)) c;
+ROLLBACK;
+-- one run, batches of 10: it ends; the neighbour's period is closed; each
+-- backfill advances 12 periods (the per-run cap); each -infinity subscription
+-- is set aside with its error
+CALL fluxrate.close_due_periods(10);
+-- the neighbour: [May 15, Jun 15), 1,000 + 500 units x 0.01 = 15.00, and the
+-- webhook delivery of its invoice.created
+SELECT i.total, i.status, (SELECT count(*) FROM fluxrate_internal.deliveries d
+                            WHERE d.org_id = i.org_id AND d.event = 'invoice.created' AND d.body LIKE '%' || i.id || '%') AS deliveries
+  FROM fluxrate_internal.invoices i WHERE i.org_id = :'org_n' AND i.kind = 'subscription';
+-- the backfills: 12 periods each; monthly from 2020-01-01 -> 2021-01-01, daily from 2026-02-15 -> 2026-02-27
+SELECT s.billing_interval, s.current_period_start, (SELECT count(*) FROM fluxrate_internal.invoices i
+        WHERE i.org_id = s.org_id AND i.subscription_id = s.id AND i.kind = 'subscription') AS invoices
+  FROM fluxrate_internal.subscriptions s
+ WHERE s.org_id = :'org_h' AND s.start_date IN ('2020-01-01', '2026-02-15') ORDER BY 1;
+SELECT count(*) AS set_aside, string_agg(DISTINCT close_error->>'sqlstate', ',') AS sqlstate,
+       string_agg(DISTINCT close_error->>'message', ',') AS message, min(close_retry_at) = max(close_retry_at) AS same_retry,
+       min(close_retry_at) > fluxrate.now() AS retried_later
+  FROM fluxrate_internal.subscriptions WHERE org_id = :'org_h' AND current_period_end = '-infinity' AND close_error IS NOT NULL;
+-- the next run (a minute later, as pg_cron): 12 more periods each, the set-aside rows wait
+SET fluxrate.pinned_now = '2026-06-15 00:01:00+00';
+CALL fluxrate.close_due_periods(10);
+SELECT s.billing_interval, s.current_period_start FROM fluxrate_internal.subscriptions s
+ WHERE s.org_id = :'org_h' AND s.start_date IN ('2020-01-01', '2026-02-15') ORDER BY 1;
+SET fluxrate.pinned_now = '2026-06-15 00:00:00+00';
+
 -- 4. Statement and work limits -------------------------------------------------
 SELECT r.rolname, s.setconfig FROM pg_roles r JOIN pg_db_role_setting s ON s.setrole = r.oid AND s.setdatabase = 0
  WHERE r.rolname LIKE 'fluxrate\_%' ORDER BY 1;
@@ -149,7 +188,6 @@ SELECT count(fluxrate.create_customer('c' || g, 'c' || g || '@hostile.example', 
 \set VERBOSITY default
 SELECT fluxrate.get_meter_usage(:'meter_w', '2026-05-16', '2026-06-15', 'hour');
 \set VERBOSITY sqlstate
-\set SHOW_CONTEXT never
 SELECT jsonb_array_length(fluxrate.get_meter_usage(:'meter_w', '2026-05-16', '2026-06-15', 'hour', :'cust_h')->'grouped_data') AS one_customer_hours;
 SELECT jsonb_array_length(fluxrate.get_meter_usage(:'meter_w', '2026-05-16', '2026-06-15', 'day')->'grouped_data') AS all_customers_days;
 -- the pre-request gives the role it switches to its statement limit: an API-key

@@ -440,3 +440,21 @@ CREATE FUNCTION fluxrate_internal.role_grant_warnings()
 $$;
 COMMENT ON FUNCTION fluxrate_internal.role_grant_warnings() IS
   'members of the claims-believing roles (fluxrate_web, fluxrate_apikey) that are not a PostgREST authenticator: each can act as any organization';
+
+-- Each warning as a WARNING (schedule_jobs() runs this: the set-up step every
+-- operator takes).  Returns how many.
+CREATE FUNCTION fluxrate_internal.warn_role_grants() RETURNS integer
+  LANGUAGE plpgsql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  w record;
+  n integer := 0;
+BEGIN
+  FOR w IN SELECT * FROM fluxrate_internal.role_grant_warnings() LOOP
+    RAISE WARNING 'fluxrate: %', w.warning USING HINT = w.hint;
+    n := n + 1;
+  END LOOP;
+  RETURN n;
+END
+$$;

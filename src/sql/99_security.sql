@@ -106,7 +106,7 @@ GRANT USAGE ON SCHEMA fluxrate TO fluxrate_ingest;
 GRANT EXECUTE ON FUNCTION fluxrate.track(text, text, numeric, timestamptz, text, jsonb, text, jsonb, text),
   fluxrate.track_batch(jsonb, text) TO fluxrate_ingest;
 -- the operator's check of who holds the claims-believing roles
-GRANT EXECUTE ON FUNCTION fluxrate_internal.role_grant_warnings() TO fluxrate_app;
+GRANT EXECUTE ON FUNCTION fluxrate_internal.role_grant_warnings(), fluxrate_internal.warn_role_grants() TO fluxrate_app;
 -- signed-in users: the whole management API of their organization, but not the
 -- trusted-role doors (creating organizations, acting for one) nor the jobs
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA fluxrate TO fluxrate_web;

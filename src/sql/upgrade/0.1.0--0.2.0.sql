@@ -30,3 +30,8 @@ CREATE TABLE fluxrate_internal.rollup_errors (
   attempts    integer NOT NULL DEFAULT 1,
   retry_at    timestamptz NOT NULL
 );
+
+-- Fair closing batches take each organization's earliest-due subscriptions
+-- (sys_close_claim, docs/security.md "Job fairness").
+CREATE INDEX subscriptions_org_due_idx ON fluxrate_internal.subscriptions (org_id, current_period_end, id)
+  WHERE status IN ('TRIAL', 'ACTIVE', 'PAST_DUE');
