@@ -858,8 +858,8 @@ $$;
 -- period that has ended, so a start date is a promise of work: never infinite
 -- (the boundary of -infinity is -infinity, and such a subscription would fill
 -- every closing batch forever), at most max_future_start ahead, and a start
--- more than one billing period back -- which bills the periods in between at
--- once -- only with backfill => true, and at most max_backfill_periods back.
+-- that would bill more than one ended period at once only with backfill =>
+-- true, and at most max_backfill_periods back.
 CREATE FUNCTION fluxrate_internal.max_backfill_periods() RETURNS integer
   LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 120 $$;
 CREATE FUNCTION fluxrate_internal.max_future_start() RETURNS interval
@@ -951,8 +951,10 @@ BEGIN
   v_anchor := coalesce(v_trial_end, v_start);
   v_backfill := fluxrate_internal.ended_periods(v_anchor, p.billing_interval, v_align, v_now,
                                                 fluxrate_internal.max_backfill_periods());
-  IF fluxrate_internal.period_boundary(v_anchor, p.billing_interval, 'anniversary', 1) < v_now
-     AND NOT coalesce(create_subscription.backfill, false) THEN
+  -- "more than one period in the past": the start would bill more than one
+  -- ended period at once (one is the ordinary case of a start some days ago
+  -- whose first period has just ended)
+  IF v_backfill > 1 AND NOT coalesce(create_subscription.backfill, false) THEN
     PERFORM fluxrate_internal.fail('PT422', 'start_date is more than one billing period in the past',
       pg_catalog.format('Billing would start at %s: the next closing run would bill %s%s past %s periods at once.',
                         v_anchor, CASE WHEN v_backfill > fluxrate_internal.max_backfill_periods() THEN 'more than ' ELSE '' END,
