@@ -123,10 +123,12 @@ BEGIN
 END
 $$;
 
--- After a batch: the run's count of each claimed subscription, and a claimed
--- subscription that is still due with the same period end -- it advanced
--- nothing (an infinite start from before the bounds, a bug) and would be
--- claimed again by every batch -- set aside with its error, as a failed close.
+-- After a batch, for the claimed subscriptions that are still due (none, in
+-- the common case: a close moves the period past now): the run's count of
+-- each, for the catch-up cap; and one that is due with the same period end --
+-- it advanced nothing (an infinite start from before the bounds, a bug) and
+-- would be claimed again by every batch -- set aside with its error, as a
+-- failed close.  Returns how many were set aside.
 CREATE FUNCTION fluxrate_internal.sys_close_account(batch fluxrate_internal.subscriptions[]) RETURNS integer
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
@@ -136,24 +138,27 @@ DECLARE
   r record;
   n integer := 0;
 BEGIN
-  INSERT INTO pg_temp.fr_close_run AS c (org_id, id, n)
-  SELECT b.org_id, b.id, 1 FROM unnest(batch) b
-  ON CONFLICT (org_id, id) DO UPDATE SET n = c.n + 1;
   FOR r IN
-    UPDATE fluxrate_internal.subscriptions x
-       SET close_retry_at = v_now + fluxrate_internal.retry_delay(coalesce((x.close_error->>'attempts')::integer, 0) + 1),
-           close_error = jsonb_build_object('sqlstate', 'PT500', 'message', 'the period did not advance',
-                                            'at', v_now, 'attempts', coalesce((x.close_error->>'attempts')::integer, 0) + 1,
-                                            'period_end', b.current_period_end)
+    SELECT x.org_id, x.id, x.current_period_end, b.current_period_end AS old_end,
+           coalesce((x.close_error->>'attempts')::integer, 0) + 1 AS attempts
       FROM unnest(batch) b
-     WHERE x.org_id = b.org_id AND x.id = b.id AND x.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE')
-       AND x.current_period_end <= b.current_period_end AND x.current_period_end <= v_now
-    RETURNING x.id, x.current_period_end
+      JOIN fluxrate_internal.subscriptions x ON x.org_id = b.org_id AND x.id = b.id
+     WHERE x.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE') AND x.current_period_end <= v_now
   LOOP
-    RAISE WARNING 'fluxrate: subscription % was set aside: its period did not advance', r.id
-      USING DETAIL = format('Its period end stays %s.', r.current_period_end),
-            HINT = 'The other subscriptions were closed; this one is retried later (close_error on the subscription).';
-    n := n + 1;
+    IF r.current_period_end <= r.old_end THEN
+      UPDATE fluxrate_internal.subscriptions x
+         SET close_retry_at = v_now + fluxrate_internal.retry_delay(r.attempts),
+             close_error = jsonb_build_object('sqlstate', 'PT500', 'message', 'the period did not advance',
+                                              'at', v_now, 'attempts', r.attempts, 'period_end', r.old_end)
+       WHERE x.org_id = r.org_id AND x.id = r.id;
+      RAISE WARNING 'fluxrate: subscription % was set aside: its period did not advance', r.id
+        USING DETAIL = format('Its period end stays %s.', r.current_period_end),
+              HINT = 'The other subscriptions were closed; this one is retried later (close_error on the subscription).';
+      n := n + 1;
+    ELSE
+      INSERT INTO pg_temp.fr_close_run AS c (org_id, id, n) VALUES (r.org_id, r.id, 1)
+      ON CONFLICT (org_id, id) DO UPDATE SET n = c.n + 1;
+    END IF;
   END LOOP;
   RETURN n;
 END
