@@ -39,7 +39,7 @@ SELECT (fluxrate.create_plan('Daily', 'daily', 'USAGE', 'day', 'USD'))->>'id' AS
 SELECT (fluxrate.create_plan('Monthly', 'monthly', 'USAGE', 'month', 'USD'))->>'id' AS plan_hm \gset
 SELECT fluxrate.add_charge(:'plan_hd', 'USAGE', meter_id => :'meter_h', unit_price => 1) IS NOT NULL AS charge;
 SELECT fluxrate.add_charge(:'plan_hm', 'USAGE', meter_id => :'meter_h', unit_price => 1) IS NOT NULL AS charge;
-SELECT (fluxrate.create_customer('Mallory', 'm@hostile.example', 'mallory'))->>'id' AS cust_h \gset
+SELECT (fluxrate.create_customer('Mallory', 'm@hostile.example', 'mallory', billing_address_country => 'US'))->>'id' AS cust_h \gset
 
 -- 1. Start dates ---------------------------------------------------------------
 -- never infinite; 0001-01-01 (739,951 daily periods) refused with or without
@@ -89,6 +89,16 @@ SELECT pg_temp.sqlstate_of(format($$SELECT fluxrate.add_charge(%L, 'USAGE', mete
 SELECT pg_temp.sqlstate_of($$SELECT fluxrate.create_plan('Inf', 'inf', 'USAGE', 'month', 'USD', minimum_commitment => 'Infinity')$$) AS minimum_commitment;
 SELECT (fluxrate.create_feature('Seats', 'seats', 'switch'))->>'id' AS feature_h \gset
 SELECT pg_temp.sqlstate_of(format($$SELECT fluxrate.add_plan_feature(%L, %L, usage_limit => 'Infinity')$$, :'plan_hd', :'feature_h')) AS usage_limit;
+-- manual invoice lines (a credit may be negative, but finite and bounded) and
+-- their number; a tax rate's decimals
+SELECT q, pg_temp.sqlstate_of(format(q, :'cust_h')) AS sqlstate FROM (VALUES
+  ($$SELECT fluxrate.create_invoice(%L, 'USD', line_items => '[{"description": "x", "quantity": 1, "unit_amount": 1e15}]')$$),
+  ($$SELECT fluxrate.create_invoice(%L, 'USD', line_items => '[{"description": "x", "quantity": 1, "unit_amount": -1e15}]')$$),
+  ($$SELECT fluxrate.create_invoice(%L, 'USD', line_items => '[{"description": "x", "quantity": 1e15, "unit_amount": 1}]')$$),
+  ($$SELECT fluxrate.create_invoice(%L, 'USD', line_items => (SELECT jsonb_agg(jsonb_build_object('description', 'x', 'quantity', 1, 'unit_amount', 1)) FROM generate_series(1, 1001)))$$),
+  ($$SELECT fluxrate.set_tax_rate('US', 0.0000000000001) -- %s$$),
+  -- accepted: a credit line below a charge
+  ($$SELECT fluxrate.create_invoice(%L, 'USD', line_items => '[{"description": "a", "quantity": 1, "unit_amount": 10}, {"description": "credit", "quantity": 1, "unit_amount": -5}]')$$)) t(q);
 -- the largest accepted: 15 digits and 12 decimals
 SELECT (fluxrate.add_charge(:'plan_hd', 'USAGE', meter_id => :'meter_h', unit_price => 999999999999999.999999999999))->>'unit_price' AS largest_price;
 SELECT fluxrate.update_charge(:'plan_hd', id, 'INACTIVE') IS NOT NULL AS retired

@@ -550,6 +550,10 @@ CREATE FUNCTION fluxrate_internal.org_period_usage(org_id uuid, period_start tim
   RETURNS TABLE (customer_id uuid, meter_id uuid, usage numeric)
   LANGUAGE plpgsql STABLE
   SET search_path = pg_catalog, pg_temp
+  -- the set-aside branch (a pass over the period's events, never run unless
+  -- the organization is set aside) lifts the estimate above jit_above_cost:
+  -- JIT compiled 56 functions, 68 ms, for a read of 30,000 rollup rows
+  SET jit = off
   AS $$
 DECLARE
   v_all boolean := (SELECT count(*) FROM fluxrate_internal.meters m WHERE m.org_id = org_period_usage.org_id)
