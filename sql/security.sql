@@ -198,8 +198,8 @@ SELECT count(fluxrate.create_customer('c' || g, 'c' || g || '@hostile.example', 
 \set VERBOSITY default
 SELECT fluxrate.get_meter_usage(:'meter_w', '2026-05-16', '2026-06-15', 'hour');
 \set VERBOSITY sqlstate
-SELECT jsonb_array_length(fluxrate.get_meter_usage(:'meter_w', '2026-05-16', '2026-06-15', 'hour', :'cust_h')->'grouped_data') AS one_customer_hours;
-SELECT jsonb_array_length(fluxrate.get_meter_usage(:'meter_w', '2026-05-16', '2026-06-15', 'day')->'grouped_data') AS all_customers_days;
+SELECT json_array_length(fluxrate.get_meter_usage(:'meter_w', '2026-05-16', '2026-06-15', 'hour', :'cust_h', include_empty => true)->'grouped_data') AS one_customer_hours;
+SELECT json_array_length(fluxrate.get_meter_usage(:'meter_w', '2026-05-16', '2026-06-15', 'day', include_empty => true)->'grouped_data') AS all_customers_days;
 -- the pre-request gives the role it switches to its statement limit: an API-key
 -- request that sleeps 11 s is cancelled at 10 s (57014)
 BEGIN;

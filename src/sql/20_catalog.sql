@@ -172,6 +172,11 @@ BEGIN
   PERFORM fluxrate_internal.one_of(create_feature.type, 'type', ARRAY['meter', 'switch', 'custom']);
   IF create_feature.type = 'meter' THEN
     PERFORM fluxrate_internal.required(create_feature.meter_name, 'meter_name');
+    -- identifiers are 1 to 255 characters (docs/security.md, "Ingestion bounds")
+    IF pg_catalog.length(create_feature.meter_name) > 255 THEN
+      PERFORM fluxrate_internal.fail('22023', 'meter_name must be 1 to 255 characters',
+        pg_catalog.format('meter_name has %s characters.', pg_catalog.length(create_feature.meter_name)));
+    END IF;
     PERFORM fluxrate_internal.required(v_agg, 'aggregation_type');
     PERFORM fluxrate_internal.one_of(v_agg, 'aggregation_type',
       ARRAY['SUM', 'COUNT', 'MAX', 'MIN', 'AVG', 'UNIQUE_COUNT', 'LAST', 'WEIGHTED_SUM']);
@@ -228,7 +233,8 @@ EXCEPTION WHEN unique_violation THEN
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_feature(feature_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_feature(feature_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -240,7 +246,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'feature not found', pg_catalog.format('No feature %s in this organization.', feature_id));
   END IF;
-  RETURN fluxrate_internal.feature_json(f);
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.feature_json(f));
 END
 $$;
 
@@ -260,7 +266,8 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_meter(meter_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_meter(meter_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -272,7 +279,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'meter not found', pg_catalog.format('No meter %s in this organization.', meter_id));
   END IF;
-  RETURN fluxrate_internal.meter_json(m);
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.meter_json(m));
 END
 $$;
 
@@ -368,7 +375,8 @@ EXCEPTION WHEN unique_violation THEN
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_plan(plan_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_plan(plan_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -380,7 +388,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'plan not found', pg_catalog.format('No plan %s in this organization.', plan_id));
   END IF;
-  RETURN fluxrate_internal.plan_json(p, true);
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.plan_json(p, true));
 END
 $$;
 
@@ -697,7 +705,8 @@ EXCEPTION WHEN unique_violation THEN
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_customer(customer_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_customer(customer_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -709,7 +718,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'customer not found', pg_catalog.format('No customer %s in this organization.', customer_id));
   END IF;
-  RETURN fluxrate_internal.customer_json(c);
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.customer_json(c));
 END
 $$;
 
@@ -1008,7 +1017,8 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_subscription(subscription_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_subscription(subscription_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -1020,7 +1030,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'subscription not found', pg_catalog.format('No subscription %s in this organization.', subscription_id));
   END IF;
-  RETURN fluxrate_internal.subscription_json(s, true);
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.subscription_json(s, true));
 END
 $$;
 
