@@ -229,6 +229,8 @@ SELECT pg_temp.sqlstate_of($$SELECT fluxrate.track(meter_name => 'calls', custom
 ROLLBACK;
 -- the check names the backend, not the authenticator (LOGIN NOINHERIT, granted the three)
 SELECT role_name, claims_role, warning FROM fluxrate_internal.role_grant_warnings() WHERE role_name LIKE 'sec\_%';
+-- what schedule_jobs() raises (one WARNING each) before it schedules anything
+SELECT fluxrate_internal.warn_role_grants() AS warnings;
 -- fluxrate_ingest: track with a key, nothing else; claims never believed from it
 BEGIN;
 SET LOCAL ROLE sec_ingest;
@@ -328,3 +330,4 @@ SELECT fluxrate.login('long@pw.example', repeat('é', 1024)) ? 'access_token' AS
 SELECT fluxrate.signup('long@pw.example', 'another password', 'Again') - 'email'
      = fluxrate.signup('fresh@pw.example', 'another password', 'Fresh') - 'email' AS same_answer;
 SELECT count(*) AS orgs_named_again FROM fluxrate_internal.organizations WHERE name = 'Again';
+DROP ROLE sec_backend, sec_authenticator, sec_ingest;
