@@ -48,6 +48,7 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/timestamp.h"
 #include "utils/uuid.h"
 
 #include "fluxrate.h"
@@ -577,6 +578,7 @@ typedef struct Xfer
 	struct Xfer *next;
 	pg_uuid_t	org;
 	pg_uuid_t	id;
+	TimestampTz claimed_at;	/* what the tenant's log shows as the attempt's time */
 	CURL	   *easy;
 	bool		smtp;
 	FrGuard		guard;
@@ -667,7 +669,7 @@ EnsureMulti(void)
 
 /* A new transfer (not yet added to the multi handle); NULL when out of memory */
 static Xfer *
-XferNew(pg_uuid_t *org, pg_uuid_t *id, bool smtp, const char *payload, size_t len, int timeout_ms)
+XferNew(pg_uuid_t *org, pg_uuid_t *id, TimestampTz claimed_at, bool smtp, const char *payload, size_t len, int timeout_ms)
 {
 	Xfer	   *x = calloc(1, sizeof(Xfer));
 
@@ -675,6 +677,7 @@ XferNew(pg_uuid_t *org, pg_uuid_t *id, bool smtp, const char *payload, size_t le
 		return NULL;
 	x->org = *org;
 	x->id = *id;
+	x->claimed_at = claimed_at;
 	x->smtp = smtp;
 	x->payload = malloc(len + 1);
 	x->easy = curl_easy_init();
@@ -723,8 +726,8 @@ CheckTimeout(int timeout_ms)
 }
 
 /*
- * fluxrate_internal.outbound_start_http(org_id uuid, delivery_id uuid, url text, headers text[],
- *		body text, timeout_ms integer): queue one webhook POST.
+ * fluxrate_internal.outbound_start_http(org_id uuid, delivery_id uuid, claimed_at timestamptz,
+ *		url text, headers text[], body text, timeout_ms integer): queue one webhook POST.
  */
 PG_FUNCTION_INFO_V1(fr_outbound_start_http);
 Datum
@@ -732,10 +735,11 @@ fr_outbound_start_http(PG_FUNCTION_ARGS)
 {
 	pg_uuid_t  *org = PG_GETARG_UUID_P(0);
 	pg_uuid_t  *id = PG_GETARG_UUID_P(1);
-	char	   *url = text_to_cstring(PG_GETARG_TEXT_PP(2));
-	ArrayType  *headers = PG_GETARG_ARRAYTYPE_P(3);
-	text	   *body = PG_GETARG_TEXT_PP(4);
-	int			timeout_ms = PG_GETARG_INT32(5);
+	TimestampTz claimed_at = PG_GETARG_TIMESTAMPTZ(2);
+	char	   *url = text_to_cstring(PG_GETARG_TEXT_PP(3));
+	ArrayType  *headers = PG_GETARG_ARRAYTYPE_P(4);
+	text	   *body = PG_GETARG_TEXT_PP(5);
+	int			timeout_ms = PG_GETARG_INT32(6);
 	char	  **hv;
 	Datum	   *hdrs;
 	bool	   *hnulls;
@@ -750,7 +754,7 @@ fr_outbound_start_http(PG_FUNCTION_ARGS)
 		hv[i] = hnulls[i] ? NULL : TextDatumGetCString(hdrs[i]);
 	EnsureMulti();
 	/* from here to XferAdd nothing may raise */
-	x = XferNew(org, id, false, VARDATA_ANY(body), VARSIZE_ANY_EXHDR(body), timeout_ms);
+	x = XferNew(org, id, claimed_at, false, VARDATA_ANY(body), VARSIZE_ANY_EXHDR(body), timeout_ms);
 	if (x == NULL)
 		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
 	for (int i = 0; i < nh; i++)
@@ -774,7 +778,8 @@ fr_outbound_start_http(PG_FUNCTION_ARGS)
 }
 
 /*
- * fluxrate_internal.outbound_start_smtp(org_id uuid, delivery_id uuid, host text, port integer,
+ * fluxrate_internal.outbound_start_smtp(org_id uuid, delivery_id uuid, claimed_at timestamptz,
+ *		host text, port integer,
  *		security text, username text, password text, mail_from text, rcpt text,
  *		message text, timeout_ms integer): queue one SMTP message.
  */
@@ -784,6 +789,7 @@ fr_outbound_start_smtp(PG_FUNCTION_ARGS)
 {
 	pg_uuid_t  *org;
 	pg_uuid_t  *id;
+	TimestampTz claimed_at;
 	char	   *host;
 	int			port;
 	char	   *security;
@@ -796,22 +802,23 @@ fr_outbound_start_smtp(PG_FUNCTION_ARGS)
 	int			timeout_ms;
 	Xfer	   *x;
 
-	for (int i = 0; i < 11; i++)
-		if (PG_ARGISNULL(i) && i != 5 && i != 6)
+	for (int i = 0; i < 12; i++)
+		if (PG_ARGISNULL(i) && i != 6 && i != 7)
 			ereport(ERROR,
 					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 					 errmsg("outbound_start_smtp argument %d is null", i + 1)));
 	org = PG_GETARG_UUID_P(0);
 	id = PG_GETARG_UUID_P(1);
-	host = text_to_cstring(PG_GETARG_TEXT_PP(2));
-	port = PG_GETARG_INT32(3);
-	security = text_to_cstring(PG_GETARG_TEXT_PP(4));
-	username = PG_ARGISNULL(5) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(5));
-	password = PG_ARGISNULL(6) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(6));
-	from_addr = psprintf("<%s>", text_to_cstring(PG_GETARG_TEXT_PP(7)));
-	rcpt_addr = psprintf("<%s>", text_to_cstring(PG_GETARG_TEXT_PP(8)));
-	message = PG_GETARG_TEXT_PP(9);
-	timeout_ms = PG_GETARG_INT32(10);
+	claimed_at = PG_GETARG_TIMESTAMPTZ(2);
+	host = text_to_cstring(PG_GETARG_TEXT_PP(3));
+	port = PG_GETARG_INT32(4);
+	security = text_to_cstring(PG_GETARG_TEXT_PP(5));
+	username = PG_ARGISNULL(6) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(6));
+	password = PG_ARGISNULL(7) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(7));
+	from_addr = psprintf("<%s>", text_to_cstring(PG_GETARG_TEXT_PP(8)));
+	rcpt_addr = psprintf("<%s>", text_to_cstring(PG_GETARG_TEXT_PP(9)));
+	message = PG_GETARG_TEXT_PP(10);
+	timeout_ms = PG_GETARG_INT32(11);
 	CheckTimeout(timeout_ms);
 	if (strcmp(security, "starttls") != 0 && strcmp(security, "tls") != 0 && strcmp(security, "none") != 0)
 		ereport(ERROR,
@@ -828,7 +835,7 @@ fr_outbound_start_smtp(PG_FUNCTION_ARGS)
 				   strchr(host, ':') && host[0] != '[' ? "]" : "", port);
 	EnsureMulti();
 	/* from here to XferAdd nothing may raise */
-	x = XferNew(org, id, true, VARDATA_ANY(message), VARSIZE_ANY_EXHDR(message), timeout_ms);
+	x = XferNew(org, id, claimed_at, true, VARDATA_ANY(message), VARSIZE_ANY_EXHDR(message), timeout_ms);
 	if (x == NULL)
 		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
 	x->list = curl_slist_append(NULL, rcpt_addr);
@@ -881,7 +888,7 @@ CollectDone(void)
 
 /*
  * fluxrate_internal.outbound_poll(wait_ms integer) RETURNS TABLE (org_id uuid, delivery_id uuid,
- *		status_code integer, error text, response text, duration_ms integer)
+ *		claimed_at timestamptz, status_code integer, error text, response text, duration_ms integer)
  * Drives the transfers until at least one is finished or wait_ms has passed,
  * returns the finished ones (the tenant's view of the error, see the header)
  * and forgets them.  The operator's detail goes to the server log.
@@ -926,8 +933,8 @@ fr_outbound_poll(PG_FUNCTION_ARGS)
 	while (*link)
 	{
 		Xfer	   *x = *link;
-		Datum		values[6];
-		bool		nulls[6] = {false, false, false, false, false, false};
+		Datum		values[7];
+		bool		nulls[7] = {false, false, false, false, false, false, false};
 		long		code = 0;
 		const char *error;
 		instr_time	took;
@@ -955,14 +962,15 @@ fr_outbound_poll(PG_FUNCTION_ARGS)
 				x->resp[i] = '?';
 		values[0] = UUIDPGetDatum(&x->org);
 		values[1] = UUIDPGetDatum(&x->id);
-		values[2] = Int32GetDatum((int32) code);
+		values[2] = TimestampTzGetDatum(x->claimed_at);
+		values[3] = Int32GetDatum((int32) code);
 		/* a refused or failed connection has no status worth showing */
-		nulls[2] = (code == 0 || x->guard.refused || (error != NULL && strcmp(error, "connection failed") == 0));
-		values[3] = error ? CStringGetTextDatum(error) : (Datum) 0;
-		nulls[3] = (error == NULL);
-		values[4] = x->resp_len > 0 ? CStringGetTextDatum(x->resp) : (Datum) 0;
-		nulls[4] = (x->resp_len == 0);
-		values[5] = Int32GetDatum((int32) INSTR_TIME_GET_MILLISEC(took));
+		nulls[3] = (code == 0 || x->guard.refused || (error != NULL && strcmp(error, "connection failed") == 0));
+		values[4] = error ? CStringGetTextDatum(error) : (Datum) 0;
+		nulls[4] = (error == NULL);
+		values[5] = x->resp_len > 0 ? CStringGetTextDatum(x->resp) : (Datum) 0;
+		nulls[5] = (x->resp_len == 0);
+		values[6] = Int32GetDatum((int32) INSTR_TIME_GET_MILLISEC(took));
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 		*link = x->next;
 		n_xfers--;

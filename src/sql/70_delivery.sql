@@ -329,16 +329,16 @@ CREATE FUNCTION fluxrate_internal.retry_delays() RETURNS interval[]
 
 -- The transfer engine (src/outbound.c): transfers started by one delivery run
 -- and collected as they finish, concurrently, within the outbound policy.
-CREATE FUNCTION fluxrate_internal.outbound_start_http(org_id uuid, delivery_id uuid, url text, headers text[], body text,
+CREATE FUNCTION fluxrate_internal.outbound_start_http(org_id uuid, delivery_id uuid, claimed_at timestamptz, url text, headers text[], body text,
     timeout_ms integer) RETURNS void
   LANGUAGE C VOLATILE STRICT
   AS 'MODULE_PATHNAME', 'fr_outbound_start_http';
-CREATE FUNCTION fluxrate_internal.outbound_start_smtp(org_id uuid, delivery_id uuid, host text, port integer, security text,
+CREATE FUNCTION fluxrate_internal.outbound_start_smtp(org_id uuid, delivery_id uuid, claimed_at timestamptz, host text, port integer, security text,
     username text, password text, mail_from text, rcpt text, message text, timeout_ms integer) RETURNS void
   LANGUAGE C VOLATILE
   AS 'MODULE_PATHNAME', 'fr_outbound_start_smtp';
 CREATE FUNCTION fluxrate_internal.outbound_poll(wait_ms integer)
-  RETURNS TABLE (org_id uuid, delivery_id uuid, status_code integer, error text, response text, duration_ms integer)
+  RETURNS TABLE (org_id uuid, delivery_id uuid, claimed_at timestamptz, status_code integer, error text, response text, duration_ms integer)
   LANGUAGE C VOLATILE STRICT
   AS 'MODULE_PATHNAME', 'fr_outbound_poll';
 CREATE FUNCTION fluxrate_internal.outbound_in_flight() RETURNS TABLE (org_id uuid, delivery_id uuid)
@@ -358,14 +358,16 @@ CREATE FUNCTION fluxrate_internal.check_webhook_url(url text) RETURNS void
 
 -- Record one finished (or impossible) attempt.  error is the tenant's view
 -- (src/outbound.c); final: no retry makes sense (disabled endpoint, secret
--- that does not open, an internal error).
-CREATE FUNCTION fluxrate_internal.record_attempt(d fluxrate_internal.deliveries, code integer, error text,
-    response text, duration_ms integer, final boolean) RETURNS void
+-- that does not open, an internal error).  at: when the delivery was claimed,
+-- never when its transfer ended, so that nothing the tenant reads (attempted_at,
+-- sent_at, next_attempt_at) measures how long the peer took: no timing oracle.
+CREATE FUNCTION fluxrate_internal.record_attempt(d fluxrate_internal.deliveries, at timestamptz, code integer,
+    error text, response text, duration_ms integer, final boolean) RETURNS void
   LANGUAGE plpgsql VOLATILE
   SET search_path = pg_catalog, pg_temp
   AS $$
 DECLARE
-  v_now timestamptz := fluxrate.now();
+  v_now timestamptz := at;
   v_delays interval[] := fluxrate_internal.retry_delays();
   -- attempts counts toward the retry schedule (a manual retry starts it again);
   -- the log numbers every attempt ever made
@@ -466,7 +468,7 @@ BEGIN
         ELSIF v_secret IS NULL THEN
           v_error := 'the signing secret cannot be decrypted (server secret changed?)';
         ELSE
-          PERFORM fluxrate_internal.outbound_start_http(d.org_id, d.id, w.url,
+          PERFORM fluxrate_internal.outbound_start_http(d.org_id, d.id, v_now, w.url,
                  ARRAY['Content-Type: application/json',
                        'X-Fluxrate-Event: ' || d.event,
                        'X-Fluxrate-Event-Id: ' || d.event_id,
@@ -487,7 +489,7 @@ BEGIN
             v_error := 'the smtp password cannot be decrypted (server secret changed?)';
           ELSE
             v_mail := fluxrate_internal.invoice_email(d.org_id, d.invoice_id, d.id, d.recipient);
-            PERFORM fluxrate_internal.outbound_start_smtp(d.org_id, d.id, s.host, s.port, s.security, s.username, v_password,
+            PERFORM fluxrate_internal.outbound_start_smtp(d.org_id, d.id, v_now, s.host, s.port, s.security, s.username, v_password,
                                                           s.from_email, d.recipient, v_mail.message, timeout_ms);
           END IF;
         END IF;
@@ -497,7 +499,7 @@ BEGIN
       RAISE LOG 'fluxrate: delivery %: internal error: %', d.id, SQLERRM;
     END;
     IF v_error IS NOT NULL THEN
-      PERFORM fluxrate_internal.record_attempt(d, NULL, v_error, NULL, 0, true);
+      PERFORM fluxrate_internal.record_attempt(d, v_now, NULL, v_error, NULL, 0, true);
     END IF;
     n := n + 1;
   END LOOP;
@@ -520,7 +522,7 @@ BEGIN
      WHERE x.org_id = r.org_id AND x.id = r.delivery_id AND x.status = 'PENDING';
     CONTINUE WHEN NOT FOUND;     -- deleted (endpoint, invoice, organization) while in flight
     PERFORM set_config('fluxrate.current_org', d.org_id::text, true);
-    PERFORM fluxrate_internal.record_attempt(d, r.status_code, r.error, r.response, r.duration_ms, false);
+    PERFORM fluxrate_internal.record_attempt(d, r.claimed_at, r.status_code, r.error, r.response, r.duration_ms, false);
   END LOOP;
   RETURN (SELECT count(*) FROM fluxrate_internal.outbound_in_flight())::integer;
 END

@@ -35,7 +35,9 @@ def write(name, value):
 
 open_now = most = total = 0
 while True:
-    for key, _ in sel.select():
+    # closes before accepts: a client that gives up and dials again at once must
+    # not be counted twice
+    for key, _ in sorted(sel.select(), key=lambda e: e[0].data == "listen"):
         if key.data == "listen":
             c, peer = key.fileobj.accept()
             if mode == "record":

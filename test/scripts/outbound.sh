@@ -123,6 +123,12 @@ echo "Speedy all sent after ${fast_done:-never} ms (Slowpoke attempts finished b
 [ "$slow_sent" = 0 ] || fail "the slow endpoint's attempts had finished already: the test proves nothing"
 got=$(q "SELECT string_agg(DISTINCT status || ' ' || last_error || ' ' || attempts, ',') FROM fluxrate_internal.deliveries WHERE org_id = '$SLOW'")
 [ "$got" = "PENDING connection failed 1" ] || fail "Slowpoke after its timeouts: $got"
+# no timing oracle: each attempt took its 5 s timeout (the operator's duration_ms), yet
+# what the tenant reads counts from the claim: next_attempt_at = attempted_at + 30 s
+got=$(q "SELECT bool_and(a.duration_ms >= 4500) || ' ' || bool_and(d.next_attempt_at = a.attempted_at + interval '30 seconds')
+           FROM fluxrate_internal.deliveries d JOIN fluxrate_internal.delivery_attempts a ON a.org_id = d.org_id AND a.delivery_id = d.id
+          WHERE d.org_id = '$SLOW'")
+[ "$got" = "true true" ] || fail "the slow attempts' times: $got"
 [ "$(cat "$W/silent/total")" = "$n_slow" ] || fail "the silent endpoint saw $(cat "$W/silent/total") connections, expected $n_slow"
 [ "$(cat "$W/silent/max")" -le 2 ] || fail "the silent endpoint held $(cat "$W/silent/max") connections at once (limit 2)"
 # ceil(4 / 2) rounds of 5 s: the run is bounded by the slow organization's own share
