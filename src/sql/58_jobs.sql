@@ -96,6 +96,7 @@ DECLARE
   v_final bigint;
   v_deliver bigint;
   v_rollups bigint;
+  v_purge bigint;
 BEGIN
   -- roles that can claim to be any organization (docs/security.md, "Roles")
   PERFORM fluxrate_internal.warn_role_grants();
@@ -112,8 +113,12 @@ BEGIN
     USING 'fluxrate-deliver', '* * * * *', 'CALL fluxrate.deliver_pending()';
   EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO v_rollups
     USING 'fluxrate-usage-rollups', '* * * * *', 'SELECT fluxrate.refresh_usage_rollups()';
+  -- the delivery log's retention (70_delivery.sql), once a day
+  EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO v_purge
+    USING 'fluxrate-purge-deliveries', '17 3 * * *', 'CALL fluxrate.purge_deliveries()';
   RETURN jsonb_build_object('close_due_periods', v_close, 'finalize_due_invoices', v_final,
-                            'deliver_pending', v_deliver, 'refresh_usage_rollups', v_rollups);
+                            'deliver_pending', v_deliver, 'refresh_usage_rollups', v_rollups,
+                            'purge_deliveries', v_purge);
 END
 $$;
 
