@@ -19,7 +19,7 @@
 --     (said where fail() is defined, 10_context.sql);
 --   * org_period_usage: "OUT variable ... is maybe unmodified": its rows come
 --     from RETURN QUERY EXECUTE, dynamic SQL the checker cannot see into
---     (40_rating.sql).
+--     (41_rollups.sql).
 SET client_min_messages = warning;
 CREATE EXTENSION plpgsql_check;
 RESET client_min_messages;

@@ -1,6 +1,6 @@
 -- 50_periods.sql: a subscription period and its draft invoice.
 --   nominal_period()          the nominal bounds of period n (period_boundary()
---                             itself is in 20_catalog.sql)
+--                             itself is in 22_subscriptions.sql)
 --   late_window_lines()       the late-usage window (the last 12 finalized invoices)
 --   fill_late_lines(), fill_lines()   the lines of a subscription invoice: the
 --                             reference the set-based closer (52_close.sql) matches
@@ -313,7 +313,7 @@ BEGIN
 END
 $$;
 
--- create_subscription (20_catalog.sql) inserts ACTIVE subscriptions directly:
+-- create_subscription (22_subscriptions.sql) inserts ACTIVE subscriptions directly:
 -- open them in the same transaction.
 CREATE FUNCTION fluxrate_internal.subscription_opened() RETURNS trigger
   LANGUAGE plpgsql VOLATILE

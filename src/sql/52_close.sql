@@ -194,7 +194,7 @@ END
 $$;
 
 -- Fill the snapshot for the periods that are due now.  A period of whole UTC
--- days is read from the usage rollups (40_rating.sql) and the events not yet
+-- days is read from the usage rollups (41_rollups.sql) and the events not yet
 -- rolled up.  Otherwise one pass over an
 -- organization's period reads every event of the organization the plan visits
 -- (~0.1-0.3 µs each, in parallel); the per-pair scans read only the due pairs'
