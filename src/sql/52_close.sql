@@ -17,6 +17,10 @@
 --                                            retried one subscription at a time
 -- The job that drives it (close_due_periods) is in 58_jobs.sql; the reference
 -- computation of a draft's lines (fill_lines) in 50_periods.sql.
+-- Over 800 lines on purpose: it is one concept, read top-down -- the run's
+-- snapshot and the fair claim that sys_close_batch uses, then sys_close_batch
+-- and its stages in their order, then the fallback -- and a third of it is
+-- the closing statement, whose parts are only meaningful next to each other.
 
 -- The usage snapshot of a closer run.  When many subscriptions of one
 -- organization end the same period (calendar billing: everyone on the 1st), the
