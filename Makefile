@@ -1,6 +1,9 @@
 # fluxrate: PGXS build.  See README.md "Layout" for the role of each directory.
-EXTENSION   = fluxrate
+# fluxrate_router: the PL/Proxy router of a sharded set-up, a second extension
+# with its own version (src/router/, docs/scale-out.md)
+EXTENSION   = fluxrate fluxrate_router
 EXTVERSION  = 0.1.0
+ROUTER_VERSION = 0.1.0
 MODULE_big  = fluxrate
 OBJS        = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 
@@ -8,8 +11,9 @@ OBJS        = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 # src/sql/NN_*.sql (in numeric order) into one versioned script, the way
 # pgvector copies sql/vector.sql.  Upgrade scripts live in src/sql/upgrade.
 SQL_PARTS   = $(sort $(wildcard src/sql/[0-9][0-9]_*.sql))
-DATA_built  = build/$(EXTENSION)--$(EXTVERSION).sql
-DATA        = $(wildcard src/sql/upgrade/$(EXTENSION)--*--*.sql)
+DATA_built  = build/fluxrate--$(EXTVERSION).sql build/fluxrate_router--$(ROUTER_VERSION).sql
+DATA        = $(wildcard src/sql/upgrade/fluxrate--*--*.sql)
+ROUTER_PARTS = $(sort $(wildcard src/router/[0-9][0-9]_*.sql))
 
 PG_CONFIG  ?= pg_config
 # Warnings are errors by default (CI builds this way); packagers may pass WERROR=.
@@ -26,11 +30,17 @@ EXTRA_CLEAN = build results regression.diffs regression.out
 
 all: $(DATA_built)
 
-$(DATA_built): $(SQL_PARTS)
+build/fluxrate--$(EXTVERSION).sql: $(SQL_PARTS)
 	@mkdir -p build
 	( echo '-- fluxrate $(EXTVERSION): generated from src/sql/*.sql by make; do not edit.'; \
 	  printf '%s\n' '\echo Use "CREATE EXTENSION fluxrate" to load this file. \quit'; \
 	  for f in $(SQL_PARTS); do echo; echo "-- ==== $$f ===="; cat $$f; done ) > $@
+
+build/fluxrate_router--$(ROUTER_VERSION).sql: $(ROUTER_PARTS)
+	@mkdir -p build
+	( echo '-- fluxrate_router $(ROUTER_VERSION): generated from src/router/*.sql by make; do not edit.'; \
+	  printf '%s\n' '\echo Use "CREATE EXTENSION fluxrate_router" to load this file. \quit'; \
+	  for f in $(ROUTER_PARTS); do echo; echo "-- ==== $$f ===="; cat $$f; done ) > $@
 
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
