@@ -70,3 +70,27 @@ nodes_stop() {
     rm -rf "${NODE_SOCK[$n]}"
   done
 }
+# router_setup <number of shards> [extra postgresql.conf lines for the shards]:
+# shards s0..s<N-1> (pg_cron + fluxrate, database fluxrate) and a router node
+# "router" (database router: fluxrate_router, the PL/Proxy server
+# fluxrate_shards over the shards' sockets, the shards' secrets shared, the
+# API synced).  rq runs SQL on the router like nq.
+router_setup() {
+  local n=$1; shift
+  local opts="modular_mapping '1'"
+  for i in $(seq 0 $((n - 1))); do
+    node_start "s$i" "$@"
+    nq "s$i" "CREATE EXTENSION pg_cron; CREATE EXTENSION fluxrate;"
+    opts+=", p$i 'host=$(node_host "s$i") port=5432 dbname=fluxrate connect_timeout=2'"
+  done
+  node_start router
+  npsql router -d postgres -qc "CREATE DATABASE router" >/dev/null
+  # the router's connections to the shards run as their superuser: it acts for
+  # organizations (a trusted role there) and moves them (superuser-only helpers)
+  rq "CREATE EXTENSION fluxrate_router CASCADE;
+      CREATE SERVER fluxrate_shards FOREIGN DATA WRAPPER plproxy OPTIONS ($opts);
+      CREATE USER MAPPING FOR PUBLIC SERVER fluxrate_shards OPTIONS (user 'postgres');" >/dev/null 2>&1
+  rq "SELECT fluxrate_router.share_secrets()" >/dev/null
+  rq "SELECT fluxrate_router.sync_api()" >/dev/null
+}
+rq() { NQ_DB=router nq router "$1"; }

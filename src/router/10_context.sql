@@ -153,6 +153,29 @@ BEGIN
 END
 $$;
 
+-- An error from a routed call, raised again for the caller.  e: SQLSTATE,
+-- message, detail, hint.  PL/Proxy passes a shard's SQLSTATE, DETAIL and HINT
+-- on but prefixes the message ("f(n): [db] REMOTE ERROR: "): taken off, so a client sees what a shard would have said.  A shard that
+-- cannot be reached is XX000 from PL/Proxy: PT503 (HTTP 503) naming the shard,
+-- since only that shard's organizations are affected and a retry may succeed.
+CREATE FUNCTION fluxrate_router.reraise(part integer, e text[]) RETURNS void
+  LANGUAGE plpgsql
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_msg text := e[2];
+BEGIN
+  IF v_msg ~ '^(PL/Proxy function )?[a-z_.]+\([0-9]+\): \[[^]]*\] REMOTE ERROR: ' THEN
+    v_msg := pg_catalog.regexp_replace(v_msg, '^(PL/Proxy function )?[a-z_.]+\([0-9]+\): \[[^]]*\] REMOTE ERROR: ', '');
+  ELSIF v_msg ~ '^PL/Proxy function ' AND e[1] OPERATOR(pg_catalog.=) 'XX000' THEN
+    PERFORM fluxrate_router.fail('PT503', pg_catalog.format('shard %s is unavailable', coalesce(part::text, '?')),
+      pg_catalog.regexp_replace(v_msg, '^PL/Proxy function [^ ]+: ', ''),
+      'Only the organizations on this shard are affected; retry when it is back (track calls with an idempotency_key are safe to retry).');
+  END IF;
+  PERFORM fluxrate_router.fail(e[1], v_msg, NULLIF(e[3], ''), NULLIF(e[4], ''));
+END
+$$;
+
 -- act_as on the router: the same contract as on a shard (trusted roles,
 -- transaction-local unless session => true), checked against the directory.
 CREATE FUNCTION fluxrate.act_as(org_id uuid, session boolean DEFAULT false) RETURNS uuid

@@ -14,9 +14,11 @@
 --       LANGUAGE plproxy: RUN ON part; on the shard, sets request.jwt.claims
 --       (transaction-local: each PL/Proxy call is one transaction there) and
 --       calls fluxrate.f positionally;
---   fluxrate.f(args with the shard's defaults) -> r, SQL, SECURITY DEFINER:
+--   fluxrate.f(args with the shard's defaults) -> r, SECURITY DEFINER:
 --       route() -> (part, claims), then the call above; the shard's
---       volatility and EXECUTE grants.
+--       volatility and EXECUTE grants.  Errors leave as the shard raised them
+--       (reraise(): PL/Proxy's "REMOTE ERROR" wrapping taken off, SQLSTATE,
+--       DETAIL and HINT kept); a shard that does not answer is PT503.
 -- Not wrapped: procedures and jobs (close_due_periods, ..., schedule_jobs,
 -- refresh_usage_rollups: every shard runs its own by pg_cron; nothing is
 -- scheduled on the router), now(), and the hand-written ones in 30_*.sql.
@@ -212,9 +214,22 @@ BEGIN
       SELECT coalesce(pg_catalog.string_agg(', $' || i, '' ORDER BY i), '') INTO v_params
         FROM pg_catalog.generate_series(1, f.nargs) i;
       EXECUTE pg_catalog.format($f$
-        CREATE FUNCTION fluxrate.%1$I(%2$s) RETURNS %3$s LANGUAGE sql %4$s SECURITY DEFINER
+        CREATE FUNCTION fluxrate.%1$I(%2$s) RETURNS %3$s LANGUAGE plpgsql %4$s SECURITY DEFINER
           SET search_path = pg_catalog, pg_temp
-          AS $b$ SELECT fluxrate_router_calls.%1$I(r.part, r.claims%5$s) FROM fluxrate_router.route(%6$s) r $b$ $f$,
+          AS $b$
+        DECLARE
+          v_part integer;
+          v_claims text;
+          e1 text; e2 text; e3 text; e4 text;
+        BEGIN
+          SELECT r.part, r.claims INTO v_part, v_claims FROM fluxrate_router.route(%6$s) r;
+          RETURN fluxrate_router_calls.%1$I(v_part, v_claims%5$s);
+        EXCEPTION WHEN OTHERS THEN
+          GET STACKED DIAGNOSTICS e1 = RETURNED_SQLSTATE, e2 = MESSAGE_TEXT, e3 = PG_EXCEPTION_DETAIL, e4 = PG_EXCEPTION_HINT;
+          PERFORM fluxrate_router.reraise(v_part, ARRAY[e1, e2, e3, e4]);
+          RETURN NULL;
+        END
+        $b$ $f$,
         f.name, f.args, f.result, CASE f.volatility WHEN 'v' THEN 'VOLATILE' ELSE 'STABLE' END, v_params,
         CASE WHEN f.api_key_pos OPERATOR(pg_catalog.>) 0 THEN '$' || f.api_key_pos ELSE 'NULL::text' END);
       v_sig := pg_catalog.format('fluxrate.%I(%s)', f.name, f.argtypes);

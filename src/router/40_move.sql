@@ -95,9 +95,10 @@ $$;
 -- deletes the partial copy on the target and resumes the organization on its
 -- old shard; nothing is lost either way.  report: what was moved.
 -- Must be CALLed outside a transaction block (it commits).
+-- (No SET search_path clause: a procedure with one cannot COMMIT.  Its names
+-- are schema-qualified, and only a superuser may call it.)
 CREATE PROCEDURE fluxrate_router.move_organization(org uuid, to_shard integer, INOUT report jsonb DEFAULT NULL)
   LANGUAGE plpgsql
-  SET search_path = pg_catalog, pg_temp
   AS $$
 DECLARE
   o fluxrate_router.organizations;
