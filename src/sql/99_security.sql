@@ -22,6 +22,9 @@ BEGIN
     EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', r.tbl);
     EXECUTE pg_catalog.format('ALTER TABLE %s FORCE ROW LEVEL SECURITY', r.tbl);
     IF r.has_org THEN
+      -- this file runs again at the end of every upgrade script: policies are
+      -- made anew rather than assumed absent
+      EXECUTE pg_catalog.format('DROP POLICY IF EXISTS tenant_wall ON %s', r.tbl);
       EXECUTE pg_catalog.format(
         'CREATE POLICY tenant_wall ON %s FOR ALL TO fluxrate_owner '
         'USING (org_id OPERATOR(pg_catalog.=) fluxrate_internal.current_org_id()) '
@@ -39,6 +42,7 @@ BEGIN
   END LOOP;
   -- the rollup state (no org_id: one row for the cluster, like server_secrets)
   -- is read by the tenant-confined readers of the rollups: a snapshot, nothing else
+  DROP POLICY IF EXISTS rollup_state_read ON fluxrate_internal.usage_rollup_state;
   CREATE POLICY rollup_state_read ON fluxrate_internal.usage_rollup_state FOR SELECT TO fluxrate_owner USING (true);
 
   FOR r IN

@@ -1,0 +1,16 @@
+-- fluxrate 0.1.0 -> 0.2.0: the hand-written steps of the upgrade.
+--
+-- make builds build/fluxrate--0.1.0--0.2.0.sql from this file, then every
+-- replayable definition of the current parts (src/sql/upgrade/replay.py: CREATE
+-- [OR REPLACE] FUNCTION/PROCEDURE, CREATE OR REPLACE ..., COMMENT ON, GRANT,
+-- REVOKE, DO $roles$), then 99_security.sql.  So this file holds only what a
+-- replay cannot do, in the order it must happen, before the definitions:
+--   - tables, columns, constraints, indexes, types, aggregates, triggers;
+--   - roles (add them to a DO $roles$ block of a part: replayed) ;
+--   - DROP FUNCTION for a function removed, renamed, or whose parameter names,
+--     defaults or return type changed (CREATE OR REPLACE refuses those);
+--   - data migrations.
+-- test/scripts/upgrade.sh installs 0.1.0, fills it, runs ALTER EXTENSION
+-- fluxrate UPDATE and compares the catalog with a fresh 0.2.0 install: a
+-- forgotten step shows there as a difference.
+-- Every name schema-qualified, as in the install script.
