@@ -56,7 +56,7 @@ BEGIN
     PERFORM fluxrate_router.fail('PT409', 'an account with this e-mail address already exists', NULL, 'Log in instead.');
   END IF;
   v := fluxrate_router_calls.signup(v_part, '', signup.email, signup.password, signup.organization_name);
-  v_org := (v OPERATOR(pg_catalog.->>) 'organization_id')::uuid;
+  v_org := (v OPERATOR(pg_catalog.->) 'organization' OPERATOR(pg_catalog.->>) 'id')::uuid;
   INSERT INTO fluxrate_router.organizations (org_id, shard) VALUES (v_org, v_part);
   INSERT INTO fluxrate_router.logins (email, org_id) VALUES (pg_catalog.lower(pg_catalog.btrim(signup.email)), v_org);
   RETURN v;

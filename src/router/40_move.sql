@@ -190,3 +190,7 @@ GRANT EXECUTE ON FUNCTION fluxrate.signup(text, text, text), fluxrate.login(text
   fluxrate.public_invoice(text), fluxrate.pre_request() TO fluxrate_anon, fluxrate_web, fluxrate_apikey, fluxrate_app;
 REVOKE ALL ON FUNCTION fluxrate.create_organization(text, text, text, integer, interval) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION fluxrate.create_organization(text, text, text, integer, interval) TO fluxrate_app;
+-- the pre-request's helper (verifies a key or a cookie on its shard), for the
+-- roles PostgREST runs it as
+GRANT USAGE ON SCHEMA fluxrate_router TO fluxrate_anon, fluxrate_web, fluxrate_apikey, fluxrate_app;
+GRANT EXECUTE ON FUNCTION fluxrate_router.credential_claims(text, text) TO fluxrate_anon, fluxrate_web, fluxrate_apikey, fluxrate_app;

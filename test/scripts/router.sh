@@ -225,4 +225,59 @@ expect "no second invoice for January after the move" \
 for o in b c d e f; do
   expect "$o still on its shard" "$(rq "SELECT shard FROM fluxrate_router.organizations WHERE org_id = '${ORG[$o]}'")" "${SHARD[$o]}"
 done
+# 7. the calls that name no organization: signup, login, refresh, public links, the pre-request
+rsql() { npsql router -d router -q -t -A -v ON_ERROR_STOP=1 "$@"; }   # as postgres, one file = one transaction with -1
+su=$(rsql -c "SET ROLE fluxrate_anon" -c "SELECT fluxrate.signup(email => 'Ada@Example.com', password => 'correct horse', organization_name => 'Signed up')")
+SORG=$(echo "$su" | sed -n 's/.*"organization": {[^}]*"id": "\([^"]*\)".*/\1/p')
+[ -n "$SORG" ] || fail "signup through the router: $su"
+expect "signup placed the organization and its e-mail" \
+  "$(rq "SELECT o.shard IS NOT NULL AND l.org_id = o.org_id FROM fluxrate_router.organizations o JOIN fluxrate_router.logins l ON l.email = 'ada@example.com' WHERE o.org_id = '$SORG'")" t
+expect_like "the same e-mail again, through the router" \
+  "$(err postgres "SET ROLE fluxrate_anon; SELECT fluxrate.signup(email => 'ada@example.com', password => 'x', organization_name => 'Twice')")" "PT409*"
+lg=$(rsql -c "SET ROLE fluxrate_anon" -c "SELECT fluxrate.login(email => 'ada@example.com', password => 'correct horse')")
+AT=$(echo "$lg" | sed -n 's/.*"access_token": "\([^"]*\)".*/\1/p')
+[ -n "$AT" ] || fail "login through the router: $lg"
+RT=$(echo "$lg" | sed -n 's/.*"refresh_token": "\([^"]*\)".*/\1/p')
+expect "the refresh token names its organization" "${RT:0:35}" "rt_$(echo "$SORG" | tr -d -)"
+echo "ok: login through the router (by the e-mail's organization)"
+expect_like "a wrong password" "$(err postgres "SET ROLE fluxrate_anon; SELECT fluxrate.login(email => 'ada@example.com', password => 'wrong')")" "PT401*"
+expect_like "an unknown e-mail" "$(err postgres "SET ROLE fluxrate_anon; SELECT fluxrate.login(email => 'nobody@example.com', password => 'x')")" "PT401: invalid e-mail or password"
+expect_like "refresh by the tagged token" \
+  "$(rsql -c "SET ROLE fluxrate_anon" -c "SELECT fluxrate.refresh(refresh_token => '$RT')")" "*\"access_token\"*"
+expect_like "the used refresh token again" \
+  "$(rsql -c "SET ROLE fluxrate_anon" -c "SELECT fluxrate.refresh(refresh_token => '$RT')")" "*invalid refresh token*"
+# the access_token cookie: the router's pre_request has the shard verify it, then acts as fluxrate_web
+expect "the cookie's session reaches its organization" \
+  "$(rsql -1 <<SQL | tail -1
+SELECT set_config('request.cookies', '{"access_token": "$AT"}', true) IS NULL;
+SET LOCAL ROLE fluxrate_anon;
+SELECT fluxrate.pre_request();
+SELECT current_user || ' ' || (fluxrate.get_organization()->>'id');
+SQL
+)" "fluxrate_web $SORG"
+expect_like "a forged cookie" "$(err postgres "SELECT set_config('request.cookies', '{\"access_token\": \"${AT%?}x\"}', false); SELECT fluxrate.pre_request()")" "PT401*"
+# X-API-Key: verified on its shard, then the key's claims and scopes travel with each call
+expect "an X-API-Key call tracks for its organization" \
+  "$(rsql -1 <<SQL | tail -1
+SELECT set_config('request.headers', '{"x-api-key": "${KEY[c]}"}', true) IS NULL;
+SET LOCAL ROLE fluxrate_anon;
+SELECT fluxrate.pre_request();
+SELECT current_user || ' ' || (fluxrate.track(meter_token => '${TOKEN[c]}', customer_external_id => 'initech', quantity => 1, idempotency_key => 'hdr-1')->>'replay');
+SQL
+)" "fluxrate_apikey false"
+expect_like "and stays within its scopes" \
+  "$(rsql -1 -v VERBOSITY=verbose 2>&1 <<SQL
+SELECT set_config('request.headers', '{"x-api-key": "${KEY[c]}"}', true) IS NULL;
+SET LOCAL ROLE fluxrate_anon;
+SELECT fluxrate.pre_request();
+SELECT fluxrate.list_customers();
+SQL
+)" "*42501*"
+# a public invoice link: each shard in turn, the one holding it answers
+INV=$(aq "SELECT fluxrate.act_as('${ORG[c]}') IS NULL; SELECT fluxrate.list_invoices(page_size => 1)->'data'->0->>'id'" | tail -1)
+INVNO=$(aq "SELECT fluxrate.act_as('${ORG[c]}') IS NULL; SELECT fluxrate.get_invoice('$INV')->>'invoice_number'" | tail -1)
+PTOK=$(aq "SELECT fluxrate.act_as('${ORG[c]}') IS NULL; SELECT fluxrate.generate_invoice_token('$INV')->>'public_token'" | tail -1)
+expect "a public link through the router (shard ${SHARD[c]})" \
+  "$(rsql -c "SET ROLE fluxrate_anon" -c "SELECT fluxrate.public_invoice('$PTOK')->>'invoice_number'")" "$INVNO"
+expect_like "an unknown link" "$(err postgres "SET ROLE fluxrate_anon; SELECT fluxrate.public_invoice(gen_random_uuid()::text)")" "PT404: invoice not found"
 echo "router scenario passed"
