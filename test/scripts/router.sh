@@ -276,6 +276,7 @@ SQL
 # a public invoice link: each shard in turn, the one holding it answers
 INV=$(aq "SELECT fluxrate.act_as('${ORG[c]}') IS NULL; SELECT fluxrate.list_invoices(page_size => 1)->'data'->0->>'id'" | tail -1)
 INVNO=$(aq "SELECT fluxrate.act_as('${ORG[c]}') IS NULL; SELECT fluxrate.get_invoice('$INV')->>'invoice_number'" | tail -1)
+[ -n "$INVNO" ] || fail "no invoice number for c"
 PTOK=$(aq "SELECT fluxrate.act_as('${ORG[c]}') IS NULL; SELECT fluxrate.generate_invoice_token('$INV')->>'public_token'" | tail -1)
 expect "a public link through the router (shard ${SHARD[c]})" \
   "$(rsql -c "SET ROLE fluxrate_anon" -c "SELECT fluxrate.public_invoice('$PTOK')->>'invoice_number'")" "$INVNO"
