@@ -194,6 +194,7 @@ BEGIN
           SET search_path = pg_catalog, pg_temp
           AS $b$ SELECT pg_catalog.jsonb_build_object('shards', pg_catalog.jsonb_agg(r)) FROM fluxrate_router_calls.%1$I() r $b$ $f$,
         f.name, CASE f.volatility WHEN 's' THEN 'STABLE' WHEN 'i' THEN 'STABLE' ELSE 'VOLATILE' END);
+      EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION fluxrate_router_calls.%I() FROM PUBLIC', f.name);
       INSERT INTO fluxrate_router.generated VALUES (pg_catalog.format('fluxrate_router_calls.%I()', f.name), 'internal'),
                                                    (pg_catalog.format('fluxrate.%I()', f.name), 'spanning');
       v_sig := pg_catalog.format('fluxrate.%I()', f.name);
@@ -205,9 +206,11 @@ BEGIN
           RUN ON $1;
           SELECT fluxrate.%1$I(%4$s) AS %1$I FROM (SELECT pg_catalog.set_config('request.jwt.claims', $2, true)) AS _ctx(c);
         $p$ $f$, f.name, CASE WHEN f.nargs OPERATOR(pg_catalog.>) 0 THEN ', ' || f.argtypes ELSE '' END, f.result, v_pos);
-      INSERT INTO fluxrate_router.generated
-      VALUES (pg_catalog.format('fluxrate_router_calls.%I(integer, text%s)', f.name,
-                                CASE WHEN f.nargs OPERATOR(pg_catalog.>) 0 THEN ', ' || f.argtypes ELSE '' END), 'internal');
+      v_sig := pg_catalog.format('fluxrate_router_calls.%I(integer, text%s)', f.name,
+                                 CASE WHEN f.nargs OPERATOR(pg_catalog.>) 0 THEN ', ' || f.argtypes ELSE '' END);
+      -- the internals take any claims: for the SECURITY DEFINER wrappers only
+      EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', v_sig);
+      INSERT INTO fluxrate_router.generated VALUES (v_sig, 'internal');
       IF f.name OPERATOR(pg_catalog.=) ANY (fluxrate_router.hand_wrapped()) THEN
         CONTINUE;
       END IF;

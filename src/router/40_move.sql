@@ -184,6 +184,7 @@ $$;
 -- Nothing here is for PUBLIC: the public API is schema fluxrate (granted by
 -- sync_api() as on the shards), the rest is the operator's (superuser).
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA fluxrate_router FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA fluxrate FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA fluxrate_router_calls FROM PUBLIC;
 REVOKE ALL ON PROCEDURE fluxrate_router.move_organization(uuid, integer, jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION fluxrate.signup(text, text, text), fluxrate.login(text, text), fluxrate.refresh(text),

@@ -43,6 +43,12 @@ diff <(nq s0 "SELECT proname || '(' || pg_get_function_arguments(oid) || ') ' ||
               FROM pg_proc WHERE pronamespace = 'fluxrate'::regnamespace ORDER BY 1") \
   || fail "router signatures differ from the shard's"
 echo "ok: every signature, parameter name and default is the shard's"
+expect "nothing on the router is executable by PUBLIC" \
+  "$(rq "SELECT count(*) FROM pg_proc p WHERE p.pronamespace IN ('fluxrate'::regnamespace, 'fluxrate_router'::regnamespace, 'fluxrate_router_calls'::regnamespace)
+           AND (p.proacl IS NULL OR EXISTS (SELECT 1 FROM aclexplode(p.proacl) a WHERE a.grantee = 0))")" 0
+expect "every SECURITY DEFINER function on the router pins search_path" \
+  "$(rq "SELECT count(*) FROM pg_proc p WHERE p.prosecdef AND p.pronamespace IN ('fluxrate'::regnamespace, 'fluxrate_router'::regnamespace)
+           AND NOT coalesce(p.proconfig::text LIKE '%search_path=pg_catalog, pg_temp%', false)")" 0
 expect "a second sync makes the same API" "$(rq "SELECT fluxrate_router.sync_api()->>'routed'")" \
   "$(rq "SELECT count(*) FROM fluxrate_router.generated WHERE kind = 'routed'")"
 
