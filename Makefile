@@ -34,7 +34,8 @@ PG_CFLAGS   = -std=gnu11 -Wall -Wextra $(WERROR) -Wno-unused-parameter \
 # libsodium: randomness, keyed BLAKE2b, argon2id, secretbox.
 # OpenSSL libcrypto: HMAC-SHA256 (JWT HS256, webhook signatures).
 # libcurl: SMTP and webhook delivery.
-SHLIB_LINK  = -lsodium -lcrypto -lcurl
+# libharu (libhpdf): the PDF invoice (src/render_pdf.c).
+SHLIB_LINK  = -lsodium -lcrypto -lcurl -lhpdf
 
 EXTRA_CLEAN = build results regression.diffs regression.out
 

@@ -10,6 +10,10 @@ PKGS=(
   libsodium-dev             # randomness, API-key hashing, argon2id, secretbox
   libssl-dev                # HMAC-SHA256 for JWT HS256 and webhook signatures
   libcurl4-openssl-dev      # SMTP and webhook delivery
+  libhpdf-dev               # libharu: the PDF invoice (src/render_pdf.c)
+  poppler-utils             # tests: pdftotext reads the PDF invoice back
+  python3-psycopg           # tests: application code through a real driver (psycopg 3)
+  pgbouncer                 # tests: transaction pooling in front of fluxrate
   python3 python3-aiosmtpd  # a real SMTP server for the delivery tests
   libipc-run-perl           # TAP tests (concurrency)
 )

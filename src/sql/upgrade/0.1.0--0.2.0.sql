@@ -14,3 +14,26 @@
 -- fluxrate UPDATE and compares the catalog with a fresh 0.2.0 install: a
 -- forgotten step shows there as a difference.
 -- Every name schema-qualified, as in the install script.
+
+-- render (issue 14, item 5): the media-type domains PostgREST serves the PDF
+-- and HTML invoices with (75_render.sql); types are not replayed.
+CREATE DOMAIN fluxrate."application/pdf" AS bytea;
+CREATE DOMAIN fluxrate."text/html" AS text;
+CREATE DOMAIN fluxrate."text/plain" AS text;
+-- get_meter_usage gained include_empty (default false: only the buckets with
+-- events or usage); a new parameter is a new signature, so the old one goes.
+DROP FUNCTION fluxrate.get_meter_usage(uuid, timestamptz, timestamptz, text, uuid);
+-- get_invoice returns json (keys in a logical order, with the customer's
+-- name): a new return type, so the jsonb one goes.
+DROP FUNCTION fluxrate.get_invoice(uuid);
+-- The other single-document reads return json too (keys in a logical order).
+DROP FUNCTION fluxrate.get_organization();
+DROP FUNCTION fluxrate.get_feature(uuid);
+DROP FUNCTION fluxrate.get_meter(uuid);
+DROP FUNCTION fluxrate.get_plan(uuid);
+DROP FUNCTION fluxrate.get_customer(uuid);
+DROP FUNCTION fluxrate.get_subscription(uuid);
+DROP FUNCTION fluxrate.get_subscription_usage(uuid);
+DROP FUNCTION fluxrate.get_customer_usage(uuid);
+DROP FUNCTION fluxrate.get_meter_stats(uuid);
+DROP FUNCTION fluxrate.get_smtp_settings();
