@@ -26,7 +26,7 @@
 -- The shard's catalog, read over PL/Proxy (RUN ON the given shard).
 CREATE FUNCTION fluxrate_router_calls.shard_functions(integer,
     OUT name text, OUT kind text, OUT volatility text, OUT result text, OUT args text,
-    OUT argtypes text, OUT nargs integer, OUT api_key_pos integer, OUT grantees text)
+    OUT argtypes text, OUT nargs integer, OUT api_key_pos integer, OUT grantees text, OUT retset boolean)
   RETURNS SETOF record
   LANGUAGE plproxy AS $p$
   CLUSTER 'fluxrate_shards';
@@ -39,9 +39,22 @@ CREATE FUNCTION fluxrate_router_calls.shard_functions(integer,
          coalesce(pg_catalog.array_position(p.proargnames, 'api_key'), 0) AS api_key_pos,
          (SELECT pg_catalog.string_agg(DISTINCT a.grantee::regrole::text, ',')
             FROM pg_catalog.aclexplode(p.proacl) AS a
-           WHERE a.privilege_type = 'EXECUTE' AND a.grantee <> 0) AS grantees
+           WHERE a.privilege_type = 'EXECUTE' AND a.grantee <> 0) AS grantees,
+         p.proretset AS retset
     FROM pg_catalog.pg_proc p
-   WHERE p.pronamespace = 'fluxrate'::regnamespace AND NOT p.proretset;
+   WHERE p.pronamespace = 'fluxrate'::regnamespace;
+$p$;
+
+-- The shard's domains in schema fluxrate (the media types PostgREST serves by
+-- a function's return type: "text/html", "application/pdf", ...): the router
+-- needs the same ones for the same signatures.
+CREATE FUNCTION fluxrate_router_calls.shard_domains(integer, OUT name text, OUT base text)
+  RETURNS SETOF record
+  LANGUAGE plproxy AS $p$
+  CLUSTER 'fluxrate_shards';
+  RUN ON $1;
+  SELECT t.typname::text AS name, pg_catalog.format_type(t.typbasetype, t.typtypmod) AS base
+    FROM pg_catalog.pg_type t WHERE t.typnamespace = 'fluxrate'::regnamespace AND t.typtype = 'd';
 $p$;
 
 -- What every shard runs and holds in common: fluxrate's version and a digest
@@ -144,7 +157,13 @@ CREATE FUNCTION fluxrate_router.unwrapped() RETURNS text[]
   AS $$ SELECT ARRAY['now', 'schedule_jobs', 'unschedule_jobs', 'refresh_usage_rollups', 'pre_request', 'act_as'] $$;
 CREATE FUNCTION fluxrate_router.hand_wrapped() RETURNS text[]
   LANGUAGE sql IMMUTABLE
-  AS $$ SELECT ARRAY['create_organization', 'signup', 'login', 'refresh', 'public_invoice'] $$;
+  AS $$ SELECT ARRAY['create_organization', 'signup', 'login', 'refresh'] $$;
+-- Calls by a token that names no organization (public invoice links: a random
+-- uuid): tried on each shard in turn, the one that does not answer PT404 wins.
+-- At most one holds the token; a few shards cost a few calls, on links people open.
+CREATE FUNCTION fluxrate_router.searched() RETURNS text[]
+  LANGUAGE sql IMMUTABLE
+  AS $$ SELECT ARRAY['public_invoice', 'public_invoice_html', 'public_invoice_pdf'] $$;
 -- Operator calls that span organizations: run on every shard, merged as
 -- {"shards": [one result per shard]} (health() when the shards have it).
 CREATE FUNCTION fluxrate_router.spanning() RETURNS text[]
@@ -158,6 +177,7 @@ CREATE FUNCTION fluxrate_router.sync_api() RETURNS jsonb
 DECLARE
   f record;
   g record;
+  d record;
   v_params text;
   v_pos text;
   v_sig text;
@@ -172,6 +192,12 @@ BEGIN
   END LOOP;
   DELETE FROM fluxrate_router.generated;
 
+  FOR d IN SELECT * FROM fluxrate_router_calls.shard_domains(0) LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_type t WHERE t.typnamespace OPERATOR(pg_catalog.=) 'fluxrate'::regnamespace
+                    AND t.typname OPERATOR(pg_catalog.=) d.name) THEN
+      EXECUTE pg_catalog.format('CREATE DOMAIN fluxrate.%I AS %s', d.name, d.base);
+    END IF;
+  END LOOP;
   FOR f IN SELECT * FROM fluxrate_router_calls.shard_functions(0) s
             WHERE s.kind OPERATOR(pg_catalog.=) 'f' AND NOT s.name OPERATOR(pg_catalog.=) ANY (fluxrate_router.unwrapped())
             ORDER BY s.name LOOP
@@ -200,12 +226,23 @@ BEGIN
       v_sig := pg_catalog.format('fluxrate.%I()', f.name);
       v_spanning := v_spanning + 1;
     ELSE
-      EXECUTE pg_catalog.format($f$
-        CREATE FUNCTION fluxrate_router_calls.%1$I(integer, text%2$s) RETURNS %3$s LANGUAGE plproxy AS $p$
-          CLUSTER 'fluxrate_shards';
-          RUN ON $1;
-          SELECT fluxrate.%1$I(%4$s) AS %1$I FROM (SELECT pg_catalog.set_config('request.jwt.claims', $2, true)) AS _ctx(c);
-        $p$ $f$, f.name, CASE WHEN f.nargs OPERATOR(pg_catalog.>) 0 THEN ', ' || f.argtypes ELSE '' END, f.result, v_pos);
+      IF f.retset THEN
+        -- rows: the call runs after the claims are set (a lateral reference to them)
+        EXECUTE pg_catalog.format($f$
+          CREATE FUNCTION fluxrate_router_calls.%1$I(integer, text%2$s) RETURNS %3$s LANGUAGE plproxy AS $p$
+            CLUSTER 'fluxrate_shards';
+            RUN ON $1;
+            SELECT r.* FROM (SELECT pg_catalog.set_config('request.jwt.claims', $2, true) AS c OFFSET 0) AS _ctx
+              CROSS JOIN LATERAL (SELECT * FROM fluxrate.%1$I(%4$s) WHERE _ctx.c IS NOT NULL) AS r;
+          $p$ $f$, f.name, CASE WHEN f.nargs OPERATOR(pg_catalog.>) 0 THEN ', ' || f.argtypes ELSE '' END, f.result, v_pos);
+      ELSE
+        EXECUTE pg_catalog.format($f$
+          CREATE FUNCTION fluxrate_router_calls.%1$I(integer, text%2$s) RETURNS %3$s LANGUAGE plproxy AS $p$
+            CLUSTER 'fluxrate_shards';
+            RUN ON $1;
+            SELECT fluxrate.%1$I(%4$s) AS %1$I FROM (SELECT pg_catalog.set_config('request.jwt.claims', $2, true)) AS _ctx(c);
+          $p$ $f$, f.name, CASE WHEN f.nargs OPERATOR(pg_catalog.>) 0 THEN ', ' || f.argtypes ELSE '' END, f.result, v_pos);
+      END IF;
       v_sig := pg_catalog.format('fluxrate_router_calls.%I(integer, text%s)', f.name,
                                  CASE WHEN f.nargs OPERATOR(pg_catalog.>) 0 THEN ', ' || f.argtypes ELSE '' END);
       -- the internals take any claims: for the SECURITY DEFINER wrappers only
@@ -216,6 +253,28 @@ BEGIN
       END IF;
       SELECT coalesce(pg_catalog.string_agg(', $' || i, '' ORDER BY i), '') INTO v_params
         FROM pg_catalog.generate_series(1, f.nargs) i;
+      IF f.name OPERATOR(pg_catalog.=) ANY (fluxrate_router.searched()) THEN
+        EXECUTE pg_catalog.format($f$
+          CREATE FUNCTION fluxrate.%1$I(%2$s) RETURNS %3$s LANGUAGE plpgsql %4$s SECURITY DEFINER
+            SET search_path = pg_catalog, pg_temp
+            AS $b$
+          DECLARE
+            e1 text; e2 text; e3 text; e4 text;
+          BEGIN
+            FOR i IN 0 .. fluxrate_router.shard_count() - 1 LOOP
+              BEGIN
+                RETURN fluxrate_router_calls.%1$I(i, ''%5$s);
+              EXCEPTION WHEN SQLSTATE 'PT404' THEN
+                GET STACKED DIAGNOSTICS e1 = RETURNED_SQLSTATE, e2 = MESSAGE_TEXT, e3 = PG_EXCEPTION_DETAIL, e4 = PG_EXCEPTION_HINT;
+              END;
+            END LOOP;
+            -- no shard holds it: the last shard's refusal
+            PERFORM fluxrate_router.reraise(NULL, ARRAY[coalesce(e1, 'PT404'), coalesce(e2, 'not found'), e3, e4]);
+            RETURN NULL;
+          END
+          $b$ $f$,
+          f.name, f.args, f.result, CASE f.volatility WHEN 'v' THEN 'VOLATILE' ELSE 'STABLE' END, v_params);
+      ELSE
       EXECUTE pg_catalog.format($f$
         CREATE FUNCTION fluxrate.%1$I(%2$s) RETURNS %3$s LANGUAGE plpgsql %4$s SECURITY DEFINER
           SET search_path = pg_catalog, pg_temp
@@ -226,15 +285,18 @@ BEGIN
           e1 text; e2 text; e3 text; e4 text;
         BEGIN
           SELECT r.part, r.claims INTO v_part, v_claims FROM fluxrate_router.route(%6$s) r;
-          RETURN fluxrate_router_calls.%1$I(v_part, v_claims%5$s);
+          %7$s fluxrate_router_calls.%1$I(v_part, v_claims%5$s);
         EXCEPTION WHEN OTHERS THEN
           GET STACKED DIAGNOSTICS e1 = RETURNED_SQLSTATE, e2 = MESSAGE_TEXT, e3 = PG_EXCEPTION_DETAIL, e4 = PG_EXCEPTION_HINT;
           PERFORM fluxrate_router.reraise(v_part, ARRAY[e1, e2, e3, e4]);
-          RETURN NULL;
+          %8$s;
         END
         $b$ $f$,
         f.name, f.args, f.result, CASE f.volatility WHEN 'v' THEN 'VOLATILE' ELSE 'STABLE' END, v_params,
-        CASE WHEN f.api_key_pos OPERATOR(pg_catalog.>) 0 THEN '$' || f.api_key_pos ELSE 'NULL::text' END);
+        CASE WHEN f.api_key_pos OPERATOR(pg_catalog.>) 0 THEN '$' || f.api_key_pos ELSE 'NULL::text' END,
+        CASE WHEN f.retset THEN 'RETURN QUERY SELECT * FROM' ELSE 'RETURN' END,
+        CASE WHEN f.retset THEN 'RETURN' ELSE 'RETURN NULL' END);
+      END IF;
       v_sig := pg_catalog.format('fluxrate.%I(%s)', f.name, f.argtypes);
       INSERT INTO fluxrate_router.generated VALUES (v_sig, 'routed');
       v_routed := v_routed + 1;

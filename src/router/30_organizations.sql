@@ -1,8 +1,8 @@
 -- 30_organizations.sql: the calls that name no organization yet (creating
--- one, signing up, logging in, refreshing, public invoice links, the
--- PostgREST pre-request) and the operator's view of the directory.  They call
--- the PL/Proxy functions sync_api() generates (fluxrate_router_calls.*), so
--- they work once sync_api() has run.
+-- one, signing up, logging in, refreshing, the PostgREST pre-request; public
+-- invoice links are generated, 20_sync.sql) and the operator's view of the
+-- directory.  They call the PL/Proxy functions sync_api() generates
+-- (fluxrate_router_calls.*), so they work once sync_api() has run.
 
 -- Where a new organization goes: the shard with the fewest organizations.
 CREATE FUNCTION fluxrate_router.place_new() RETURNS integer
@@ -104,24 +104,6 @@ BEGIN
     END;
   END LOOP;
   PERFORM fluxrate_router.fail('PT401', 'invalid refresh token', 'The token is unknown.', 'Log in again.');
-END
-$$;
-
--- A public invoice link is a random uuid (no tag): each shard in turn.  At
--- most one holds it; a few shards cost a few calls, on a link humans open.
-CREATE FUNCTION fluxrate.public_invoice(token text) RETURNS jsonb
-  LANGUAGE plpgsql STABLE SECURITY DEFINER
-  SET search_path = pg_catalog, pg_temp
-  AS $$
-BEGIN
-  FOR i IN 0 .. fluxrate_router.shard_count() - 1 LOOP
-    BEGIN
-      RETURN fluxrate_router_calls.public_invoice(i, '', public_invoice.token);
-    EXCEPTION WHEN SQLSTATE 'PT404' THEN
-      NULL;
-    END;
-  END LOOP;
-  PERFORM fluxrate_router.fail('PT404', 'invoice not found', 'The link is unknown or was replaced by a newer one.');
 END
 $$;
 

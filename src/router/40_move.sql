@@ -188,7 +188,7 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA fluxrate FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA fluxrate_router_calls FROM PUBLIC;
 REVOKE ALL ON PROCEDURE fluxrate_router.move_organization(uuid, integer, jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION fluxrate.signup(text, text, text), fluxrate.login(text, text), fluxrate.refresh(text),
-  fluxrate.public_invoice(text), fluxrate.pre_request() TO fluxrate_anon, fluxrate_web, fluxrate_apikey, fluxrate_app;
+  fluxrate.pre_request() TO fluxrate_anon, fluxrate_web, fluxrate_apikey, fluxrate_app;
 REVOKE ALL ON FUNCTION fluxrate.create_organization(text, text, text, integer, interval) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION fluxrate.create_organization(text, text, text, integer, interval) TO fluxrate_app;
 -- the pre-request's helper (verifies a key or a cookie on its shard), for the

@@ -108,6 +108,9 @@ for o in a b c d e f; do
   expect "invoices of $o through the router: 49.00 and 59.00" "$got" "49.00 59.00"
 done
 
+# a set-returning function through the router: rows of the calling organization only
+expect "invoice_rows of b through the router: its 2 invoices, 49.00 and 59.00" \
+  "$(aq "SELECT fluxrate.act_as('${ORG[b]}') IS NULL; SELECT count(*) || ' ' || string_agg(total::text, ' ' ORDER BY total) FROM fluxrate.invoice_rows()" | tail -1)" "2 49.00 59.00"
 # an hour later (the grace period) the shards finalize them: numbered, OPEN
 for s in s0 s1 s2; do
   nqf $s -c "SET fluxrate.pinned_now = '2026-02-01 01:02:00+00'" -c "CALL fluxrate.finalize_due_invoices()" >/dev/null
@@ -286,5 +289,11 @@ INVNO=$(aq "SELECT fluxrate.act_as('${ORG[c]}') IS NULL; SELECT fluxrate.get_inv
 PTOK=$(aq "SELECT fluxrate.act_as('${ORG[c]}') IS NULL; SELECT fluxrate.generate_invoice_token('$INV')->>'public_token'" | tail -1)
 expect "a public link through the router (shard ${SHARD[c]})" \
   "$(rsql -c "SET ROLE fluxrate_anon" -c "SELECT fluxrate.public_invoice('$PTOK')->>'invoice_number'")" "$INVNO"
+expect "the HTML link through the router, as the shard's media type" \
+  "$(rsql -c "SET ROLE fluxrate_anon" -c "SELECT pg_typeof(h)::text || ' ' || (position('$INVNO' IN h) > 0) FROM fluxrate.public_invoice_html('$PTOK') h")" \
+  'fluxrate."text/html" true'
+expect "and the PDF" \
+  "$(rsql -c "SET ROLE fluxrate_anon" -c "SELECT pg_typeof(p)::text || ' ' || (substr(p, 1, 5) = '%PDF-'::bytea) FROM fluxrate.public_invoice_pdf('$PTOK') p")" \
+  'fluxrate."application/pdf" true'
 expect_like "an unknown link" "$(err postgres "SET ROLE fluxrate_anon; SELECT fluxrate.public_invoice(gen_random_uuid()::text)")" "PT404: invoice not found"
 echo "router scenario passed"
