@@ -22,6 +22,7 @@ CREATE FUNCTION fluxrate.create_organization(name text, billing_country text DEF
   SET search_path = pg_catalog, pg_temp
   AS $$
 DECLARE
+  e1 text; e2 text; e3 text; e4 text;
   v_role name := fluxrate_router.outer_role();
   v_part integer := fluxrate_router.place_new();
   v jsonb;
@@ -38,8 +39,20 @@ BEGIN
          create_organization.billing_state, create_organization.payment_terms_days, create_organization.grace_period);
   INSERT INTO fluxrate_router.organizations (org_id, shard) VALUES ((v OPERATOR(pg_catalog.->>) 'id')::uuid, v_part);
   RETURN v;
+EXCEPTION WHEN OTHERS THEN
+  -- a shard's refusal as the shard raised it (reraise: PL/Proxy's prefix off)
+  GET STACKED DIAGNOSTICS e1 = RETURNED_SQLSTATE, e2 = MESSAGE_TEXT, e3 = PG_EXCEPTION_DETAIL, e4 = PG_EXCEPTION_HINT;
+  PERFORM fluxrate_router.reraise(NULL, ARRAY[e1, e2, e3, e4]);
+  RETURN NULL;
 END
 $$;
+
+CREATE FUNCTION fluxrate_router_calls.user_org(integer, text) RETURNS uuid
+  LANGUAGE plproxy AS $p$
+  CLUSTER 'fluxrate_shards';
+  RUN ON $1;
+  SELECT u.org_id AS user_org FROM fluxrate_internal.users u WHERE u.email = $2;
+$p$;
 
 CREATE FUNCTION fluxrate.signup(email text DEFAULT NULL, password text DEFAULT NULL, organization_name text DEFAULT NULL)
   RETURNS jsonb
@@ -47,19 +60,34 @@ CREATE FUNCTION fluxrate.signup(email text DEFAULT NULL, password text DEFAULT N
   SET search_path = pg_catalog, pg_temp
   AS $$
 DECLARE
+  e1 text; e2 text; e3 text; e4 text;
   v_part integer := fluxrate_router.place_new();
   v jsonb;
   v_org uuid;
 BEGIN
-  -- e-mail addresses are unique per shard there, across shards here
-  IF EXISTS (SELECT 1 FROM fluxrate_router.logins l WHERE l.email OPERATOR(pg_catalog.=) pg_catalog.lower(pg_catalog.btrim(signup.email))) THEN
-    PERFORM fluxrate_router.fail('PT409', 'an account with this e-mail address already exists', NULL, 'Log in instead.');
+  -- e-mail addresses are unique per shard there, across shards here.  A known
+  -- address goes to its own shard, which answers as it answers any repeated
+  -- sign-up (the same words, nothing changed: no account enumeration)
+  SELECT l.org_id INTO v_org FROM fluxrate_router.logins l
+   WHERE l.email OPERATOR(pg_catalog.=) pg_catalog.lower(pg_catalog.btrim(signup.email));
+  IF v_org IS NOT NULL THEN
+    RETURN fluxrate_router_calls.signup(fluxrate_router.shard_of(v_org), '', signup.email, signup.password, signup.organization_name);
   END IF;
   v := fluxrate_router_calls.signup(v_part, '', signup.email, signup.password, signup.organization_name);
-  v_org := (v OPERATOR(pg_catalog.->) 'organization' OPERATOR(pg_catalog.->>) 'id')::uuid;
+  -- the answer names no organization (it is the same whether or not the address
+  -- had an account): the shard's users table does, read by the router's role
+  v_org := fluxrate_router_calls.user_org(v_part, pg_catalog.lower(pg_catalog.btrim(signup.email)));
+  IF v_org IS NULL THEN
+    PERFORM fluxrate_router.fail('55000', 'the shard did not record the sign-up', pg_catalog.format('shard %s', v_part));
+  END IF;
   INSERT INTO fluxrate_router.organizations (org_id, shard) VALUES (v_org, v_part);
   INSERT INTO fluxrate_router.logins (email, org_id) VALUES (pg_catalog.lower(pg_catalog.btrim(signup.email)), v_org);
   RETURN v;
+EXCEPTION WHEN OTHERS THEN
+  -- a shard's refusal as the shard raised it (reraise: PL/Proxy's prefix off)
+  GET STACKED DIAGNOSTICS e1 = RETURNED_SQLSTATE, e2 = MESSAGE_TEXT, e3 = PG_EXCEPTION_DETAIL, e4 = PG_EXCEPTION_HINT;
+  PERFORM fluxrate_router.reraise(NULL, ARRAY[e1, e2, e3, e4]);
+  RETURN NULL;
 END
 $$;
 
@@ -68,6 +96,7 @@ CREATE FUNCTION fluxrate.login(email text DEFAULT NULL, password text DEFAULT NU
   SET search_path = pg_catalog, pg_temp
   AS $$
 DECLARE
+  e1 text; e2 text; e3 text; e4 text;
   v_org uuid;
 BEGIN
   SELECT l.org_id INTO v_org FROM fluxrate_router.logins l
@@ -76,6 +105,11 @@ BEGIN
     PERFORM fluxrate_router.fail('PT401', 'invalid e-mail or password', NULL, 'Check both, or sign up.');
   END IF;
   RETURN fluxrate_router_calls.login(fluxrate_router.shard_of(v_org), '', login.email, login.password);
+EXCEPTION WHEN OTHERS THEN
+  -- a shard's refusal as the shard raised it (reraise: PL/Proxy's prefix off)
+  GET STACKED DIAGNOSTICS e1 = RETURNED_SQLSTATE, e2 = MESSAGE_TEXT, e3 = PG_EXCEPTION_DETAIL, e4 = PG_EXCEPTION_HINT;
+  PERFORM fluxrate_router.reraise(NULL, ARRAY[e1, e2, e3, e4]);
+  RETURN NULL;
 END
 $$;
 
@@ -86,6 +120,7 @@ CREATE FUNCTION fluxrate.refresh(refresh_token text DEFAULT NULL) RETURNS jsonb
   SET search_path = pg_catalog, pg_temp
   AS $$
 DECLARE
+  e1 text; e2 text; e3 text; e4 text;
   v_token text := coalesce(refresh.refresh_token,
     NULLIF(pg_catalog.current_setting('request.cookies', true), '')::jsonb OPERATOR(pg_catalog.->>) 'refresh_token');
   v_org uuid := fluxrate_router.tagged_org(v_token, 'rt_');
@@ -104,6 +139,11 @@ BEGIN
     END;
   END LOOP;
   PERFORM fluxrate_router.fail('PT401', 'invalid refresh token', 'The token is unknown.', 'Log in again.');
+EXCEPTION WHEN OTHERS THEN
+  -- a shard's refusal as the shard raised it (reraise: PL/Proxy's prefix off)
+  GET STACKED DIAGNOSTICS e1 = RETURNED_SQLSTATE, e2 = MESSAGE_TEXT, e3 = PG_EXCEPTION_DETAIL, e4 = PG_EXCEPTION_HINT;
+  PERFORM fluxrate_router.reraise(NULL, ARRAY[e1, e2, e3, e4]);
+  RETURN NULL;
 END
 $$;
 
@@ -130,6 +170,7 @@ CREATE FUNCTION fluxrate_router.credential_claims(api_key text, access_token tex
   SET search_path = pg_catalog, pg_temp
   AS $$
 DECLARE
+  e1 text; e2 text; e3 text; e4 text;
   v_org uuid;
   v_payload text;
 BEGIN
@@ -153,6 +194,11 @@ BEGIN
     PERFORM fluxrate_router.fail('PT401', 'invalid token', 'The token is not a fluxrate session token.', 'Log in again.');
   END IF;
   RETURN fluxrate_router_calls.access_token_claims(fluxrate_router.shard_of(v_org), access_token);
+EXCEPTION WHEN OTHERS THEN
+  -- a shard's refusal as the shard raised it (reraise: PL/Proxy's prefix off)
+  GET STACKED DIAGNOSTICS e1 = RETURNED_SQLSTATE, e2 = MESSAGE_TEXT, e3 = PG_EXCEPTION_DETAIL, e4 = PG_EXCEPTION_HINT;
+  PERFORM fluxrate_router.reraise(NULL, ARRAY[e1, e2, e3, e4]);
+  RETURN NULL;
 END
 $$;
 
