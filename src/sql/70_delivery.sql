@@ -79,7 +79,8 @@ CREATE TABLE fluxrate_internal.deliveries (
   invoice_id        uuid,                        -- e-mail deliveries
   recipient         text NOT NULL,               -- URL or e-mail address, as of enqueueing
   body              text,                        -- webhook: the exact bytes signed and sent
-  status            text NOT NULL DEFAULT 'PENDING' CHECK (status IN ('PENDING', 'SENT', 'FAILED')),
+  -- SKIPPED: an invoice e-mail that could not even be queued (no SMTP, no address), kept so it is seen
+  status            text NOT NULL DEFAULT 'PENDING' CHECK (status IN ('PENDING', 'SENT', 'FAILED', 'SKIPPED')),
   attempts          integer NOT NULL DEFAULT 0,
   next_attempt_at   timestamptz,
   last_status_code  integer,
@@ -177,6 +178,14 @@ BEGIN
     VALUES (enqueue_invoice_email.org_id, fluxrate_internal.uuid_v7(), enqueue_invoice_email.event_id,
             'invoice.email', 'email', enqueue_invoice_email.invoice_id, v_email, at, at, at);
     queued := true;
+  END IF;
+  -- the finalization's e-mail that cannot go out is not silence: a SKIPPED row
+  -- with the reason, in the delivery log and health() (turned off is a choice, not a surprise)
+  IF automatic AND NOT queued AND v_auto THEN
+    INSERT INTO fluxrate_internal.deliveries (org_id, id, event_id, event, channel, invoice_id, recipient,
+        status, last_error, created_at, updated_at)
+    VALUES (enqueue_invoice_email.org_id, fluxrate_internal.uuid_v7(), enqueue_invoice_email.event_id,
+            'invoice.email', 'email', enqueue_invoice_email.invoice_id, coalesce(v_email, ''), 'SKIPPED', reason, at, at);
   END IF;
 END
 $$;
@@ -438,6 +447,9 @@ BEGIN
     n := n + 1;
     COMMIT;
   END LOOP;
+  IF n > 0 THEN
+    PERFORM fluxrate_internal.job_log('deliver_pending', format('attempted %s deliveries', n));
+  END IF;
 END
 $$;
 GRANT EXECUTE ON FUNCTION fluxrate_internal.sys_deliver_one(integer) TO fluxrate_app;
@@ -694,7 +706,7 @@ DECLARE
   v_org uuid := fluxrate_internal.require_org('admin');
 BEGIN
   PERFORM fluxrate_internal.check_page(page, page_size);
-  PERFORM fluxrate_internal.one_of(upper(list_deliveries.status), 'status', ARRAY['PENDING', 'SENT', 'FAILED']);
+  PERFORM fluxrate_internal.one_of(upper(list_deliveries.status), 'status', ARRAY['PENDING', 'SENT', 'FAILED', 'SKIPPED']);
   PERFORM fluxrate_internal.one_of(lower(list_deliveries.channel), 'channel', ARRAY['webhook', 'email']);
   RETURN fluxrate_internal.page_envelope(
     (SELECT jsonb_agg(fluxrate_internal.delivery_json(d) ORDER BY d.id) FROM
