@@ -45,7 +45,7 @@
 #define FR_CRON_CONNECT_TIMEOUT_MS	10000
 
 PG_FUNCTION_INFO_V1(fr_cron_connect_error);
-PG_FUNCTION_INFO_V1(fr_cron_host);
+PG_FUNCTION_INFO_V1(fr_cron_setting);
 PG_FUNCTION_INFO_V1(fr_drop_extension_guard);
 
 /* libpq's message without its trailing newline, in palloc'd memory */
@@ -138,25 +138,27 @@ fr_cron_connect_error(PG_FUNCTION_ARGS)
 }
 
 /*
- * Where pg_cron's jobs log in: NULL when they run in background workers
- * (cron.use_background_workers = on), else cron.host.  The two settings are
- * superuser-only to read; what they say about the clock is not a secret, and
- * health() (as fluxrate_system) reports it.  Errors when pg_cron is not loaded.
+ * A pg_cron setting (cron.*), or NULL when pg_cron is not loaded.  pg_cron
+ * makes its settings superuser-only to read; what they say about the clock
+ * (the database the jobs run from, background workers or not, the host) is no
+ * secret, and health() reports it as fluxrate_system.  Other settings are
+ * refused: this is not a way around GUC_SUPERUSER_ONLY in general.
  */
 Datum
-fr_cron_host(PG_FUNCTION_ARGS)
+fr_cron_setting(PG_FUNCTION_ARGS)
 {
-	const char *bgw = GetConfigOption("cron.use_background_workers", true, false);
-	const char *host = GetConfigOption("cron.host", true, false);
+	char	   *name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	const char *value;
 
-	if (bgw == NULL || host == NULL)
+	if (strcmp(name, "cron.database_name") != 0 && strcmp(name, "cron.use_background_workers") != 0 &&
+		strcmp(name, "cron.host") != 0)
 		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("pg_cron is not loaded"),
-				 errhint("Add pg_cron to shared_preload_libraries and restart the server.")));
-	if (strcmp(bgw, "on") == 0)
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("fluxrate reads only cron.database_name, cron.use_background_workers and cron.host")));
+	value = GetConfigOption(name, true, false);
+	if (value == NULL)
 		PG_RETURN_NULL();
-	PG_RETURN_TEXT_P(cstring_to_text(host));
+	PG_RETURN_TEXT_P(cstring_to_text(value));
 }
 
 Datum

@@ -1212,7 +1212,7 @@ BEGIN
   PERFORM fluxrate_internal.sys_close_finish();
   PERFORM fluxrate_internal.sys_mark_past_due();
   IF v_closed > 0 THEN
-    PERFORM fluxrate_internal.job_log('close_due_periods', format('closed %s periods', v_closed));
+    PERFORM fluxrate_internal.job_log('close_due_periods', format('closed %s period%s', v_closed, CASE WHEN v_closed = 1 THEN '' ELSE 's' END));
   END IF;
   COMMIT;
 END
@@ -1240,7 +1240,7 @@ BEGIN
     COMMIT;
   END LOOP;
   IF v_done > 0 THEN
-    PERFORM fluxrate_internal.job_log('finalize_due_invoices', format('finalized %s invoices', v_done));
+    PERFORM fluxrate_internal.job_log('finalize_due_invoices', format('finalized %s invoice%s', v_done, CASE WHEN v_done = 1 THEN '' ELSE 's' END));
   END IF;
 END
 $$;

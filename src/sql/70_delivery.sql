@@ -448,7 +448,7 @@ BEGIN
     COMMIT;
   END LOOP;
   IF n > 0 THEN
-    PERFORM fluxrate_internal.job_log('deliver_pending', format('attempted %s deliveries', n));
+    PERFORM fluxrate_internal.job_log('deliver_pending', format('attempted %s deliver%s', n, CASE WHEN n = 1 THEN 'y' ELSE 'ies' END));
   END IF;
 END
 $$;

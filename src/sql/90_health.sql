@@ -25,10 +25,11 @@ $roles$;
 CREATE OR REPLACE FUNCTION fluxrate_internal.cron_connect_error() RETURNS text
   LANGUAGE C VOLATILE
   AS 'MODULE_PATHNAME', 'fr_cron_connect_error';
--- NULL when pg_cron's jobs run in background workers, else cron.host (src/cron.c)
-CREATE OR REPLACE FUNCTION fluxrate_internal.cron_host() RETURNS text
-  LANGUAGE C STABLE
-  AS 'MODULE_PATHNAME', 'fr_cron_host';
+-- cron.database_name, cron.use_background_workers or cron.host, whoever asks
+-- (pg_cron makes them superuser-only to read); NULL without pg_cron (src/cron.c)
+CREATE OR REPLACE FUNCTION fluxrate_internal.cron_setting(name text) RETURNS text
+  LANGUAGE C STABLE STRICT
+  AS 'MODULE_PATHNAME', 'fr_cron_setting';
 
 -- Can pg_cron run a job in this database as the current role (the role
 -- cron.schedule records, and the jobs run as)?  Raises 55000 with the setting
@@ -43,53 +44,57 @@ CREATE OR REPLACE FUNCTION fluxrate_internal.check_cron() RETURNS text
 DECLARE
   v_user text := current_user;
   v_db text := current_database();
-  v_cron_db text := current_setting('cron.database_name', true);
+  v_cron_db text := fluxrate_internal.cron_setting('cron.database_name');
   v_host text;
   v_port text := current_setting('port');
   v_err text;
 BEGIN
+  -- pg_cron runs each job as the role that scheduled it; a role without LOGIN
+  -- is refused both by a libpq login and, in PostgreSQL 15, by a background worker
+  IF NOT (SELECT r.rolcanlogin FROM pg_roles r WHERE r.rolname = v_user) THEN
+    RAISE EXCEPTION USING ERRCODE = '55000',
+        MESSAGE = format('pg_cron cannot run jobs as role "%s": it has no LOGIN', v_user),
+        DETAIL = 'pg_cron runs each job as the role that scheduled it.',
+        HINT = format('Call fluxrate.schedule_jobs() as a role with LOGIN (not through SET ROLE %s), or ALTER ROLE %I LOGIN.', v_user, v_user);
+  END IF;
+
   IF v_cron_db IS NULL THEN
-    PERFORM fluxrate_internal.fail('55000', 'pg_cron is not loaded',
-      'pg_cron starts its launcher only when the server preloads it.',
-      'Add pg_cron to shared_preload_libraries in postgresql.conf and restart the server.');
+    RAISE EXCEPTION USING ERRCODE = '55000',
+        MESSAGE = 'pg_cron is not loaded',
+        DETAIL = 'pg_cron starts its launcher only when the server preloads it.',
+        HINT = 'Add pg_cron to shared_preload_libraries in postgresql.conf and restart the server.';
   END IF;
   IF v_cron_db IS DISTINCT FROM v_db THEN
-    PERFORM fluxrate_internal.fail('55000', format('pg_cron runs its jobs from database "%s", not "%s"', v_cron_db, v_db),
-      NULL, format('Set cron.database_name = ''%s'' in postgresql.conf and restart the server.', v_db));
+    RAISE EXCEPTION USING ERRCODE = '55000',
+        MESSAGE = format('pg_cron runs its jobs from database "%s", not "%s"', v_cron_db, v_db),
+        HINT = format('Set cron.database_name = ''%s'' in postgresql.conf and restart the server.', v_db);
   END IF;
   -- the launcher restarts every second until cron.database_name exists: a
   -- database made just now may wait for it a moment (activity is read afresh)
   FOR i IN 1..20 LOOP
     EXIT WHEN EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.backend_type = 'pg_cron launcher');
     IF i = 20 THEN
-      PERFORM fluxrate_internal.fail('55000', 'the pg_cron launcher is not running',
-        'No process of backend_type "pg_cron launcher" in pg_stat_activity: nothing would start the jobs.',
-        'Check that shared_preload_libraries includes pg_cron and that max_worker_processes leaves a worker for it, then restart the server.');
+      RAISE EXCEPTION USING ERRCODE = '55000',
+        MESSAGE = 'the pg_cron launcher is not running',
+        DETAIL = 'No process of backend_type "pg_cron launcher" in pg_stat_activity: nothing would start the jobs.',
+        HINT = 'Check that shared_preload_libraries includes pg_cron and that max_worker_processes leaves a worker for it, then restart the server.';
     END IF;
     PERFORM pg_sleep(0.25);
     PERFORM pg_stat_clear_snapshot();
   END LOOP;
-  -- pg_cron runs each job as the role that scheduled it; a role without LOGIN
-  -- is refused both by a libpq login and, in PostgreSQL 15, by a background worker
-  IF NOT (SELECT r.rolcanlogin FROM pg_roles r WHERE r.rolname = v_user) THEN
-    PERFORM fluxrate_internal.fail('55000', format('pg_cron cannot run jobs as role "%s": it has no LOGIN', v_user),
-      'pg_cron runs each job as the role that scheduled it.',
-      format('Call fluxrate.schedule_jobs() as a role with LOGIN (not through SET ROLE %s), or ALTER ROLE %I LOGIN.', v_user, v_user));
-  END IF;
-
-  v_host := fluxrate_internal.cron_host();
-  IF v_host IS NULL THEN
+  IF fluxrate_internal.cron_setting('cron.use_background_workers') = 'on' THEN
     v_host := 'background workers (cron.use_background_workers = on)';
   ELSE
+    v_host := fluxrate_internal.cron_setting('cron.host');
     v_err := fluxrate_internal.cron_connect_error();
     IF v_err IS NOT NULL THEN
-      PERFORM fluxrate_internal.fail('55000',
-        format('pg_cron cannot log in to database "%s" as role "%s"', v_db, v_user),
-        format('With cron.use_background_workers = off, pg_cron opens a libpq connection for each job '
+      RAISE EXCEPTION USING ERRCODE = '55000',
+        MESSAGE = format('pg_cron cannot log in to database "%s" as role "%s"', v_db, v_user),
+        DETAIL = format('With cron.use_background_workers = off, pg_cron opens a libpq connection for each job '
                '(host=%s port=%s dbname=%s user=%s, no password) and it failed: %s', v_host, v_port, v_db, v_user, v_err),
-        'Set cron.use_background_workers = on in postgresql.conf and restart the server (jobs then run in background workers and need no login); '
+        HINT = 'Set cron.use_background_workers = on in postgresql.conf and restart the server (jobs then run in background workers and need no login); '
         || format('or let that login succeed: a pg_hba.conf line for host %s that does not ask for a password, '
-                  'or the role''s password in the .pgpass file of the operating-system user the server runs as.', v_host));
+                  'or the role''s password in the .pgpass file of the operating-system user the server runs as.', v_host);
     END IF;
     v_host := format('libpq connections (host=%s port=%s)', v_host, v_port);
   END IF;
@@ -156,7 +161,8 @@ BEGIN
     RETURN QUERY SELECT 'clock', 'pg_cron', 'warning', NULL::bigint, NULL::timestamptz,
       'pg_cron is not installed in this database: the jobs run only when something calls them';
   ELSE
-    v_host := fluxrate_internal.cron_host();
+    v_host := CASE WHEN fluxrate_internal.cron_setting('cron.use_background_workers') = 'off'
+                   THEN fluxrate_internal.cron_setting('cron.host') END;
     v_readable := has_schema_privilege('cron', 'USAGE')
                   AND has_table_privilege('cron.job', 'SELECT') AND has_table_privilege('cron.job_run_details', 'SELECT');
     RETURN QUERY SELECT 'clock', 'pg_cron', CASE WHEN v_readable THEN 'ok' ELSE 'warning' END, NULL::bigint, NULL::timestamptz,
@@ -254,7 +260,7 @@ BEGIN
     INTO v_n, v_t, v_due FROM fluxrate_internal.deliveries d WHERE d.status = 'PENDING';
   RETURN QUERY SELECT 'delivery', 'pending', fluxrate_internal.backlog_status(v_t, v_now), v_n, v_t,
     CASE WHEN v_n = 0 THEN 'nothing to send'
-         ELSE format('%s deliveries pending (retries included), %s due now', v_n, v_due) END;
+         ELSE format('%s deliver%s pending (retries included), %s due now', v_n, CASE WHEN v_n = 1 THEN 'y' ELSE 'ies' END, v_due) END;
 
   SELECT count(*), max(d.updated_at) INTO v_n, v_t FROM fluxrate_internal.deliveries d WHERE d.status = 'FAILED';
   SELECT format('delivery %s (%s to %s) of organization %s: %s', d.id, d.channel, d.recipient, d.org_id, d.last_error)
@@ -347,9 +353,10 @@ CREATE OR REPLACE FUNCTION fluxrate.health()
   AS $$
 BEGIN
   IF NOT pg_has_role(current_user, 'fluxrate_operator', 'USAGE') THEN
-    PERFORM fluxrate_internal.fail('42501', 'permission denied for fluxrate.health()',
-      'health() reports on every organization; it is for operators, not tenants.',
-      'GRANT fluxrate_operator TO the operator''s role.');
+    RAISE EXCEPTION USING ERRCODE = '42501',
+        MESSAGE = 'permission denied for fluxrate.health()',
+        DETAIL = 'health() reports on every organization; it is for operators, not tenants.',
+        HINT = 'GRANT fluxrate_operator TO the operator''s role.';
   END IF;
   RETURN QUERY SELECT * FROM fluxrate_internal.sys_health();
 END
@@ -397,4 +404,5 @@ CREATE EVENT TRIGGER fluxrate_drop_extension ON ddl_command_start
   WHEN TAG IN ('DROP EXTENSION')
   EXECUTE FUNCTION fluxrate_internal.drop_extension_guard();
 -- schedule_jobs() is the trusted application role's too (99_security.sql); it runs the check as its caller
-GRANT EXECUTE ON FUNCTION fluxrate_internal.check_cron(), fluxrate_internal.cron_connect_error() TO fluxrate_app;
+GRANT EXECUTE ON FUNCTION fluxrate_internal.check_cron(), fluxrate_internal.cron_connect_error(),
+  fluxrate_internal.cron_setting(text) TO fluxrate_app;
