@@ -200,8 +200,10 @@ BEGIN
                        ELSE format('%s failed run%s since its last success at %s', r.failures,
                                    CASE WHEN r.failures = 1 THEN '' ELSE 's' END,
                                    to_char(r.last_success AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS" UTC"')) END
-                  || format('; the last at %s: %s', to_char(r.last_end AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS" UTC"'),
-                            coalesce(r.last_message, '(no message)'));
+                  -- (a run that could not connect has no start or end time)
+                  || coalesce('; the last at ' || to_char(coalesce(r.last_end, r.last_start) AT TIME ZONE 'UTC',
+                                                            'YYYY-MM-DD HH24:MI:SS" UTC"'), '; the last')
+                  || ': ' || coalesce(r.last_message, '(no message)');
       ELSIF r.last_success < now() - interval '5 minutes' THEN
         status := 'warning';
         detail := format('last run %s (%s), last success %s ago', r.last_status,
@@ -403,6 +405,6 @@ GRANT SELECT ON fluxrate.health TO fluxrate_operator;
 CREATE EVENT TRIGGER fluxrate_drop_extension ON ddl_command_start
   WHEN TAG IN ('DROP EXTENSION')
   EXECUTE FUNCTION fluxrate_internal.drop_extension_guard();
--- schedule_jobs() is the trusted application role's too (99_security.sql); it runs the check as its caller
-GRANT EXECUTE ON FUNCTION fluxrate_internal.check_cron(), fluxrate_internal.cron_connect_error(),
+-- the trusted application role runs the jobs and schedule_jobs() (99_security.sql): these run as their caller
+GRANT EXECUTE ON FUNCTION fluxrate_internal.check_cron(), fluxrate_internal.cron_connect_error(), fluxrate_internal.job_log(text, text),
   fluxrate_internal.cron_setting(text) TO fluxrate_app;
