@@ -9,6 +9,8 @@ PKGS=(
   libsodium-dev             # randomness, API-key hashing, argon2id, secretbox
   libssl-dev                # HMAC-SHA256 for JWT HS256 and webhook signatures
   libcurl4-openssl-dev      # SMTP and webhook delivery
+  libpq-dev                 # schedule_jobs() logs in the way pg_cron will (src/cron.c)
+  sudo                      # the README's install steps (sudo -u postgres), run by stock_install.sh
   python3 python3-aiosmtpd  # a real SMTP server for the delivery tests
   libipc-run-perl           # TAP tests (concurrency)
 )
