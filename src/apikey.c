@@ -112,7 +112,7 @@ fr_new_api_key(PG_FUNCTION_ARGS)
 /*
  * The pieces of verification, for callers that look the key up themselves
  * (fluxrate.track reads the key's row from a per-backend cache or by a direct
- * index probe: src/ingest.c).  Declared in fluxrate.h.
+ * index probe: src/ingest_cache.c).  Declared in fluxrate.h.
  */
 
 /*
@@ -143,7 +143,7 @@ FrApiKeyHash(const char *key, unsigned char hash[32])
  * a stored hash that is not 32 bytes): the stored hash is compared again in
  * constant time, and a revoked key is refused.  PT401 otherwise.
  * fluxrate.track reads the row from its per-backend cache or the index
- * (src/ingest.c, "Row caches" for when a revocation is seen).
+ * (src/ingest_cache.c, "Row caches" for when a revocation is seen).
  */
 void
 FrApiKeyAcceptHash(const unsigned char hash[32], const unsigned char *stored, bool active)

@@ -110,7 +110,7 @@ BEGIN
 END
 $$;
 
--- Usage ingestion (src/ingest.c) ---------------------------------------------
+-- Usage ingestion (src/ingest_*.c) -----------------------------------------
 
 CREATE FUNCTION fluxrate.track(meter_token text DEFAULT NULL, customer_external_id text DEFAULT NULL,
     quantity numeric DEFAULT NULL, "timestamp" timestamptz DEFAULT NULL, idempotency_key text DEFAULT NULL,
@@ -123,7 +123,7 @@ COMMENT ON FUNCTION fluxrate.track(text, text, numeric, timestamptz, text, jsonb
   'records one usage event, idempotently, in the caller''s transaction (POST /sdk/track)';
 
 -- fluxrate.track caches the rows of api_keys, meters and customers it reads
--- per backend (src/ingest.c, "Row caches"; docs/ingestion.md).  Any UPDATE,
+-- per backend (src/ingest_cache.c, "Row caches"; docs/ingestion.md).  Any UPDATE,
 -- DELETE or TRUNCATE of those tables queues an invalidation that reaches every
 -- backend when it commits; INSERTs need none (misses are never cached).
 -- ENABLE ALWAYS: the caches must also hear of rows changed by a logical

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# fluxrate.track caches key, meter and customer rows per backend (src/ingest.c,
+# fluxrate.track caches key, meter and customer rows per backend (src/ingest_cache.c,
 # "Row caches").  Here one long-lived session B keeps its caches warm while
 # other sessions revoke keys and delete rows and commit; B's next call must see
 # each change.  Also: rows written by a transaction that rolls back are never
