@@ -165,8 +165,12 @@ BEGIN
                    THEN fluxrate_internal.cron_setting('cron.host') END;
     v_readable := has_schema_privilege('cron', 'USAGE')
                   AND has_table_privilege('cron.job', 'SELECT') AND has_table_privilege('cron.job_run_details', 'SELECT');
-    RETURN QUERY SELECT 'clock', 'pg_cron', CASE WHEN v_readable THEN 'ok' ELSE 'warning' END, NULL::bigint, NULL::timestamptz,
-      CASE WHEN NOT v_readable THEN 'pg_cron''s tables are not readable by fluxrate_system: a superuser calls fluxrate.schedule_jobs()'
+    RETURN QUERY SELECT 'clock', 'pg_cron',
+      CASE WHEN fluxrate_internal.cron_setting('cron.database_name') IS NULL THEN 'failing'
+           WHEN v_readable THEN 'ok' ELSE 'warning' END, NULL::bigint, NULL::timestamptz,
+      CASE WHEN fluxrate_internal.cron_setting('cron.database_name') IS NULL
+           THEN 'pg_cron is installed but the server did not load it: nothing runs the jobs (shared_preload_libraries)'
+           WHEN NOT v_readable THEN 'pg_cron''s tables are not readable by fluxrate_system: a superuser calls fluxrate.schedule_jobs()'
            WHEN v_host IS NULL THEN 'jobs run in background workers (cron.use_background_workers = on)'
            ELSE format('jobs log in over libpq (host=%s port=%s)', v_host, current_setting('port')) END;
   END IF;
