@@ -13,10 +13,10 @@ year=$(q "SELECT extract(year FROM now() AT TIME ZONE 'UTC')")
 for who in postgres quickstart_app; do
   out=$(PGUSER=$who psql -X -v ON_ERROR_STOP=1 -f "$CLUSTER_DIR/quickstart.sql" 2>&1) || { echo "$out"; fail "the quickstart failed as $who"; }
   echo "== as $who"; echo "$out" | tail -45
-  # the opening invoice: the first month's fee, 49.00; the closing one: 1,200 x 0.002 = 2.40 + 49.00 = 51.40
-  echo "$out" | grep -Eq "^ opening +\| INV-$year-0001 \| OPEN +\| 49\.00 *$" || fail "no finalized opening invoice of 49.00 ($who)"
-  echo "$out" | grep -Eq "^ subscription +\| INV-$year-0002 \| OPEN +\| 51\.40 *$" || fail "no finalized closing invoice of 51.40 ($who)"
-  for k in '"status": "OPEN"' '"total": 51.40' '"subtotal": 51.40' "\"invoice_number\": \"INV-$year-0002\"" '"quantity": 1200'; do
+  # the opening invoice: the first week's fee, 12.00; the closing one: 1,200 x 0.002 = 2.40 + 12.00 = 14.40
+  echo "$out" | grep -Eq "^ opening +\| INV-$year-0001 \| OPEN +\| 12\.00 *$" || fail "no finalized opening invoice of 12.00 ($who)"
+  echo "$out" | grep -Eq "^ subscription +\| INV-$year-0002 \| OPEN +\| 14\.40 *$" || fail "no finalized closing invoice of 14.40 ($who)"
+  for k in '"status": "OPEN"' '"total": 14.40' '"subtotal": 14.40' "\"invoice_number\": \"INV-$year-0002\"" '"quantity": 1200'; do
     echo "$out" | grep -qF "$k" || fail "the invoice on screen lacks $k ($who)"
   done
 done

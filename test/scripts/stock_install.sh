@@ -23,6 +23,7 @@ fail() { echo "FAIL: $*"; exit 1; }
 [ "$(id -u)" = 0 ] || fail "runs as root (test/run.sh runs it so when make test is root)"
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin   # the system's PostgreSQL, through Debian's wrappers
 
+mkdir -p /run/lock
 exec 9>/run/lock/fluxrate-stock-install.lock
 flock -w 1200 9 || fail "another stock_install.sh holds the lock for more than 20 minutes"
 
@@ -89,9 +90,9 @@ echo "== the README's SQL quickstart, verbatim, as billing_app over TCP"
 readme_block 'run the next block verbatim' > "/tmp/$NAME-quickstart.sql"
 out=$(app -f "/tmp/$NAME-quickstart.sql" 2>&1) || { echo "$out"; fail "the quickstart failed"; }
 rm -f "/tmp/$NAME-quickstart.sql"
-# 49.00 opening fee; 1,200 calls x 0.002 = 2.40 + the next month's 49.00 = 51.40
-echo "$out" | grep -Eq "^opening\|INV-$(date -u +%Y)-0001\|OPEN\|49\.00$" || fail "quickstart: no opening invoice of 49.00"
-echo "$out" | grep -Eq "^subscription\|INV-$(date -u +%Y)-0002\|OPEN\|51\.40$" || fail "quickstart: no closing invoice of 51.40"
+# 12.00 opening fee; 1,200 calls x 0.002 = 2.40 + the next week's 12.00 = 14.40
+echo "$out" | grep -Eq "^opening\|INV-$(date -u +%Y)-0001\|OPEN\|12\.00$" || fail "quickstart: no opening invoice of 12.00"
+echo "$out" | grep -Eq "^subscription\|INV-$(date -u +%Y)-0002\|OPEN\|14\.40$" || fail "quickstart: no closing invoice of 14.40"
 
 echo "== health(): the jobs succeed, the e-mails without SMTP are skipped, nothing is late"
 su_psql -F ' | ' -c "SELECT area, item, status, count, detail FROM fluxrate.health" | sed 's/^/   /'
