@@ -132,7 +132,10 @@ SELECT area, item, status, count, since,
 RESET ROLE;
 -- the skipped e-mail is in A's delivery log, with its reason; B's log does not show it
 SELECT fluxrate.act_as(:'org_a', true) IS NOT NULL AS acting;
-SELECT d->>'channel' AS channel, d->>'status' AS status, d->>'recipient' AS recipient, d->>'last_error' AS reason,
+SELECT d->>'channel' AS channel, d->>'status' AS status, d->>'last_error' AS reason,
+       d->>'recipient' = (SELECT c.email FROM fluxrate_internal.invoices i JOIN fluxrate_internal.customers c
+                           ON c.org_id = i.org_id AND c.id = i.customer_id
+                           WHERE i.org_id = :'org_a' AND i.status = 'OPEN') AS the_customers_address,
        d->>'invoice_id' = (SELECT id::text FROM fluxrate_internal.invoices WHERE org_id = :'org_a' AND status = 'OPEN') AS the_open_invoice
   FROM jsonb_array_elements((fluxrate.list_deliveries(status => 'skipped'))->'data') d;
 -- a skipped e-mail is not retried (there is nothing to retry until SMTP is set: send_invoice_email)

@@ -19,6 +19,8 @@
 ALTER TABLE fluxrate_internal.deliveries DROP CONSTRAINT deliveries_status_check;
 ALTER TABLE fluxrate_internal.deliveries ADD CONSTRAINT deliveries_status_check
   CHECK (status IN ('PENDING', 'SENT', 'FAILED', 'SKIPPED'));
+CREATE INDEX deliveries_attention_idx ON fluxrate_internal.deliveries (updated_at)
+  WHERE status IN ('FAILED', 'SKIPPED');
 -- issue 14: DROP EXTENSION fluxrate unschedules its pg_cron jobs first.  The
 -- trigger's function is defined here too (the replayed definitions come after).
 CREATE OR REPLACE FUNCTION fluxrate_internal.drop_extension_guard() RETURNS event_trigger
