@@ -43,9 +43,12 @@ grep -Eq '^host +all +all +127\.0\.0\.1/32 +scram-sha-256' "/etc/postgresql/15/$
 echo "== the README's install steps, verbatim (CLUSTER=$NAME)"
 readme_block 'stock_install.sh runs the next block verbatim' > "/tmp/$NAME-install.sh"
 cat "/tmp/$NAME-install.sh" | sed 's/^/   | /'
-if ! (cd "$ROOT" && CLUSTER=$NAME bash -euo pipefail "/tmp/$NAME-install.sh") > "/tmp/$NAME-install.log" 2>&1; then
+# (apt-get does not wait for a dpkg lock another apt holds: then the block is run again, as a user would)
+for try in 1 2 3 4 5 6; do
+  if (cd "$ROOT" && CLUSTER=$NAME bash -euo pipefail "/tmp/$NAME-install.sh") > "/tmp/$NAME-install.log" 2>&1; then break; fi
+  if [ "$try" -lt 6 ] && grep -q 'Could not get lock' "/tmp/$NAME-install.log"; then sleep 20; continue; fi
   tail -40 "/tmp/$NAME-install.log"; fail "the install steps failed"
-fi
+done
 tail -15 "/tmp/$NAME-install.log" | sed 's/^/   /'
 rm -f "/tmp/$NAME-install.sh" "/tmp/$NAME-install.log"
 LOG=/var/log/postgresql/postgresql-15-$NAME.log
