@@ -22,10 +22,21 @@
 #include "utils/numeric.h"
 #include "utils/uuid.h"
 
-#define FR_MAX_METADATA		16384
-#define FR_MAX_SCALE		12
-#define FR_MAX_BATCH		1000
-#define FR_FUTURE_SLACK		(5 * 60 * USECS_PER_SEC)
+/*
+ * The bounds of the ingest path, one rule each (docs/security.md, "Ingestion
+ * bounds", proves that no rollup, sum or rating can overflow under them).
+ */
+#define FR_MAX_METADATA		16384	/* bytes of metadata (and of properties) */
+#define FR_MAX_SCALE		12		/* decimal places of a quantity */
+#define FR_MAX_QUANTITY_DIGITS 18	/* |quantity| < 10^18: at most 18 integer digits */
+#define FR_MAX_BATCH		1000	/* events of one track_batch call */
+#define FR_MAX_IDENT_CHARS	255		/* characters of meter_name, customer_external_id, idempotency_key */
+#define FR_FUTURE_SLACK		(5 * 60 * USECS_PER_SEC)	/* an event may be this far ahead of the clock */
+/*
+ * The earliest event timestamp: 2000-01-01 00:00:00 UTC, which is PostgreSQL's
+ * own epoch (TimestampTz 0), so the check is one comparison with zero.
+ */
+#define FR_MIN_EVENT_TS		((TimestampTz) 0)
 
 /* One event as sent, to track's arguments or as one element of a batch */
 typedef struct TrackInput
@@ -83,6 +94,7 @@ extern void FrLookupMeterAndCustomer(Datum org, TrackInput *in, Lookup *lk);
 /* ingest_event.c: pure code, no database access (the batch catches its errors in place) */
 extern void FrReadBatchEvent(Jsonb *ev, TrackInput *in);
 extern bool FrLooksNumeric(const char *s);
+extern bool FrIdentFits(const char *s);
 extern void FrCheckQuantity(Numeric q, const char *agg);
 extern void FrCheckInputShape(TrackInput *in);
 extern Jsonb *FrPrepareEvent(TrackInput *in, MeterInfo *m, TimestampTz now, Numeric *q_out,

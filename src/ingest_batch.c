@@ -14,6 +14,7 @@
 #include <sodium.h>
 
 #include "catalog/pg_type.h"
+#include "common/hashfn.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "utils/array.h"
@@ -99,13 +100,68 @@ ResolveOrg(FunctionCallInfo fcinfo, int key_arg)
 	return FrRequireOrg("usage.write");
 }
 
-/* Per-batch cache of meters by token or name */
+/*
+ * The per-batch maps (meters, customers, idempotency keys) are keyed by the
+ * whole string, however long: the key is a pointer, hashed and compared by
+ * content.  (A fixed-size key buffer truncates: until 0.2.0 two meter names
+ * sharing their first 126 bytes were one entry, and the second meter's events
+ * were booked to the first.)
+ */
+
+/* Hash of the C string a key points to */
+static uint32
+StrPtrHash(const void *key, Size keysize)
+{
+	const char *str = *(const char *const *) key;
+
+	return hash_bytes((const unsigned char *) str, (int) strlen(str));
+}
+
+/* The two C strings the keys point to, compared whole (0 when equal) */
+static int
+StrPtrMatch(const void *a, const void *b, Size keysize)
+{
+	return strcmp(*(const char *const *) a, *(const char *const *) b);
+}
+
+/* A hash table in the current context whose entries start with a char * key */
+static HTAB *
+StrPtrTable(const char *name, long nelem, Size entrysize)
+{
+	HASHCTL		hctl;
+
+	memset(&hctl, 0, sizeof(hctl));
+	hctl.keysize = sizeof(char *);
+	hctl.entrysize = entrysize;
+	hctl.hash = StrPtrHash;
+	hctl.match = StrPtrMatch;
+	hctl.hcxt = CurrentMemoryContext;
+	return hash_create(name, nelem, &hctl, HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
+}
+
+/* Per-batch cache of meters, by token (one table) or by name (another) */
 typedef struct MeterEntry
 {
-	char		key[NAMEDATALEN * 2];	/* "t:<token>" or "n:<name>" */
+	char	   *key;			/* the token or the name as sent, whole */
 	bool		found;
 	MeterInfo	m;
 } MeterEntry;
+
+/* A customer of the batch, by external id */
+typedef struct CustomerEntry
+{
+	char	   *external_id;
+	pg_uuid_t	id;
+	bool		known;			/* id is set */
+} CustomerEntry;
+
+/* A stored event of one of the batch's idempotency keys */
+typedef struct KeyEntry
+{
+	char	   *key;
+	pg_uuid_t	id;
+	unsigned char hash[32];
+} KeyEntry;
 
 /* One element of a batch on its way to the table */
 typedef struct BatchEvent
@@ -184,35 +240,22 @@ TextArray(char **vals, int n)
 static void
 ResolveBatchCustomers(Datum org, BatchEvent *ev, int n, TimestampTz now)
 {
-	HASHCTL		hctl;
-	HTAB	   *map;
+	HTAB	   *map = StrPtrTable("fluxrate batch customers", Max(n, 16), sizeof(CustomerEntry));
 	char	  **ids = palloc(sizeof(char *) * Max(n, 1));
 	int			nids = 0;
-	/* entries: the external id (key), then the customer id, then "known" */
-	memset(&hctl, 0, sizeof(hctl));
-	hctl.hcxt = CurrentMemoryContext;
-	hctl.keysize = NAMEDATALEN * 4;
-	hctl.entrysize = NAMEDATALEN * 4 + sizeof(pg_uuid_t) + sizeof(bool) + 8;
-	map = hash_create("fluxrate batch customers", Max(n, 16), &hctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
 
+	/* (external ids were checked with the shape: 1 to 255 characters) */
 	for (int i = 0; i < n; i++)
 	{
 		bool		hit;
-		char	   *e;
+		CustomerEntry *e;
 
 		if (ev[i].status == 2)
 			continue;
-		if (strlen(ev[i].in.customer_external_id) >= NAMEDATALEN * 4)
-		{
-			ev[i].status = 2;
-			ev[i].sqlerrcode = ERRCODE_INVALID_PARAMETER_VALUE;
-			ev[i].message = "customer_external_id is longer than 255 characters";
-			continue;
-		}
-		e = hash_search(map, ev[i].in.customer_external_id, HASH_ENTER, &hit);
+		e = hash_search(map, &ev[i].in.customer_external_id, HASH_ENTER, &hit);
 		if (!hit)
 		{
-			*(bool *) (e + NAMEDATALEN * 4 + sizeof(pg_uuid_t)) = false;
+			e->known = false;
 			ids[nids++] = ev[i].in.customer_external_id;
 		}
 	}
@@ -238,19 +281,19 @@ ResolveBatchCustomers(Datum org, BatchEvent *ev, int n, TimestampTz now)
 		{
 			bool		isnull;
 			char	   *ext = SPI_getvalue(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1);
-			char	   *e = hash_search(map, ext, HASH_FIND, NULL);
+			CustomerEntry *e = hash_search(map, &ext, HASH_FIND, NULL);
 
 			if (e)
 			{
-				memcpy(e + NAMEDATALEN * 4, DatumGetUUIDP(SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 2, &isnull)), 16);
-				*(bool *) (e + NAMEDATALEN * 4 + sizeof(pg_uuid_t)) = true;
+				memcpy(&e->id, DatumGetUUIDP(SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 2, &isnull)), 16);
+				e->known = true;
 			}
 		}
 		for (int i = 0; i < nids; i++)
 		{
-			char	   *e = hash_search(map, ids[i], HASH_FIND, NULL);
+			CustomerEntry *e = hash_search(map, &ids[i], HASH_FIND, NULL);
 
-			if (!*(bool *) (e + NAMEDATALEN * 4 + sizeof(pg_uuid_t)))
+			if (!e->known)
 				missing[nmissing++] = ids[i];
 		}
 		if (nmissing == 0)
@@ -276,12 +319,12 @@ ResolveBatchCustomers(Datum org, BatchEvent *ev, int n, TimestampTz now)
 	}
 	for (int i = 0; i < n; i++)
 	{
-		char	   *e;
+		CustomerEntry *e;
 
 		if (ev[i].status == 2)
 			continue;
-		e = hash_search(map, ev[i].in.customer_external_id, HASH_FIND, NULL);
-		memcpy(&ev[i].customer, e + NAMEDATALEN * 4, 16);
+		e = hash_search(map, &ev[i].in.customer_external_id, HASH_FIND, NULL);
+		ev[i].customer = e->id;
 	}
 }
 
@@ -311,7 +354,6 @@ InsertBatch(Datum org, BatchEvent *ev, int n, TimestampTz now)
 	int			dims[1];
 	int			lbs[1] = {1};
 	Datum		args[10];
-	HASHCTL		hctl;
 	char	  **keyed;
 	int			nkeyed = 0;
 
@@ -384,39 +426,35 @@ InsertBatch(Datum org, BatchEvent *ev, int n, TimestampTz now)
 									 "ON e.org_id OPERATOR(pg_catalog.=) $1 AND e.idempotency_key OPERATOR(pg_catalog.=) x",
 									 2, (Oid[]) {UUIDOID, TEXTARRAYOID}), gargs, NULL, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not read the events of taken idempotency keys");
-		memset(&hctl, 0, sizeof(hctl));
-		hctl.keysize = 256;
-		hctl.entrysize = 256 + 16 + 32;
-		hctl.hcxt = CurrentMemoryContext;
-		bykey = hash_create("fluxrate batch keys", nkeyed, &hctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+		bykey = StrPtrTable("fluxrate batch keys", nkeyed, sizeof(KeyEntry));
 		for (uint64 r = 0; r < SPI_processed; r++)
 		{
 			bool		isnull;
 			HeapTuple	tup = SPI_tuptable->vals[r];
 			TupleDesc	td = SPI_tuptable->tupdesc;
 			char	   *key = SPI_getvalue(tup, td, 1);
-			char	   *e = hash_search(bykey, key, HASH_ENTER, NULL);
+			KeyEntry   *e = hash_search(bykey, &key, HASH_ENTER, NULL);
 			bytea	   *h = DatumGetByteaPP(SPI_getbinval(tup, td, 3, &isnull));
 
-			memcpy(e + 256, DatumGetUUIDP(SPI_getbinval(tup, td, 2, &isnull)), 16);
-			memset(e + 272, 0, 32);
+			memcpy(&e->id, DatumGetUUIDP(SPI_getbinval(tup, td, 2, &isnull)), 16);
+			memset(e->hash, 0, 32);
 			if (!isnull && VARSIZE_ANY_EXHDR(h) == 32)
-				memcpy(e + 272, VARDATA_ANY(h), 32);
+				memcpy(e->hash, VARDATA_ANY(h), 32);
 		}
 		for (int j = 0; j < k; j++)
 		{
 			BatchEvent *b = &ev[pos[j]];
-			char	   *e;
+			KeyEntry   *e;
 
 			if (b->in.idempotency_key == NULL)
 				continue;		/* never skipped */
-			e = hash_search(bykey, b->in.idempotency_key, HASH_FIND, NULL);
-			if (e != NULL && memcmp(e + 256, &b->id, 16) == 0)
+			e = hash_search(bykey, &b->in.idempotency_key, HASH_FIND, NULL);
+			if (e != NULL && memcmp(&e->id, &b->id, 16) == 0)
 				continue;		/* ours: created */
-			if (e != NULL && sodium_memcmp(e + 272, b->hash, 32) == 0)
+			if (e != NULL && sodium_memcmp(e->hash, b->hash, 32) == 0)
 			{
 				b->status = 1;
-				memcpy(&b->id, e + 256, 16);
+				memcpy(&b->id, &e->id, 16);
 			}
 			else
 			{
@@ -482,8 +520,8 @@ fr_track_batch(PG_FUNCTION_ARGS)
 	JsonbValue	elem;
 	JsonbIteratorToken tok;
 	volatile int idx = 0;
-	HASHCTL		hctl;
-	HTAB	   *meters;
+	HTAB	   *by_token;
+	HTAB	   *by_name;
 	TimestampTz now = FrNow();
 	BatchEvent *ev;
 
@@ -511,11 +549,8 @@ fr_track_batch(PG_FUNCTION_ARGS)
 	org = ResolveOrg(fcinfo, 1);
 	ev = palloc0(sizeof(BatchEvent) * n);
 
-	memset(&hctl, 0, sizeof(hctl));
-	hctl.keysize = sizeof(((MeterEntry *) 0)->key);
-	hctl.entrysize = sizeof(MeterEntry);
-	hctl.hcxt = CurrentMemoryContext;
-	meters = hash_create("fluxrate batch meters", 16, &hctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+	by_token = StrPtrTable("fluxrate batch meters by token", 16, sizeof(MeterEntry));
+	by_name = StrPtrTable("fluxrate batch meters by name", 16, sizeof(MeterEntry));
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
@@ -527,7 +562,6 @@ fr_track_batch(PG_FUNCTION_ARGS)
 	{
 		BatchEvent *volatile b;
 		MeterEntry *me = NULL;
-		char		key[NAMEDATALEN * 2];
 
 		if (tok != WJB_ELEM)
 			continue;
@@ -551,9 +585,11 @@ fr_track_batch(PG_FUNCTION_ARGS)
 		{
 			bool		hit;
 
-			snprintf(key, sizeof(key), "%c:%s", b->in.meter_token ? 't' : 'n',
-					 b->in.meter_token ? b->in.meter_token : b->in.meter_name);
-			me = hash_search(meters, key, HASH_ENTER, &hit);
+			/* a token wins over a name, as in FindMeter; the whole string is the key */
+			if (b->in.meter_token != NULL)
+				me = hash_search(by_token, &b->in.meter_token, HASH_ENTER, &hit);
+			else
+				me = hash_search(by_name, &b->in.meter_name, HASH_ENTER, &hit);
 			if (!hit)
 			{
 				me->found = FindMeter(org, &b->in, &me->m);

@@ -15,10 +15,12 @@
 #include <sodium.h>
 
 #include "catalog/pg_type.h"
+#include "mb/pg_wchar.h"
 #include "utils/builtins.h"
 #include "utils/date.h"
 #include "utils/datetime.h"
 #include "utils/json.h"
+#include "utils/memutils.h"
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
 #include "utils/timestamp.h"
@@ -116,7 +118,52 @@ QuantityFromProperties(Jsonb *props, const char *property)
 	return NULL;				/* keep compiler quiet */
 }
 
-/* A quantity the meter accepts: finite, positive (SUM, COUNT) or not negative, scale <= 12 */
+/* A quantity for a message: its text, cut after 40 characters (it may have 16,383 decimals) */
+static char *
+QuantityText(Numeric q)
+{
+	char	   *t = DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(q)));
+
+	if (strlen(t) > 40)
+		strcpy(t + 37, "...");
+	return t;
+}
+
+/* 0, 10^18 and -10^18 as numerics, made once per backend */
+static Numeric
+QuantityBound(int which)
+{
+	static Numeric bounds[3];
+
+	if (bounds[0] == NULL)
+	{
+		int64		limit = 1;
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		for (int i = 0; i < FR_MAX_QUANTITY_DIGITS; i++)
+			limit *= 10;
+		bounds[1] = int64_to_numeric(limit);
+		bounds[2] = int64_to_numeric(-limit);
+		bounds[0] = int64_to_numeric(0);
+		MemoryContextSwitchTo(old);
+	}
+	return bounds[which];
+}
+
+/* q compared with bound which of QuantityBound: <0, 0, >0 */
+static int
+QuantityCmp(Numeric q, int which)
+{
+	return DatumGetInt32(DirectFunctionCall2(numeric_cmp, NumericGetDatum(q),
+											 NumericGetDatum(QuantityBound(which))));
+}
+
+/*
+ * A quantity the meter accepts: finite (PT422), |q| < 10^18 (22003), positive
+ * for SUM and COUNT or not negative for the others (PT422), at most 12
+ * decimal places (PT422).  The magnitude goes first: the messages of the
+ * others print the value.
+ */
 void
 FrCheckQuantity(Numeric q, const char *agg)
 {
@@ -128,19 +175,25 @@ FrCheckQuantity(Numeric q, const char *agg)
 		ereport(ERROR,
 				(errcode(FR_ERRCODE_UNPROCESSABLE),
 				 errmsg("quantity must be a finite number")));
-	cmp = DatumGetInt32(DirectFunctionCall2(numeric_cmp, NumericGetDatum(q),
-											DirectFunctionCall1(int4_numeric, Int32GetDatum(0))));
+	if (QuantityCmp(q, 1) >= 0 || QuantityCmp(q, 2) <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+				 errmsg("quantity is out of range"),
+				 errdetail("A quantity must be less than 10^18 in absolute value (at most 18 integer digits); quantity was %s.",
+						   QuantityText(q)),
+				 errhint("Send the quantity in a larger unit (for example GB instead of bytes).")));
+	cmp = QuantityCmp(q, 0);
 	if (sum_like ? cmp <= 0 : cmp < 0)
 		ereport(ERROR,
 				(errcode(FR_ERRCODE_UNPROCESSABLE),
 				 errmsg("quantity must be %s", sum_like ? "greater than zero" : "zero or more"),
-				 errdetail("quantity was %s.", numeric_normalize(q))));
+				 errdetail("quantity was %s.", QuantityText(q))));
 	scale = DirectFunctionCall1(numeric_scale, NumericGetDatum(q));
 	if (DatumGetInt32(scale) > FR_MAX_SCALE)
 		ereport(ERROR,
 				(errcode(FR_ERRCODE_UNPROCESSABLE),
 				 errmsg("quantity has more than 12 decimal places"),
-				 errdetail("quantity was %s.", DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(q))))));
+				 errdetail("quantity was %s.", QuantityText(q))));
 }
 
 /* Building the result as a JsonbValue: no text to print and parse again */
@@ -251,6 +304,33 @@ FrEventJson(pg_uuid_t *id, pg_uuid_t *customer, pg_uuid_t *meter, Numeric q, Tim
 	return JsonbValueToJsonb(res);
 }
 
+/*
+ * The identifier fits the rule of FR_MAX_IDENT_CHARS characters (not bytes):
+ * at most 255 x 4 bytes of UTF-8, inside a btree index row (2,704 bytes).
+ * Counted only past 255 bytes, so the usual short id costs one strlen.
+ */
+bool
+FrIdentFits(const char *s)
+{
+	size_t		len = strlen(s);
+
+	if (len <= FR_MAX_IDENT_CHARS)
+		return true;
+	if (len > (size_t) FR_MAX_IDENT_CHARS * MAX_MULTIBYTE_CHAR_LEN)
+		return false;
+	return pg_mbstrlen_with_len(s, (int) len) <= FR_MAX_IDENT_CHARS;
+}
+
+/* Nothing but ASCII white space (or nothing at all): a blank identifier */
+static bool
+IsBlank(const char *s)
+{
+	for (; *s; s++)
+		if (!(*s == ' ' || (*s >= '\t' && *s <= '\r')))
+			return false;
+	return true;
+}
+
 /* Checks that need no meter and no database: presence and shape of the fields */
 void
 FrCheckInputShape(TrackInput *in)
@@ -260,11 +340,17 @@ FrCheckInputShape(TrackInput *in)
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("meter_token is required"),
 				 errhint("Send meter_token with quantity, or meter_name with properties.")));
-	if (in->customer_external_id == NULL || in->customer_external_id[0] == '\0')
+	if (in->customer_external_id == NULL || IsBlank(in->customer_external_id))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("customer_external_id is required")));
-	if (in->idempotency_key != NULL && (in->idempotency_key[0] == '\0' || strlen(in->idempotency_key) > 255))
+				 errmsg("customer_external_id is required"),
+				 errhint("Send a non-blank customer_external_id.")));
+	if (!FrIdentFits(in->customer_external_id))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("customer_external_id is longer than 255 characters"),
+				 errhint("Send an external id of 1 to 255 characters.")));
+	if (in->idempotency_key != NULL && (in->idempotency_key[0] == '\0' || !FrIdentFits(in->idempotency_key)))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("idempotency_key must be 1 to 255 characters")));
@@ -318,6 +404,13 @@ FrPrepareEvent(TrackInput *in, MeterInfo *m, TimestampTz now, Numeric *q_out, Ti
 	}
 
 	ts = in->has_ts ? in->ts : now;
+	/* -infinity and 4713 BC included; the earliest is PostgreSQL's epoch (zero) */
+	if (in->has_ts && ts < FR_MIN_EVENT_TS)
+		ereport(ERROR,
+				(errcode(FR_ERRCODE_UNPROCESSABLE),
+				 errmsg("timestamp is before 2000-01-01"),
+				 errdetail("timestamp was %s.", pstrdup(timestamptz_to_str(ts))),
+				 errhint("Event timestamps run from 2000-01-01 00:00:00 UTC to 5 minutes past the server time.")));
 	if (in->has_ts && ts > now + FR_FUTURE_SLACK)
 		ereport(ERROR,
 				(errcode(FR_ERRCODE_UNPROCESSABLE),

@@ -143,6 +143,11 @@ BEGIN
   PERFORM fluxrate_internal.one_of(create_feature.type, 'type', ARRAY['meter', 'switch', 'custom']);
   IF create_feature.type = 'meter' THEN
     PERFORM fluxrate_internal.required(create_feature.meter_name, 'meter_name');
+    -- identifiers are 1 to 255 characters (docs/security.md, "Ingestion bounds")
+    IF pg_catalog.length(create_feature.meter_name) > 255 THEN
+      PERFORM fluxrate_internal.fail('22023', 'meter_name must be 1 to 255 characters',
+        pg_catalog.format('meter_name has %s characters.', pg_catalog.length(create_feature.meter_name)));
+    END IF;
     PERFORM fluxrate_internal.required(v_agg, 'aggregation_type');
     PERFORM fluxrate_internal.one_of(v_agg, 'aggregation_type',
       ARRAY['SUM', 'COUNT', 'MAX', 'MIN', 'AVG', 'UNIQUE_COUNT', 'LAST', 'WEIGHTED_SUM']);
