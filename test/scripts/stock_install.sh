@@ -32,6 +32,8 @@ PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0));
 had_install=0; [ -e /usr/share/postgresql/15/extension/fluxrate.control ] && had_install=1
 cleanup() {
   pg_dropcluster --stop 15 "$NAME" >/dev/null 2>&1 || true
+  # pg_dropcluster leaves a configuration directory holding a file it did not make (conf.d/fluxrate.conf)
+  rm -rf "/etc/postgresql/15/$NAME" "/tmp/$NAME-install.sh" "/tmp/$NAME-install.log" "/tmp/$NAME-quickstart.sql"
   if [ "$had_install" = 0 ]; then (cd "$ROOT" && make -s uninstall >/dev/null 2>&1) || true; fi
 }
 trap cleanup EXIT
@@ -121,4 +123,10 @@ state=$(sudo -u postgres psql --cluster "15/$NAME" -d billing -X -q -v VERBOSITY
 [[ $err == *"host=localhost port=$PORT dbname=billing user=postgres, no password"* ]] || fail "detail"
 [[ $err == *'no password supplied'* ]] || fail "libpq's reason"
 [[ $err == *'HINT:  Set cron.use_background_workers = on in postgresql.conf and restart the server'* ]] || fail "hint"
+echo "== cleaning up: the cluster, its configuration, the system install"
+trap - EXIT
+cleanup
+pg_lsclusters -h | awk '{print $2}' | grep -qx "$NAME" && fail "cluster $NAME is still there"
+[ ! -e "/etc/postgresql/15/$NAME" ] || fail "/etc/postgresql/15/$NAME is still there"
+if [ "$had_install" = 0 ] && [ -e /usr/share/postgresql/15/extension/fluxrate.control ]; then fail "make uninstall left fluxrate installed"; fi
 echo "stock_install: ok"
