@@ -13,6 +13,8 @@
  *	      that would fail every minute with "connection failed".  It takes no
  *	      arguments on purpose: it can only reach where pg_cron itself would.
  *
+ *	  fr_job_log()  the one LOG line of a job run.
+ *
  *	  fr_drop_extension_guard()  an event trigger on ddl_command_start for
  *	      DROP EXTENSION: when fluxrate is among the extensions dropped, it
  *	      calls fluxrate_internal.before_drop_extension() (unschedules the
@@ -46,6 +48,7 @@
 
 PG_FUNCTION_INFO_V1(fr_cron_connect_error);
 PG_FUNCTION_INFO_V1(fr_cron_setting);
+PG_FUNCTION_INFO_V1(fr_job_log);
 PG_FUNCTION_INFO_V1(fr_drop_extension_guard);
 
 /* libpq's message without its trailing newline, in palloc'd memory */
@@ -159,6 +162,31 @@ fr_cron_setting(PG_FUNCTION_ARGS)
 	if (value == NULL)
 		PG_RETURN_NULL();
 	PG_RETURN_TEXT_P(cstring_to_text(value));
+}
+
+/*
+ * The one line a job writes when it did something (fluxrate_internal.job_log):
+ * "fluxrate: close_due_periods: closed 212 periods in 1.8 s", timed from the
+ * start of the statement that called the job (for a job, pg_cron's command).
+ * At LOG, as autovacuum and the checkpointer log theirs: the server log gets
+ * it whoever runs the job, a client only when it asks (client_min_messages).
+ * In C for errhidestmt/errhidecontext: one line, without the STATEMENT and
+ * PL/pgSQL CONTEXT lines a RAISE LOG would add.
+ */
+Datum
+fr_job_log(PG_FUNCTION_ARGS)
+{
+	char	   *job = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	char	   *did = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	long		secs;
+	int			usecs;
+
+	TimestampDifference(GetCurrentStatementStartTimestamp(), GetCurrentTimestamp(), &secs, &usecs);
+	ereport(LOG,
+			(errmsg("fluxrate: %s: %s in %.1f s", job, did, secs + usecs / 1000000.0),
+			 errhidestmt(true),
+			 errhidecontext(true)));
+	PG_RETURN_VOID();
 }
 
 Datum

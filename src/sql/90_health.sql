@@ -116,7 +116,7 @@ BEGIN
 END
 $$;
 
--- The jobs' one line: what a run did and how long it took (from the start of
+-- The jobs' one line (src/cron.c): what a run did and how long it took (from the start of
 -- the statement that called it: for a job, pg_cron's command).  Written at LOG,
 -- as autovacuum and the checkpointer write theirs: into the server log whoever
 -- runs the job, and to a client only when it asks (SET client_min_messages =
@@ -124,14 +124,8 @@ $$;
 -- The jobs call it only when they did something: an idle minute writes nothing
 -- (pg_cron's own "cron job N completed" lines show that it ran).
 CREATE OR REPLACE FUNCTION fluxrate_internal.job_log(job text, did text) RETURNS void
-  LANGUAGE plpgsql VOLATILE
-  SET search_path = pg_catalog, pg_temp
-  AS $$
-BEGIN
-  RAISE LOG 'fluxrate: %: % in % s', job, did,
-    to_char(extract(epoch FROM clock_timestamp() - statement_timestamp()), 'FM999999990.0');
-END
-$$;
+  LANGUAGE C VOLATILE STRICT
+  AS 'MODULE_PATHNAME', 'fr_job_log';
 
 -- The operator's view, across organizations.  One row per check:
 --   area    clock | job | closing | finalizing | delivery | rollups

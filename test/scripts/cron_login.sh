@@ -89,6 +89,9 @@ for l in 'close_due_periods: closed 1 period in [0-9]+\.[0-9] s' 'finalize_due_i
   line=$(grep -E "LOG:  fluxrate: $l" "$CLUSTER_DIR/server.log" | head -1)
   [ -n "$line" ] || fail "no log line matching '$l'"
   echo "   log: ${line#*LOG:  }"
+  # one line: no STATEMENT or CONTEXT line follows it
+  grep -E -A1 "LOG:  fluxrate: $l" "$CLUSTER_DIR/server.log" | grep -Eq '^(\s|.*(STATEMENT|CONTEXT):)' \
+    && fail "the job's line comes with STATEMENT or CONTEXT lines"
 done
 
 echo "== 4. DROP EXTENSION fluxrate unschedules its jobs"
