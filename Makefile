@@ -32,7 +32,8 @@ PG_CFLAGS   = -std=gnu11 -Wall -Wextra $(WERROR) -Wno-unused-parameter \
 # OpenSSL libcrypto: HMAC-SHA256 (JWT HS256, webhook signatures).
 # libcurl: SMTP and webhook delivery.
 # libpq: schedule_jobs() logs in the way pg_cron will (cron.c), as dblink does.
-SHLIB_LINK  = -lsodium -lcrypto -lcurl -lpq
+# libharu (libhpdf): the PDF invoice (src/render_pdf.c).
+SHLIB_LINK  = -lsodium -lcrypto -lcurl -lpq -lhpdf
 
 EXTRA_CLEAN = build results regression.diffs regression.out
 

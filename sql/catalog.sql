@@ -90,7 +90,7 @@ SELECT count(*) AS charges FROM fluxrate_internal.charges;
 SELECT (fluxrate.get_plan(:'plan_id'))->'charges'->0->>'id' AS charge_id \gset
 SELECT (fluxrate.update_charge(:'plan_id', :'charge_id', 'INACTIVE'))->>'status' AS status;
 SELECT fluxrate.update_charge(:'plan_id', :'charge_id', 'ACTIVE');                                   -- PT409 one way
-SELECT jsonb_array_length((fluxrate.get_plan(:'plan_id'))->'charges') AS active_charges;
+SELECT json_array_length((fluxrate.get_plan(:'plan_id'))->'charges') AS active_charges;
 
 -- Customers -----------------------------------------------------------------
 SELECT c->>'name' AS name, c->>'email' AS email, c->>'external_id' AS external_id, c->>'billing_address_country' AS country

@@ -78,7 +78,7 @@ SELECT (:'webhook_body'::jsonb)->'data'->>'total' AS total, (:'webhook_body'::js
 SELECT m.subject, m.message LIKE '%Message-ID: <' || d.id || '@fluxrate.invalid>%' AS stable_message_id,
        m.message LIKE '%To: =?UTF-8?B?' || translate(encode(convert_to('Zoë', 'UTF8'), 'base64'), E'\n', '') || '?= <zoe@example.com>%' AS named_recipient,
        convert_from(decode(split_part(split_part(m.message, E'base64\r\n\r\n', 2), E'\r\n--', 1), 'base64'), 'UTF8')
-         LIKE '%Total: 25.00 USD%View the invoice: http://localhost:3000/rpc/public_invoice?token=' || i.public_token || '%' AS text_part
+         ~ ('\n +Total +25\.00 USD\n.*View the invoice online: http://localhost:3000/rpc/public_invoice\?token=' || i.public_token) AS text_part
   FROM acme_deliveries d
   JOIN fluxrate_internal.invoices i ON i.org_id = d.org_id AND i.id = d.invoice_id,
   LATERAL fluxrate_internal.invoice_email(d.org_id, d.invoice_id, d.id, d.recipient) m

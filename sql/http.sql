@@ -338,7 +338,14 @@ SELECT fn, brief(req('a', 'GET', fn, body)) FROM (VALUES
   ('get_plan', jsonb_build_object('plan_id', :'plan_id')), ('list_plans', '{}'),
   ('get_feature', jsonb_build_object('feature_id', :'feature_id')), ('list_features', '{}'),
   ('get_meter', jsonb_build_object('meter_id', :'meter_id')), ('list_meters', '{}'),
-  ('list_tax_rates', '{}'), ('list_webhook_endpoints', '{}'), ('list_deliveries', '{}'), ('get_organization', '{}')) v(fn, body);
+  ('list_tax_rates', '{}'), ('list_webhook_endpoints', '{}'), ('list_deliveries', '{}'), ('get_organization', '{}'),
+  ('invoice_text', jsonb_build_object('invoice_id', :'inv_id')), ('invoice_html', jsonb_build_object('invoice_id', :'inv_id')),
+  ('invoice_pdf', jsonb_build_object('invoice_id', :'inv_id')), ('invoice_rows', '{}'), ('invoice_line_rows', '{}')) v(fn, body);
+-- the PDF's bytes (PostgREST sends them raw with Accept: application/pdf; the emulator shows bytea as JSON text)
+SELECT r->>'status' AS status, left(r->>'body', 12) = '\x255044462d' AS pdf_bytes
+  FROM req('a', 'GET', 'invoice_pdf', jsonb_build_object('invoice_id', :'inv_id')) r;
+-- an API key (usage.read) reads no invoice documents (not granted, as list_plans above)
+SELECT brief(req('key_r', 'GET', 'invoice_pdf', jsonb_build_object('invoice_id', :'inv_id'))) AS key_reads_pdf;
 SELECT brief(req('a', 'GET', 'list_customers', '{"page_size": 101}')) AS page_too_big;
 SELECT brief(req('a', 'GET', 'get_invoice', '{"invoice_id": "not-a-uuid"}')) AS malformed_id;
 SELECT brief(req('a', 'GET', 'get_invoice', '{"invoice": "x"}')) AS unknown_key;
@@ -373,6 +380,8 @@ INSERT INTO http_creds (who, bearer)
 -- Tenancy: Globex (b) through every endpoint that takes one of Acme's ids: 404, nothing changes
 SELECT fn, brief(req('b2', 'POST', fn, body)) FROM (VALUES
   ('get_invoice', jsonb_build_object('invoice_id', :'inv_id')), ('finalize_invoice', jsonb_build_object('invoice_id', :'manual_id')),
+  ('invoice_text', jsonb_build_object('invoice_id', :'inv_id')), ('invoice_html', jsonb_build_object('invoice_id', :'inv_id')),
+  ('invoice_pdf', jsonb_build_object('invoice_id', :'inv_id')),
   ('pay_invoice', jsonb_build_object('invoice_id', :'inv_id')), ('void_invoice', jsonb_build_object('invoice_id', :'inv_id')),
   ('update_invoice_status', jsonb_build_object('invoice_id', :'inv_id', 'status', 'VOID')),
   ('update_invoice', jsonb_build_object('invoice_id', :'inv_id', 'due_date', '2027-01-01')),

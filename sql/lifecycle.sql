@@ -33,7 +33,7 @@ CALL fluxrate.close_due_periods();
 SELECT i->>'period_start' AS period_start, i->>'period_end' AS period_end, i->>'total' AS total, i->>'status' AS status
   FROM jsonb_array_elements(fluxrate.list_subscription_invoices(:'sub_cal')) i;
 SELECT l->>'description' AS line, l->>'quantity' AS fraction, l->>'line_total' AS amount
-  FROM jsonb_array_elements((fluxrate.get_invoice((SELECT id FROM fluxrate_internal.invoices WHERE org_id = :'org'
+  FROM json_array_elements((fluxrate.get_invoice((SELECT id FROM fluxrate_internal.invoices WHERE org_id = :'org'
         AND subscription_id = :'sub_cal' ORDER BY period_start LIMIT 1)))->'line_items') l;
 -- the grace period passes: all three finalize with consecutive numbers, due in 14 days
 SET fluxrate.pinned_now = '2026-04-15 01:00:00+00';

@@ -32,33 +32,43 @@ SELECT :'org', fluxrate_internal.uuid_v7(), CASE ev.c WHEN 'c1' THEN :'c1'::uuid
        timestamptz '2026-03-18 11:00' + ev.n * interval '1 second', ev.meta
   FROM ev, fluxrate_internal.meters m WHERE m.org_id = :'org' ORDER BY ev.n;
 
--- Usage, defaults: the last 30 days by day = 31 buckets Feb 16 .. Mar 18 (Feb 16 starts before
--- start_date: a bucket is the whole calendar unit, its usage only the part inside the range);
--- all 8 events: 10 + 4 + 6 + 20 + 5 + 3 + 2 + 8 = 58 from 2 customers
+-- Usage, defaults with every bucket (include_empty => true): the last 30 days by day = 31 buckets
+-- Feb 16 .. Mar 18 (Feb 16 starts before start_date: a bucket is the whole calendar unit, its usage
+-- only the part inside the range); all 8 events: 10 + 4 + 6 + 20 + 5 + 3 + 2 + 8 = 58 from 2 customers
 SELECT u->>'meter_id' = :'SUM' AS same_meter, u->'total_usage' AS total_usage, u->'event_count' AS event_count,
        u->'unique_customers' AS unique_customers, u->>'period_start' AS period_start, u->>'period_end' AS period_end,
-       jsonb_array_length(u->'grouped_data') AS buckets, u->'grouped_data'->0 AS first_bucket
-  FROM fluxrate.get_meter_usage(:'SUM') u;
+       json_array_length(u->'grouped_data') AS buckets, u->'grouped_data'->0 AS first_bucket
+  FROM fluxrate.get_meter_usage(:'SUM', include_empty => true) u;
 -- non-empty days: Feb 27 8; Mar 2 10 + 4 + 6 = 20; Mar 9 20; Mar 16 5; Mar 18 3 + 2 = 5
 SELECT b->>'period' AS period, b->'usage' AS usage, b->'event_count' AS event_count
-  FROM jsonb_array_elements((fluxrate.get_meter_usage(:'SUM'))->'grouped_data') b WHERE (b->>'event_count')::int > 0;
+  FROM json_array_elements((fluxrate.get_meter_usage(:'SUM', include_empty => true))->'grouped_data') b
+ WHERE (b->>'event_count')::int > 0;
+-- the default is compact: exactly those 5 buckets, the same totals (8 + 20 + 20 + 5 + 5 = 58)
+SELECT u->'total_usage' AS total_usage, u->'event_count' AS event_count, json_array_length(u->'grouped_data') AS buckets,
+       (SELECT string_agg(left(b->>'period', 10) || ' ' || (b->>'usage'), ', ' ORDER BY b->>'period')
+          FROM json_array_elements(u->'grouped_data') b) AS days
+  FROM fluxrate.get_meter_usage(:'SUM') u;
 -- by hour over [Mar 2 10:00, Mar 2 12:00): 10:00 -> 10 + 4 = 14 (2 events), 11:00 -> 6 (1); total 20, 3 events, 2 customers
 SELECT u->'total_usage' AS total_usage, u->'event_count' AS event_count, u->'unique_customers' AS unique_customers,
        u->'grouped_data' AS grouped_data
   FROM fluxrate.get_meter_usage(:'SUM', '2026-03-02 10:00+00', '2026-03-02 12:00+00', 'hour') u;
--- by day (the default) over [Mar 17, Mar 19): Mar 17 -> 0, Mar 18 -> 3 + 2 = 5 (2 events)
-SELECT (fluxrate.get_meter_usage(:'SUM', '2026-03-17', '2026-03-19'))->'grouped_data' AS by_day;
+-- by day (the default) over [Mar 17, Mar 19): Mar 17 -> 0, Mar 18 -> 3 + 2 = 5 (2 events); compact: Mar 18 only
+SELECT (fluxrate.get_meter_usage(:'SUM', '2026-03-17', '2026-03-19', include_empty => true))->'grouped_data' AS by_day;
+SELECT (fluxrate.get_meter_usage(:'SUM', '2026-03-17', '2026-03-19'))->'grouped_data' AS by_day_compact;
+-- nothing in the range: no bucket at all, unless asked (Mar 19 .. Mar 21: 2 empty days)
+SELECT json_array_length((fluxrate.get_meter_usage(:'SUM', '2026-03-19', '2026-03-21'))->'grouped_data') AS compact,
+       json_array_length((fluxrate.get_meter_usage(:'SUM', '2026-03-19', '2026-03-21', include_empty => true))->'grouped_data') AS padded;
 -- by ISO week over [Mar 1, Mar 19): weeks start Monday Feb 23 (nothing from Mar 1 on), Mar 2 (20, 3 events),
 -- Mar 9 (20, 1), Mar 16 (5 + 3 + 2 = 10, 3); total 50, 7 events (the Feb 27 one is before the range)
 SELECT u->'total_usage' AS total_usage, u->'event_count' AS event_count, u->'grouped_data' AS by_week
-  FROM fluxrate.get_meter_usage(:'SUM', '2026-03-01', '2026-03-19', 'week') u;
+  FROM fluxrate.get_meter_usage(:'SUM', '2026-03-01', '2026-03-19', 'week', include_empty => true) u;
 -- by month over [Feb 1, Apr 1): Feb 8 (1 event), Mar 50 (7); total 58
 SELECT u->'total_usage' AS total_usage, u->'grouped_data' AS by_month
   FROM fluxrate.get_meter_usage(:'SUM', '2026-02-01', '2026-04-01', 'month') u;
 -- one customer: c2 over [Mar 1, Mar 19) by week: Mar 2 6, Mar 9 20, Mar 16 2; total 28, 3 events, 1 customer
 SELECT u->'total_usage' AS total_usage, u->'event_count' AS event_count, u->'unique_customers' AS unique_customers,
        u->'grouped_data' AS c2_by_week
-  FROM fluxrate.get_meter_usage(:'SUM', '2026-03-01', '2026-03-19', 'week', :'c2') u;
+  FROM fluxrate.get_meter_usage(:'SUM', '2026-03-01', '2026-03-19', 'week', :'c2', include_empty => true) u;
 
 -- Every aggregation type over [Mar 1, Mar 19) by week (buckets Feb 23 | Mar 2 | Mar 9 | Mar 16):
 --   COUNT         7         = 0 | 3 | 1 | 3
@@ -74,7 +84,12 @@ SELECT u->'total_usage' AS total_usage, u->'event_count' AS event_count, u->'uni
 --     total 192 + 1657 + 4032 + 1486 = 7367 (c1 1895 + c2 5472)
 --   eu (SUM of region eu): 10 + 6 + 5 + 3 = 24, 4 events: 0 | 16 | 0 | 8
 SELECT m.meter_name, u->'total_usage' AS total_usage, u->'event_count' AS events,
-       (SELECT string_agg(b->>'usage', ' | ' ORDER BY b->>'period') FROM jsonb_array_elements(u->'grouped_data') b) AS weeks
+       (SELECT string_agg(b->>'usage', ' | ' ORDER BY b->>'period') FROM json_array_elements(u->'grouped_data') b) AS weeks
+  FROM fluxrate_internal.meters m, fluxrate.get_meter_usage(m.id, '2026-03-01', '2026-03-19', 'week', include_empty => true) u
+ WHERE m.org_id = :'org' ORDER BY m.meter_name;
+-- compact: the Feb 23 week goes where it has neither events nor usage; WEIGHTED_SUM keeps it
+-- (192, c1's level carried in), and eu drops its empty Mar 9 week too: 16 | 8
+SELECT m.meter_name, (SELECT string_agg(b->>'usage', ' | ' ORDER BY b->>'period') FROM json_array_elements(u->'grouped_data') b) AS weeks
   FROM fluxrate_internal.meters m, fluxrate.get_meter_usage(m.id, '2026-03-01', '2026-03-19', 'week') u
  WHERE m.org_id = :'org' ORDER BY m.meter_name;
 
@@ -100,7 +115,7 @@ SELECT fluxrate.get_meter_usage(:'SUM', '2026-03-03', '2026-03-02');            
 SELECT fluxrate.get_meter_usage(:'SUM', end_date => '2026-01-01');                         -- PT422 (default start is after it)
 SELECT fluxrate.get_meter_usage(:'SUM', '2020-01-01', '2022-01-01', 'hour');               -- PT422: 17,544 hours > 10,000
 SELECT fluxrate.get_meter_usage(:'SUM', '-infinity', '2026-01-01', 'month');              -- PT422
-SELECT jsonb_array_length((fluxrate.get_meter_usage(:'SUM', '2020-01-01', '2021-02-20 16:00', 'hour'))->'grouped_data') AS hours;  -- exactly 10,000: allowed
+SELECT json_array_length((fluxrate.get_meter_usage(:'SUM', '2020-01-01', '2021-02-20 16:00', 'hour', include_empty => true))->'grouped_data') AS hours;  -- exactly 10,000: allowed
 SELECT fluxrate.get_meter_usage(gen_random_uuid());                                        -- PT404
 SELECT fluxrate.get_meter_usage(:'SUM', customer_id => gen_random_uuid());                 -- PT404
 SELECT fluxrate.get_meter_stats(gen_random_uuid());                                        -- PT404
@@ -117,8 +132,8 @@ SELECT fluxrate.get_meter_usage(:'b_meter', customer_id => :'c1');              
 SELECT s->'total_events' AS total_events, s->'unique_customers' AS customers, s->'first_event_date' AS first_event,
        s->'today_usage' AS today, s->'this_month_usage' AS this_month
   FROM fluxrate.get_meter_stats(:'b_meter') s;
-SELECT u->'total_usage' AS total_usage, u->'event_count' AS event_count, jsonb_array_length(u->'grouped_data') AS buckets,
-       (SELECT bool_and((b->>'usage')::numeric = 0) FROM jsonb_array_elements(u->'grouped_data') b) AS all_zero
-  FROM fluxrate.get_meter_usage(:'b_meter', '2026-03-01', '2026-03-08', 'day') u;
+SELECT u->'total_usage' AS total_usage, u->'event_count' AS event_count, json_array_length(u->'grouped_data') AS buckets,
+       (SELECT bool_and((b->>'usage')::numeric = 0) FROM json_array_elements(u->'grouped_data') b) AS all_zero
+  FROM fluxrate.get_meter_usage(:'b_meter', '2026-03-01', '2026-03-08', 'day', include_empty => true) u;
 RESET fluxrate.acting_org;
 RESET fluxrate.pinned_now;

@@ -81,7 +81,7 @@ SELECT i->>'invoice_number' AS number, i->>'status' AS status, i->>'subtotal' AS
   FROM fluxrate.get_invoice(:'invoice_id') i;
 SELECT l->>'position' AS pos, l->>'line_type' AS type, l->>'description' AS description, l->>'quantity' AS quantity,
        l->>'unit_amount' AS unit_amount, l->>'line_total' AS line_total
-  FROM jsonb_array_elements((fluxrate.get_invoice(:'invoice_id'))->'line_items') l;
+  FROM json_array_elements((fluxrate.get_invoice(:'invoice_id'))->'line_items') l;
 -- the business events, in order, in the outbox
 SELECT event FROM fluxrate_internal.outbox WHERE org_id = :'org' ORDER BY id;
 
@@ -104,7 +104,7 @@ CALL fluxrate.finalize_due_invoices();
 SELECT i->>'invoice_number' AS number, i->>'status' AS status, i->>'subtotal' AS subtotal, i->>'tax' AS tax, i->>'total' AS total
   FROM jsonb_array_elements(fluxrate.list_subscription_invoices(:'subscription_id')) i;
 SELECT l->>'line_type' AS type, l->>'description' AS description, l->>'quantity' AS quantity, l->>'line_total' AS line_total
-  FROM fluxrate_internal.invoices i, jsonb_array_elements((fluxrate.get_invoice(i.id))->'line_items') l
+  FROM fluxrate_internal.invoices i, json_array_elements((fluxrate.get_invoice(i.id))->'line_items') l
  WHERE i.org_id = :'org' AND i.invoice_number = 'INV-2026-0002';
 -- the March invoice is untouched
 SELECT invoice_number, total, status FROM fluxrate_internal.invoices WHERE org_id = :'org' AND id = :'invoice_id';

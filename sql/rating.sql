@@ -238,8 +238,8 @@ SELECT (fluxrate.create_subscription(:'cust', :'plan', start_date => '2026-01-01
 -- on SUM (these rows were written directly, dated after now; through track an
 -- event is never more than 5 minutes ahead, and it is billed in its period)
 SELECT u->>'meter_name' AS meter, u->>'usage' AS usage_so_far
-  FROM jsonb_array_elements((fluxrate.get_subscription_usage(:'live_sub'))->'usage') u;
-SELECT jsonb_array_length((fluxrate.get_customer_usage(:'cust'))->'subscriptions') AS active_subscriptions;
+  FROM json_array_elements((fluxrate.get_subscription_usage(:'live_sub'))->'usage') u;
+SELECT json_array_length((fluxrate.get_customer_usage(:'cust'))->'subscriptions') AS active_subscriptions;
 -- usage 30 < limit 40: allowed (the Jan 21 event is still in the future of the pinned clock)
 SELECT e->>'allowed' AS allowed, e->>'usage' AS usage, e->>'usage_limit' AS usage_limit FROM fluxrate.check_entitlement('c', 'SUM') e;
 SELECT (fluxrate.update_plan(:'plan', name => 'Live')) IS NOT NULL AS touched;

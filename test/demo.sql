@@ -73,6 +73,6 @@ SELECT i->>'invoice_number' AS number, i->>'status' AS status, i->>'currency' AS
   FROM fluxrate.get_invoice(:'invoice_id') i;
 SELECT l->>'description' AS line, l->>'quantity' AS quantity, l->>'unit_amount' AS unit_amount, l->>'line_total' AS amount,
        left(l->>'period_start', 10) || ' - ' || left(l->>'period_end', 10) AS for_period
-  FROM jsonb_array_elements((fluxrate.get_invoice(:'invoice_id'))->'line_items') l;
+  FROM json_array_elements((fluxrate.get_invoice(:'invoice_id'))->'line_items') l;
 SELECT i->>'subtotal' AS subtotal, i->>'tax' AS tax, i->>'total' AS total
   FROM fluxrate.get_invoice(:'invoice_id') i;

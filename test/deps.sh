@@ -11,6 +11,10 @@ PKGS=(
   libcurl4-openssl-dev      # SMTP and webhook delivery
   libpq-dev                 # schedule_jobs() logs in the way pg_cron will (src/cron.c)
   sudo                      # the README's install steps (sudo -u postgres), run by stock_install.sh
+  libhpdf-dev               # libharu: the PDF invoice (src/render_pdf.c)
+  poppler-utils             # tests: pdftotext reads the PDF invoice back
+  python3-psycopg           # tests: application code through a real driver (psycopg 3)
+  pgbouncer                 # tests: transaction pooling in front of fluxrate
   python3 python3-aiosmtpd  # a real SMTP server for the delivery tests
   libipc-run-perl           # TAP tests (concurrency)
 )

@@ -138,7 +138,8 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_organization() RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_organization() RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -147,7 +148,7 @@ DECLARE
   o fluxrate_internal.organizations;
 BEGIN
   SELECT * INTO o FROM fluxrate_internal.organizations WHERE org_id = v_org;
-  RETURN fluxrate_internal.org_json(o);
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.org_json(o));
 END
 $$;
 

@@ -204,7 +204,8 @@ EXCEPTION WHEN unique_violation THEN
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_feature(feature_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_feature(feature_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -216,7 +217,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'feature not found', pg_catalog.format('No feature %s in this organization.', feature_id));
   END IF;
-  RETURN fluxrate_internal.feature_json(f);
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.feature_json(f));
 END
 $$;
 
@@ -236,7 +237,8 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_meter(meter_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_meter(meter_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -248,7 +250,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'meter not found', pg_catalog.format('No meter %s in this organization.', meter_id));
   END IF;
-  RETURN fluxrate_internal.meter_json(m);
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.meter_json(m));
 END
 $$;
 
@@ -344,7 +346,8 @@ EXCEPTION WHEN unique_violation THEN
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_plan(plan_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_plan(plan_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -356,7 +359,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'plan not found', pg_catalog.format('No plan %s in this organization.', plan_id));
   END IF;
-  RETURN fluxrate_internal.plan_json(p, true);
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.plan_json(p, true));
 END
 $$;
 
@@ -668,7 +671,8 @@ EXCEPTION WHEN unique_violation THEN
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_customer(customer_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_customer(customer_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -680,7 +684,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'customer not found', pg_catalog.format('No customer %s in this organization.', customer_id));
   END IF;
-  RETURN fluxrate_internal.customer_json(c);
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.customer_json(c));
 END
 $$;
 
@@ -890,7 +894,8 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_subscription(subscription_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_subscription(subscription_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -902,7 +907,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'subscription not found', pg_catalog.format('No subscription %s in this organization.', subscription_id));
   END IF;
-  RETURN fluxrate_internal.subscription_json(s, true);
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.subscription_json(s, true));
 END
 $$;
 

@@ -591,7 +591,8 @@ CREATE FUNCTION fluxrate_internal.subscription_usage(org_id uuid, s fluxrate_int
                    WHERE pf.org_id = subscription_usage.org_id AND pf.plan_id = s.plan_id)
 $$;
 
-CREATE FUNCTION fluxrate.get_subscription_usage(subscription_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_subscription_usage(subscription_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -603,11 +604,12 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'subscription not found', format('No subscription %s in this organization.', subscription_id));
   END IF;
-  RETURN fluxrate_internal.subscription_usage(v_org, s);
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.subscription_usage(v_org, s));
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_customer_usage(customer_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_customer_usage(customer_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -618,11 +620,11 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'customer not found', format('No customer %s in this organization.', customer_id));
   END IF;
-  RETURN jsonb_build_object('customer_id', customer_id, 'subscriptions',
+  RETURN fluxrate_internal.ordered_json(jsonb_build_object('customer_id', customer_id, 'subscriptions',
     coalesce((SELECT jsonb_agg(fluxrate_internal.subscription_usage(v_org, s) ORDER BY s.created_at, s.id)
                 FROM fluxrate_internal.subscriptions s
                WHERE s.org_id = v_org AND s.customer_id = get_customer_usage.customer_id
-                 AND s.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE')), '[]'::jsonb));
+                 AND s.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE')), '[]'::jsonb)));
 END
 $$;
 
@@ -729,11 +731,14 @@ CREATE FUNCTION fluxrate_internal.meter_range_usage(org_id uuid, m fluxrate_inte
 $$;
 
 -- GET /meters/{meter_id}/usage: the meter's usage over [start_date, end_date)
--- (default the last 30 days up to now), in every hour/day/week/month bucket of
--- the range (empty buckets included, at most 10,000), for all customers or one.
+-- (default the last 30 days up to now), by hour/day/week/month bucket of the
+-- range (at most 10,000), for all customers or one.  Only the buckets with
+-- events or usage, unless include_empty => true asks for every bucket of the
+-- range (zeros included, the 0.1.0 behaviour).
 CREATE FUNCTION fluxrate.get_meter_usage(meter_id uuid, start_date timestamptz DEFAULT NULL,
-    end_date timestamptz DEFAULT NULL, group_by text DEFAULT 'day', customer_id uuid DEFAULT NULL)
-  RETURNS jsonb
+    end_date timestamptz DEFAULT NULL, group_by text DEFAULT 'day', customer_id uuid DEFAULT NULL,
+    include_empty boolean DEFAULT false)
+  RETURNS json                           -- keys in a logical order (75_render.sql)
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -796,21 +801,24 @@ BEGIN
     'event_count', (SELECT count(*) FROM ev),
     'unique_customers', (SELECT count(DISTINCT ev.cust) FROM ev),
     'period_start', v_start, 'period_end', v_end,
-    'grouped_data', (SELECT coalesce(jsonb_agg(jsonb_build_object('period', bk.bucket AT TIME ZONE 'UTC',
-        'usage', CASE WHEN m.aggregation_type IN ('LAST', 'WEIGHTED_SUM')
-                   THEN fluxrate_internal.meter_range_usage(v_org, m, get_meter_usage.customer_id,
-                          greatest(bk.bucket AT TIME ZONE 'UTC', v_start), least((bk.bucket + v_step) AT TIME ZONE 'UTC', v_end))
-                   ELSE coalesce(g.u, 0) END,
-        'event_count', coalesce(g.n, 0)) ORDER BY bk.bucket), '[]'::jsonb)
-      FROM buckets bk LEFT JOIN g ON g.bucket = bk.bucket))
+    'grouped_data', (SELECT coalesce(jsonb_agg(jsonb_build_object('period', r.bucket AT TIME ZONE 'UTC',
+        'usage', r.usage, 'event_count', r.n) ORDER BY r.bucket), '[]'::jsonb)
+      FROM (SELECT bk.bucket, coalesce(g.n, 0) AS n,
+                   CASE WHEN m.aggregation_type IN ('LAST', 'WEIGHTED_SUM')
+                     THEN fluxrate_internal.meter_range_usage(v_org, m, get_meter_usage.customer_id,
+                            greatest(bk.bucket AT TIME ZONE 'UTC', v_start), least((bk.bucket + v_step) AT TIME ZONE 'UTC', v_end))
+                     ELSE coalesce(g.u, 0) END AS usage
+              FROM buckets bk LEFT JOIN g ON g.bucket = bk.bucket) r
+     WHERE coalesce(get_meter_usage.include_empty, false) OR r.n > 0 OR r.usage <> 0))
     INTO v_result;
-  RETURN v_result;
+  RETURN fluxrate_internal.ordered_json(v_result);
 END
 $$;
 
 -- GET /meters/{meter_id}/stats: all-time counts, and the usage so far in the UTC
 -- day, ISO week and month containing now ([start of the unit, now)).
-CREATE FUNCTION fluxrate.get_meter_stats(meter_id uuid) RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_meter_stats(meter_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -836,6 +844,6 @@ BEGIN
     INTO v_result
     FROM fluxrate_internal.usage_events e
    WHERE e.org_id = v_org AND e.meter_id = m.id AND fluxrate_internal.filters_match(e.metadata, m.filters);
-  RETURN v_result;
+  RETURN fluxrate_internal.ordered_json(v_result);
 END
 $$;

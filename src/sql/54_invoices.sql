@@ -50,14 +50,15 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_invoice(invoice_id uuid) RETURNS jsonb
+-- json, not jsonb: the keys in a logical order, with the customer's name (75_render.sql)
+CREATE FUNCTION fluxrate.get_invoice(invoice_id uuid) RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
 DECLARE
   v_org uuid := fluxrate_internal.require_org('invoices.read');
 BEGIN
-  RETURN fluxrate_internal.invoice_json(fluxrate_internal.load_invoice(v_org, get_invoice.invoice_id));
+  RETURN fluxrate_internal.invoice_document(v_org, get_invoice.invoice_id);
 END
 $$;
 

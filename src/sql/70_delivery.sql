@@ -207,82 +207,42 @@ CREATE FUNCTION fluxrate_internal.money_text(amount numeric, currency text) RETU
   LANGUAGE sql IMMUTABLE
   AS $$ SELECT pg_catalog.round(amount, fluxrate_internal.currency_exponent(currency))::text || ' ' || currency $$;
 
--- The whole RFC 5322 message (multipart/alternative: plain text and HTML),
--- CRLF line endings, bodies in base64 so any name or description travels intact.
+-- The whole RFC 5322 message: multipart/mixed of a multipart/alternative
+-- (plain text and HTML) and the PDF invoice as an attachment; CRLF line
+-- endings, every part in base64 so any name or description travels intact.
+-- The three forms come from the one invoice renderer (75_render.sql).
 CREATE FUNCTION fluxrate_internal.invoice_email(org_id uuid, invoice_id uuid, delivery_id uuid, recipient text,
     OUT subject text, OUT message text)
   LANGUAGE plpgsql STABLE
   SET search_path = pg_catalog, pg_temp
   AS $$
 DECLARE
+  p record := fluxrate_internal.invoice_parts(invoice_email.org_id, invoice_email.invoice_id);
   i fluxrate_internal.invoices;
   o fluxrate_internal.organizations;
   c fluxrate_internal.customers;
   s fluxrate_internal.smtp_settings;
-  v_link text;
-  v_period text;
-  v_lines_text text;
-  v_lines_html text;
+  v_greeting text[];
   v_text text;
   v_html text;
   v_boundary text := 'fluxrate-' || replace(delivery_id::text, '-', '');
+  v_inner text := 'fluxrate-alt-' || replace(delivery_id::text, '-', '');
+  v_file text;
   v_from text;
 BEGIN
   SELECT * INTO i FROM fluxrate_internal.invoices x WHERE x.org_id = invoice_email.org_id AND x.id = invoice_email.invoice_id;
   SELECT * INTO o FROM fluxrate_internal.organizations x WHERE x.org_id = invoice_email.org_id;
   SELECT * INTO c FROM fluxrate_internal.customers x WHERE x.org_id = i.org_id AND x.id = i.customer_id;
   SELECT * INTO s FROM fluxrate_internal.smtp_settings x WHERE x.org_id = invoice_email.org_id;
-  v_link := CASE WHEN i.public_token IS NOT NULL THEN o.invoice_link_base || i.public_token END;
-  v_period := CASE WHEN i.period_start IS NOT NULL
-                   THEN to_char(i.period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD') || ' to '
-                        || to_char(i.period_end AT TIME ZONE 'UTC', 'YYYY-MM-DD') END;
-  subject := format('Invoice %s from %s: %s due %s', coalesce(i.invoice_number, '(draft)'), o.name,
-                    fluxrate_internal.money_text(i.total, i.currency),
-                    coalesce(to_char(i.due_date AT TIME ZONE 'UTC', 'YYYY-MM-DD'), 'on receipt'));
-
-  SELECT string_agg(format('  %s: %s x %s = %s', l.description, l.quantity, l.unit_amount,
-                           fluxrate_internal.money_text(l.line_total, i.currency)), E'\n' ORDER BY l.position),
-         string_agg(format('<tr><td>%s</td><td style="text-align:right">%s</td><td style="text-align:right">%s</td>'
-                           '<td style="text-align:right">%s</td></tr>',
-                           fluxrate_internal.html_escape(l.description), l.quantity, l.unit_amount,
-                           fluxrate_internal.html_escape(fluxrate_internal.money_text(l.line_total, i.currency))),
-                    E'\n' ORDER BY l.position)
-    INTO v_lines_text, v_lines_html
-    FROM fluxrate_internal.invoice_lines l WHERE l.org_id = i.org_id AND l.invoice_id = i.id;
-
-  v_text := concat_ws(E'\n',
-    format('Hello %s,', c.name), '',
-    format('%s has issued invoice %s.', o.name, coalesce(i.invoice_number, '(draft)')),
-    CASE WHEN v_period IS NOT NULL THEN 'Period: ' || v_period END, '',
-    coalesce(v_lines_text, '  (no lines)'), '',
-    'Subtotal: ' || fluxrate_internal.money_text(i.subtotal, i.currency),
-    'Tax: ' || fluxrate_internal.money_text(i.tax, i.currency),
-    'Total: ' || fluxrate_internal.money_text(i.total, i.currency),
-    'Amount due: ' || fluxrate_internal.money_text(i.amount_due, i.currency),
-    'Due date: ' || coalesce(to_char(i.due_date AT TIME ZONE 'UTC', 'YYYY-MM-DD'), 'on receipt'),
-    CASE WHEN v_link IS NOT NULL THEN E'\nView the invoice: ' || v_link END,
-    '', '-- ', o.name);
-
-  v_html := concat_ws(E'\n',
-    '<!DOCTYPE html><html><head><meta charset="utf-8"><title>' || fluxrate_internal.html_escape(subject) || '</title></head>',
-    '<body style="font-family:sans-serif">',
-    format('<p>Hello %s,</p>', fluxrate_internal.html_escape(c.name)),
-    format('<p>%s has issued invoice <strong>%s</strong>.</p>', fluxrate_internal.html_escape(o.name),
-           fluxrate_internal.html_escape(coalesce(i.invoice_number, '(draft)'))),
-    CASE WHEN v_period IS NOT NULL THEN '<p>Period: ' || v_period || '</p>' END,
-    '<table cellpadding="4"><tr><th>Description</th><th>Quantity</th><th>Unit amount</th><th>Amount</th></tr>',
-    coalesce(v_lines_html, ''),
-    format('<tr><td colspan="3">Subtotal</td><td style="text-align:right">%s</td></tr>',
-           fluxrate_internal.money_text(i.subtotal, i.currency)),
-    format('<tr><td colspan="3">Tax</td><td style="text-align:right">%s</td></tr>', fluxrate_internal.money_text(i.tax, i.currency)),
-    format('<tr><td colspan="3"><strong>Total</strong></td><td style="text-align:right"><strong>%s</strong></td></tr>',
-           fluxrate_internal.money_text(i.total, i.currency)),
-    '</table>',
-    format('<p>Amount due: %s, due %s.</p>', fluxrate_internal.money_text(i.amount_due, i.currency),
-           coalesce(to_char(i.due_date AT TIME ZONE 'UTC', 'YYYY-MM-DD'), 'on receipt')),
-    CASE WHEN v_link IS NOT NULL
-         THEN format('<p><a href="%s">View the invoice online</a></p>', fluxrate_internal.html_escape(v_link)) END,
-    '</body></html>');
+  subject := p.subject;
+  v_greeting := ARRAY[format('Hello %s,', p.customer_name),
+                      format('%s has issued invoice %s; the PDF is attached.', o.name, p.invoice_number)];
+  v_text := array_to_string(v_greeting, E'\n\n') || E'\n\n'
+            || fluxrate_internal.render_invoice_text(invoice_email.org_id, invoice_email.invoice_id)
+            || E'\n-- \n' || o.name;
+  v_html := fluxrate_internal.render_invoice_html(invoice_email.org_id, invoice_email.invoice_id, v_greeting);
+  -- a file name of safe characters only: the number is INV-YYYY-NNNN
+  v_file := 'invoice-' || regexp_replace(p.invoice_number, '[^A-Za-z0-9_-]', '', 'g') || '.pdf';
 
   v_from := CASE WHEN coalesce(s.from_name, o.name) IS NOT NULL
                  THEN CASE WHEN coalesce(s.from_name, o.name) ~ '^[ -~]*$'
@@ -301,18 +261,28 @@ BEGIN
     'Message-ID: <' || delivery_id || '@fluxrate.invalid>',
     'X-Fluxrate-Invoice-Id: ' || i.id,
     'MIME-Version: 1.0',
-    'Content-Type: multipart/alternative; boundary="' || v_boundary || '"',
+    'Content-Type: multipart/mixed; boundary="' || v_boundary || '"',
     '',
     '--' || v_boundary,
+    'Content-Type: multipart/alternative; boundary="' || v_inner || '"',
+    '',
+    '--' || v_inner,
     'Content-Type: text/plain; charset=utf-8',
     'Content-Transfer-Encoding: base64',
     '',
     encode(convert_to(v_text, 'UTF8'), 'base64'),
-    '--' || v_boundary,
+    '--' || v_inner,
     'Content-Type: text/html; charset=utf-8',
     'Content-Transfer-Encoding: base64',
     '',
     encode(convert_to(v_html, 'UTF8'), 'base64'),
+    '--' || v_inner || '--',
+    '--' || v_boundary,
+    'Content-Type: application/pdf; name="' || v_file || '"',
+    'Content-Disposition: attachment; filename="' || v_file || '"',
+    'Content-Transfer-Encoding: base64',
+    '',
+    encode(fluxrate_internal.render_invoice_pdf(invoice_email.org_id, invoice_email.invoice_id), 'base64'),
     '--' || v_boundary || '--',
     '');
   message := replace(message, E'\n', E'\r\n');
@@ -509,7 +479,8 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION fluxrate.get_smtp_settings() RETURNS jsonb
+-- json: keys in a logical order (75_render.sql)
+CREATE FUNCTION fluxrate.get_smtp_settings() RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
@@ -521,7 +492,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'smtp is not configured', hint => 'Call fluxrate.set_smtp_settings().');
   END IF;
-  RETURN fluxrate_internal.smtp_json(s);
+  RETURN fluxrate_internal.ordered_json(fluxrate_internal.smtp_json(s));
 END
 $$;
 

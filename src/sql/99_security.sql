@@ -96,7 +96,7 @@ GRANT EXECUTE ON FUNCTION fluxrate.signup(text, text, text), fluxrate.login(text
 GRANT EXECUTE ON FUNCTION fluxrate.track(text, text, numeric, timestamptz, text, jsonb, text, jsonb, text),
   fluxrate.track_batch(jsonb, text), fluxrate.get_customer_usage(uuid), fluxrate.get_subscription_usage(uuid),
   fluxrate.check_entitlement(text, text), fluxrate.list_meter_events(uuid, integer, integer),
-  fluxrate.get_meter_usage(uuid, timestamptz, timestamptz, text, uuid), fluxrate.get_meter_stats(uuid)
+  fluxrate.get_meter_usage(uuid, timestamptz, timestamptz, text, uuid, boolean), fluxrate.get_meter_stats(uuid)
   TO fluxrate_apikey;
 -- signed-in users: the whole management API of their organization, but not the
 -- trusted-role doors (creating organizations, acting for one) nor the jobs

@@ -841,7 +841,7 @@ BEGIN
     FOR p IN SELECT * FROM public.uq_periods x WHERE x.k = ANY (v_ks || v_ks_all) ORDER BY x.k LOOP
       FOR c IN SELECT u FROM unnest(CASE WHEN p.k = ANY (v_ks) THEN custs ELSE '{}' END
                                     || CASE WHEN p.k = ANY (v_ks_all) THEN ARRAY[NULL::uuid] ELSE '{}' END) u LOOP
-        j := fluxrate.get_meter_usage(m.meter_id, p.ps, p.pe, p.group_by, c);
+        j := fluxrate.get_meter_usage(m.meter_id, p.ps, p.pe, p.group_by, c, include_empty => true);
         n := n + 1;
         sfx := CASE WHEN c IS NULL THEN ' (all customers)' ELSE '' END;
         step := ('1 ' || p.group_by)::interval;
@@ -1029,7 +1029,7 @@ SELECT fluxrate.act_as('$ORG_A', true) IS NULL;
 CREATE TEMP TABLE uq_tz AS
 SELECT m.meter_id, (x->>'period')::timestamptz AS bucket, p.ps, p.pe, p.group_by, x->>'usage' AS usage, (x->>'event_count')::numeric AS n
   FROM public.uq_meters m, public.uq_periods p,
-       jsonb_array_elements(fluxrate.get_meter_usage(m.meter_id, p.ps, p.pe, p.group_by)->'grouped_data') x
+       json_array_elements(fluxrate.get_meter_usage(m.meter_id, p.ps, p.pe, p.group_by, include_empty => true)->'grouped_data') x
  WHERE m.org_id = '$ORG_A' AND p.k IN (2, 4);
 SELECT count(*) FROM uq_tz t
   FULL JOIN (SELECT c.meter_id, c.ps, c.pe, c.got::text AS usage, c2.got AS n FROM public.uq_cmp c

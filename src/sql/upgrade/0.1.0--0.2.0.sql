@@ -29,3 +29,25 @@ CREATE OR REPLACE FUNCTION fluxrate_internal.drop_extension_guard() RETURNS even
 CREATE EVENT TRIGGER fluxrate_drop_extension ON ddl_command_start
   WHEN TAG IN ('DROP EXTENSION')
   EXECUTE FUNCTION fluxrate_internal.drop_extension_guard();
+-- render (issue 14, item 5): the media-type domains PostgREST serves the PDF
+-- and HTML invoices with (75_render.sql); types are not replayed.
+CREATE DOMAIN fluxrate."application/pdf" AS bytea;
+CREATE DOMAIN fluxrate."text/html" AS text;
+CREATE DOMAIN fluxrate."text/plain" AS text;
+-- get_meter_usage gained include_empty (default false: only the buckets with
+-- events or usage); a new parameter is a new signature, so the old one goes.
+DROP FUNCTION fluxrate.get_meter_usage(uuid, timestamptz, timestamptz, text, uuid);
+-- get_invoice returns json (keys in a logical order, with the customer's
+-- name): a new return type, so the jsonb one goes.
+DROP FUNCTION fluxrate.get_invoice(uuid);
+-- The other single-document reads return json too (keys in a logical order).
+DROP FUNCTION fluxrate.get_organization();
+DROP FUNCTION fluxrate.get_feature(uuid);
+DROP FUNCTION fluxrate.get_meter(uuid);
+DROP FUNCTION fluxrate.get_plan(uuid);
+DROP FUNCTION fluxrate.get_customer(uuid);
+DROP FUNCTION fluxrate.get_subscription(uuid);
+DROP FUNCTION fluxrate.get_subscription_usage(uuid);
+DROP FUNCTION fluxrate.get_customer_usage(uuid);
+DROP FUNCTION fluxrate.get_meter_stats(uuid);
+DROP FUNCTION fluxrate.get_smtp_settings();
