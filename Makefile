@@ -60,7 +60,7 @@ PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
 # ---- the two commands of the README ---------------------------------------
-.PHONY: test demo bench deps
+.PHONY: test demo bench deps fuzz
 deps:
 	bash test/deps.sh
 test:
@@ -69,3 +69,6 @@ demo:
 	bash test/demo.sh
 bench:
 	bash bench/run.sh
+# libFuzzer on the C parsers, FUZZ_SECONDS (default 60) per target (test/fuzz/)
+fuzz:
+	bash test/fuzz/make.sh

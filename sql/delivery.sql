@@ -4,6 +4,7 @@
 -- test/scripts/delivery.sh.)  Time is pinned throughout.
 SET TimeZone = 'UTC';
 \set VERBOSITY sqlstate
+\set SHOW_CONTEXT errors
 
 -- HMAC-SHA256, RFC 4231 test case 2
 SELECT fluxrate_internal.hmac_sha256_hex('Jefe', 'what do ya want for nothing?')
@@ -87,7 +88,7 @@ SELECT m.subject, m.message LIKE '%Message-ID: <' || d.id || '@fluxrate.invalid>
 -- The retry schedule, against a port nobody listens on: 30 s, 2 min, 10 min, 1 h, 6 h, then FAILED
 CALL fluxrate.deliver_pending();
 SELECT channel, status, attempts, next_attempt_at, last_status_code,
-       last_error LIKE 'Couldn''t connect to server%' OR last_error LIKE 'Failure when receiving%' AS refused
+       last_error = 'connection failed' AS refused
   FROM acme_deliveries ORDER BY channel;
 SET fluxrate.pinned_now = '2026-01-01 00:00:29+00';     -- not yet due: nothing is attempted
 CALL fluxrate.deliver_pending();
@@ -179,5 +180,99 @@ SELECT (r->>'secret') <> (:'hook_all'::jsonb->>'secret') AS new_secret FROM flux
 SELECT (fluxrate.delete_webhook_endpoint(:'hook_paid'))->>'deleted' AS deleted;
 SELECT fluxrate.delete_smtp_settings();
 SELECT fluxrate.delete_smtp_settings();                                             -- PT404
+RESET fluxrate.acting_org;
+RESET fluxrate.pinned_now;
+
+-- Outbound policy (src/outbound.c; connect-time refusals against live
+-- listeners: test/scripts/outbound.sh).  The built-in default is 'public';
+-- this instance lists 127.0.0.1 and ::1 for the tests' peers (test/postgresql.conf).
+SELECT boot_val FROM pg_settings WHERE name = 'fluxrate.outbound_allow';
+SET fluxrate.outbound_allow = 'public';
+SELECT a AS address, fluxrate_internal.outbound_address_allowed(a, 443, 'webhook') AS webhook_443,
+       fluxrate_internal.outbound_address_allowed(a, 587, 'email') AS smtp_587
+  FROM unnest(ARRAY['93.184.215.14', '127.0.0.1', '127.255.255.254', '0.0.0.0', '10.1.2.3', '100.64.0.1',
+                    '169.254.169.254', '172.16.0.1', '172.32.0.1', '192.168.0.1', '192.0.2.1', '198.18.0.1',
+                    '224.0.0.1', '255.255.255.255', '2606:2800:220:1::1', '::1', '::', '::ffff:127.0.0.1',
+                    '::ffff:93.184.215.14', 'fe80::1', 'fc00::1', 'ff02::1', '2001:db8::1', '2002:7f00:1::1',
+                    '64:ff9b::7f00:1']) a;
+-- ports on public addresses: webhooks 80, 443, 8000-8999; SMTP 25, 465, 587, 2525
+SELECT p AS port, fluxrate_internal.outbound_address_allowed('93.184.215.14', p, 'webhook') AS webhook,
+       fluxrate_internal.outbound_address_allowed('93.184.215.14', p, 'email') AS smtp
+  FROM unnest(ARRAY[22, 25, 80, 443, 465, 587, 2525, 5432, 7999, 8000, 8999, 9000]) p;
+-- a listed address or network allows any port; IPv4-mapped IPv6 counts as IPv4
+SET fluxrate.outbound_allow = '10.0.0.0/8, [::1], 127.0.0.1';
+SELECT fluxrate_internal.outbound_address_allowed('10.9.8.7', 5432, 'webhook') AS listed_net,
+       fluxrate_internal.outbound_address_allowed('::ffff:10.9.8.7', 22, 'email') AS listed_mapped,
+       fluxrate_internal.outbound_address_allowed('::1', 1, 'webhook') AS listed_v6,
+       fluxrate_internal.outbound_address_allowed('127.0.0.2', 80, 'webhook') AS neighbour,
+       fluxrate_internal.outbound_address_allowed('93.184.215.14', 443, 'webhook') AS public_not_listed;
+SELECT fluxrate_internal.outbound_address_allowed('0x7f000001', 80, 'webhook');     -- 22P02: literal addresses only here
+SELECT fluxrate_internal.outbound_address_allowed('127.0.0.1', 80, 'ftp');           -- 22023
+-- a bad setting is refused when it is set, not at the next delivery
+SET fluxrate.outbound_allow = 'public, 10.0.0.0/33';                                 -- 22023
+SET fluxrate.outbound_allow = 'public, 10.0.0.1/8/8';                                -- 22023
+SET fluxrate.outbound_allow = 'public, smtp_relay!';                                 -- 22023
+SHOW fluxrate.outbound_allow;
+-- only superusers set it: a tenant's role cannot widen it
+SET ROLE fluxrate_web;
+SET fluxrate.outbound_allow = 'public, 0.0.0.0/0';                                   -- 42501
+RESET ROLE;
+
+-- Connect time: with the default, the same targets as above are refused before
+-- any connection, and the tenant reads "refused by policy", no status, no duration
+SET fluxrate.pinned_now = '2026-02-01 00:00:00+00';
+SELECT fluxrate.act_as(:'org', true) IS NOT NULL AS acting;
+SELECT (fluxrate.create_webhook_endpoint('http://127.0.0.1:1/policy'))->>'id' AS hook_policy \gset
+SELECT (fluxrate.create_webhook_endpoint('http://[::1]:1/policy'))->>'id' AS hook_policy6 \gset
+SELECT (fluxrate.create_invoice(:'cust', 'USD', line_items => '[{"description": "Policy", "quantity": 1, "unit_amount": 1}]'))->>'id' AS inv_p \gset
+SELECT (fluxrate.finalize_invoice(:'inv_p'))->>'status' AS status;
+SET fluxrate.outbound_allow = 'public';
+CALL fluxrate.deliver_pending();
+SELECT recipient, status, attempts, last_status_code, last_error
+  FROM acme_deliveries WHERE endpoint_id IN (:'hook_policy', :'hook_policy6') ORDER BY recipient;
+SELECT a AS attempt_log_entry FROM jsonb_array_elements((fluxrate.list_deliveries(endpoint_id => :'hook_policy'))->'data'->0->'attempt_log') a;
+RESET fluxrate.outbound_allow;
+SHOW fluxrate.outbound_allow;
+
+-- Userinfo in a webhook URL is refused at creation and update (22023, with a hint)
+\set VERBOSITY default
+\set SHOW_CONTEXT never
+SELECT fluxrate.create_webhook_endpoint('https://user:secret@hooks.example.com/x');
+\set VERBOSITY sqlstate
+\set SHOW_CONTEXT errors
+SELECT fluxrate.create_webhook_endpoint('https://user@hooks.example.com/x');          -- 22023
+SELECT fluxrate.update_webhook_endpoint(:'hook_policy', url => 'http://a:b@hooks.example.com/');  -- 22023
+SELECT fluxrate.create_webhook_endpoint('https://hooks.example.com:99999/x');         -- PT422: libcurl cannot read it
+
+-- At most 20 webhook endpoints per organization (54000, HTTP 413); another
+-- organization's count is its own
+SELECT count(*) AS acme_endpoints_now FROM acme_webhooks;
+SELECT count(*) AS created FROM generate_series(1, 20 - (SELECT count(*) FROM acme_webhooks)::integer) i,
+  LATERAL fluxrate.create_webhook_endpoint('https://hooks.example.com/' || i) w;
+\set VERBOSITY default
+\set SHOW_CONTEXT never
+SELECT fluxrate.create_webhook_endpoint('https://hooks.example.com/21');
+\set VERBOSITY sqlstate
+\set SHOW_CONTEXT errors
+SELECT count(*) AS acme_endpoints_capped FROM acme_webhooks;
+SELECT fluxrate.act_as(:'org_b', true) IS NOT NULL AS acting_b;
+SELECT (fluxrate.create_webhook_endpoint('https://hooks.example.com/globex'))->>'url' AS globex_still_can;
+SELECT fluxrate.act_as(:'org', true) IS NOT NULL AS acting;
+SELECT (fluxrate.delete_webhook_endpoint(:'hook_policy'))->>'deleted' AS deleted;
+SELECT (fluxrate.create_webhook_endpoint('https://hooks.example.com/again'))->>'url' AS after_a_delete;
+
+-- Retention: finished deliveries older than the retention go with their
+-- attempts; pending ones stay, and so does everything newer; every organization
+CALL fluxrate.purge_deliveries(retention => '1 hour');                               -- 22023
+SELECT status, count(*) AS deliveries, sum((SELECT count(*) FROM fluxrate_internal.delivery_attempts a
+         WHERE a.org_id = d.org_id AND a.delivery_id = d.id)) AS attempts
+  FROM acme_deliveries d GROUP BY status ORDER BY status;
+SET fluxrate.pinned_now = '2026-02-20 00:00:00+00';
+CALL fluxrate.purge_deliveries(retention => '30 days');    -- cutoff 2026-01-21: January's finished ones go
+SELECT status, count(*) AS deliveries, sum((SELECT count(*) FROM fluxrate_internal.delivery_attempts a
+         WHERE a.org_id = d.org_id AND a.delivery_id = d.id)) AS attempts
+  FROM acme_deliveries d GROUP BY status ORDER BY status;
+SELECT count(*) AS orphan_attempts FROM acme_attempts a
+ WHERE NOT EXISTS (SELECT 1 FROM acme_deliveries d WHERE d.id = a.delivery_id);
 RESET fluxrate.acting_org;
 RESET fluxrate.pinned_now;

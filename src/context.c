@@ -114,12 +114,23 @@ JsonbGetText(Jsonb *jb, const char *key)
 	return pnstrdup(v->val.string.val, v->val.string.len);
 }
 
+/*
+ * Is the outer role exactly this role?  Not membership: PostgREST switches to
+ * fluxrate_web or fluxrate_apikey (SET LOCAL ROLE) after it, or our
+ * pre-request, verified a token or a key, so a request runs as the role
+ * itself.  An application role that is merely granted fluxrate_apikey (the
+ * natural grant for a backend that tracks) could otherwise set
+ * request.jwt.claims itself and act as any organization.  Such a role can
+ * still SET ROLE fluxrate_apikey: that is why the claims-believing roles are
+ * for PostgREST's authenticator only (fluxrate_internal.role_grant_warnings(),
+ * docs/security.md "Roles"); SQL applications get fluxrate_ingest.
+ */
 static bool
-RoleHas(Oid member, const char *role)
+RoleIs(Oid outer, const char *role)
 {
 	Oid			r = get_role_oid(role, true);
 
-	return OidIsValid(r) && has_privs_of_role(member, r);
+	return OidIsValid(r) && outer == r;
 }
 
 /*
@@ -178,8 +189,8 @@ FrRequireOrg(const char *scope)
 		if (org != NULL)
 		{
 			Oid			outer = GetOuterUserId();
-			bool		web = RoleHas(outer, "fluxrate_web");
-			bool		key = RoleHas(outer, "fluxrate_apikey");
+			bool		web = RoleIs(outer, "fluxrate_web");
+			bool		key = RoleIs(outer, "fluxrate_apikey");
 			bool		trusted = FrCallerIsTrusted();
 
 			/*

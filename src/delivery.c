@@ -7,8 +7,9 @@
  * STARTTLS or implicit TLS and AUTH, HTTP/HTTPS with certificate checks), so
  * fluxrate carries no protocol code of its own.
  *
- * Both functions report network and protocol failures as a result row
- * (status_code, error) instead of raising: the caller records the attempt and
+ * Both functions dial only what fluxrate.outbound_allow allows (outbound.c
+ * checks the resolved address) and report failures as a result row
+ * (status_code, error: the tenant's view, see outbound.c) instead of raising: the caller records the attempt and
  * schedules a retry, and one unreachable peer never aborts a delivery run.
  * They raise only for programming errors.  Transfers have a timeout and stop
  * early on a query cancel or a backend shutdown (the progress callback checks
@@ -33,6 +34,7 @@
 #include "utils/builtins.h"
 
 #include "fluxrate.h"
+#include "outbound.h"
 
 #define RESPONSE_KEEP 1024		/* bytes of a webhook response kept for the log */
 
@@ -134,12 +136,6 @@ ResultRow(FunctionCallInfo fcinfo, long code, const char *error, const char *res
 	return HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls));
 }
 
-static char *
-ErrorText(CURLcode rc, const char *errbuf)
-{
-	return psprintf("%s%s%s", curl_easy_strerror(rc), errbuf[0] ? ": " : "", errbuf);
-}
-
 /*
  * fluxrate_internal.http_post(url text, headers text[], body text, timeout_ms integer,
  *		OUT status_code integer, OUT error text, OUT response text)
@@ -164,7 +160,13 @@ fr_http_post(PG_FUNCTION_ARGS)
 	CURLcode	rc;
 	long		code = 0;
 	char	   *error = NULL;
+	FrGuard		guard;
+	char	   *host = NULL;
+	CURLU	   *u = curl_url();
 
+	/* the policy trusts a listed host name as libcurl reads it from the URL */
+	if (u && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK)
+		curl_url_get(u, CURLUPART_HOST, &host, 0);
 	deconstruct_array(headers, TEXTOID, -1, false, TYPALIGN_INT, &hdrs, &hnulls, &nh);
 	EnsureCurl();
 	/* from here to curl_easy_cleanup nothing may raise: libcurl memory is malloc'ed */
@@ -177,6 +179,7 @@ fr_http_post(PG_FUNCTION_ARGS)
 	/* libcurl would add "Expect: 100-continue" to large bodies; peers answer at once */
 	list = curl_slist_append(list, "Expect:");
 	CommonOptions(c, timeout_ms, errbuf);
+	FrOutboundGuard(c, &guard, FR_OUT_WEBHOOK, host);
 	curl_easy_setopt(c, CURLOPT_URL, url);
 	curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
 	curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);
@@ -190,13 +193,15 @@ fr_http_post(PG_FUNCTION_ARGS)
 	rc = curl_easy_perform(c);
 	if (rc == CURLE_OK)
 		curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &code);
-	else
-		error = ErrorText(rc, errbuf);
 	curl_easy_cleanup(c);
 	curl_slist_free_all(list);
+	curl_free(host);
+	curl_url_cleanup(u);
 	CHECK_FOR_INTERRUPTS();
-	if (error == NULL && (code < 200 || code > 299))
-		error = psprintf("HTTP %ld", code);
+	/* the tenant's view only (see outbound.c): no peer text, no libcurl detail */
+	error = (char *) FrOutboundTenantError(&guard, rc, code, false);
+	if (rc != CURLE_OK || guard.refused)
+		code = 0;
 	/* the log keeps printable ASCII only: a response may be in any encoding */
 	for (size_t i = 0; i < resp->len; i++)
 		if ((unsigned char) resp->buf[i] >= 0x7f ||
@@ -235,6 +240,7 @@ fr_smtp_send(PG_FUNCTION_ARGS)
 	CURLcode	rc;
 	long		code = 0;
 	char	   *error = NULL;
+	FrGuard		guard;
 
 	for (int i = 0; i < 9; i++)
 		if (PG_ARGISNULL(i) && i != 3 && i != 4)
@@ -270,6 +276,7 @@ fr_smtp_send(PG_FUNCTION_ARGS)
 		return ResultRow(fcinfo, 0, "could not create a libcurl handle", NULL);
 	rcpts = curl_slist_append(rcpts, rcpt_addr);
 	CommonOptions(c, timeout_ms, errbuf);
+	FrOutboundGuard(c, &guard, FR_OUT_SMTP, host);
 	curl_easy_setopt(c, CURLOPT_URL, url);
 	curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "smtp,smtps");
 	if (strcmp(security, "starttls") == 0)
@@ -286,8 +293,9 @@ fr_smtp_send(PG_FUNCTION_ARGS)
 	curl_easy_setopt(c, CURLOPT_UPLOAD, 1L);
 	rc = curl_easy_perform(c);
 	curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &code);
-	if (rc != CURLE_OK)
-		error = ErrorText(rc, errbuf);
+	error = (char *) FrOutboundTenantError(&guard, rc, code, true);
+	if (error != NULL && strcmp(error, "rejected by the server") != 0)
+		code = 0;
 	curl_easy_cleanup(c);
 	curl_slist_free_all(rcpts);
 	if (password != NULL)

@@ -43,5 +43,7 @@ _PG_init(void)
 							   NULL,
 							   &fr_current_org, "", PGC_USERSET, GUC_NOT_IN_SAMPLE | GUC_NO_SHOW_ALL, NULL, NULL, NULL);
 
+	FrOutboundInit();
+
 	MarkGUCPrefixReserved("fluxrate");
 }

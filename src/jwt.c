@@ -16,8 +16,10 @@
 #include <openssl/hmac.h>
 #include <sodium.h>
 
+#include "common/jsonapi.h"
 #include "fmgr.h"
 #include "lib/stringinfo.h"
+#include "mb/pg_wchar.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
@@ -129,6 +131,25 @@ NumericClaim(Jsonb *jb, const char *key, double *out)
 	return true;
 }
 
+/*
+ * Is this decoded token part JSON text that jsonb_in will take?  Checked
+ * first with the JSON lexer, which reports instead of raising, so that a
+ * header or payload that is not JSON (or not valid in the database encoding,
+ * or with a NUL inside) is a PT401 refusal of the token like every other,
+ * not jsonb_in's 22P02 (HTTP 400).
+ */
+static bool
+IsJsonText(const unsigned char *text, size_t len)
+{
+	JsonLexContext *lex;
+
+	if (memchr(text, '\0', len) != NULL ||
+		!pg_verifymbstr((const char *) text, (int) len, true))
+		return false;
+	lex = makeJsonLexContextCstringLen((char *) text, (int) len, GetDatabaseEncoding(), true);
+	return pg_parse_json(lex, &nullSemAction) == JSON_SUCCESS;
+}
+
 /* fluxrate_internal.jwt_verify(token text, secret bytea) -> jsonb claims, or PT401 */
 PG_FUNCTION_INFO_V1(fr_jwt_verify);
 Datum
@@ -161,6 +182,8 @@ fr_jwt_verify(PG_FUNCTION_ARGS)
 		Refuse("The token is not base64url.");
 
 	/* the algorithm first: only HS256 ("none" included, everything else is refused) */
+	if (!IsJsonText(header, hlen))
+		Refuse("The token header is not JSON.");
 	hjb = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum((char *) header)));
 	if (!JB_ROOT_IS_OBJECT(hjb) || JB_ROOT_IS_SCALAR(hjb))
 		Refuse("The token header is not a JSON object.");
@@ -176,6 +199,8 @@ fr_jwt_verify(PG_FUNCTION_ARGS)
 	if (slen != 32 || CRYPTO_memcmp(mac, sig, 32) != 0)
 		Refuse("The signature does not match.");
 
+	if (!IsJsonText(payload, plen))
+		Refuse("The token claims are not JSON.");
 	claims = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum((char *) payload)));
 	if (!JB_ROOT_IS_OBJECT(claims) || JB_ROOT_IS_SCALAR(claims))
 		Refuse("The token claims are not a JSON object.");
@@ -195,10 +220,16 @@ fr_password_hash(PG_FUNCTION_ARGS)
 	int			len = VARSIZE_ANY_EXHDR(pw);
 	char		out[crypto_pwhash_STRBYTES];
 
-	if (len < 8 || len > 256)
+	/*
+	 * 8 to 1,024 characters, as documented (signup checks characters; here
+	 * bytes: 1,024 characters of at most 4 bytes each).  argon2id's cost is its
+	 * memory and passes, not the password's length: the password is hashed
+	 * once (BLAKE2b) into the first block, microseconds for 4 kB.
+	 */
+	if (pg_mbstrlen_with_len(VARDATA_ANY(pw), len) < 8 || pg_mbstrlen_with_len(VARDATA_ANY(pw), len) > 1024)
 		ereport(ERROR,
 				(errcode(FR_ERRCODE_UNPROCESSABLE),
-				 errmsg("password must be 8 to 256 characters")));
+				 errmsg("password must have 8 to 1024 characters")));
 	if (crypto_pwhash_str(out, VARDATA_ANY(pw), len, crypto_pwhash_OPSLIMIT_INTERACTIVE,
 						  crypto_pwhash_MEMLIMIT_INTERACTIVE) != 0)
 		ereport(ERROR,

@@ -17,6 +17,7 @@ PKGS=(
   pgbouncer                 # tests: transaction pooling in front of fluxrate
   python3 python3-aiosmtpd  # a real SMTP server for the delivery tests
   libipc-run-perl           # TAP tests (concurrency)
+  clang libclang-rt-14-dev  # libFuzzer harnesses of the C parsers (make fuzz, test/scripts/fuzz.sh); the rt package holds libFuzzer itself
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -214,6 +214,10 @@ CREATE INDEX subscriptions_customer_idx ON fluxrate_internal.subscriptions (org_
 -- closer claims it (a batch is the first rows of the index, not a sort of all due rows)
 CREATE INDEX subscriptions_due_idx ON fluxrate_internal.subscriptions (current_period_end, org_id, id)
   WHERE status IN ('TRIAL', 'ACTIVE', 'PAST_DUE');
+-- the same per organization: a fair closing batch takes each organization's
+-- earliest-due subscriptions (sys_close_claim)
+CREATE INDEX subscriptions_org_due_idx ON fluxrate_internal.subscriptions (org_id, current_period_end, id)
+  WHERE status IN ('TRIAL', 'ACTIVE', 'PAST_DUE');
 
 -- Usage events.  No foreign keys on purpose: the ingest path has just resolved
 -- the meter and the customer itself, and the RI triggers would add two lookups

@@ -181,6 +181,55 @@ EXCEPTION WHEN check_violation THEN
 END
 $$;
 
+-- Delete the calling organization and everything it owns (docs/security.md,
+-- "Deletion"): its usage events, rollups, outbox, deliveries and every other
+-- row, in one transaction.  org_id must be the calling organization's own id
+-- (another's is "not found", as everywhere).  Its API keys, users and refresh
+-- tokens go with it, so its credentials stop working at once: a key is looked
+-- up by its row, and the pre-request refuses an access token whose user no
+-- longer exists.  A track that raced the deletion (its key verified before the
+-- delete committed) leaves an event for a customer that no longer exists,
+-- which the next rollup refresh deletes.
+CREATE FUNCTION fluxrate.delete_organization(org_id uuid DEFAULT NULL) RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_org uuid := fluxrate_internal.require_org('admin');
+  v_events bigint;
+BEGIN
+  PERFORM fluxrate_internal.required(delete_organization.org_id, 'org_id');
+  IF delete_organization.org_id IS DISTINCT FROM v_org THEN
+    PERFORM fluxrate_internal.fail('PT404', 'organization not found',
+      pg_catalog.format('No organization %s is yours to delete.', delete_organization.org_id),
+      'Send the id of the organization you are signed in to (get_organization).');
+  END IF;
+  PERFORM 1 FROM fluxrate_internal.organizations o WHERE o.org_id = v_org FOR UPDATE;
+  -- as delete_customer: never interleaved with a rollup refresh
+  PERFORM pg_advisory_xact_lock_shared(fluxrate_internal.rollup_lock_key());
+  DELETE FROM fluxrate_internal.usage_events e WHERE e.org_id = v_org;
+  GET DIAGNOSTICS v_events = ROW_COUNT;
+  DELETE FROM fluxrate_internal.usage_rollups r WHERE r.org_id = v_org;
+  DELETE FROM fluxrate_internal.rollup_errors r WHERE r.org_id = v_org;
+  DELETE FROM fluxrate_internal.outbox o WHERE o.org_id = v_org;
+  -- everything else references the organization ON DELETE CASCADE
+  DELETE FROM fluxrate_internal.organizations o WHERE o.org_id = v_org;
+  PERFORM set_config('response.status', '204', true);
+  RETURN jsonb_build_object('id', v_org, 'deleted', true, 'usage_events', v_events);
+END
+$$;
+
+-- Does the user of an access token still exist?  (The pre-request refuses a
+-- token of a deleted user or organization at once, not when it expires.)
+CREATE FUNCTION fluxrate_internal.sys_token_user_exists(org_id uuid, user_id uuid) RETURNS boolean
+  LANGUAGE sql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+  SELECT EXISTS (SELECT 1 FROM fluxrate_internal.users u
+                  WHERE u.org_id OPERATOR(pg_catalog.=) sys_token_user_exists.org_id
+                    AND u.id OPERATOR(pg_catalog.=) sys_token_user_exists.user_id)
+$$;
+
 -- Record a business event in the outbox, in the caller's transaction.
 CREATE FUNCTION fluxrate_internal.emit_event(org_id uuid, event text, data jsonb) RETURNS uuid
   LANGUAGE plpgsql VOLATILE

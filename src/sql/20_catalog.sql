@@ -28,7 +28,13 @@ CREATE FUNCTION fluxrate_internal.page_envelope(data jsonb, page integer, page_s
       'total_pages', CASE WHEN total = 0 THEN 0 ELSE (total + page_size - 1) / page_size END))
 $$;
 
--- At most 12 decimal places for prices and quantities (SPEC: money and quantities).
+-- Every price and quantity of the catalog (unit_price, tier unit_price,
+-- flat_fee and up_to, package_size and package_price, free_units,
+-- minimum_commitment, usage_limit) and of manual invoice lines: finite (NaN and
+-- +/-Infinity are refused here, at creation, not later at subscribe, preview
+-- or close), below 10^15, and with at most 12 decimal places (SPEC: money and
+-- quantities).  The magnitude bound keeps every product and sum the rating does
+-- far inside numeric's range (docs/security.md, "Prices").
 CREATE FUNCTION fluxrate_internal.check_decimal(value numeric, field text, allow_zero boolean DEFAULT true)
   RETURNS numeric LANGUAGE plpgsql IMMUTABLE
   AS $$
@@ -36,13 +42,36 @@ BEGIN
   IF value IS NULL THEN
     RETURN NULL;
   END IF;
-  IF value = 'NaN'::numeric THEN
-    RAISE EXCEPTION USING ERRCODE = 'PT422', MESSAGE = pg_catalog.format('%s must be a finite number', field);
-  END IF;
+  -- finite, below 10^15, 12 decimal places; first, so that no DETAIL below
+  -- prints a number of 131,072 digits
+  PERFORM fluxrate_internal.check_magnitude(value, field);
   IF value < 0 OR (NOT allow_zero AND value = 0) THEN
     RAISE EXCEPTION USING ERRCODE = 'PT422',
       MESSAGE = pg_catalog.format('%s must be %s', field, CASE WHEN allow_zero THEN 'zero or more' ELSE 'greater than zero' END),
       DETAIL = pg_catalog.format('%s was %s.', field, value);
+  END IF;
+  RETURN value;
+END
+$$;
+
+-- The bound shared by check_decimal and the signed amounts (a manual line's
+-- unit_amount may be a credit): |value| < 10^15, at most 12 decimal places.
+CREATE FUNCTION fluxrate_internal.check_magnitude(value numeric, field text)
+  RETURNS numeric LANGUAGE plpgsql IMMUTABLE
+  AS $$
+BEGIN
+  IF value IS NULL THEN
+    RETURN NULL;
+  END IF;
+  IF value = 'NaN'::numeric OR value = 'Infinity'::numeric OR value = '-Infinity'::numeric THEN
+    RAISE EXCEPTION USING ERRCODE = 'PT422', MESSAGE = pg_catalog.format('%s must be a finite number', field),
+      DETAIL = pg_catalog.format('%s was %s.', field, value);
+  END IF;
+  IF pg_catalog.abs(value) >= 1e15 THEN
+    RAISE EXCEPTION USING ERRCODE = 'PT422', MESSAGE = pg_catalog.format('%s is too large', field),
+      DETAIL = pg_catalog.format('%s has %s digits before the decimal point.', field,
+                                 pg_catalog.length(pg_catalog.trunc(pg_catalog.abs(value))::text)),
+      HINT = 'Prices and quantities are below 10^15 (at most 15 digits before the decimal point).';
   END IF;
   IF pg_catalog.scale(value) > 12 THEN
     RAISE EXCEPTION USING ERRCODE = 'PT422', MESSAGE = pg_catalog.format('%s has more than 12 decimal places', field),
@@ -439,6 +468,11 @@ BEGIN
       HINT = 'Send [{"up_to": 1000, "unit_price": 0.002}, {"up_to": null, "unit_price": 0.001}].';
   END IF;
   n := pg_catalog.jsonb_array_length(tiers);
+  -- rating walks the tiers for every usage line of every close: a bounded walk
+  IF n > 100 THEN
+    RAISE EXCEPTION USING ERRCODE = 'PT422', MESSAGE = 'a charge has at most 100 tiers',
+      DETAIL = pg_catalog.format('%s tiers were sent.', n);
+  END IF;
   FOR t IN SELECT e FROM pg_catalog.jsonb_array_elements(tiers) e LOOP
     i := i + 1;
     IF pg_catalog.jsonb_typeof(t) <> 'object' THEN
@@ -454,7 +488,7 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'PT422', MESSAGE = pg_catalog.format('tier %s needs a numeric up_to', i),
           DETAIL = 'Only the last tier is unbounded (up_to null).';
       END IF;
-      up := (t->>'up_to')::numeric;
+      up := fluxrate_internal.check_decimal((t->>'up_to')::numeric, pg_catalog.format('tier %s up_to', i));
       IF up <= prev THEN
         RAISE EXCEPTION USING ERRCODE = 'PT422', MESSAGE = pg_catalog.format('tier %s up_to must be greater than the previous tier''s', i),
           DETAIL = pg_catalog.format('up_to %s follows %s; tiers must be sorted and must not overlap.', up, prev);
@@ -761,6 +795,16 @@ BEGIN
   PERFORM pg_advisory_xact_lock_shared(fluxrate_internal.rollup_lock_key());
   DELETE FROM fluxrate_internal.usage_events e WHERE e.org_id = v_org AND e.customer_id = delete_customer.customer_id;
   DELETE FROM fluxrate_internal.usage_rollups r WHERE r.org_id = v_org AND r.customer_id = delete_customer.customer_id;
+  -- its outbox events and their deliveries, sent or not (its invoices, and the
+  -- deliveries that name them, went with the customer row: ON DELETE CASCADE).
+  -- A track that raced this delete and commits after it wrote an event for a
+  -- customer that no longer exists: the next rollup refresh deletes it
+  -- (sys_rollup_add), docs/security.md "Deletion".
+  WITH ob AS (
+    DELETE FROM fluxrate_internal.outbox o
+     WHERE o.org_id = v_org AND o.payload->'data'->>'customer_id' = delete_customer.customer_id::text
+    RETURNING o.id)
+  DELETE FROM fluxrate_internal.deliveries d USING ob WHERE d.org_id = v_org AND d.event_id = ob.id;
   PERFORM set_config('response.status', '204', true);
   RETURN jsonb_build_object('id', customer_id, 'deleted', true);
 END
@@ -819,8 +863,38 @@ CREATE FUNCTION fluxrate_internal.subscription_json(s fluxrate_internal.subscrip
   FROM fluxrate_internal.plans p WHERE p.org_id = s.org_id AND p.id = s.plan_id
 $$;
 
+-- Start dates (docs/security.md, "Start dates").  A closing run bills every
+-- period that has ended, so a start date is a promise of work: never infinite
+-- (the boundary of -infinity is -infinity, and such a subscription would fill
+-- every closing batch forever), at most max_future_start ahead, and a start
+-- that would bill more than one ended period at once only with backfill =>
+-- true, and at most max_backfill_periods back.
+CREATE FUNCTION fluxrate_internal.max_backfill_periods() RETURNS integer
+  LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 120 $$;
+CREATE FUNCTION fluxrate_internal.max_future_start() RETURNS interval
+  LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT interval '2 years' $$;
+
+-- How many periods from anchor have ended by at (boundary <= at), counting up
+-- to stop_after + 1 at most (the walk is bounded whatever the anchor).
+CREATE FUNCTION fluxrate_internal.ended_periods(anchor timestamptz, billing_interval text, alignment text,
+    at timestamptz, stop_after integer)
+  RETURNS integer LANGUAGE plpgsql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  n integer := 0;
+BEGIN
+  WHILE n <= stop_after
+        AND fluxrate_internal.period_boundary(anchor, billing_interval, alignment, n + 1) <= at LOOP
+    n := n + 1;
+  END LOOP;
+  RETURN n;
+END
+$$;
+
 CREATE FUNCTION fluxrate.create_subscription(customer_id uuid DEFAULT NULL, plan_id uuid DEFAULT NULL, billing_interval text DEFAULT NULL,
-    start_date timestamptz DEFAULT NULL, trial_end_date timestamptz DEFAULT NULL, alignment text DEFAULT 'anniversary')
+    start_date timestamptz DEFAULT NULL, trial_end_date timestamptz DEFAULT NULL, alignment text DEFAULT 'anniversary',
+    backfill boolean DEFAULT false)
   RETURNS jsonb
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
@@ -832,8 +906,24 @@ DECLARE
   v_start timestamptz := coalesce(create_subscription.start_date, fluxrate.now());
   v_trial_end timestamptz;
   v_align text := coalesce(create_subscription.alignment, 'anniversary');
+  v_now timestamptz := fluxrate.now();
+  v_anchor timestamptz;
+  v_backfill integer;
 BEGIN
   PERFORM fluxrate_internal.required(create_subscription.customer_id, 'customer_id');
+  IF NOT isfinite(v_start) THEN
+    PERFORM fluxrate_internal.fail('PT422', 'start_date must be a finite date',
+      pg_catalog.format('start_date was %s.', v_start), 'Send a date such as 2026-01-01, or none for now.');
+  END IF;
+  IF create_subscription.trial_end_date IS NOT NULL AND NOT isfinite(create_subscription.trial_end_date) THEN
+    PERFORM fluxrate_internal.fail('PT422', 'trial_end_date must be a finite date',
+      pg_catalog.format('trial_end_date was %s.', create_subscription.trial_end_date));
+  END IF;
+  IF v_start > v_now + fluxrate_internal.max_future_start() THEN
+    PERFORM fluxrate_internal.fail('PT422', 'start_date is too far in the future',
+      pg_catalog.format('start_date %s is more than %s ahead.', v_start, fluxrate_internal.max_future_start()),
+      'Create the subscription closer to its start.');
+  END IF;
   PERFORM fluxrate_internal.required(create_subscription.plan_id, 'plan_id');
   PERFORM fluxrate_internal.one_of(create_subscription.billing_interval, 'billing_interval', ARRAY['day', 'week', 'month', 'quarter', 'year']);
   PERFORM fluxrate_internal.one_of(v_align, 'alignment', ARRAY['anniversary', 'calendar']);
@@ -860,6 +950,38 @@ BEGIN
   IF v_trial_end IS NOT NULL AND v_trial_end <= v_start THEN
     PERFORM fluxrate_internal.fail('PT422', 'trial_end_date must be after start_date',
       pg_catalog.format('start_date %s, trial_end_date %s.', v_start, v_trial_end));
+  END IF;
+  IF v_trial_end > v_start + interval '3650 days' THEN
+    PERFORM fluxrate_internal.fail('PT422', 'the trial is longer than 3650 days',
+      pg_catalog.format('start_date %s, trial_end_date %s.', v_start, v_trial_end), 'A trial lasts at most 3650 days, as trial_days.');
+  END IF;
+  -- The periods that have already ended: the next closing run bills them.
+  -- Billing starts at the trial end when there is a trial.
+  v_anchor := coalesce(v_trial_end, v_start);
+  v_backfill := fluxrate_internal.ended_periods(v_anchor, p.billing_interval, v_align, v_now,
+                                                fluxrate_internal.max_backfill_periods());
+  -- "more than one period in the past": the start would bill more than one
+  -- ended period at once (one is the ordinary case of a start some days ago
+  -- whose first period has just ended)
+  IF v_backfill > 1 AND NOT coalesce(create_subscription.backfill, false) THEN
+    PERFORM fluxrate_internal.fail('PT422', 'start_date is more than one billing period in the past',
+      pg_catalog.format('Billing would start at %s: the next closing run would bill %s%s past %s periods at once.',
+                        v_anchor, CASE WHEN v_backfill > fluxrate_internal.max_backfill_periods() THEN 'more than ' ELSE '' END,
+                        least(v_backfill, fluxrate_internal.max_backfill_periods()), p.billing_interval),
+      pg_catalog.format('Pass backfill => true to bill them (at most %s periods back), or start the subscription today.',
+                        fluxrate_internal.max_backfill_periods()));
+  END IF;
+  IF v_backfill > fluxrate_internal.max_backfill_periods() THEN
+    PERFORM fluxrate_internal.fail('PT422', 'start_date is too far in the past',
+      pg_catalog.format('Billing would start at %s, more than %s %s periods ago.', v_anchor,
+                        fluxrate_internal.max_backfill_periods(), p.billing_interval),
+      pg_catalog.format('A backfill bills at most %s periods; start the subscription later and add the older periods as a manual invoice.',
+                        fluxrate_internal.max_backfill_periods()));
+  END IF;
+  IF coalesce(create_subscription.backfill, false) AND v_backfill > 0 THEN
+    RAISE NOTICE 'subscription backfill: the next closing run bills % past % period(s), from % to %', v_backfill, p.billing_interval,
+      v_anchor, fluxrate_internal.period_boundary(v_anchor, p.billing_interval, v_align, v_backfill)
+      USING HINT = 'Closing runs bill at most 12 periods of one subscription each; the rest follow in the next runs.';
   END IF;
 
   s.org_id := v_org;
@@ -890,7 +1012,8 @@ BEGIN
   PERFORM fluxrate_internal.emit_event(v_org, 'subscription.created',
     jsonb_build_object('subscription_id', s.id, 'customer_id', s.customer_id, 'plan_id', s.plan_id, 'status', s.status));
   PERFORM set_config('response.status', '201', true);
-  RETURN fluxrate_internal.subscription_json(s);
+  -- backfill_periods: how many ended periods the next closing runs bill at once
+  RETURN fluxrate_internal.subscription_json(s) || jsonb_build_object('backfill_periods', v_backfill);
 END
 $$;
 

@@ -38,6 +38,7 @@ BEGIN
   IF upper(set_tax_rate.country) !~ '^[A-Z]{2}$' THEN
     PERFORM fluxrate_internal.fail('22023', format('invalid country: %s', set_tax_rate.country), 'country is an ISO 3166 two-letter code.');
   END IF;
+  PERFORM fluxrate_internal.check_magnitude(set_tax_rate.rate, 'rate');
   IF set_tax_rate.rate < 0 OR set_tax_rate.rate >= 1 THEN
     PERFORM fluxrate_internal.fail('PT422', 'rate must be at least 0 and below 1', format('rate was %s; 18%% is 0.18.', set_tax_rate.rate));
   END IF;

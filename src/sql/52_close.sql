@@ -38,6 +38,11 @@ BEGIN
       period_end timestamptz, usage numeric NOT NULL,
       PRIMARY KEY (org_id, customer_id, meter_id, period_start, period_end));
   END IF;
+  -- how many periods of each subscription this run has closed (the catch-up
+  -- cap, sys_close_claim)
+  IF pg_catalog.to_regclass('pg_temp.fr_close_run') IS NULL THEN
+    CREATE TEMPORARY TABLE fr_close_run (org_id uuid, id uuid, n integer NOT NULL, PRIMARY KEY (org_id, id));
+  END IF;
 END
 $$;
 
@@ -51,6 +56,111 @@ BEGIN
   IF pg_catalog.to_regclass('pg_temp.fr_close_usage') IS NOT NULL THEN
     TRUNCATE pg_temp.fr_close_scope, pg_temp.fr_close_usage;
   END IF;
+  IF pg_catalog.to_regclass('pg_temp.fr_close_run') IS NOT NULL THEN
+    TRUNCATE pg_temp.fr_close_run;
+  END IF;
+END
+$$;
+
+-- Job fairness (docs/security.md): at most this many periods of one
+-- subscription per closing run; the rest follow in the next runs (pg_cron:
+-- every minute).  A backfill of 120 periods takes 10 runs instead of one run
+-- that holds every other organization's closing behind it.
+CREATE FUNCTION fluxrate_internal.close_periods_per_run() RETURNS integer
+  LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 12 $$;
+
+-- The subscriptions a closing batch claims, locked (SKIP LOCKED: concurrent
+-- closers split the work), in due order.  Fair across organizations: each
+-- organization with something due gets at most ceil(batch_size / organizations
+-- due) places, its earliest-due first, the organizations that waited longest
+-- first; one tenant's thousands of due subscriptions no longer fill every batch
+-- ahead of the others.  A subscription that has closed close_periods_per_run()
+-- periods in this run (fr_close_run) waits for the next run.  only_id: that
+-- subscription alone (if it is due).  Needs sys_close_tables().
+CREATE FUNCTION fluxrate_internal.sys_close_claim(batch_size integer, only_id uuid DEFAULT NULL)
+  RETURNS fluxrate_internal.subscriptions[]
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_now timestamptz := fluxrate.now();
+  v_cap integer := fluxrate_internal.close_periods_per_run();
+  v_orgs uuid[];
+  v_share integer;
+BEGIN
+  IF only_id IS NOT NULL THEN
+    RETURN ARRAY(
+      SELECT x FROM fluxrate_internal.subscriptions x
+       WHERE x.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE') AND x.current_period_end <= v_now
+         AND (x.close_retry_at IS NULL OR x.close_retry_at <= v_now) AND x.id = only_id
+         AND NOT EXISTS (SELECT 1 FROM pg_temp.fr_close_run r WHERE r.org_id = x.org_id AND r.id = x.id AND r.n >= v_cap)
+       FOR UPDATE SKIP LOCKED);
+  END IF;
+  v_orgs := ARRAY(
+    SELECT d.org_id FROM (
+      SELECT x.org_id, min(x.current_period_end) AS first_end FROM fluxrate_internal.subscriptions x
+       WHERE x.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE') AND x.current_period_end <= v_now
+         AND (x.close_retry_at IS NULL OR x.close_retry_at <= v_now)
+         AND NOT EXISTS (SELECT 1 FROM pg_temp.fr_close_run r WHERE r.org_id = x.org_id AND r.id = x.id AND r.n >= v_cap)
+       GROUP BY x.org_id) d
+     ORDER BY d.first_end, d.org_id
+     LIMIT batch_size);
+  IF cardinality(v_orgs) = 0 THEN
+    RETURN '{}';
+  END IF;
+  v_share := ceil(batch_size::numeric / cardinality(v_orgs))::integer;
+  RETURN ARRAY(
+    SELECT c.s FROM unnest(v_orgs) o(org_id)
+     CROSS JOIN LATERAL (
+       SELECT x AS s, x.current_period_end AS pe, x.id FROM fluxrate_internal.subscriptions x
+        WHERE x.org_id = o.org_id AND x.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE') AND x.current_period_end <= v_now
+          AND (x.close_retry_at IS NULL OR x.close_retry_at <= v_now)
+          AND NOT EXISTS (SELECT 1 FROM pg_temp.fr_close_run r WHERE r.org_id = x.org_id AND r.id = x.id AND r.n >= v_cap)
+        ORDER BY x.current_period_end, x.id
+        LIMIT v_share
+        FOR UPDATE OF x SKIP LOCKED) c
+     ORDER BY c.pe, o.org_id, c.id);
+END
+$$;
+
+-- After a batch, for the claimed subscriptions that are still due (none, in
+-- the common case: a close moves the period past now): the run's count of
+-- each, for the catch-up cap; and one that is due with the same period end --
+-- it advanced nothing (an infinite start from before the bounds, a bug) and
+-- would be claimed again by every batch -- set aside with its error, as a
+-- failed close.  Returns how many were set aside.
+CREATE FUNCTION fluxrate_internal.sys_close_account(batch fluxrate_internal.subscriptions[]) RETURNS integer
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_now timestamptz := fluxrate.now();
+  r record;
+  n integer := 0;
+BEGIN
+  FOR r IN
+    SELECT x.org_id, x.id, x.current_period_end, b.current_period_end AS old_end,
+           coalesce((x.close_error->>'attempts')::integer, 0) + 1 AS attempts
+      FROM unnest(batch) b
+      JOIN fluxrate_internal.subscriptions x ON x.org_id = b.org_id AND x.id = b.id
+     WHERE x.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE') AND x.current_period_end <= v_now
+  LOOP
+    IF r.current_period_end <= r.old_end THEN
+      UPDATE fluxrate_internal.subscriptions x
+         SET close_retry_at = v_now + fluxrate_internal.retry_delay(r.attempts),
+             close_error = jsonb_build_object('sqlstate', 'PT500', 'message', 'the period did not advance',
+                                              'at', v_now, 'attempts', r.attempts, 'period_end', r.old_end)
+       WHERE x.org_id = r.org_id AND x.id = r.id;
+      RAISE WARNING 'fluxrate: subscription % was set aside: its period did not advance', r.id
+        USING DETAIL = format('Its period end stays %s.', r.current_period_end),
+              HINT = 'The other subscriptions were closed; this one is retried later (close_error on the subscription).';
+      n := n + 1;
+    ELSE
+      INSERT INTO pg_temp.fr_close_run AS c (org_id, id, n) VALUES (r.org_id, r.id, 1)
+      ON CONFLICT (org_id, id) DO UPDATE SET n = c.n + 1;
+    END IF;
+  END LOOP;
+  RETURN n;
 END
 $$;
 
@@ -259,14 +369,9 @@ DECLARE
 BEGIN
   PERFORM fluxrate_internal.sys_close_tables();
   PERFORM fluxrate_internal.analyze_invoices_if_outgrown();
-  v_batch := ARRAY(
-    SELECT x FROM fluxrate_internal.subscriptions x
-     WHERE x.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE') AND x.current_period_end <= v_now
-       AND (x.close_retry_at IS NULL OR x.close_retry_at <= v_now)
-       AND (only_id IS NULL OR x.id = only_id)
-     ORDER BY x.current_period_end, x.org_id, x.id
-     LIMIT batch_size
-     FOR UPDATE SKIP LOCKED);
+  -- fair across organizations, at most close_periods_per_run() periods of one
+  -- subscription per run (docs/security.md, "Job fairness")
+  v_batch := fluxrate_internal.sys_close_claim(batch_size, only_id);
   IF cardinality(v_batch) = 0 THEN
     RETURN 0;
   END IF;
@@ -548,6 +653,7 @@ BEGIN
   )
   SELECT count(*) FROM dl
   $sql$ INTO v_events USING v_batch, v_now, v_usage;
+  PERFORM fluxrate_internal.sys_close_account(v_batch);
   RETURN cardinality(v_batch);
 END
 $$;
@@ -589,13 +695,10 @@ DECLARE
   v_msg text;
   v_attempts integer;
 BEGIN
+  PERFORM fluxrate_internal.sys_close_tables();
   FOR r IN
-    SELECT x.org_id, x.id, x.current_period_end, x.close_error FROM fluxrate_internal.subscriptions x
-     WHERE x.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE') AND x.current_period_end <= v_now
-       AND (x.close_retry_at IS NULL OR x.close_retry_at <= v_now)
-     ORDER BY x.current_period_end, x.org_id, x.id
-     LIMIT batch_size
-     FOR UPDATE SKIP LOCKED
+    SELECT x.org_id, x.id, x.current_period_end, x.close_error
+      FROM unnest(fluxrate_internal.sys_close_claim(batch_size)) x
   LOOP
     BEGIN
       PERFORM fluxrate_internal.sys_close_batch(1, r.id);

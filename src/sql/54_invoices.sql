@@ -232,6 +232,10 @@ BEGIN
       NULL, 'Send [{"description": "Setup", "quantity": 1, "unit_amount": 500}].');
   END IF;
   DELETE FROM fluxrate_internal.invoice_lines x WHERE x.org_id = write_manual_lines.org_id AND x.invoice_id = write_manual_lines.invoice_id;
+  IF jsonb_array_length(line_items) > 1000 THEN
+    PERFORM fluxrate_internal.fail('PT422', 'an invoice has at most 1000 manual lines',
+      format('%s lines were sent.', jsonb_array_length(line_items)));
+  END IF;
   FOR l IN SELECT e FROM jsonb_array_elements(line_items) e LOOP
     n := n + 1;
     IF jsonb_typeof(l) <> 'object' OR coalesce(l->>'description', '') = '' THEN
@@ -241,10 +245,8 @@ BEGIN
       PERFORM fluxrate_internal.fail('22023', format('line %s needs numeric quantity and unit_amount', n));
     END IF;
     q := fluxrate_internal.check_decimal((l->>'quantity')::numeric, format('line %s quantity', n), false);
-    u := (l->>'unit_amount')::numeric;
-    IF scale(u) > 12 THEN
-      PERFORM fluxrate_internal.fail('PT422', format('line %s unit_amount has more than 12 decimal places', n));
-    END IF;
+    -- finite, below 10^15, 12 decimal places; negative allowed (a credit)
+    u := fluxrate_internal.check_magnitude((l->>'unit_amount')::numeric, format('line %s unit_amount', n));
     INSERT INTO fluxrate_internal.invoice_lines (org_id, invoice_id, position, line_type, description, quantity,
         unit_amount, line_total, amount_unrounded)
     VALUES (write_manual_lines.org_id, write_manual_lines.invoice_id, n, 'manual', l->>'description', q, u,

@@ -18,6 +18,9 @@ DECLARE
   n integer;
   v_closed bigint := 0;
 BEGIN
+  -- a new run: nothing left from an earlier run of this session that failed
+  -- (the snapshot, the per-subscription counts of the catch-up cap)
+  PERFORM fluxrate_internal.sys_close_finish();
   -- the usage of the periods many subscriptions end together, in one pass each
   -- (an optimization: if it fails, the batches compute usage pair by pair)
   BEGIN
@@ -103,7 +106,10 @@ DECLARE
   v_final bigint;
   v_deliver bigint;
   v_rollups bigint;
+  v_purge bigint;
 BEGIN
+  -- roles that can claim to be any organization (docs/security.md, "Roles")
+  PERFORM fluxrate_internal.warn_role_grants();
   IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron') THEN
     PERFORM fluxrate_internal.fail('PT409', 'pg_cron is not installed',
       'fluxrate.close_due_periods() and fluxrate.finalize_due_invoices() can be called from any scheduler.',
@@ -119,8 +125,12 @@ BEGIN
     USING 'fluxrate-deliver', '* * * * *', 'CALL fluxrate.deliver_pending()';
   EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO v_rollups
     USING 'fluxrate-usage-rollups', '* * * * *', 'SELECT fluxrate.refresh_usage_rollups()';
+  -- the delivery log's retention (70_delivery.sql), once a day
+  EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO v_purge
+    USING 'fluxrate-purge-deliveries', '17 3 * * *', 'CALL fluxrate.purge_deliveries()';
   RETURN jsonb_build_object('close_due_periods', v_close, 'finalize_due_invoices', v_final,
-                            'deliver_pending', v_deliver, 'refresh_usage_rollups', v_rollups);
+                            'deliver_pending', v_deliver, 'refresh_usage_rollups', v_rollups,
+                            'purge_deliveries', v_purge);
 END
 $$;
 
@@ -148,5 +158,6 @@ GRANT USAGE ON SCHEMA fluxrate_internal TO fluxrate_app;
 GRANT EXECUTE ON FUNCTION fluxrate_internal.sys_close_batch(integer, uuid), fluxrate_internal.sys_close_isolated(integer),
   fluxrate_internal.sys_finalize_batch(integer, boolean),
   fluxrate_internal.sys_close_prepare(numeric), fluxrate_internal.sys_close_finish(), fluxrate_internal.sys_close_tables(),
+  fluxrate_internal.sys_close_claim(integer, uuid), fluxrate_internal.sys_close_account(fluxrate_internal.subscriptions[]),
   fluxrate_internal.sys_mark_past_due(), fluxrate_internal.transient_error(text),
   fluxrate_internal.sys_refresh_rollups(boolean) TO fluxrate_app;

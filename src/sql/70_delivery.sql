@@ -203,6 +203,17 @@ CREATE FUNCTION fluxrate_internal.mime_header(t text) RETURNS text
   AS $$ SELECT CASE WHEN t ~ '^[ -~]*$' THEN t
                ELSE '=?UTF-8?B?' || translate(encode(convert_to(t, 'UTF8'), 'base64'), E'\n', '') || '?=' END $$;
 
+-- A display name in an address header (RFC 5322 section 3.4): printable ASCII
+-- as a quoted-string (backslash and double quote escaped), so commas, quotes
+-- and angle brackets stay part of the name; anything else (non-ASCII, control
+-- characters) as one RFC 2047 encoded word.  Control characters (a line
+-- break) become spaces first: a name is one line, and no header is injected.
+CREATE FUNCTION fluxrate_internal.mime_display_name(t text) RETURNS text
+  LANGUAGE sql IMMUTABLE
+  AS $$ SELECT CASE WHEN n ~ '^[ -~]*$' THEN '"' || replace(replace(n, '\', '\\'), '"', '\"') || '"'
+               ELSE fluxrate_internal.mime_header(n) END
+          FROM (SELECT pg_catalog.regexp_replace(t, '[[:cntrl:]]', ' ', 'g') AS n) x $$;
+
 CREATE FUNCTION fluxrate_internal.money_text(amount numeric, currency text) RETURNS text
   LANGUAGE sql IMMUTABLE
   AS $$ SELECT pg_catalog.round(amount, fluxrate_internal.currency_exponent(currency))::text || ' ' || currency $$;
@@ -253,7 +264,7 @@ BEGIN
   message := concat_ws(E'\n',
     'From: ' || v_from,
     'To: ' || CASE WHEN c.name IS NOT NULL AND c.name <> recipient
-                   THEN fluxrate_internal.mime_header(c.name) || ' <' || recipient || '>'
+                   THEN fluxrate_internal.mime_display_name(c.name) || ' <' || recipient || '>'
                    ELSE '<' || recipient || '>' END,
     'Subject: ' || fluxrate_internal.mime_header(subject),
     'Date: ' || to_char(fluxrate.now() AT TIME ZONE 'UTC', 'Dy, DD Mon YYYY HH24:MI:SS') || ' +0000',
@@ -295,134 +306,315 @@ CREATE FUNCTION fluxrate_internal.retry_delays() RETURNS interval[]
   LANGUAGE sql IMMUTABLE
   AS $$ SELECT ARRAY['30 seconds', '2 minutes', '10 minutes', '1 hour', '6 hours']::interval[] $$;
 
--- Take one due delivery (any organization), attempt it, record the attempt.
--- Returns false when nothing is due.  The row stays locked until the calling
--- procedure commits, so concurrent runs never send the same delivery at once.
-CREATE FUNCTION fluxrate_internal.sys_deliver_one(timeout_ms integer DEFAULT 10000) RETURNS boolean
+-- The transfer engine (src/outbound.c): transfers started by one delivery run
+-- and collected as they finish, concurrently, within the outbound policy.
+CREATE FUNCTION fluxrate_internal.outbound_start_http(org_id uuid, delivery_id uuid, claimed_at timestamptz, url text, headers text[], body text,
+    timeout_ms integer) RETURNS void
+  LANGUAGE C VOLATILE STRICT
+  AS 'MODULE_PATHNAME', 'fr_outbound_start_http';
+CREATE FUNCTION fluxrate_internal.outbound_start_smtp(org_id uuid, delivery_id uuid, claimed_at timestamptz, host text, port integer, security text,
+    username text, password text, mail_from text, rcpt text, message text, timeout_ms integer) RETURNS void
+  LANGUAGE C VOLATILE
+  AS 'MODULE_PATHNAME', 'fr_outbound_start_smtp';
+CREATE FUNCTION fluxrate_internal.outbound_poll(wait_ms integer)
+  RETURNS TABLE (org_id uuid, delivery_id uuid, claimed_at timestamptz, status_code integer, error text, response text, duration_ms integer)
+  LANGUAGE C VOLATILE STRICT
+  AS 'MODULE_PATHNAME', 'fr_outbound_poll';
+CREATE FUNCTION fluxrate_internal.outbound_in_flight() RETURNS TABLE (org_id uuid, delivery_id uuid)
+  LANGUAGE C VOLATILE
+  AS 'MODULE_PATHNAME', 'fr_outbound_in_flight';
+CREATE FUNCTION fluxrate_internal.outbound_reset() RETURNS integer
+  LANGUAGE C VOLATILE
+  AS 'MODULE_PATHNAME', 'fr_outbound_reset';
+-- The policy's verdict on a literal address (tests, and operators checking fluxrate.outbound_allow)
+CREATE FUNCTION fluxrate_internal.outbound_address_allowed(address text, port integer, channel text) RETURNS boolean
+  LANGUAGE C STABLE STRICT
+  AS 'MODULE_PATHNAME', 'fr_outbound_address_allowed';
+-- The webhook URL as libcurl reads it: http(s), no user name or password
+CREATE FUNCTION fluxrate_internal.check_webhook_url(url text) RETURNS void
+  LANGUAGE C IMMUTABLE STRICT
+  AS 'MODULE_PATHNAME', 'fr_check_webhook_url';
+
+-- Record one finished (or impossible) attempt.  error is the tenant's view
+-- (src/outbound.c); final: no retry makes sense (disabled endpoint, secret
+-- that does not open, an internal error).  at: when the delivery was claimed,
+-- never when its transfer ended, so that nothing the tenant reads (attempted_at,
+-- sent_at, next_attempt_at) measures how long the peer took: no timing oracle.
+CREATE FUNCTION fluxrate_internal.record_attempt(d fluxrate_internal.deliveries, at timestamptz, code integer,
+    error text, response text, duration_ms integer, final boolean) RETURNS void
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_now timestamptz := at;
+  v_delays interval[] := fluxrate_internal.retry_delays();
+  -- attempts counts toward the retry schedule (a manual retry starts it again);
+  -- the log numbers every attempt ever made
+  v_attempt integer := d.attempts + 1;
+  v_log_no integer;
+BEGIN
+  SELECT coalesce(max(a.attempt), 0) + 1 INTO v_log_no
+    FROM fluxrate_internal.delivery_attempts a WHERE a.org_id = d.org_id AND a.delivery_id = d.id;
+  INSERT INTO fluxrate_internal.delivery_attempts (org_id, delivery_id, attempt, attempted_at, status_code,
+      error, response, duration_ms)
+  VALUES (d.org_id, d.id, v_log_no, v_now, code, error, response, coalesce(duration_ms, 0));
+  UPDATE fluxrate_internal.deliveries x SET
+      attempts = v_attempt,
+      last_status_code = code,
+      last_error = error,
+      status = CASE WHEN error IS NULL THEN 'SENT'
+                    WHEN final OR v_attempt > array_length(v_delays, 1) THEN 'FAILED'
+                    ELSE 'PENDING' END,
+      sent_at = CASE WHEN error IS NULL THEN v_now END,
+      next_attempt_at = CASE WHEN error IS NOT NULL AND NOT final AND v_attempt <= array_length(v_delays, 1)
+                             THEN v_now + v_delays[v_attempt] END,
+      updated_at = v_now
+   WHERE x.org_id = d.org_id AND x.id = d.id;
+END
+$$;
+
+-- Claim and start due deliveries, any organization, within the limits:
+-- fluxrate.delivery_concurrency in flight in this run, fluxrate.delivery_per_org
+-- per organization and fluxrate.delivery_per_endpoint per webhook endpoint (an
+-- organization's SMTP relay counts as one endpoint).  Each organization gets
+-- its first slot before any gets its second, so a flood of one tenant's due
+-- deliveries does not delay another's.  A claim is a lease: next_attempt_at
+-- moves past the transfer's timeout, committed by the caller, so a concurrent
+-- run skips the row and a run killed mid-transfer leaves it due again later
+-- (delivery stays at least once).  Returns the number started.
+CREATE FUNCTION fluxrate_internal.sys_deliver_start(max_new integer, timeout_ms integer) RETURNS integer
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$
 DECLARE
+  v_now timestamptz := fluxrate.now();
+  v_free integer := least(max_new, current_setting('fluxrate.delivery_concurrency')::integer
+                                   - (SELECT count(*) FROM fluxrate_internal.outbound_in_flight())::integer);
+  v_per_org integer := current_setting('fluxrate.delivery_per_org')::integer;
+  v_per_ep integer := current_setting('fluxrate.delivery_per_endpoint')::integer;
+  v_lease timestamptz := v_now + make_interval(secs => timeout_ms / 1000.0 + 60);
   d fluxrate_internal.deliveries;
   w fluxrate_internal.webhook_endpoints;
   s fluxrate_internal.smtp_settings;
   v_secret text;
   v_password text;
-  v_code integer;
-  v_error text;
-  v_response text;
   v_mail record;
-  v_started timestamptz := clock_timestamp();
-  v_now timestamptz := fluxrate.now();
-  v_attempt integer;
-  v_log_no integer;
-  v_delays interval[] := fluxrate_internal.retry_delays();
-  v_final boolean := false;
+  v_error text;
+  n integer := 0;
 BEGIN
-  SELECT * INTO d FROM fluxrate_internal.deliveries x
-   WHERE x.status = 'PENDING' AND x.next_attempt_at <= v_now
-   ORDER BY x.next_attempt_at, x.id
-   LIMIT 1
-   FOR UPDATE SKIP LOCKED;
-  IF NOT FOUND THEN
+  IF v_free <= 0 THEN
+    RETURN 0;
+  END IF;
+  FOR d IN
+    WITH busy AS MATERIALIZED (
+      SELECT x.org_id, x.id, coalesce(x.endpoint_id::text, 'smtp') AS ep
+        FROM fluxrate_internal.outbound_in_flight() f
+        JOIN fluxrate_internal.deliveries x ON x.org_id = f.org_id AND x.id = f.delivery_id
+    ), due AS (
+      SELECT x.org_id, x.id, x.next_attempt_at, coalesce(x.endpoint_id::text, 'smtp') AS ep,
+             row_number() OVER (PARTITION BY x.org_id, coalesce(x.endpoint_id::text, 'smtp')
+                                ORDER BY x.next_attempt_at, x.id) AS rn_ep
+        FROM fluxrate_internal.deliveries x
+       WHERE x.status = 'PENDING' AND x.next_attempt_at <= v_now
+         AND NOT EXISTS (SELECT 1 FROM busy b WHERE b.org_id = x.org_id AND b.id = x.id)
+    ), open_ep AS (
+      SELECT due.*, row_number() OVER (PARTITION BY due.org_id ORDER BY due.next_attempt_at, due.id) AS rn_org
+        FROM due
+       WHERE due.rn_ep + (SELECT count(*) FROM busy b WHERE b.org_id = due.org_id AND b.ep = due.ep) <= v_per_ep
+    ), picked AS (
+      SELECT o.org_id, o.id FROM open_ep o
+       WHERE o.rn_org + (SELECT count(*) FROM busy b WHERE b.org_id = o.org_id) <= v_per_org
+       ORDER BY o.rn_org, o.next_attempt_at, o.id
+       LIMIT v_free
+    )
+    UPDATE fluxrate_internal.deliveries x SET next_attempt_at = v_lease
+      FROM picked p
+     WHERE x.org_id = p.org_id AND x.id = p.id
+       -- re-checked after a concurrent run's claim commits: that run has it
+       AND x.status = 'PENDING' AND x.next_attempt_at <= v_now
+    RETURNING x.*
+  LOOP
+    PERFORM set_config('fluxrate.current_org', d.org_id::text, true);
+    v_error := NULL;
+    -- anything unexpected while preparing this delivery fails this delivery
+    -- only, never the run: one bad row must not block every other one
+    BEGIN
+      IF d.channel = 'webhook' THEN
+        SELECT * INTO w FROM fluxrate_internal.webhook_endpoints x WHERE x.org_id = d.org_id AND x.id = d.endpoint_id;
+        v_secret := fluxrate_internal.unseal(w.secret_enc, 'webhook:' || w.org_id || ':' || w.id);
+        IF w.status <> 'ACTIVE' THEN
+          v_error := 'the endpoint is disabled';
+        ELSIF v_secret IS NULL THEN
+          v_error := 'the signing secret cannot be decrypted (server secret changed?)';
+        ELSE
+          PERFORM fluxrate_internal.outbound_start_http(d.org_id, d.id, v_now, w.url,
+                 ARRAY['Content-Type: application/json',
+                       'X-Fluxrate-Event: ' || d.event,
+                       'X-Fluxrate-Event-Id: ' || d.event_id,
+                       'X-Fluxrate-Delivery-Id: ' || d.id,
+                       'X-Fluxrate-Signature: ' || fluxrate_internal.hmac_sha256_hex(v_secret, d.body)],
+                 d.body, timeout_ms);
+        END IF;
+      ELSE
+        SELECT * INTO s FROM fluxrate_internal.smtp_settings x WHERE x.org_id = d.org_id;
+        v_password := NULL;
+        IF NOT FOUND THEN
+          v_error := 'smtp is not configured';
+        ELSE
+          IF s.password_enc IS NOT NULL THEN
+            v_password := fluxrate_internal.unseal(s.password_enc, 'smtp:' || s.org_id);
+          END IF;
+          IF s.password_enc IS NOT NULL AND v_password IS NULL THEN
+            v_error := 'the smtp password cannot be decrypted (server secret changed?)';
+          ELSE
+            v_mail := fluxrate_internal.invoice_email(d.org_id, d.invoice_id, d.id, d.recipient);
+            PERFORM fluxrate_internal.outbound_start_smtp(d.org_id, d.id, v_now, s.host, s.port, s.security, s.username, v_password,
+                                                          s.from_email, d.recipient, v_mail.message, timeout_ms);
+          END IF;
+        END IF;
+      END IF;
+    EXCEPTION WHEN OTHERS THEN
+      v_error := 'internal error';
+      RAISE LOG 'fluxrate: delivery %: internal error: %', d.id, SQLERRM;
+    END;
+    IF v_error IS NOT NULL THEN
+      PERFORM fluxrate_internal.record_attempt(d, v_now, NULL, v_error, NULL, 0, true);
+    END IF;
+    n := n + 1;
+  END LOOP;
+  RETURN n;
+END
+$$;
+
+-- Wait up to wait_ms for transfers to finish and record the finished ones.
+-- Returns the number still in flight.
+CREATE FUNCTION fluxrate_internal.sys_deliver_finish(wait_ms integer) RETURNS integer
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  r record;
+  d fluxrate_internal.deliveries;
+BEGIN
+  FOR r IN SELECT * FROM fluxrate_internal.outbound_poll(wait_ms) LOOP
+    SELECT * INTO d FROM fluxrate_internal.deliveries x
+     WHERE x.org_id = r.org_id AND x.id = r.delivery_id AND x.status = 'PENDING';
+    CONTINUE WHEN NOT FOUND;     -- deleted (endpoint, invoice, organization) while in flight
+    PERFORM set_config('fluxrate.current_org', d.org_id::text, true);
+    PERFORM fluxrate_internal.record_attempt(d, r.claimed_at, r.status_code, r.error, r.response, r.duration_ms, false);
+  END LOOP;
+  RETURN (SELECT count(*) FROM fluxrate_internal.outbound_in_flight())::integer;
+END
+$$;
+
+-- One due delivery, sent and recorded in the caller's transaction (0.1.0's
+-- single-delivery step, kept for callers of it): false when nothing is due.
+CREATE FUNCTION fluxrate_internal.sys_deliver_one(timeout_ms integer DEFAULT 10000) RETURNS boolean
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+BEGIN
+  PERFORM fluxrate_internal.outbound_reset();
+  IF fluxrate_internal.sys_deliver_start(1, timeout_ms) = 0 THEN
     RETURN false;
   END IF;
-  PERFORM set_config('fluxrate.current_org', d.org_id::text, true);
-  -- attempts counts toward the retry schedule (a manual retry starts it again);
-  -- the log numbers every attempt ever made
-  v_attempt := d.attempts + 1;
-  SELECT coalesce(max(a.attempt), 0) + 1 INTO v_log_no
-    FROM fluxrate_internal.delivery_attempts a WHERE a.org_id = d.org_id AND a.delivery_id = d.id;
-
-  -- anything unexpected while preparing or recording this delivery fails this
-  -- delivery only, never the run: one bad row must not block every other one
-  BEGIN
-  IF d.channel = 'webhook' THEN
-    SELECT * INTO w FROM fluxrate_internal.webhook_endpoints x WHERE x.org_id = d.org_id AND x.id = d.endpoint_id;
-    v_secret := fluxrate_internal.unseal(w.secret_enc, 'webhook:' || w.org_id || ':' || w.id);
-    IF w.status <> 'ACTIVE' THEN
-      v_error := 'the endpoint is disabled';
-      v_final := true;
-    ELSIF v_secret IS NULL THEN
-      v_error := 'the signing secret cannot be decrypted (server secret changed?)';
-      v_final := true;
-    ELSE
-      SELECT r.status_code, r.error, r.response INTO v_code, v_error, v_response
-        FROM fluxrate_internal.http_post(w.url,
-               ARRAY['Content-Type: application/json',
-                     'X-Fluxrate-Event: ' || d.event,
-                     'X-Fluxrate-Event-Id: ' || d.event_id,
-                     'X-Fluxrate-Delivery-Id: ' || d.id,
-                     'X-Fluxrate-Signature: ' || fluxrate_internal.hmac_sha256_hex(v_secret, d.body)],
-               d.body, timeout_ms) r;
-    END IF;
-  ELSE
-    SELECT * INTO s FROM fluxrate_internal.smtp_settings x WHERE x.org_id = d.org_id;
-    IF NOT FOUND THEN
-      v_error := 'smtp is not configured';
-      v_final := true;
-    ELSE
-      IF s.password_enc IS NOT NULL THEN
-        v_password := fluxrate_internal.unseal(s.password_enc, 'smtp:' || s.org_id);
-      END IF;
-      IF s.password_enc IS NOT NULL AND v_password IS NULL THEN
-        v_error := 'the smtp password cannot be decrypted (server secret changed?)';
-        v_final := true;
-      ELSE
-        v_mail := fluxrate_internal.invoice_email(d.org_id, d.invoice_id, d.id, d.recipient);
-        SELECT r.status_code, r.error INTO v_code, v_error
-          FROM fluxrate_internal.smtp_send(s.host, s.port, s.security, s.username, v_password,
-                                           s.from_email, d.recipient, v_mail.message, timeout_ms) r;
-      END IF;
-    END IF;
-  END IF;
-
-  EXCEPTION WHEN OTHERS THEN
-    v_error := 'internal error: ' || SQLERRM;
-    v_code := NULL;
-    v_final := true;
-  END;
-
-  INSERT INTO fluxrate_internal.delivery_attempts (org_id, delivery_id, attempt, attempted_at, status_code,
-      error, response, duration_ms)
-  VALUES (d.org_id, d.id, v_log_no, v_now, v_code, v_error, v_response,
-          (extract(epoch FROM clock_timestamp() - v_started) * 1000)::integer);
-  UPDATE fluxrate_internal.deliveries x SET
-      attempts = v_attempt,
-      last_status_code = v_code,
-      last_error = v_error,
-      status = CASE WHEN v_error IS NULL THEN 'SENT'
-                    WHEN v_final OR v_attempt > array_length(v_delays, 1) THEN 'FAILED'
-                    ELSE 'PENDING' END,
-      sent_at = CASE WHEN v_error IS NULL THEN v_now END,
-      next_attempt_at = CASE WHEN v_error IS NOT NULL AND NOT v_final AND v_attempt <= array_length(v_delays, 1)
-                             THEN v_now + v_delays[v_attempt] END,
-      updated_at = v_now
-   WHERE x.org_id = d.org_id AND x.id = d.id;
+  WHILE fluxrate_internal.sys_deliver_finish(250) > 0 LOOP
+  END LOOP;
   RETURN true;
 END
 $$;
 
 -- The delivery job.  An invoker procedure (a SECURITY DEFINER procedure may not
--- COMMIT): each delivery commits on its own, so one slow peer delays but never
--- undoes the others, and a killed run loses at most the attempt in flight.
+-- COMMIT): claims commit before their transfers start, and every finished
+-- transfer is recorded and committed as it finishes, while the others are
+-- still in flight, so one peer that never answers holds its own slot until its
+-- timeout and nobody else's.  max_deliveries bounds the transfers one run starts.
 CREATE PROCEDURE fluxrate.deliver_pending(max_deliveries integer DEFAULT 1000, timeout_ms integer DEFAULT 10000)
   LANGUAGE plpgsql
   AS $$
 DECLARE
-  n integer := 0;
+  n_started integer := 0;
+  n_new integer;
+  n_flight integer := 0;
 BEGIN
+  -- transfers left by an interrupted run in this session are abandoned (their
+  -- leases make them due again later)
+  PERFORM fluxrate_internal.outbound_reset();
   LOOP
-    EXIT WHEN n >= max_deliveries OR NOT fluxrate_internal.sys_deliver_one(timeout_ms);
-    n := n + 1;
+    n_new := 0;
+    IF n_started < max_deliveries THEN
+      n_new := fluxrate_internal.sys_deliver_start(max_deliveries - n_started, timeout_ms);
+      n_started := n_started + n_new;
+      COMMIT;
+    END IF;
+    EXIT WHEN n_new = 0 AND n_flight = 0
+          AND NOT EXISTS (SELECT 1 FROM fluxrate_internal.outbound_in_flight());
+    n_flight := fluxrate_internal.sys_deliver_finish(200);
     COMMIT;
   END LOOP;
-  IF n > 0 THEN
-    PERFORM fluxrate_internal.job_log('deliver_pending', format('attempted %s deliver%s', n, CASE WHEN n = 1 THEN 'y' ELSE 'ies' END));
+  IF n_started > 0 THEN
+    PERFORM fluxrate_internal.job_log('deliver_pending',
+      format('attempted %s deliver%s', n_started, CASE WHEN n_started = 1 THEN 'y' ELSE 'ies' END));
   END IF;
 END
 $$;
-GRANT EXECUTE ON FUNCTION fluxrate_internal.sys_deliver_one(integer) TO fluxrate_app;
+GRANT EXECUTE ON FUNCTION fluxrate_internal.sys_deliver_one(integer), fluxrate_internal.sys_deliver_start(integer, integer),
+  fluxrate_internal.sys_deliver_finish(integer), fluxrate_internal.outbound_in_flight(),
+  fluxrate_internal.outbound_reset() TO fluxrate_app;
+
+-- Retention of the delivery log: deliveries finished (SENT, FAILED or SKIPPED) before
+-- the cutoff go with their attempts, and older attempts of deliveries still
+-- pending (a delivery retried by hand again and again) go too.  In batches of
+-- 10,000 rows, each committed by the procedure, so the job never holds one
+-- long transaction over a large backlog.  Returns the rows deleted.
+CREATE FUNCTION fluxrate_internal.sys_purge_deliveries(cutoff timestamptz, batch integer DEFAULT 10000) RETURNS integer
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  n integer;
+  m integer;
+BEGIN
+  DELETE FROM fluxrate_internal.deliveries x
+   WHERE (x.org_id, x.id) IN (SELECT y.org_id, y.id FROM fluxrate_internal.deliveries y
+                               WHERE y.status IN ('SENT', 'FAILED', 'SKIPPED') AND y.updated_at < cutoff LIMIT batch);
+  GET DIAGNOSTICS n = ROW_COUNT;
+  DELETE FROM fluxrate_internal.delivery_attempts a
+   WHERE (a.org_id, a.delivery_id, a.attempt) IN (SELECT b.org_id, b.delivery_id, b.attempt
+                                                    FROM fluxrate_internal.delivery_attempts b
+                                                   WHERE b.attempted_at < cutoff LIMIT batch);
+  GET DIAGNOSTICS m = ROW_COUNT;
+  RETURN n + m;
+END
+$$;
+
+-- The retention job (daily through schedule_jobs): retention is how long the
+-- log of finished deliveries is kept, counted on fluxrate.now().
+CREATE PROCEDURE fluxrate.purge_deliveries(retention interval DEFAULT '30 days')
+  LANGUAGE plpgsql
+  AS $$
+DECLARE
+  v_cutoff timestamptz;
+  v_n integer;
+  v_rows bigint := 0;
+BEGIN
+  IF retention IS NULL OR retention < interval '1 day' OR NOT isfinite(fluxrate.now() - retention) THEN
+    RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'retention must be at least 1 day',
+      DETAIL = format('retention was %s.', retention), HINT = 'The default keeps 30 days of the delivery log.';
+  END IF;
+  v_cutoff := fluxrate.now() - retention;
+  LOOP
+    v_n := fluxrate_internal.sys_purge_deliveries(v_cutoff);
+    EXIT WHEN v_n = 0;
+    v_rows := v_rows + v_n;
+    COMMIT;
+  END LOOP;
+  IF v_rows > 0 THEN
+    PERFORM fluxrate_internal.job_log('purge_deliveries', format('deleted %s rows of the delivery log', v_rows));
+  END IF;
+END
+$$;
+GRANT EXECUTE ON FUNCTION fluxrate_internal.sys_purge_deliveries(timestamptz, integer) TO fluxrate_app;
 
 -- SMTP settings -------------------------------------------------------------------
 
@@ -532,11 +724,21 @@ BEGIN
     PERFORM fluxrate_internal.fail('PT422', 'url must be an http or https URL',
       format('url was "%s".', left(url, 200)), 'Send a URL such as https://example.com/webhooks/fluxrate.');
   END IF;
+  -- libcurl's reading of it: no user name or password (22023), a URL it parses
+  IF url IS NOT NULL THEN
+    PERFORM fluxrate_internal.check_webhook_url(url);
+  END IF;
   FOREACH t IN ARRAY coalesce(event_types, '{}') LOOP
     PERFORM fluxrate_internal.one_of(t, 'event_types', fluxrate_internal.webhook_event_types());
   END LOOP;
 END
 $$;
+
+-- How many webhook endpoints one organization may have: each one multiplies
+-- every event into a delivery, so the cap bounds an event's fan-out.
+CREATE FUNCTION fluxrate_internal.max_webhook_endpoints() RETURNS integer
+  LANGUAGE sql IMMUTABLE
+  AS $$ SELECT 20 $$;
 
 -- The signing secret ("whsec_" + 43 base62 characters from libsodium) is
 -- returned here, once; only a sealed copy is stored.
@@ -554,6 +756,16 @@ DECLARE
 BEGIN
   PERFORM fluxrate_internal.required(create_webhook_endpoint.url, 'url');
   PERFORM fluxrate_internal.check_webhook(create_webhook_endpoint.url, create_webhook_endpoint.event_types);
+  -- the cap, counted under the organization's row lock so two concurrent
+  -- creations cannot both take the last place
+  PERFORM 1 FROM fluxrate_internal.organizations o WHERE o.org_id = v_org FOR UPDATE;
+  IF (SELECT count(*) FROM fluxrate_internal.webhook_endpoints x WHERE x.org_id = v_org)
+     >= fluxrate_internal.max_webhook_endpoints() THEN
+    PERFORM fluxrate_internal.fail('54000',
+      format('an organization has at most %s webhook endpoints', fluxrate_internal.max_webhook_endpoints()),
+      'Every endpoint receives a copy of every event it subscribes to.',
+      'Delete an endpoint you no longer use, or subscribe one endpoint to more event types.');
+  END IF;
   INSERT INTO fluxrate_internal.webhook_endpoints (org_id, id, url, event_types, description, secret_enc,
       secret_prefix, created_at, updated_at)
   VALUES (v_org, v_id, create_webhook_endpoint.url, coalesce(create_webhook_endpoint.event_types, '{}'),
@@ -662,7 +874,7 @@ CREATE FUNCTION fluxrate_internal.delivery_json(d fluxrate_internal.deliveries) 
     'attempts', d.attempts, 'next_attempt_at', d.next_attempt_at, 'last_status_code', d.last_status_code,
     'last_error', d.last_error, 'created_at', d.created_at, 'sent_at', d.sent_at,
     'attempt_log', coalesce((SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object('attempt', a.attempt,
-        'attempted_at', a.attempted_at, 'status_code', a.status_code, 'error', a.error, 'duration_ms', a.duration_ms)
+        'attempted_at', a.attempted_at, 'status_code', a.status_code, 'error', a.error)
         ORDER BY a.attempt)
       FROM fluxrate_internal.delivery_attempts a WHERE a.org_id = d.org_id AND a.delivery_id = d.id), '[]'::jsonb))
 $$;

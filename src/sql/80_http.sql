@@ -7,6 +7,11 @@
 --   fluxrate_anon    no credentials: sign-up, login, refresh, public invoice links
 --   fluxrate_web     a signed-in dashboard user (JWT: Bearer or access_token cookie)
 --   fluxrate_apikey  an API key (X-API-Key): ingestion and usage reads, by scope
+-- fluxrate_web and fluxrate_apikey are the roles whose request.jwt.claims
+-- fluxrate believes (context.c): granted to PostgREST's authenticator only.
+-- For SQL applications (not PostgREST):
+--   fluxrate_ingest  track and track_batch with an api_key argument, nothing
+--                    else; no claims are believed from it (docs/security.md)
 -- Their EXECUTE grants are in 99_security.sql (after every function exists).
 --
 -- Tokens: access tokens are HS256 JWTs (src/jwt.c, OpenSSL) signed with the
@@ -26,8 +31,23 @@ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'fluxrate_apikey') THEN
     CREATE ROLE fluxrate_apikey NOLOGIN;
   END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'fluxrate_ingest') THEN
+    CREATE ROLE fluxrate_ingest NOLOGIN;
+  END IF;
+  -- Statement limits of the HTTP roles (docs/security.md, "Limits"): PostgREST
+  -- 10+ applies an impersonated role's settings to its request; the
+  -- pre-request sets the same values for the roles it switches to itself.
+  ALTER ROLE fluxrate_anon SET statement_timeout = '5s';
+  ALTER ROLE fluxrate_web SET statement_timeout = '15s';
+  ALTER ROLE fluxrate_apikey SET statement_timeout = '10s';
 END
 $roles$;
+
+-- The statement_timeout of each HTTP role (the values above, for pre_request).
+CREATE FUNCTION fluxrate_internal.http_statement_timeout(role_name text) RETURNS text
+  LANGUAGE sql IMMUTABLE PARALLEL SAFE
+  AS $$ SELECT CASE role_name WHEN 'fluxrate_anon' THEN '5s' WHEN 'fluxrate_web' THEN '15s'
+                              WHEN 'fluxrate_apikey' THEN '10s' END $$;
 
 CREATE TABLE fluxrate_internal.users (
   org_id         uuid NOT NULL REFERENCES fluxrate_internal.organizations ON DELETE CASCADE,
@@ -136,7 +156,12 @@ BEGIN
 END
 $$;
 
--- POST /auth/signup: a user and its organization.
+-- POST /auth/signup: a user and its organization.  The answer is the same
+-- whether or not the address already has an account (202, {email, message}):
+-- sign-up must not tell who is a customer (issue 19).  An existing account is
+-- left unchanged, nothing is written for the second sign-up, and the caller
+-- learns what happened the honest way: by logging in, where a wrong password
+-- and an unknown address answer alike.  Both paths pay the same argon2id hash.
 CREATE FUNCTION fluxrate.signup(email text DEFAULT NULL, password text DEFAULT NULL, organization_name text DEFAULT NULL)
   RETURNS jsonb
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -144,8 +169,8 @@ CREATE FUNCTION fluxrate.signup(email text DEFAULT NULL, password text DEFAULT N
   AS $$
 DECLARE
   v_email text := lower(btrim(signup.email));
-  o fluxrate_internal.organizations;
-  u fluxrate_internal.users;
+  v_org uuid := gen_random_uuid();
+  v_hash text;
 BEGIN
   PERFORM fluxrate_internal.required(v_email, 'email');
   PERFORM fluxrate_internal.required(signup.password, 'password');
@@ -158,22 +183,21 @@ BEGIN
   IF length(signup.organization_name) > 200 THEN
     PERFORM fluxrate_internal.fail('PT422', 'organization_name must have at most 200 characters');
   END IF;
-  o.org_id := gen_random_uuid();
-  PERFORM set_config('fluxrate.current_org', o.org_id::text, true);
-  INSERT INTO fluxrate_internal.organizations (org_id, name, created_at)
-  VALUES (o.org_id, btrim(signup.organization_name), fluxrate.now())
-  RETURNING * INTO o;
+  v_hash := fluxrate_internal.password_hash(signup.password);
   BEGIN
+    PERFORM set_config('fluxrate.current_org', v_org::text, true);
+    INSERT INTO fluxrate_internal.organizations (org_id, name, created_at)
+    VALUES (v_org, btrim(signup.organization_name), fluxrate.now());
     INSERT INTO fluxrate_internal.users (org_id, email, password_hash, created_at)
-    VALUES (o.org_id, v_email, fluxrate_internal.password_hash(signup.password), fluxrate.now())
-    RETURNING * INTO u;
+    VALUES (v_org, v_email, v_hash, fluxrate.now());
   EXCEPTION WHEN unique_violation THEN
-    PERFORM fluxrate_internal.fail('PT409', 'an account with this e-mail address already exists',
-      hint => 'Log in, or sign up with another address.');
+    -- the address has an account: the organization above is rolled back with
+    -- this block, and the answer below is the same
+    NULL;
   END;
-  PERFORM set_config('response.status', '201', true);
-  RETURN jsonb_build_object('user', jsonb_build_object('id', u.id, 'email', u.email, 'created_at', u.created_at),
-                            'organization', fluxrate_internal.org_json(o));
+  PERFORM set_config('response.status', '202', true);
+  RETURN jsonb_build_object('email', v_email,
+    'message', 'Sign-up received. Log in with this address and password. If the address already had an account, that account is unchanged.');
 END
 $$;
 
@@ -317,6 +341,9 @@ BEGIN
   IF c->>'role' IS DISTINCT FROM 'fluxrate_web' OR c->>'org_id' IS NULL THEN
     PERFORM fluxrate_internal.fail('PT401', 'invalid token', 'The token is not a fluxrate session token.', 'Log in again.');
   END IF;
+  IF c ? 'sub' AND NOT fluxrate_internal.sys_token_user_exists((c->>'org_id')::uuid, (c->>'sub')::uuid) THEN
+    PERFORM fluxrate_internal.fail('PT401', 'invalid token', 'The token''s user or organization no longer exists.', 'Log in again.');
+  END IF;
   RETURN c;
 END
 $$;
@@ -340,6 +367,13 @@ DECLARE
   v_origin_host text;
 BEGIN
   IF v_claims OPERATOR(pg_catalog.?) 'org_id' THEN
+    -- a Bearer token PostgREST verified: still refused once its user (or its
+    -- organization) was deleted
+    IF v_claims OPERATOR(pg_catalog.?) 'sub' AND NOT fluxrate_internal.sys_token_user_exists(
+         (v_claims OPERATOR(pg_catalog.->>) 'org_id')::uuid, (v_claims OPERATOR(pg_catalog.->>) 'sub')::uuid) THEN
+      RAISE EXCEPTION USING ERRCODE = 'PT401', MESSAGE = 'invalid token',
+        DETAIL = 'The token''s user or organization no longer exists.', HINT = 'Log in again.';
+    END IF;
     RETURN;
   END IF;
   IF v_headers OPERATOR(pg_catalog.?) 'x-api-key' THEN
@@ -361,6 +395,66 @@ BEGIN
   IF v_new IS NOT NULL THEN
     PERFORM pg_catalog.set_config('request.jwt.claims', v_new::text, true);
     PERFORM pg_catalog.set_config('role', v_new OPERATOR(pg_catalog.->>) 'role', true);
+    -- the switched role's statement limit (PostgREST applied the anonymous
+    -- role's); it governs the request's next statement, the function call
+    PERFORM pg_catalog.set_config('statement_timeout',
+      fluxrate_internal.http_statement_timeout(v_new OPERATOR(pg_catalog.->>) 'role'), true);
   END IF;
+END
+$$;
+
+-- The check that the claims-believing roles went where they belong.  Any
+-- member of fluxrate_web or fluxrate_apikey can SET ROLE to it and set
+-- request.jwt.claims: it can act as any organization.  That is PostgREST's
+-- authenticator's job, recognised by the shape docs/postgrest.conf gives it
+-- (LOGIN, NOINHERIT, also granted fluxrate_anon); every other member, direct or
+-- through another role, is a warning.  Superusers can do anything anyway and
+-- are not listed.  schedule_jobs() raises each as a WARNING; the operator's
+-- health view can read it.  No rows: nothing to warn about.
+CREATE FUNCTION fluxrate_internal.role_grant_warnings()
+  RETURNS TABLE (role_name name, claims_role name, warning text, hint text)
+  LANGUAGE sql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+  WITH RECURSIVE m(member, claims_role, direct) AS (
+    SELECT am.member, r.rolname, true
+      FROM pg_catalog.pg_auth_members am
+      JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) am.roleid
+     WHERE r.rolname IN ('fluxrate_web', 'fluxrate_apikey')
+    UNION
+    SELECT am.member, m.claims_role, false
+      FROM m JOIN pg_catalog.pg_auth_members am ON am.roleid OPERATOR(pg_catalog.=) m.member
+  )
+  SELECT DISTINCT r.rolname, m.claims_role,
+         pg_catalog.format('role "%s" is %s member of %s: it can set request.jwt.claims and act as any organization',
+                           r.rolname, CASE WHEN m.direct THEN 'a' ELSE 'an indirect' END, m.claims_role),
+         'Grant fluxrate_web and fluxrate_apikey only to PostgREST''s authenticator (LOGIN NOINHERIT, see docs/postgrest.conf); an SQL application that tracks gets fluxrate_ingest.'
+    FROM m
+    JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) m.member
+   WHERE NOT r.rolsuper
+     AND NOT (m.direct AND r.rolcanlogin AND NOT r.rolinherit
+              AND EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members a
+                            JOIN pg_catalog.pg_roles anon ON anon.oid OPERATOR(pg_catalog.=) a.roleid
+                           WHERE a.member OPERATOR(pg_catalog.=) r.oid AND anon.rolname OPERATOR(pg_catalog.=) 'fluxrate_anon'))
+   ORDER BY 1, 2
+$$;
+COMMENT ON FUNCTION fluxrate_internal.role_grant_warnings() IS
+  'members of the claims-believing roles (fluxrate_web, fluxrate_apikey) that are not a PostgREST authenticator: each can act as any organization';
+
+-- Each warning as a WARNING (schedule_jobs() runs this: the set-up step every
+-- operator takes).  Returns how many.
+CREATE FUNCTION fluxrate_internal.warn_role_grants() RETURNS integer
+  LANGUAGE plpgsql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  w record;
+  n integer := 0;
+BEGIN
+  FOR w IN SELECT * FROM fluxrate_internal.role_grant_warnings() LOOP
+    RAISE WARNING 'fluxrate: %', w.warning USING HINT = w.hint;
+    n := n + 1;
+  END LOOP;
+  RETURN n;
 END
 $$;

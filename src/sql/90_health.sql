@@ -177,9 +177,13 @@ BEGIN
   -- each job: scheduled? last success? failing since when, and why? -----------
   IF v_readable THEN
     FOR j IN
-      SELECT x.jobname, x.command, c.jobid, c.active, c.schedule, c.username
-        FROM (VALUES ('fluxrate-close-periods', 'close_due_periods'), ('fluxrate-finalize-invoices', 'finalize_due_invoices'),
-                     ('fluxrate-deliver', 'deliver_pending'), ('fluxrate-usage-rollups', 'refresh_usage_rollups')) x(jobname, command)
+      -- stale: how long without a success is worth a warning (the minute jobs, the daily purge)
+      SELECT x.jobname, x.command, x.stale, c.jobid, c.active, c.schedule, c.username
+        FROM (VALUES ('fluxrate-close-periods', 'close_due_periods', interval '5 minutes'),
+                     ('fluxrate-finalize-invoices', 'finalize_due_invoices', interval '5 minutes'),
+                     ('fluxrate-deliver', 'deliver_pending', interval '5 minutes'),
+                     ('fluxrate-usage-rollups', 'refresh_usage_rollups', interval '5 minutes'),
+                     ('fluxrate-purge-deliveries', 'purge_deliveries', interval '25 hours')) x(jobname, command, stale)
         LEFT JOIN LATERAL (SELECT * FROM fluxrate_internal.cron_jobs() c WHERE c.jobname = x.jobname ORDER BY c.jobid LIMIT 1) c ON true
        ORDER BY x.jobname
     LOOP
@@ -194,7 +198,8 @@ BEGIN
         status := 'warning';
         detail := format('scheduled but inactive (cron.alter_job(%s, active => true))', j.jobid);
       ELSIF r.last_status IS NULL THEN
-        status := 'warning';
+        -- a daily job has not run yet for up to a day: that is no warning
+        status := CASE WHEN j.stale > interval '1 hour' THEN 'ok' ELSE 'warning' END;
         detail := format('scheduled (%s, as %s), no run recorded yet', j.schedule, j.username);
       ELSIF r.last_status = 'failed' THEN
         status := 'failing';
@@ -207,7 +212,7 @@ BEGIN
                   || coalesce('; the last at ' || to_char(coalesce(r.last_end, r.last_start) AT TIME ZONE 'UTC',
                                                             'YYYY-MM-DD HH24:MI:SS" UTC"'), '; the last')
                   || ': ' || coalesce(r.last_message, '(no message)');
-      ELSIF r.last_success < now() - interval '5 minutes' THEN
+      ELSIF r.last_success < now() - j.stale THEN
         status := 'warning';
         detail := format('last run %s (%s), last success %s ago', r.last_status,
                          to_char(r.last_start AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS" UTC"'),

@@ -88,7 +88,8 @@ GRANT EXECUTE ON ALL PROCEDURES IN SCHEMA fluxrate TO fluxrate_app;
 GRANT USAGE ON SCHEMA fluxrate, fluxrate_internal TO fluxrate_anon, fluxrate_web, fluxrate_apikey;
 -- what the pre-request needs, whoever the caller is
 GRANT EXECUTE ON FUNCTION fluxrate.pre_request(), fluxrate_internal.sys_api_key_claims(text),
-  fluxrate_internal.sys_access_token_claims(text) TO fluxrate_anon, fluxrate_web, fluxrate_apikey;
+  fluxrate_internal.sys_access_token_claims(text), fluxrate_internal.sys_token_user_exists(uuid, uuid),
+  fluxrate_internal.http_statement_timeout(text) TO fluxrate_anon, fluxrate_web, fluxrate_apikey;
 -- no credentials: sign up, log in, refresh, read a public invoice link
 GRANT EXECUTE ON FUNCTION fluxrate.signup(text, text, text), fluxrate.login(text, text), fluxrate.refresh(text),
   fluxrate.public_invoice(text) TO fluxrate_anon, fluxrate_web, fluxrate_apikey;
@@ -98,6 +99,14 @@ GRANT EXECUTE ON FUNCTION fluxrate.track(text, text, numeric, timestamptz, text,
   fluxrate.check_entitlement(text, text), fluxrate.list_meter_events(uuid, integer, integer),
   fluxrate.get_meter_usage(uuid, timestamptz, timestamptz, text, uuid, boolean), fluxrate.get_meter_stats(uuid)
   TO fluxrate_apikey;
+-- SQL applications that only track (fluxrate_ingest, docs/security.md "Roles"):
+-- track and track_batch, each authenticated by its api_key argument; the role
+-- is never one whose claims are believed, and it cannot act_as
+GRANT USAGE ON SCHEMA fluxrate TO fluxrate_ingest;
+GRANT EXECUTE ON FUNCTION fluxrate.track(text, text, numeric, timestamptz, text, jsonb, text, jsonb, text),
+  fluxrate.track_batch(jsonb, text) TO fluxrate_ingest;
+-- the operator's check of who holds the claims-believing roles
+GRANT EXECUTE ON FUNCTION fluxrate_internal.role_grant_warnings(), fluxrate_internal.warn_role_grants() TO fluxrate_app;
 -- signed-in users: the whole management API of their organization, but not the
 -- trusted-role doors (creating organizations, acting for one) nor the jobs
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA fluxrate TO fluxrate_web;

@@ -1,8 +1,8 @@
 #!/usr/bin/python3
 """A real HTTP receiver for the webhook tests (Python's standard library).
 
-usage: http_sink.py DIR
-Listens on 127.0.0.1, on a free port it writes to DIR/port once ready.  Each
+usage: http_sink.py DIR [ADDRESS]
+Listens on ADDRESS (default 127.0.0.1; any loopback address), on a free port it writes to DIR/port once ready.  Each
 POST is written to DIR/NNN.json as {headers, body}; the answer's status is the
 number in DIR/status (default 200), so a test can make the receiver fail and
 recover.
@@ -36,7 +36,7 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+srv = ThreadingHTTPServer((sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1", 0), Handler)
 with open(os.path.join(out, "port"), "w") as f:
     f.write(str(srv.server_address[1]))
 srv.serve_forever()

@@ -184,8 +184,9 @@ BEGIN
     IF m.billing_interval = 'day' AND random() < 0.6 THEN
       SELECT * INTO m FROM public.eq_plans x WHERE x.org_id = v_org AND x.n = 1;
     END IF;
+    -- (backfill: some start more than one period before now, on purpose)
     v_sub := fluxrate.create_subscription(v_cust, m.plan_id, start_date => v_start, trial_end_date => v_trial,
-                                          alignment => v_align);
+                                          alignment => v_align, backfill => true);
     INSERT INTO public.eq_subs VALUES (v_org, (v_sub->>'id')::uuid, v_cust, i,
       m.billing_interval || ' ' || v_align || ' ' || v_note);
   END LOOP;
@@ -227,17 +228,27 @@ $fn$;
 
 -- close_due_periods() with a chosen snapshot threshold (0: every due group; 2: none): the
 -- same steps (sys_close_prepare, sys_close_batch until nothing is due, sys_close_finish,
--- sys_mark_past_due), without the failure handling
+-- sys_mark_past_due), without the failure handling.  A run closes at most
+-- close_periods_per_run() periods of one subscription; the runs pg_cron would
+-- start each minute are the outer loop (the run's counts reset, the snapshot kept).
 CREATE PROCEDURE public.eq_close(min_benefit numeric, batch_size integer) LANGUAGE plpgsql AS $fn$
 DECLARE
   n integer;
+  total integer;
 BEGIN
+  PERFORM fluxrate_internal.sys_close_finish();
   PERFORM fluxrate_internal.sys_close_prepare(min_benefit);
   COMMIT;
   LOOP
-    n := fluxrate_internal.sys_close_batch(batch_size);
-    EXIT WHEN n = 0;
-    COMMIT;
+    total := 0;
+    LOOP
+      n := fluxrate_internal.sys_close_batch(batch_size);
+      total := total + n;
+      EXIT WHEN n = 0;
+      COMMIT;
+    END LOOP;
+    EXIT WHEN total = 0;
+    TRUNCATE pg_temp.fr_close_run;
   END LOOP;
   PERFORM fluxrate_internal.sys_close_finish();
   PERFORM fluxrate_internal.sys_mark_past_due();
@@ -513,7 +524,17 @@ round() {   # round AT BATCH MODE: call = CALL close_due_periods(BATCH); snap / 
   local calls0 calls1
   calls0=$(opu_calls)
   if [ "$mode" = call ]; then
-    q "CALL fluxrate.close_due_periods($batch)"
+    # one run closes at most close_periods_per_run() periods of a subscription:
+    # the runs pg_cron would start each minute, until nothing is due
+    local runs=0
+    while :; do
+      q "CALL fluxrate.close_due_periods($batch)"
+      runs=$((runs + 1))
+      [ "$(q "SELECT count(*) FROM fluxrate_internal.subscriptions WHERE status IN ('TRIAL', 'ACTIVE', 'PAST_DUE')
+               AND current_period_end <= fluxrate.now() AND close_retry_at IS NULL")" = 0 ] && break
+      [ "$runs" -lt 20 ] || fail "still due after 20 runs"
+    done
+    echo "round $K: $runs closing run(s)"
   else
     q "CALL public.eq_close($min, $batch)"
   fi
@@ -661,7 +682,7 @@ SELECT '$ORG', (s->>'id')::uuid, c.customer_id, 1000 + g, 'backdated'
   CROSS JOIN LATERAL (SELECT p.plan_id FROM public.eq_plans p WHERE p.org_id = '$ORG' AND p.n = (g * 3) % 18 + 1) p
   CROSS JOIN LATERAL fluxrate.create_subscription(c.customer_id, p.plan_id,
       start_date => '2027-01-05 08:00:00+00'::timestamptz + g * interval '9 days',
-      alignment => CASE WHEN g % 2 = 0 THEN 'calendar' ELSE 'anniversary' END) s;
+      alignment => CASE WHEN g % 2 = 0 THEN 'calendar' ELSE 'anniversary' END, backfill => true) s;
 SQL
 q "ALTER DATABASE fluxrate SET fluxrate.pinned_now = '2027-03-10 16:45:00+00'"
 q "CALL fluxrate.finalize_due_invoices()"

@@ -55,7 +55,7 @@ tail -15 "/tmp/$NAME-install.log" | sed 's/^/   /'
 rm -f "/tmp/$NAME-install.sh" "/tmp/$NAME-install.log"
 LOG=/var/log/postgresql/postgresql-15-$NAME.log
 su_psql() { sudo -u postgres psql --cluster "15/$NAME" -d billing -X -q -t -A -v ON_ERROR_STOP=1 "$@"; }
-[ "$(su_psql -c "SELECT count(*) FROM cron.job WHERE jobname LIKE 'fluxrate-%'")" = 4 ] || fail "the jobs are not scheduled"
+[ "$(su_psql -c "SELECT count(*) FROM cron.job WHERE jobname LIKE 'fluxrate-%'")" = 5 ] || fail "the jobs are not scheduled"
 
 # the application's login: TCP to 127.0.0.1 with the password (scram-sha-256)
 APP="host=127.0.0.1 port=$PORT dbname=billing user=billing_app password='change me'"
@@ -101,7 +101,7 @@ echo "$out" | grep -Eq "^subscription\|INV-$(date -u +%Y)-0002\|OPEN\|14\.40$" |
 
 echo "== health(): the jobs succeed, the e-mails without SMTP are skipped, nothing is late"
 su_psql -F ' | ' -c "SELECT area, item, status, count, detail FROM fluxrate.health" | sed 's/^/   /'
-[ "$(su_psql -c "SELECT count(*) FROM fluxrate.health WHERE area = 'job' AND status = 'ok'")" = 4 ] || fail "jobs not ok"
+[ "$(su_psql -c "SELECT count(*) FROM fluxrate.health WHERE area = 'job' AND status = 'ok'")" = 5 ] || fail "jobs not ok"
 [ "$(su_psql -c "SELECT status FROM fluxrate.health WHERE item = 'skipped'")" = warning ] || fail "skipped e-mails not reported"
 [ "$(su_psql -c "SELECT count(*) FROM fluxrate.health WHERE area IN ('closing', 'finalizing') AND status <> 'ok'")" = 0 ] \
   || fail "something is late"

@@ -306,7 +306,7 @@ BEGIN
       WHEN 'c02' THEN
         PERFORM fluxrate.create_subscription(c.customer_id, p_all, start_date => '2027-03-01 00:00:00+00', alignment => 'calendar');
       WHEN 'c03' THEN
-        PERFORM fluxrate.create_subscription(c.customer_id, p_all, start_date => '2027-01-17 10:00:00+00');   -- ended, not closed
+        PERFORM fluxrate.create_subscription(c.customer_id, p_all, start_date => '2027-01-17 10:00:00+00', backfill => true);   -- ended, not closed
       WHEN 'c04' THEN
         -- (created at two clocks: check_entitlement takes the older of two subscriptions)
         PERFORM set_config('fluxrate.pinned_now', '2027-03-20 11:00:00+00', true);
@@ -316,7 +316,7 @@ BEGIN
       WHEN 'c05' THEN
         PERFORM fluxrate.create_subscription(c.customer_id, p_trial, start_date => '2027-03-10 06:00:00+00');
       WHEN 'c06' THEN
-        PERFORM fluxrate.create_subscription(c.customer_id, p_day, start_date => '2027-03-01 00:00:00+00');
+        PERFORM fluxrate.create_subscription(c.customer_id, p_day, start_date => '2027-03-01 00:00:00+00', backfill => true);
       WHEN 'c07' THEN
         PERFORM set_config('fluxrate.pinned_now', '2027-03-20 10:00:00+00', true);
         v_sub := fluxrate.create_subscription(c.customer_id, p_all, start_date => '2027-03-01 00:00:00+00');

@@ -51,3 +51,24 @@ DROP FUNCTION fluxrate.get_subscription_usage(uuid);
 DROP FUNCTION fluxrate.get_customer_usage(uuid);
 DROP FUNCTION fluxrate.get_meter_stats(uuid);
 DROP FUNCTION fluxrate.get_smtp_settings();
+
+-- create_subscription takes backfill (docs/security.md, "Start dates"): a new
+-- parameter is a new signature, so the 0.1.0 function goes and the replay
+-- creates the new one (PostgREST calls it by parameter name; old calls work).
+DROP FUNCTION fluxrate.create_subscription(uuid, uuid, text, timestamptz, timestamptz, text);
+
+-- The organizations a rollup refresh set aside (40_rating.sql, docs/security.md
+-- "Job fairness").
+CREATE TABLE fluxrate_internal.rollup_errors (
+  org_id      uuid PRIMARY KEY,
+  sqlstate    text NOT NULL,
+  message     text NOT NULL,
+  failed_at   timestamptz NOT NULL,
+  attempts    integer NOT NULL DEFAULT 1,
+  retry_at    timestamptz NOT NULL
+);
+
+-- Fair closing batches take each organization's earliest-due subscriptions
+-- (sys_close_claim, docs/security.md "Job fairness").
+CREATE INDEX subscriptions_org_due_idx ON fluxrate_internal.subscriptions (org_id, current_period_end, id)
+  WHERE status IN ('TRIAL', 'ACTIVE', 'PAST_DUE');
