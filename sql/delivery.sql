@@ -183,7 +183,7 @@ SELECT fluxrate.delete_smtp_settings();                                         
 RESET fluxrate.acting_org;
 RESET fluxrate.pinned_now;
 
--- Outbound policy (src/outbound.c; connect-time refusals against live
+-- Outbound policy (src/outbound_policy.c; connect-time refusals against live
 -- listeners: test/scripts/outbound.sh).  The built-in default is 'public';
 -- this instance lists 127.0.0.1 and ::1 for the tests' peers (test/postgresql.conf).
 SELECT boot_val FROM pg_settings WHERE name = 'fluxrate.outbound_allow';

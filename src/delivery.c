@@ -7,9 +7,9 @@
  * STARTTLS or implicit TLS and AUTH, HTTP/HTTPS with certificate checks), so
  * fluxrate carries no protocol code of its own.
  *
- * Both functions dial only what fluxrate.outbound_allow allows (outbound.c
+ * Both functions dial only what fluxrate.outbound_allow allows (outbound_policy.c
  * checks the resolved address) and report failures as a result row
- * (status_code, error: the tenant's view, see outbound.c) instead of raising: the caller records the attempt and
+ * (status_code, error: the tenant's view, see outbound_policy.c) instead of raising: the caller records the attempt and
  * schedules a retry, and one unreachable peer never aborts a delivery run.
  * They raise only for programming errors.  Transfers have a timeout and stop
  * early on a query cancel or a backend shutdown (the progress callback checks
@@ -198,7 +198,7 @@ fr_http_post(PG_FUNCTION_ARGS)
 	curl_free(host);
 	curl_url_cleanup(u);
 	CHECK_FOR_INTERRUPTS();
-	/* the tenant's view only (see outbound.c): no peer text, no libcurl detail */
+	/* the tenant's view only (see outbound_policy.c): no peer text, no libcurl detail */
 	error = (char *) FrOutboundTenantError(&guard, rc, code, false);
 	if (rc != CURLE_OK || guard.refused)
 		code = 0;

@@ -34,7 +34,7 @@ extern char *fr_pinned_now;		/* fluxrate.pinned_now, superuser only */
 extern char *fr_acting_org;		/* fluxrate.acting_org */
 extern char *fr_current_org;	/* fluxrate.current_org, set by API functions */
 
-/* outbound.c: the outbound policy and the delivery settings */
+/* outbound_policy.c, outbound_engine.c: the outbound policy, the transfers and the delivery settings */
 extern char *fr_outbound_allow;
 extern int	fr_delivery_concurrency;
 extern int	fr_delivery_per_org;

@@ -1,6 +1,7 @@
 /*-------------------------------------------------------------------------
  * outbound.h
- *	  The outbound connection policy (outbound.c), shared with delivery.c.
+ *	  The outbound connection policy (outbound_policy.c), shared with the
+ *	  transfer engine (outbound_engine.c) and delivery.c.
  *-------------------------------------------------------------------------
  */
 #ifndef FLUXRATE_OUTBOUND_H
@@ -26,6 +27,7 @@ extern void FrOutboundGuard(CURL *c, FrGuard *g, FrOutKind kind, const char *hos
 extern bool FrOutboundAddressAllowed(int family, const unsigned char *addr, int port,
 									 FrOutKind kind, bool host_trusted);
 extern bool FrOutboundHostTrusted(const char *host);
+extern char *FrOutboundUrlHost(const char *url);
 extern const char *FrOutboundTenantError(const FrGuard *g, CURLcode rc, long code, bool smtp);
 
 #endif							/* FLUXRATE_OUTBOUND_H */

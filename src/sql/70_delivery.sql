@@ -306,7 +306,7 @@ CREATE FUNCTION fluxrate_internal.retry_delays() RETURNS interval[]
   LANGUAGE sql IMMUTABLE
   AS $$ SELECT ARRAY['30 seconds', '2 minutes', '10 minutes', '1 hour', '6 hours']::interval[] $$;
 
--- The transfer engine (src/outbound.c): transfers started by one delivery run
+-- The transfer engine (src/outbound_engine.c): transfers started by one delivery run
 -- and collected as they finish, concurrently, within the outbound policy.
 CREATE FUNCTION fluxrate_internal.outbound_start_http(org_id uuid, delivery_id uuid, claimed_at timestamptz, url text, headers text[], body text,
     timeout_ms integer) RETURNS void
@@ -336,7 +336,7 @@ CREATE FUNCTION fluxrate_internal.check_webhook_url(url text) RETURNS void
   AS 'MODULE_PATHNAME', 'fr_check_webhook_url';
 
 -- Record one finished (or impossible) attempt.  error is the tenant's view
--- (src/outbound.c); final: no retry makes sense (disabled endpoint, secret
+-- (src/outbound_policy.c); final: no retry makes sense (disabled endpoint, secret
 -- that does not open, an internal error).  at: when the delivery was claimed,
 -- never when its transfer ended, so that nothing the tenant reads (attempted_at,
 -- sent_at, next_attempt_at) measures how long the peer took: no timing oracle.
