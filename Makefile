@@ -1,6 +1,9 @@
 # fluxrate: PGXS build.  See README.md "Layout" for the role of each directory.
-EXTENSION   = fluxrate
+# fluxrate_router: the PL/Proxy router of a sharded set-up, a second extension
+# with its own version and no upgrade chain yet (src/router/, docs/scale-out.md)
+EXTENSION   = fluxrate fluxrate_router
 EXTVERSION  = 0.2.0
+ROUTER_VERSION = 0.1.0
 MODULE_big  = fluxrate
 OBJS        = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 
@@ -17,9 +20,10 @@ OBJS        = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 SQL_PARTS   = $(sort $(wildcard src/sql/[0-9][0-9]_*.sql))
 SQL_DEFS    = $(filter-out src/sql/99_security.sql,$(SQL_PARTS))
 PREVVERSION = 0.1.0
-UPGRADE     = build/$(EXTENSION)--$(PREVVERSION)--$(EXTVERSION).sql
-DATA_built  = build/$(EXTENSION)--$(EXTVERSION).sql $(UPGRADE)
-DATA        = $(wildcard src/sql/release/$(EXTENSION)--*.sql)
+UPGRADE     = build/fluxrate--$(PREVVERSION)--$(EXTVERSION).sql
+ROUTER_PARTS = $(sort $(wildcard src/router/[0-9][0-9]_*.sql))
+DATA_built  = build/fluxrate--$(EXTVERSION).sql $(UPGRADE) build/fluxrate_router--$(ROUTER_VERSION).sql
+DATA        = $(wildcard src/sql/release/fluxrate--*.sql)
 
 PG_CONFIG  ?= pg_config
 # Warnings are errors by default (CI builds this way); packagers may pass WERROR=.
@@ -50,11 +54,17 @@ $(UPGRADE): src/sql/upgrade/$(PREVVERSION)--$(EXTVERSION).sql $(SQL_PARTS) src/s
 	  echo; echo '-- ==== src/sql/99_security.sql ===='; cat src/sql/99_security.sql ) > $@.tmp
 	@mv $@.tmp $@
 
-build/$(EXTENSION)--$(EXTVERSION).sql: $(SQL_PARTS)
+build/fluxrate--$(EXTVERSION).sql: $(SQL_PARTS)
 	@mkdir -p build
 	( echo '-- fluxrate $(EXTVERSION): generated from src/sql/*.sql by make; do not edit.'; \
 	  printf '%s\n' '\echo Use "CREATE EXTENSION fluxrate" to load this file. \quit'; \
 	  for f in $(SQL_PARTS); do echo; echo "-- ==== $$f ===="; cat $$f; done ) > $@
+
+build/fluxrate_router--$(ROUTER_VERSION).sql: $(ROUTER_PARTS)
+	@mkdir -p build
+	( echo '-- fluxrate_router $(ROUTER_VERSION): generated from src/router/*.sql by make; do not edit.'; \
+	  printf '%s\n' '\echo Use "CREATE EXTENSION fluxrate_router" to load this file. \quit'; \
+	  for f in $(ROUTER_PARTS); do echo; echo "-- ==== $$f ===="; cat $$f; done ) > $@
 
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)

@@ -250,7 +250,7 @@ SET SESSION AUTHORIZATION fr_authenticator;
 CREATE TEMP TABLE keys AS
   SELECT s AS scope, req('a', 'POST', 'create_api_key', jsonb_build_object('name', 'backend ' || s, 'scopes', jsonb_build_array(s))) AS r
     FROM unnest(ARRAY['usage.write', 'usage.read']) s;
-SELECT scope, brief(r), r->'body'->>'key' ~ '^org_live_[0-9A-Za-z]{43}$' AS key_once FROM keys ORDER BY scope;
+SELECT scope, brief(r), r->'body'->>'key' ~ '^org_live_[0-9a-f]{32}_[0-9A-Za-z]{43}$' AS key_once FROM keys ORDER BY scope;
 SELECT brief(r), jsonb_array_length(r->'body'->'data') AS keys, r->'body'->'data'->0 ? 'key' AS lists_secret
   FROM req('a', 'GET', 'list_api_keys') r;
 SELECT brief(req('a', 'POST', 'create_api_key', '{"name": "x", "scopes": ["usage.delete"]}'));

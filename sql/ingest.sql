@@ -17,7 +17,8 @@ SELECT f->>'meter_token' AS tok_gauge FROM fluxrate.create_feature('Seats', 'sea
 -- API keys -------------------------------------------------------------------
 SELECT k->>'key' AS key_w, k->>'id' AS key_w_id FROM fluxrate.create_api_key('writer', ARRAY['usage.write']) k \gset
 SELECT k->>'key' AS key_r FROM fluxrate.create_api_key('reader', ARRAY['usage.read']) k \gset
-SELECT :'key_w' ~ '^org_live_[0-9A-Za-z]{43}$' AS key_format, length(:'key_w') AS key_length;
+-- org_live_<the organization's id in hex>_<43 random characters> (docs/ingestion.md)
+SELECT :'key_w' ~ ('^org_live_' || replace(:'org_a', '-', '') || '_[0-9A-Za-z]{43}$') AS key_format, length(:'key_w') AS key_length;
 SELECT fluxrate.create_api_key('', ARRAY['usage.write']);          -- 22004 name
 SELECT fluxrate.create_api_key('x', ARRAY[]::text[]);              -- 22004 scopes
 SELECT fluxrate.create_api_key('x', ARRAY['usage.delete']);        -- 22023 unknown scope

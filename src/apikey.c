@@ -2,9 +2,16 @@
  * apikey.c
  *	  API keys: generation, keyed hashing, verification.
  *
- * A key is "org_live_" followed by 43 base62 characters from libsodium's
- * CSPRNG (about 256 bits).  Only a keyed BLAKE2b-256 hash of the whole key is
- * stored, with a display prefix.  The hashing key (the "pepper") is 32 random
+ * A key is "org_live_", its organization's id as 32 lower-case hex digits,
+ * "_", and 43 base62 characters from libsodium's CSPRNG (about 256 bits):
+ * org_live_<org>_<secret>, 85 characters.  The organization tag lets a router
+ * (fluxrate_router, docs/scale-out.md) send the call to the shard that owns the
+ * organization before anything is looked up; it is no credential (ids are not
+ * secret), and since it is part of the hashed string it cannot be changed
+ * without invalidating the key.  Keys made by 0.1.0 ("org_live_" followed by
+ * the 43 characters, 52 in all) are still accepted; a router cannot route them.
+ * Only a keyed BLAKE2b-256 hash of the whole key is stored, with a display
+ * prefix (the key up to the first 4 characters of its secret).  The hashing key (the "pepper") is 32 random
  * bytes generated at CREATE EXTENSION time into fluxrate_internal.server_secrets,
  * a table only fluxrate_system can read; it never leaves the database.  A stolen
  * copy of api_keys alone is useless, and high-entropy keys need no slow hash
@@ -37,7 +44,10 @@
 #define FR_KEY_PREFIX		"org_live_"
 #define FR_KEY_PREFIX_LEN	9
 #define FR_KEY_RANDOM_LEN	43
-#define FR_KEY_LEN			(FR_KEY_PREFIX_LEN + FR_KEY_RANDOM_LEN)
+#define FR_KEY_LEN			(FR_KEY_PREFIX_LEN + FR_KEY_RANDOM_LEN)	/* 0.1.0 */
+#define FR_KEY_ORG_LEN		32	/* the organization id, hex, no dashes */
+#define FR_TAGGED_KEY_LEN	(FR_KEY_PREFIX_LEN + FR_KEY_ORG_LEN + 1 + FR_KEY_RANDOM_LEN)
+#define FR_TAGGED_DISPLAY	(FR_KEY_PREFIX_LEN + FR_KEY_ORG_LEN + 1 + 4)
 
 static unsigned char *pepper = NULL;	/* crypto_generichash_KEYBYTES, mlocked */
 static SPIPlanPtr lookup_plan = NULL;
@@ -81,13 +91,18 @@ fr_random_bytes(PG_FUNCTION_ARGS)
 
 /*
  * fluxrate_internal.new_api_key() -> (key text, prefix text, key_hash bytea)
- * The SQL wrapper stores prefix and hash and returns key exactly once.
+ * The SQL wrapper stores prefix and hash and returns key exactly once.  The
+ * key is tagged with the organization the calling API function resolved
+ * (fluxrate.current_org, set by require_org just before); without one (no
+ * caller does that) it has the untagged 0.1.0 form.
  */
 PG_FUNCTION_INFO_V1(fr_new_api_key);
 Datum
 fr_new_api_key(PG_FUNCTION_ARGS)
 {
-	char		key[FR_KEY_LEN + 1];
+	char		key[FR_TAGGED_KEY_LEN + 1];
+	int			len;
+	int			display;
 	unsigned char hash[32];
 	TupleDesc	tupdesc;
 	Datum		values[3];
@@ -97,16 +112,53 @@ fr_new_api_key(PG_FUNCTION_ARGS)
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 	memcpy(key, FR_KEY_PREFIX, FR_KEY_PREFIX_LEN);
-	FrRandomBase62(key + FR_KEY_PREFIX_LEN, FR_KEY_RANDOM_LEN);
-	HashKey(key, FR_KEY_LEN, hash);
+	if (fr_current_org != NULL && fr_current_org[0] != '\0')
+	{
+		pg_uuid_t  *org = DatumGetUUIDP(DirectFunctionCall1(uuid_in,
+													   CStringGetDatum(fr_current_org)));
+		static const char hex[] = "0123456789abcdef";
+
+		for (int i = 0; i < UUID_LEN; i++)
+		{
+			key[FR_KEY_PREFIX_LEN + 2 * i] = hex[org->data[i] >> 4];
+			key[FR_KEY_PREFIX_LEN + 2 * i + 1] = hex[org->data[i] & 0x0f];
+		}
+		key[FR_KEY_PREFIX_LEN + FR_KEY_ORG_LEN] = '_';
+		FrRandomBase62(key + FR_KEY_PREFIX_LEN + FR_KEY_ORG_LEN + 1, FR_KEY_RANDOM_LEN);
+		len = FR_TAGGED_KEY_LEN;
+		display = FR_TAGGED_DISPLAY;
+	}
+	else
+	{
+		FrRandomBase62(key + FR_KEY_PREFIX_LEN, FR_KEY_RANDOM_LEN);
+		len = FR_KEY_LEN;
+		display = 12;
+	}
+	HashKey(key, len, hash);
 	h = palloc(VARHDRSZ + 32);
 	SET_VARSIZE(h, VARHDRSZ + 32);
 	memcpy(VARDATA(h), hash, 32);
-	values[0] = CStringGetTextDatum(key);
-	values[1] = PointerGetDatum(cstring_to_text_with_len(key, 12));
+	values[0] = PointerGetDatum(cstring_to_text_with_len(key, len));
+	values[1] = PointerGetDatum(cstring_to_text_with_len(key, display));
 	values[2] = PointerGetDatum(h);
 	sodium_memzero(key, sizeof(key));
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/* Is key a well-formed key: the 0.1.0 form, or tagged with an organization? */
+static bool
+KeyWellFormed(const char *key, size_t len)
+{
+	if (strncmp(key, FR_KEY_PREFIX, FR_KEY_PREFIX_LEN) != 0)
+		return false;
+	if (len == FR_KEY_LEN)
+		return true;
+	if (len != FR_TAGGED_KEY_LEN || key[FR_KEY_PREFIX_LEN + FR_KEY_ORG_LEN] != '_')
+		return false;
+	for (int i = FR_KEY_PREFIX_LEN; i < FR_KEY_PREFIX_LEN + FR_KEY_ORG_LEN; i++)
+		if (!((key[i] >= '0' && key[i] <= '9') || (key[i] >= 'a' && key[i] <= 'f')))
+			return false;
+	return true;
 }
 
 /*
@@ -125,11 +177,11 @@ FrApiKeyHash(const char *key, unsigned char hash[32])
 	size_t		len = strlen(key);
 	bytea	   *h;
 
-	if (len != FR_KEY_LEN || strncmp(key, FR_KEY_PREFIX, FR_KEY_PREFIX_LEN) != 0)
+	if (!KeyWellFormed(key, len))
 		ereport(ERROR,
 				(errcode(FR_ERRCODE_UNAUTHENTICATED),
 				 errmsg("invalid api key"),
-				 errdetail("An API key is \"org_live_\" followed by 43 letters and digits."),
+				 errdetail("An API key is \"org_live_\", the organization id in 32 hex digits, \"_\" and 43 letters and digits."),
 				 errhint("Create a key with fluxrate.create_api_key.")));
 	HashKey(key, len, hash);
 	h = palloc(VARHDRSZ + 32);

@@ -103,7 +103,7 @@ fr_random_token(PG_FUNCTION_ARGS)
 
 /*
  * The cluster's system identifier (pg_controldata's "Database system
- * identifier").  The usage rollups (40_rating.sql) count events by the id of
+ * identifier").  The usage rollups (41_rollups.sql) count events by the id of
  * the transaction that inserted them, and transaction ids mean something only
  * inside the cluster that handed them out: the rollup state records this
  * number, and a state written by another cluster (a restored copy, a logical

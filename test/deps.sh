@@ -6,6 +6,8 @@ PKGS=(
   build-essential
   postgresql-15 postgresql-server-dev-15 postgresql-client-15
   postgresql-15-cron        # the clock: period closing and finalization jobs
+  postgresql-15-plpgsql-check  # the linter of every PL/pgSQL function (sql/lint.sql)
+  postgresql-15-plproxy     # the router of a sharded set-up (fluxrate_router, test/scripts/router.sh)
   libsodium-dev             # randomness, API-key hashing, argon2id, secretbox
   libssl-dev                # HMAC-SHA256 for JWT HS256 and webhook signatures
   libcurl4-openssl-dev      # SMTP and webhook delivery

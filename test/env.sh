@@ -16,10 +16,16 @@ PGBIN_SYS=/usr/lib/postgresql/15/bin
 export PG_CONFIG=$PGBIN_SYS/pg_config
 make -s PG_CONFIG=$PG_CONFIG >/dev/null
 TI=$ROOT/build/tmp_install
-if [ ! -x "$TI/usr/lib/postgresql/15/bin/postgres" ]; then
+# (copied again when a package added to deps.sh brought a library the copy lacks)
+if [ ! -x "$TI/usr/lib/postgresql/15/bin/postgres" ] || [ ! -f "$TI/usr/lib/postgresql/15/lib/plproxy.so" ]; then
   mkdir -p "$TI/usr/lib/postgresql" "$TI/usr/share/postgresql"
   cp -a /usr/lib/postgresql/15 "$TI/usr/lib/postgresql/"
   cp -a /usr/share/postgresql/15 "$TI/usr/share/postgresql/"
+else
+  # a copy made before a package of test/deps.sh was installed (plpgsql_check)
+  # gets what it lacks; what is there (fluxrate's own files) is kept
+  cp -an /usr/lib/postgresql/15 "$TI/usr/lib/postgresql/"
+  cp -an /usr/share/postgresql/15 "$TI/usr/share/postgresql/"
 fi
 make -s PG_CONFIG=$PG_CONFIG install DESTDIR="$TI" >/dev/null
 export PGBIN=$TI/usr/lib/postgresql/15/bin

@@ -235,7 +235,7 @@ CREATE TABLE fluxrate_internal.usage_events (
   payload_hash     bytea,                      -- to tell a replay from a conflicting reuse
   metadata         jsonb,
   -- the inserting transaction (epoch-extended, as txid_current() gives it):
-  -- what tells the usage rollups (40_rating.sql) which events they have
+  -- what tells the usage rollups (41_rollups.sql) which events they have
   -- counted.  Not the timestamps: a transaction can commit after a later one.
   xact_id          bigint NOT NULL DEFAULT pg_catalog.txid_current(),
   PRIMARY KEY (org_id, id),

@@ -25,6 +25,9 @@ CREATE FUNCTION fluxrate_internal.random_token(len integer) RETURNS text
   AS 'MODULE_PATHNAME', 'fr_random_token';
 
 -- Raise a refusal with fluxrate's SQLSTATE conventions (see README "Errors").
+-- It never returns; plpgsql_check cannot know that, and reports "control
+-- reached end of function without RETURN" for each function whose EXCEPTION
+-- handler ends in fail() (sql/lint.sql names them).
 CREATE FUNCTION fluxrate_internal.fail(code text, message text, detail text DEFAULT NULL, hint text DEFAULT NULL)
   RETURNS void LANGUAGE plpgsql
   AS $$

@@ -1,10 +1,10 @@
 -- 50_periods.sql: a subscription period and its draft invoice.
 --   nominal_period()          the nominal bounds of period n (period_boundary()
---                             itself is in 20_catalog.sql)
+--                             itself is in 22_subscriptions.sql)
 --   late_window_lines()       the late-usage window (the last 12 finalized invoices)
---   fill_lines()              the lines of a subscription invoice: the reference the
---                             set-based closer (52_close.sql) matches and finalization
---                             (53_finalize.sql) recomputes with
+--   fill_late_lines(), fill_lines()   the lines of a subscription invoice: the
+--                             reference the set-based closer (52_close.sql) matches
+--                             and finalization (53_finalize.sql) recomputes with
 --   create_period_invoice()   a DRAFT for [period_start, period_end), once
 --   bills_in_advance(), open_subscription() and the subscriptions_open trigger:
 --                             the opening invoice of in-advance FIXED fees
@@ -58,6 +58,56 @@ CREATE FUNCTION fluxrate_internal.late_window_lines(org_id uuid, subscription_id
                         OFFSET 0) l
 $$;
 
+-- The late-usage lines of subscription invoice i, after position pos; returns
+-- the last position written.
+-- Late usage: events that reached an already finalized period of this
+-- subscription.  Per charge and past period: the usage now minus the usage
+-- billed so far (the usage line plus earlier late lines; the deltas telescope,
+-- so this is right for every aggregation), priced incrementally
+-- (rate(now) - rate(billed)) so tiers stay right.  Only what increases the
+-- amount is billed; finalized invoices never change.  The window:
+-- late_window_lines() (the last 12 finalized invoices that bill usage).
+CREATE FUNCTION fluxrate_internal.fill_late_lines(i fluxrate_internal.invoices, pos integer) RETURNS integer
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  c record;
+  r record;
+  v_pos integer := pos;
+  v_usage numeric;
+  v_amount numeric;
+BEGIN
+  FOR r IN
+    SELECT l.charge_id, l.period_start, l.period_end,
+           sum(CASE l.line_type WHEN 'usage' THEN (l.meta->>'usage')::numeric ELSE (l.meta->>'usage_delta')::numeric END) AS billed
+      FROM fluxrate_internal.late_window_lines(i.org_id, i.subscription_id, i.period_start) l
+     GROUP BY l.charge_id, l.period_start, l.period_end
+     ORDER BY l.period_start, l.charge_id
+  LOOP
+    SELECT ch.*, m.meter_name INTO c FROM fluxrate_internal.charges ch
+      JOIN fluxrate_internal.meters m ON m.org_id = ch.org_id AND m.id = ch.meter_id
+     WHERE ch.org_id = i.org_id AND ch.id = r.charge_id;
+    v_usage := fluxrate_internal.meter_usage(i.org_id, i.customer_id, c.meter_id, r.period_start, r.period_end);
+    CONTINUE WHEN v_usage = r.billed;
+    v_amount := fluxrate_internal.rate_usage(c.pricing_model, c.unit_price, c.tiers, c.package_size, c.package_price, c.free_units, v_usage)
+              - fluxrate_internal.rate_usage(c.pricing_model, c.unit_price, c.tiers, c.package_size, c.package_price, c.free_units, r.billed);
+    CONTINUE WHEN v_amount <= 0;
+    v_pos := v_pos + 1;
+    INSERT INTO fluxrate_internal.invoice_lines (org_id, invoice_id, position, line_type, charge_id, description,
+        quantity, unit_amount, line_total, amount_unrounded, period_start, period_end, meta)
+    VALUES (i.org_id, i.id, v_pos, 'late_usage', c.id,
+            format('%s - late usage for %s to %s', coalesce(c.display_name, c.meter_name),
+                   to_char(r.period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD'), to_char(r.period_end AT TIME ZONE 'UTC', 'YYYY-MM-DD')),
+            v_usage - r.billed, round(v_amount / (v_usage - r.billed), 12),
+            fluxrate_internal.round_money(v_amount, i.currency), v_amount, r.period_start, r.period_end,
+            jsonb_build_object('meter_id', c.meter_id, 'usage_delta', v_usage - r.billed, 'usage_now', v_usage,
+                               'billed_before', r.billed));
+  END LOOP;
+  RETURN v_pos;
+END
+$$;
+
 -- (Re)compute the lines of a subscription invoice over [period_start, period_end).
 -- nominal_start/nominal_end is the whole period the dates fall in: FIXED charges
 -- are prorated by the fraction of it the invoice covers (exact time, which is
@@ -84,7 +134,6 @@ DECLARE
   s fluxrate_internal.subscriptions;
   p fluxrate_internal.plans;
   c record;
-  r record;
   v_pos integer := 0;
   v_frac numeric;
   v_amount numeric;
@@ -158,39 +207,8 @@ BEGIN
     PERFORM fluxrate_internal.recompute_totals(i.org_id, i.id);
     RETURN;
   END IF;
-  -- Late usage: events that reached an already finalized period of this
-  -- subscription.  Per charge and past period: the usage now minus the usage
-  -- billed so far (the usage line plus earlier late lines; the deltas telescope,
-  -- so this is right for every aggregation), priced incrementally
-  -- (rate(now) - rate(billed)) so tiers stay right.  Only what increases the
-  -- amount is billed; finalized invoices never change.  The window:
-  -- late_window_lines() (the last 12 finalized invoices that bill usage).
-  FOR r IN
-    SELECT l.charge_id, l.period_start, l.period_end,
-           sum(CASE l.line_type WHEN 'usage' THEN (l.meta->>'usage')::numeric ELSE (l.meta->>'usage_delta')::numeric END) AS billed
-      FROM fluxrate_internal.late_window_lines(i.org_id, i.subscription_id, i.period_start) l
-     GROUP BY l.charge_id, l.period_start, l.period_end
-     ORDER BY l.period_start, l.charge_id
-  LOOP
-    SELECT ch.*, m.meter_name INTO c FROM fluxrate_internal.charges ch
-      JOIN fluxrate_internal.meters m ON m.org_id = ch.org_id AND m.id = ch.meter_id
-     WHERE ch.org_id = i.org_id AND ch.id = r.charge_id;
-    v_usage := fluxrate_internal.meter_usage(i.org_id, i.customer_id, c.meter_id, r.period_start, r.period_end);
-    CONTINUE WHEN v_usage = r.billed;
-    v_amount := fluxrate_internal.rate_usage(c.pricing_model, c.unit_price, c.tiers, c.package_size, c.package_price, c.free_units, v_usage)
-              - fluxrate_internal.rate_usage(c.pricing_model, c.unit_price, c.tiers, c.package_size, c.package_price, c.free_units, r.billed);
-    CONTINUE WHEN v_amount <= 0;
-    v_pos := v_pos + 1;
-    INSERT INTO fluxrate_internal.invoice_lines (org_id, invoice_id, position, line_type, charge_id, description,
-        quantity, unit_amount, line_total, amount_unrounded, period_start, period_end, meta)
-    VALUES (i.org_id, i.id, v_pos, 'late_usage', c.id,
-            format('%s - late usage for %s to %s', coalesce(c.display_name, c.meter_name),
-                   to_char(r.period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD'), to_char(r.period_end AT TIME ZONE 'UTC', 'YYYY-MM-DD')),
-            v_usage - r.billed, round(v_amount / (v_usage - r.billed), 12),
-            fluxrate_internal.round_money(v_amount, i.currency), v_amount, r.period_start, r.period_end,
-            jsonb_build_object('meter_id', c.meter_id, 'usage_delta', v_usage - r.billed, 'usage_now', v_usage,
-                               'billed_before', r.billed));
-  END LOOP;
+  -- late usage: fill_late_lines()
+  v_pos := fluxrate_internal.fill_late_lines(i, v_pos);
 
   IF p.minimum_commitment IS NOT NULL AND v_sum < p.minimum_commitment * v_frac THEN
     v_pos := v_pos + 1;
@@ -295,7 +313,7 @@ BEGIN
 END
 $$;
 
--- create_subscription (20_catalog.sql) inserts ACTIVE subscriptions directly:
+-- create_subscription (22_subscriptions.sql) inserts ACTIVE subscriptions directly:
 -- open them in the same transaction.
 CREATE FUNCTION fluxrate_internal.subscription_opened() RETURNS trigger
   LANGUAGE plpgsql VOLATILE

@@ -5,11 +5,22 @@
 --                                            period many subscriptions end together
 --   analyze_if_outgrown(), analyze_invoices_if_outgrown()   fresh statistics
 --                                            during a run
---   sys_close_batch()          the set-based closer of up to batch_size subscriptions
+--   sys_close_batch()          the set-based closer of up to batch_size subscriptions,
+--                              top-down in stages: sys_close_claim() (fair across
+--                              organizations, with close_periods_per_run() and
+--                              sys_close_account()), sys_close_trials(),
+--                              sys_close_usage(), then one
+--                              statement, close_statement(): close_sql_periods(), the lines
+--                              (close_sql_charge_lines(), _late_lines(), _minimum(),
+--                              _lines()), close_sql_invoices(), _advance(), _outbox()
 --   transient_error(), retry_delay(), sys_close_isolated()   a failed batch is
 --                                            retried one subscription at a time
 -- The job that drives it (close_due_periods) is in 58_jobs.sql; the reference
 -- computation of a draft's lines (fill_lines) in 50_periods.sql.
+-- Over 800 lines on purpose: it is one concept, read top-down -- the run's
+-- snapshot and the fair claim that sys_close_batch uses, then sys_close_batch
+-- and its stages in their order, then the fallback -- and a third of it is
+-- the closing statement, whose parts are only meaningful next to each other.
 
 -- The usage snapshot of a closer run.  When many subscriptions of one
 -- organization end the same period (calendar billing: everyone on the 1st), the
@@ -106,7 +117,7 @@ BEGIN
      ORDER BY d.first_end, d.org_id
      LIMIT batch_size);
   IF cardinality(v_orgs) = 0 THEN
-    RETURN '{}';
+    RETURN '{}'::fluxrate_internal.subscriptions[];
   END IF;
   v_share := ceil(batch_size::numeric / cardinality(v_orgs))::integer;
   RETURN ARRAY(
@@ -187,7 +198,7 @@ END
 $$;
 
 -- Fill the snapshot for the periods that are due now.  A period of whole UTC
--- days is read from the usage rollups (40_rating.sql) and the events not yet
+-- days is read from the usage rollups (41_rollups.sql) and the events not yet
 -- rolled up.  Otherwise one pass over an
 -- organization's period reads every event of the organization the plan visits
 -- (~0.1-0.3 µs each, in parallel); the per-pair scans read only the due pairs'
@@ -336,23 +347,39 @@ CREATE FUNCTION fluxrate_internal.analyze_invoices_if_outgrown() RETURNS boolean
 -- advance commit together, so a killed closer leaves no half-closed period.
 -- Returns how many subscriptions it advanced (0 = nothing is due).
 --
--- Set-based: ending trials go one by one (once per subscription lifetime); every
--- other claimed subscription is closed by ONE statement: its usage (from the
--- run's snapshot where it covers the pair, else period_usage() once per
--- organization, for the period that ended and for the late-usage check of the
--- last 12 finalized invoices), its lines (the same as fill_lines writes:
--- charges in order, next period's in-advance fees, late usage, minimum
--- commitment), the invoice with its totals (tax on the unrounded subtotal,
--- rounded once), the lines, the outbox events with their fan-out, and the
--- subscription's advance (or end).  fill_lines stays the reference: the draft
--- is recomputed by it at finalization, and the tests compare both.
+-- Set-based, in stages (each below, in this order):
+--   claim    sys_close_claim() (above): the due subscriptions, fair across
+--            organizations, locked
+--   trials   sys_close_trials(): ending trials go one by one (once per
+--            subscription lifetime): no invoice, billing starts
+--   usage    sys_close_usage(): one statement: the usage of the period that
+--            ended and of the late-usage check of the last 12 finalized
+--            invoices, from the run's snapshot where it covers the pair, else
+--            period_usage() once per organization
+--   then ONE statement for every other claimed subscription, close_statement(),
+--   assembled from named parts (close_sql_*()):
+--   periods  the period that ended, its proration, the next period, currency,
+--            tax rate, the new invoice's id; the subscriptions to invoice
+--   lines    the charge lines, late usage, minimum commitment (the same as
+--            fill_lines writes), each rounded once
+--   invoices the totals (tax on the unrounded subtotal, rounded once), the
+--            invoice and its lines
+--   advance  the subscription's next period (or its end)
+--   outbox   the events with their webhook fan-out
+--   account  sys_close_account() (above): the run's count per subscription;
+--            one whose period did not advance is set aside
+-- fill_lines (50_periods.sql) stays the reference: the draft is recomputed by
+-- it at finalization, and the tests compare both.
 --
 -- The two big statements are EXECUTEd: each batch plans them for its own rows
 -- (invoices and lines grow fast during a run, and a generic plan made while
 -- they were small would make each invoice cost O(invoices)).  A function-wide
 -- plan_cache_mode = force_custom_plan did the same, but it also reached the
 -- foreign-key checks, which then planned their query once per line: a third of
--- a batch's time.
+-- a batch's time.  The second statement stays one statement, parts and all:
+-- its writes see one snapshot and commit together, its intermediate results
+-- stay in the executor (no temporary tables to write and plan around), and
+-- the plan is the one it had as a single text (checked with EXPLAIN: the same).
 CREATE FUNCTION fluxrate_internal.sys_close_batch(batch_size integer DEFAULT 2000, only_id uuid DEFAULT NULL) RETURNS integer
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
@@ -361,23 +388,38 @@ CREATE FUNCTION fluxrate_internal.sys_close_batch(batch_size integer DEFAULT 200
   SET jit = off
   AS $$
 DECLARE
-  s fluxrate_internal.subscriptions;
   v_batch fluxrate_internal.subscriptions[];
   v_now timestamptz := fluxrate.now();
-  v_events bigint;
   v_usage jsonb;
 BEGIN
   PERFORM fluxrate_internal.sys_close_tables();
   PERFORM fluxrate_internal.analyze_invoices_if_outgrown();
-  -- fair across organizations, at most close_periods_per_run() periods of one
+  -- claim: fair across organizations, at most close_periods_per_run() periods of one
   -- subscription per run (docs/security.md, "Job fairness")
   v_batch := fluxrate_internal.sys_close_claim(batch_size, only_id);
   IF cardinality(v_batch) = 0 THEN
     RETURN 0;
   END IF;
+  PERFORM fluxrate_internal.sys_close_trials(v_batch);
+  v_usage := fluxrate_internal.sys_close_usage(v_batch);
+  -- periods, lines, invoices, advance, outbox
+  EXECUTE fluxrate_internal.close_statement() USING v_batch, v_now, v_usage;
+  -- account: the run's count per subscription; one that did not advance is set aside
+  PERFORM fluxrate_internal.sys_close_account(v_batch);
+  RETURN cardinality(v_batch);
+END
+$$;
 
-  -- the trials that are over: no invoice for them, billing starts at the trial end
-  FOREACH s IN ARRAY v_batch
+-- Stage trials: the claimed trials that are over: no invoice for them, billing
+-- starts at the trial end (or, canceled during the trial, the subscription ends).
+CREATE FUNCTION fluxrate_internal.sys_close_trials(batch fluxrate_internal.subscriptions[]) RETURNS void
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  s fluxrate_internal.subscriptions;
+BEGIN
+  FOREACH s IN ARRAY batch
   LOOP
     CONTINUE WHEN s.status <> 'TRIAL';
     PERFORM set_config('fluxrate.current_org', s.org_id::text, true);
@@ -401,12 +443,22 @@ BEGIN
     PERFORM fluxrate_internal.open_subscription(x) FROM fluxrate_internal.subscriptions x
      WHERE x.org_id = s.org_id AND x.id = s.id;
   END LOOP;
+END
+$$;
 
-  -- 1. Usage, one period_usage() call per organization: the period that ended
-  -- for every (subscription, usage charge), and for the late-usage check every
-  -- (charge, period) billed on the subscription's last 12 finalized invoices.
-  -- period_usage()'s answers are zipped back to their keys by position (no join),
-  -- into {sub: {"u": {charge: usage}, "late": [{c, ps, pe, billed, now}]}}.
+-- Stage usage: the usage every other claimed subscription is billed for.
+-- One period_usage() call per organization: the period that ended
+-- for every (subscription, usage charge), and for the late-usage check every
+-- (charge, period) billed on the subscription's last 12 finalized invoices.
+-- period_usage()'s answers are zipped back to their keys by position (no join),
+-- into {sub: {"u": {charge: usage}, "late": [{c, ps, pe, billed, now}]}}.
+CREATE FUNCTION fluxrate_internal.sys_close_usage(batch fluxrate_internal.subscriptions[]) RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_usage jsonb;
+BEGIN
   EXECUTE $sql$
   WITH items AS MATERIALIZED (
     -- covered: the run's snapshot (sys_close_prepare) has this pair's usage, snap
@@ -461,13 +513,24 @@ BEGIN
                   UNION ALL
                   SELECT i.sub_id, i.late, i.charge_id, i.ps, i.pe, i.billed, i.snap FROM items i WHERE i.covered) z
            GROUP BY z.sub_id) q
-  $sql$ INTO v_usage USING v_batch;
+  $sql$ INTO v_usage USING batch;
+  RETURN v_usage;
+END
+$$;
 
-  -- 2. Everything else, in one statement.  Each step derives from the claimed
-  -- rows (b, s) and carries what it needs forward, so no step joins two large
-  -- intermediate results.
-  EXECUTE $sql$
-  WITH b AS MATERIALIZED (
+-- The parts of the closing statement (close_statement(), after them).  Each is
+-- a piece of one WITH list over $1 (the claimed subscriptions), $2 (now) and $3 (the usage
+-- by subscription, of sys_close_usage()), and may name the CTEs of the parts
+-- before it.  Each step derives from the claimed rows (b, sb) and carries what
+-- it needs forward, so no step joins two large intermediate results.
+-- (bench/close_plan.sh prints its plan.)
+
+-- Stage periods: b, each claimed subscription that is not a trial, with its
+-- period, proration and next period; sb, those of b to invoice.
+CREATE FUNCTION fluxrate_internal.close_sql_periods() RETURNS text
+  LANGUAGE sql IMMUTABLE
+  AS $fn$ SELECT $sql$
+  b AS MATERIALIZED (
     -- the period that ended, its proration fraction, the next period (whose
     -- in-advance fees this invoice carries unless the subscription ends now)
     SELECT x.org_id, x.id AS sub_id, x.customer_id, x.plan_id, x.current_period_index AS idx,
@@ -511,7 +574,14 @@ BEGIN
                         WHERE c.org_id = b.org_id AND c.plan_id = b.plan_id AND c.status = 'ACTIVE'
                           AND c.type = 'FIXED' AND c.billing_timing = 'in_advance'), 0) END AS advance_paid
       FROM b WHERE NOT b.already
-  ), main AS MATERIALIZED (
+  )
+$sql$ $fn$;
+
+-- Stage lines (1/4): one line per ACTIVE charge of the plan.
+CREATE FUNCTION fluxrate_internal.close_sql_charge_lines() RETURNS text
+  LANGUAGE sql IMMUTABLE
+  AS $fn$ SELECT $sql$
+  main AS MATERIALIZED (
     -- one line per ACTIVE charge, in charge order (fill_lines' first loop)
     SELECT y.*,
            CASE WHEN y.type = 'USAGE' THEN
@@ -531,7 +601,14 @@ BEGIN
               JOIN fluxrate_internal.charges c ON c.org_id = sb.org_id AND c.plan_id = sb.plan_id AND c.status = 'ACTIVE'
               LEFT JOIN fluxrate_internal.meters m ON m.org_id = c.org_id AND m.id = c.meter_id
              WHERE NOT (c.type = 'FIXED' AND c.billing_timing = 'in_advance' AND sb.ending)) y
-  ), late AS MATERIALIZED (
+  )
+$sql$ $fn$;
+
+-- Stage lines (2/4): late usage of the periods the usage stage re-checked.
+CREATE FUNCTION fluxrate_internal.close_sql_late_lines() RETURNS text
+  LANGUAGE sql IMMUTABLE
+  AS $fn$ SELECT $sql$
+  late AS MATERIALIZED (
     -- late usage (fill_lines' second loop): only increases, priced incrementally, after the charges
     SELECT y.*, y.n_main + row_number() OVER (PARTITION BY y.org_id, y.sub_id ORDER BY y.lps, y.charge_id)::integer AS pos
       FROM (SELECT sb.org_id, sb.sub_id, sb.invoice_id, sb.currency, sb.n_main, c.id AS charge_id, c.meter_id,
@@ -547,7 +624,14 @@ BEGIN
               JOIN fluxrate_internal.charges c ON c.org_id = sb.org_id AND c.id = (e->>'c')::uuid
               JOIN fluxrate_internal.meters m ON m.org_id = c.org_id AND m.id = c.meter_id) y
      WHERE y.amount > 0
-  ), mins AS MATERIALIZED (
+  )
+$sql$ $fn$;
+
+-- Stage lines (3/4): the minimum commitment's true-up.
+CREATE FUNCTION fluxrate_internal.close_sql_minimum() RETURNS text
+  LANGUAGE sql IMMUTABLE
+  AS $fn$ SELECT $sql$
+  mins AS MATERIALIZED (
     -- the minimum commitment true-up: the period's own charges, its in-advance
     -- fees (billed before) included, the next period's excluded; after the late lines
     SELECT sb.org_id, sb.sub_id, sb.invoice_id, sb.currency, sb.ps, sb.pe,
@@ -560,7 +644,14 @@ BEGIN
              ON nl.org_id = sb.org_id AND nl.sub_id = sb.sub_id
      WHERE sb.minimum IS NOT NULL
        AND coalesce(ms.period_sum, 0) + sb.advance_paid < sb.minimum * sb.frac
-  ), lines AS MATERIALIZED (
+  )
+$sql$ $fn$;
+
+-- Stage lines (4/4): all lines, as written, each rounded once.
+CREATE FUNCTION fluxrate_internal.close_sql_lines() RETURNS text
+  LANGUAGE sql IMMUTABLE
+  AS $fn$ SELECT $sql$
+  lines AS MATERIALIZED (
     SELECT l.*, fluxrate_internal.round_money(l.amount, l.currency) AS line_total
       FROM (
         SELECT m.org_id, m.sub_id, m.invoice_id, m.currency, m.pos,
@@ -587,6 +678,17 @@ BEGIN
         SELECT n.org_id, n.sub_id, n.invoice_id, n.currency, n.pos, 'minimum', NULL, 'Minimum commitment true-up', 1,
                n.amount, n.amount, n.ps, n.pe, '{}'::jsonb
           FROM mins n) l
+  )
+$sql$ $fn$;
+
+-- Stage invoices: the totals, the DRAFT invoice and its lines.
+CREATE FUNCTION fluxrate_internal.close_sql_invoices() RETURNS text
+  LANGUAGE sql IMMUTABLE
+  AS $fn$ SELECT $sql$
+  totals AS (
+    -- per invoice: the sum of the rounded lines and of the unrounded amounts
+    SELECT l.org_id, l.sub_id, sum(l.line_total) AS subtotal, sum(l.amount) AS unrounded
+      FROM lines l GROUP BY 1, 2
   ), inv AS (
     -- an invoice with no line (in-advance fees only, last period) is not written
     INSERT INTO fluxrate_internal.invoices AS i (org_id, id, kind, customer_id, subscription_id, currency, subtotal, tax, tax_rate,
@@ -601,8 +703,7 @@ BEGIN
                    ELSE jsonb_build_object('advance_start', sb.pe, 'advance_end', sb.next_end) END,
            $2, $2
       FROM sb
-      JOIN (SELECT l.org_id, l.sub_id, sum(l.line_total) AS subtotal, sum(l.amount) AS unrounded
-              FROM lines l GROUP BY 1, 2) t ON t.org_id = sb.org_id AND t.sub_id = sb.sub_id
+      JOIN totals t ON t.org_id = sb.org_id AND t.sub_id = sb.sub_id
     RETURNING i.org_id, i.id, i.subscription_id, i.customer_id, i.total, i.currency, i.status
   ), ins_lines AS (
     INSERT INTO fluxrate_internal.invoice_lines (org_id, invoice_id, position, line_type, charge_id, description,
@@ -610,7 +711,14 @@ BEGIN
     SELECT l.org_id, l.invoice_id, l.pos, l.line_type, l.charge_id, l.description, l.quantity, l.unit_amount, l.line_total,
            l.amount, l.line_start, l.line_end, l.meta
       FROM lines l
-  ), adv AS (
+  )
+$sql$ $fn$;
+
+-- Stage advance: the subscription's next period, or its end.
+CREATE FUNCTION fluxrate_internal.close_sql_advance() RETURNS text
+  LANGUAGE sql IMMUTABLE
+  AS $fn$ SELECT $sql$
+  adv AS (
     -- the period advances, or the subscription ends with it
     UPDATE fluxrate_internal.subscriptions x
        SET status = CASE WHEN b.ending THEN 'CANCELED' ELSE x.status END,
@@ -622,7 +730,15 @@ BEGIN
       FROM b
      WHERE x.org_id = b.org_id AND x.id = b.sub_id
     RETURNING x.org_id, x.id, x.customer_id, b.ending AS ended, b.pe AS ended_at
-  ), ev AS MATERIALIZED (
+  )
+$sql$ $fn$;
+
+-- Stage outbox: invoice.created and subscription.canceled, and their webhook
+-- deliveries.
+CREATE FUNCTION fluxrate_internal.close_sql_outbox() RETURNS text
+  LANGUAGE sql IMMUTABLE
+  AS $fn$ SELECT $sql$
+  ev AS MATERIALIZED (
     -- the outbox events, as emit_event() writes them
     SELECT e.org_id, fluxrate_internal.uuid_v7() AS id, e.event, e.data
       FROM (SELECT inv.org_id, inv.subscription_id AS sub_id, 1 AS k, 'invoice.created' AS event,
@@ -651,11 +767,23 @@ BEGIN
            AND (w.event_types = '{}' OR ev.event = ANY (w.event_types))
     RETURNING 1
   )
-  SELECT count(*) FROM dl
-  $sql$ INTO v_events USING v_batch, v_now, v_usage;
-  PERFORM fluxrate_internal.sys_close_account(v_batch);
-  RETURN cardinality(v_batch);
-END
+$sql$ $fn$;
+
+-- The closing statement: its parts in order (defined after them: a SQL body is
+-- checked at CREATE).
+CREATE FUNCTION fluxrate_internal.close_statement() RETURNS text
+  LANGUAGE sql IMMUTABLE
+  AS $$
+  SELECT 'WITH '
+         || fluxrate_internal.close_sql_periods() || ', '
+         || fluxrate_internal.close_sql_charge_lines() || ', '
+         || fluxrate_internal.close_sql_late_lines() || ', '
+         || fluxrate_internal.close_sql_minimum() || ', '
+         || fluxrate_internal.close_sql_lines() || ', '
+         || fluxrate_internal.close_sql_invoices() || ', '
+         || fluxrate_internal.close_sql_advance() || ', '
+         || fluxrate_internal.close_sql_outbox()
+         || ' SELECT count(*) FROM dl'
 $$;
 
 -- Errors that say nothing about the row being processed: serialization failures
@@ -722,3 +850,4 @@ BEGIN
   RETURN n;
 END
 $$;
+

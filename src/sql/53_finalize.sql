@@ -34,7 +34,6 @@ CREATE FUNCTION fluxrate_internal.finalize_one(org_id uuid, invoice_id uuid) RET
   AS $$
 DECLARE
   i fluxrate_internal.invoices;
-  s fluxrate_internal.subscriptions;
   v_now timestamptz := fluxrate.now();
   v_terms integer;
   v_nom_start timestamptz;

@@ -2,7 +2,7 @@
 --   preview_invoice()       the current period's invoice as it would be now
 --   generate_invoice()      bill now
 --   cancel_subscription(), delete_subscription()
--- (Creating and reading subscriptions is in 20_catalog.sql.)
+-- (Creating and reading subscriptions is in 22_subscriptions.sql.)
 
 -- Subscriptions: preview, generate now, cancel, delete ------------------------------
 

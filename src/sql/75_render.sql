@@ -94,7 +94,7 @@ CREATE OR REPLACE FUNCTION fluxrate_internal.wrap_text(t text, width integer) RE
   SET search_path = pg_catalog, pg_temp
   AS $$
 DECLARE
-  v_out text[] := '{}';
+  v_out text[] := '{}'::text[];
   v_cur text := '';
   v_word text;
 BEGIN
@@ -131,7 +131,7 @@ DECLARE
   p record := fluxrate_internal.invoice_parts(org_id, invoice_id);
   w integer[] := ARRAY[0, 0, 0, 0];
   v_label_w integer := 0;
-  v_out text[] := '{}';
+  v_out text[] := '{}'::text[];
   v_line text;
   v_desc text[];
   n integer := coalesce(array_length(p.rows, 1), 0);

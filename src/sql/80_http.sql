@@ -135,7 +135,8 @@ DECLARE
   v_access_ttl constant integer := 900;           -- 15 minutes
   v_refresh_ttl constant integer := 7 * 86400;    -- 7 days
   v_access text;
-  v_refresh text := 'rt_' || fluxrate_internal.random_token(43);
+  -- rt_<organization id, hex>_<secret>: a router picks the shard from the tag (docs/scale-out.md)
+  v_refresh text := 'rt_' || pg_catalog.replace(sys_issue_tokens.org_id::text, '-', '') || '_' || fluxrate_internal.random_token(43);
 BEGIN
   v_access := fluxrate_internal.jwt_sign(jsonb_build_object(
       'role', 'fluxrate_web', 'sub', sys_issue_tokens.user_id, 'org_id', sys_issue_tokens.org_id,

@@ -1,6 +1,6 @@
 -- 87_public_documents.sql: the invoice a customer opens from the link in its
 -- e-mail, as HTML or PDF, with no credentials (the public token is the
--- credential, as for public_invoice's JSON in 70_delivery.sql).
+-- credential, as for public_invoice's JSON in 71_delivery_api.sql).
 --
 -- A browser following the link sends "Accept: text/html,...", which PostgREST
 -- answers with the "text/html" handler, public_invoice_html; an organization

@@ -13,7 +13,7 @@ as_org() { q "SELECT fluxrate.act_as('$ORG'); $1" | tail -1; }
 TOK=$(as_org "SELECT (fluxrate.create_feature('Calls','calls','meter',meter_name=>'calls',property_name=>'n',aggregation_type=>'SUM'))->>'meter_token'")
 TOK2=$(as_org "SELECT (fluxrate.create_feature('Rows','rows','meter',meter_name=>'rows',property_name=>'n',aggregation_type=>'SUM'))->>'meter_token'")
 newkey() { as_org "SELECT (fluxrate.create_api_key('k', ARRAY['usage.write']))->>'key'"; }
-keyid() { q "SELECT id FROM fluxrate_internal.api_keys WHERE org_id = '$ORG' AND prefix = left('$1', 12)"; }
+keyid() { q "SELECT id FROM fluxrate_internal.api_keys WHERE org_id = '$ORG' AND prefix = left('$1', length(prefix))"; }
 CUST=$(as_org "SELECT (fluxrate.create_customer(name => 'C1', email => 'c1@example.com', external_id => 'c1'))->>'id'")
 
 # Session B: one backend for the whole script, fed through a coprocess.  Each
