@@ -28,14 +28,16 @@ DATA        = $(wildcard src/sql/release/fluxrate--*.sql)
 PG_CONFIG  ?= pg_config
 # Warnings are errors by default (CI builds this way); packagers may pass WERROR=.
 WERROR     ?= -Werror
-PG_CPPFLAGS = -I$(srcdir)/src -DFR_VERSION='"$(EXTVERSION)"'
+# libpq-fe.h (cron.c) sits in the client include directory
+PG_CPPFLAGS = -I$(srcdir)/src -I$(shell $(PG_CONFIG) --includedir) -DFR_VERSION='"$(EXTVERSION)"'
 PG_CFLAGS   = -std=gnu11 -Wall -Wextra $(WERROR) -Wno-unused-parameter \
               -Wno-sign-compare -Wno-missing-field-initializers
 # libsodium: randomness, keyed BLAKE2b, argon2id, secretbox.
 # OpenSSL libcrypto: HMAC-SHA256 (JWT HS256, webhook signatures).
 # libcurl: SMTP and webhook delivery.
+# libpq: schedule_jobs() logs in the way pg_cron will (cron.c), as dblink does.
 # libharu (libhpdf): the PDF invoice (src/render_pdf.c).
-SHLIB_LINK  = -lsodium -lcrypto -lcurl -lhpdf
+SHLIB_LINK  = -lsodium -lcrypto -lcurl -lpq -lhpdf
 
 EXTRA_CLEAN = build results regression.diffs regression.out
 

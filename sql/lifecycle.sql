@@ -360,10 +360,12 @@ SELECT count(*) AS recomputed FROM (
     FROM fluxrate_internal.invoices i WHERE i.org_id = :'org_c' AND i.kind = 'subscription' AND i.status = 'DRAFT') x;
 SELECT (SELECT count(*) FROM closer_lines) AS lines,
        (SELECT count(*) FROM (TABLE closer_lines EXCEPT TABLE draft_lines) a) + (SELECT count(*) FROM (TABLE draft_lines EXCEPT TABLE closer_lines) b) AS differences;
--- every event since the endpoint exists has exactly one delivery; the closer's events have the
+-- every event since the endpoint exists has exactly one webhook delivery (the finalized ones
+-- also a SKIPPED e-mail: no SMTP here); the closer's events have the
 -- shape emit_event() writes (one shape per event, whoever wrote it)
 SELECT count(*) AS events, count(d.id) AS deliveries, count(DISTINCT o.id) AS distinct_events
   FROM fluxrate_internal.outbox o LEFT JOIN fluxrate_internal.deliveries d ON d.org_id = o.org_id AND d.event_id = o.id
+   AND d.channel = 'webhook'
  WHERE o.org_id = :'org_c' AND o.created_at >= '2028-07-01 00:10:00+00';
 SELECT o.event, (SELECT string_agg(k, ',' ORDER BY k) FROM jsonb_object_keys(o.payload) k) AS payload_keys,
        (SELECT string_agg(k, ',' ORDER BY k) FROM jsonb_object_keys(o.payload->'data') k) AS data_keys, count(*) AS n

@@ -11,6 +11,8 @@ PKGS=(
   libsodium-dev             # randomness, API-key hashing, argon2id, secretbox
   libssl-dev                # HMAC-SHA256 for JWT HS256 and webhook signatures
   libcurl4-openssl-dev      # SMTP and webhook delivery
+  libpq-dev                 # schedule_jobs() logs in the way pg_cron will (src/cron.c)
+  sudo                      # the README's install steps (sudo -u postgres), run by stock_install.sh
   libhpdf-dev               # libharu: the PDF invoice (src/render_pdf.c)
   poppler-utils             # tests: pdftotext reads the PDF invoice back
   python3-psycopg           # tests: application code through a real driver (psycopg 3)

@@ -326,9 +326,20 @@ $$;
 -- switchover or anything else that wrote events with another cluster's ids
 -- into a database that already had rollups (rebuild => true: recount).
 CREATE FUNCTION fluxrate.refresh_usage_rollups(rebuild boolean DEFAULT false) RETURNS jsonb
-  LANGUAGE sql VOLATILE
+  LANGUAGE plpgsql VOLATILE
   SET search_path = pg_catalog, pg_temp
-  AS $$ SELECT fluxrate_internal.sys_refresh_rollups(rebuild) $$;
+  AS $$
+DECLARE
+  r jsonb := fluxrate_internal.sys_refresh_rollups(rebuild);
+BEGIN
+  -- the job's one line when it counted something (job_log: 90_health.sql)
+  IF (r->>'events')::bigint > 0 THEN
+    PERFORM fluxrate_internal.job_log('refresh_usage_rollups',
+      format('counted %s events into %s buckets', r->>'events', r->>'buckets'));
+  END IF;
+  RETURN r;
+END
+$$;
 COMMENT ON FUNCTION fluxrate.refresh_usage_rollups(boolean) IS
   'adds the events of the transactions committed since the last refresh to the daily usage rollups (the minute job); rebuild => true recounts everything';
 

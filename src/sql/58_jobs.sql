@@ -16,6 +16,7 @@ CREATE PROCEDURE fluxrate.close_due_periods(batch_size integer DEFAULT 2000)
   AS $$
 DECLARE
   n integer;
+  v_closed bigint := 0;
 BEGIN
   -- a new run: nothing left from an earlier run of this session that failed
   -- (the snapshot, the per-subscription counts of the catch-up cap)
@@ -45,10 +46,14 @@ BEGIN
       n := fluxrate_internal.sys_close_isolated(batch_size);
     END;
     EXIT WHEN n = 0;
+    v_closed := v_closed + n;
     COMMIT;
   END LOOP;
   PERFORM fluxrate_internal.sys_close_finish();
   PERFORM fluxrate_internal.sys_mark_past_due();
+  IF v_closed > 0 THEN
+    PERFORM fluxrate_internal.job_log('close_due_periods', format('closed %s period%s', v_closed, CASE WHEN v_closed = 1 THEN '' ELSE 's' END));
+  END IF;
   COMMIT;
 END
 $$;
@@ -58,6 +63,7 @@ CREATE PROCEDURE fluxrate.finalize_due_invoices(batch_size integer DEFAULT 500)
   AS $$
 DECLARE
   n integer;
+  v_done bigint := 0;
 BEGIN
   LOOP
     BEGIN
@@ -70,8 +76,12 @@ BEGIN
       n := fluxrate_internal.sys_finalize_batch(batch_size, isolated => true);
     END;
     EXIT WHEN n = 0;
+    v_done := v_done + n;
     COMMIT;
   END LOOP;
+  IF v_done > 0 THEN
+    PERFORM fluxrate_internal.job_log('finalize_due_invoices', format('finalized %s invoice%s', v_done, CASE WHEN v_done = 1 THEN '' ELSE 's' END));
+  END IF;
 END
 $$;
 
@@ -105,6 +115,8 @@ BEGIN
       'fluxrate.close_due_periods() and fluxrate.finalize_due_invoices() can be called from any scheduler.',
       'CREATE EXTENSION pg_cron, with pg_cron in shared_preload_libraries.');
   END IF;
+  -- refuse jobs that could not log in (55000, the setting in the hint): 90_health.sql
+  PERFORM fluxrate_internal.check_cron();
   EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO v_close
     USING 'fluxrate-close-periods', '* * * * *', 'CALL fluxrate.close_due_periods()';
   EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO v_final

@@ -83,7 +83,8 @@ CREATE TABLE fluxrate_internal.deliveries (
   invoice_id        uuid,                        -- e-mail deliveries
   recipient         text NOT NULL,               -- URL or e-mail address, as of enqueueing
   body              text,                        -- webhook: the exact bytes signed and sent
-  status            text NOT NULL DEFAULT 'PENDING' CHECK (status IN ('PENDING', 'SENT', 'FAILED')),
+  -- SKIPPED: an invoice e-mail that could not even be queued (no SMTP, no address), kept so it is seen
+  status            text NOT NULL DEFAULT 'PENDING' CHECK (status IN ('PENDING', 'SENT', 'FAILED', 'SKIPPED')),
   attempts          integer NOT NULL DEFAULT 0,
   next_attempt_at   timestamptz,
   last_status_code  integer,
@@ -181,6 +182,14 @@ BEGIN
     VALUES (enqueue_invoice_email.org_id, fluxrate_internal.uuid_v7(), enqueue_invoice_email.event_id,
             'invoice.email', 'email', enqueue_invoice_email.invoice_id, v_email, at, at, at);
     queued := true;
+  END IF;
+  -- the finalization's e-mail that cannot go out is not silence: a SKIPPED row
+  -- with the reason, in the delivery log and health() (turned off is a choice, not a surprise)
+  IF automatic AND NOT queued AND v_auto THEN
+    INSERT INTO fluxrate_internal.deliveries (org_id, id, event_id, event, channel, invoice_id, recipient,
+        status, last_error, created_at, updated_at)
+    VALUES (enqueue_invoice_email.org_id, fluxrate_internal.uuid_v7(), enqueue_invoice_email.event_id,
+            'invoice.email', 'email', enqueue_invoice_email.invoice_id, coalesce(v_email, ''), 'SKIPPED', reason, at, at);
   END IF;
 END
 $$;
@@ -547,13 +556,17 @@ BEGIN
     n_flight := fluxrate_internal.sys_deliver_finish(200);
     COMMIT;
   END LOOP;
+  IF n_started > 0 THEN
+    PERFORM fluxrate_internal.job_log('deliver_pending',
+      format('attempted %s deliver%s', n_started, CASE WHEN n_started = 1 THEN 'y' ELSE 'ies' END));
+  END IF;
 END
 $$;
 GRANT EXECUTE ON FUNCTION fluxrate_internal.sys_deliver_one(integer), fluxrate_internal.sys_deliver_start(integer, integer),
   fluxrate_internal.sys_deliver_finish(integer), fluxrate_internal.outbound_in_flight(),
   fluxrate_internal.outbound_reset() TO fluxrate_app;
 
--- Retention of the delivery log: deliveries finished (SENT or FAILED) before
+-- Retention of the delivery log: deliveries finished (SENT, FAILED or SKIPPED) before
 -- the cutoff go with their attempts, and older attempts of deliveries still
 -- pending (a delivery retried by hand again and again) go too.  In batches of
 -- 10,000 rows, each committed by the procedure, so the job never holds one
@@ -568,7 +581,7 @@ DECLARE
 BEGIN
   DELETE FROM fluxrate_internal.deliveries x
    WHERE (x.org_id, x.id) IN (SELECT y.org_id, y.id FROM fluxrate_internal.deliveries y
-                               WHERE y.status IN ('SENT', 'FAILED') AND y.updated_at < cutoff LIMIT batch);
+                               WHERE y.status IN ('SENT', 'FAILED', 'SKIPPED') AND y.updated_at < cutoff LIMIT batch);
   GET DIAGNOSTICS n = ROW_COUNT;
   DELETE FROM fluxrate_internal.delivery_attempts a
    WHERE (a.org_id, a.delivery_id, a.attempt) IN (SELECT b.org_id, b.delivery_id, b.attempt
@@ -586,15 +599,23 @@ CREATE PROCEDURE fluxrate.purge_deliveries(retention interval DEFAULT '30 days')
   AS $$
 DECLARE
   v_cutoff timestamptz;
+  v_n integer;
+  v_rows bigint := 0;
 BEGIN
   IF retention IS NULL OR retention < interval '1 day' OR NOT isfinite(fluxrate.now() - retention) THEN
     RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'retention must be at least 1 day',
       DETAIL = format('retention was %s.', retention), HINT = 'The default keeps 30 days of the delivery log.';
   END IF;
   v_cutoff := fluxrate.now() - retention;
-  WHILE fluxrate_internal.sys_purge_deliveries(v_cutoff) > 0 LOOP
+  LOOP
+    v_n := fluxrate_internal.sys_purge_deliveries(v_cutoff);
+    EXIT WHEN v_n = 0;
+    v_rows := v_rows + v_n;
     COMMIT;
   END LOOP;
+  IF v_rows > 0 THEN
+    PERFORM fluxrate_internal.job_log('purge_deliveries', format('deleted %s rows of the delivery log', v_rows));
+  END IF;
 END
 $$;
 GRANT EXECUTE ON FUNCTION fluxrate_internal.sys_purge_deliveries(timestamptz, integer) TO fluxrate_app;

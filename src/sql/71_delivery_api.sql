@@ -275,7 +275,7 @@ DECLARE
   v_org uuid := fluxrate_internal.require_org('admin');
 BEGIN
   PERFORM fluxrate_internal.check_page(page, page_size);
-  PERFORM fluxrate_internal.one_of(upper(list_deliveries.status), 'status', ARRAY['PENDING', 'SENT', 'FAILED']);
+  PERFORM fluxrate_internal.one_of(upper(list_deliveries.status), 'status', ARRAY['PENDING', 'SENT', 'FAILED', 'SKIPPED']);
   PERFORM fluxrate_internal.one_of(lower(list_deliveries.channel), 'channel', ARRAY['webhook', 'email']);
   RETURN fluxrate_internal.page_envelope(
     (SELECT jsonb_agg(fluxrate_internal.delivery_json(d) ORDER BY d.id) FROM

@@ -15,6 +15,8 @@ mkdir -p "$ROOT/build/fuzz"
 B=$ROOT/build/fuzz
 RT=$(clang -print-resource-dir)/lib/linux
 PGINC=$(/usr/lib/postgresql/15/bin/pg_config --includedir-server)
+# libpq-fe.h (src/cron.c) is in the client include directory, as in the Makefile's PG_CPPFLAGS
+PGINC_CLIENT=$(/usr/lib/postgresql/15/bin/pg_config --includedir)
 # the libraries the extension links (the Makefile's SHLIB_LINK)
 LIBS=$(sed -n 's/^SHLIB_LINK *= *//p' "$ROOT/Makefile")
 mkdir -p "$B/work" "$B/crashes"
@@ -24,7 +26,7 @@ mkdir -p "$B/work" "$B/crashes"
 if [ ! -f "$B/fluxrate_fuzz.so" ] || [ "$(cat "$B/link.flags" 2>/dev/null)" != "$LIBS" ] || [ -n "$(find "$ROOT/src" "$ROOT/test/fuzz/driver.c" -newer "$B/fluxrate_fuzz.so" \( -name '*.c' -o -name '*.h' \) | head -1)" ]; then
 clang -g -O1 -fno-omit-frame-pointer -fPIC -shared -std=gnu11 -D_GNU_SOURCE -DFR_VERSION='"fuzz"' \
   -fsanitize=fuzzer-no-link -Wno-unused-command-line-argument \
-  -I"$ROOT/src" -I"$PGINC" -o "$B/fluxrate_fuzz.so" "$ROOT"/src/*.c "$ROOT/test/fuzz/driver.c" \
+  -I"$ROOT/src" -I"$PGINC" -I"$PGINC_CLIENT" -o "$B/fluxrate_fuzz.so" "$ROOT"/src/*.c "$ROOT/test/fuzz/driver.c" \
   "$RT/libclang_rt.fuzzer_no_main-x86_64.a" -lstdc++ $LIBS 2> "$B/build.log" \
   || { cat "$B/build.log"; echo "FAIL: the fuzz build failed"; exit 1; }
 echo "$LIBS" > "$B/link.flags"

@@ -15,6 +15,20 @@
 -- forgotten step shows there as a difference.
 -- Every name schema-qualified, as in the install script.
 
+-- issue 14 (90_health.sql): invoice e-mails that cannot be queued are recorded as SKIPPED
+ALTER TABLE fluxrate_internal.deliveries DROP CONSTRAINT deliveries_status_check;
+ALTER TABLE fluxrate_internal.deliveries ADD CONSTRAINT deliveries_status_check
+  CHECK (status IN ('PENDING', 'SENT', 'FAILED', 'SKIPPED'));
+CREATE INDEX deliveries_attention_idx ON fluxrate_internal.deliveries (updated_at)
+  WHERE status IN ('FAILED', 'SKIPPED');
+-- issue 14: DROP EXTENSION fluxrate unschedules its pg_cron jobs first.  The
+-- trigger's function is defined here too (the replayed definitions come after).
+CREATE OR REPLACE FUNCTION fluxrate_internal.drop_extension_guard() RETURNS event_trigger
+  LANGUAGE C
+  AS 'MODULE_PATHNAME', 'fr_drop_extension_guard';
+CREATE EVENT TRIGGER fluxrate_drop_extension ON ddl_command_start
+  WHEN TAG IN ('DROP EXTENSION')
+  EXECUTE FUNCTION fluxrate_internal.drop_extension_guard();
 -- render (issue 14, item 5): the media-type domains PostgREST serves the PDF
 -- and HTML invoices with (75_render.sql); types are not replayed.
 CREATE DOMAIN fluxrate."application/pdf" AS bytea;
