@@ -204,7 +204,30 @@ BEGIN
     -- $3, $4, ...: the shard function's arguments, positionally
     SELECT coalesce(pg_catalog.string_agg('$' || (i + 2), ', ' ORDER BY i), '') INTO v_pos
       FROM pg_catalog.generate_series(1, f.nargs) i;
-    IF f.name OPERATOR(pg_catalog.=) ANY (fluxrate_router.spanning()) THEN
+    IF f.name OPERATOR(pg_catalog.=) ANY (fluxrate_router.spanning()) AND f.retset THEN
+      -- a set of rows per shard (health()): every shard's rows, each led by the
+      -- shard it came from (its database and system identifier)
+      IF f.nargs OPERATOR(pg_catalog.<>) 0 OR f.result NOT LIKE 'TABLE(%' THEN
+        CONTINUE;
+      END IF;
+      EXECUTE pg_catalog.format($f$
+        CREATE FUNCTION fluxrate_router_calls.%1$I() RETURNS TABLE(shard text, %2$s LANGUAGE plproxy AS $p$
+          CLUSTER 'fluxrate_shards';
+          RUN ON ALL;
+          SELECT pg_catalog.current_database() || ':' || (SELECT c.system_identifier FROM pg_catalog.pg_control_system() c)::text AS shard,
+                 r.* FROM fluxrate.%1$I() r;
+        $p$ $f$, f.name, pg_catalog.substr(f.result, 7));
+      EXECUTE pg_catalog.format($f$
+        CREATE FUNCTION fluxrate.%1$I() RETURNS TABLE(shard text, %2$s LANGUAGE sql %3$s SECURITY DEFINER
+          SET search_path = pg_catalog, pg_temp
+          AS $b$ SELECT * FROM fluxrate_router_calls.%1$I() $b$ $f$,
+        f.name, pg_catalog.substr(f.result, 7), CASE f.volatility WHEN 's' THEN 'STABLE' WHEN 'i' THEN 'STABLE' ELSE 'VOLATILE' END);
+      EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION fluxrate_router_calls.%I() FROM PUBLIC', f.name);
+      INSERT INTO fluxrate_router.generated VALUES (pg_catalog.format('fluxrate_router_calls.%I()', f.name), 'internal'),
+                                                   (pg_catalog.format('fluxrate.%I()', f.name), 'spanning');
+      v_sig := pg_catalog.format('fluxrate.%I()', f.name);
+      v_spanning := v_spanning + 1;
+    ELSIF f.name OPERATOR(pg_catalog.=) ANY (fluxrate_router.spanning()) THEN
       IF f.nargs OPERATOR(pg_catalog.<>) 0 THEN
         CONTINUE;
       END IF;

@@ -38,10 +38,16 @@ expect "router API = shard API less now/schedule_jobs/unschedule_jobs/refresh_us
 expect "act_as and pre_request are the router's own" "$n_unwrapped" 2
 diff <(nq s0 "SELECT proname || '(' || pg_get_function_arguments(oid) || ') ' || pg_get_function_result(oid)
               FROM pg_proc WHERE pronamespace = 'fluxrate'::regnamespace AND prokind = 'f'
-               AND proname NOT IN ('now', 'schedule_jobs', 'unschedule_jobs', 'refresh_usage_rollups') ORDER BY 1") \
+               AND proname NOT IN ('now', 'schedule_jobs', 'unschedule_jobs', 'refresh_usage_rollups', 'health') ORDER BY 1") \
      <(rq "SELECT proname || '(' || pg_get_function_arguments(oid) || ') ' || pg_get_function_result(oid)
-              FROM pg_proc WHERE pronamespace = 'fluxrate'::regnamespace ORDER BY 1") \
+              FROM pg_proc WHERE pronamespace = 'fluxrate'::regnamespace AND proname <> 'health' ORDER BY 1") \
   || fail "router signatures differ from the shard's"
+# the operator's health() spans the shards: the shard's columns, led by the shard each row came from
+expect "health() on the router: the shard's columns led by shard" \
+  "$(rq "SELECT pg_get_function_result('fluxrate.health()'::regprocedure)")" \
+  "$(nq s0 "SELECT replace(pg_get_function_result('fluxrate.health()'::regprocedure), 'TABLE(', 'TABLE(shard text, ')")"
+expect "health() on the router: rows from all three shards" \
+  "$(rq "SELECT count(DISTINCT shard) FROM fluxrate.health()")" 3
 echo "ok: every signature, parameter name and default is the shard's"
 expect "nothing on the router is executable by PUBLIC" \
   "$(rq "SELECT count(*) FROM pg_proc p WHERE p.pronamespace IN ('fluxrate'::regnamespace, 'fluxrate_router'::regnamespace, 'fluxrate_router_calls'::regnamespace)
