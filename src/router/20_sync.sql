@@ -170,6 +170,64 @@ CREATE FUNCTION fluxrate_router.spanning() RETURNS text[]
   LANGUAGE sql IMMUTABLE
   AS $$ SELECT ARRAY['health'] $$;
 
+-- The wrappers of a spanning call (spanning()): run on every shard and merged.
+-- One that returns rows (health()) answers every shard's rows, each led by the
+-- shard it came from (its database and system identifier); one that returns
+-- a value answers {"shards": [each shard's result]}.  Returns the public
+-- wrapper's signature, or NULL when the shard function takes arguments (not
+-- wrapped: a spanning call names no organization and takes none).
+CREATE FUNCTION fluxrate_router.wrap_spanning(name text, nargs integer, retset boolean, result text, volatility text)
+  RETURNS text
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $wrap$
+BEGIN
+  IF retset THEN
+    -- a set of rows per shard (health()): every shard's rows, each led by the
+    -- shard it came from (its database and system identifier)
+    IF nargs OPERATOR(pg_catalog.<>) 0 OR result NOT LIKE 'TABLE(%' THEN
+      RETURN NULL;
+    END IF;
+    EXECUTE pg_catalog.format($f$
+      CREATE FUNCTION fluxrate_router_calls.%1$I() RETURNS TABLE(shard text, %2$s LANGUAGE plproxy AS $p$
+        CLUSTER 'fluxrate_shards';
+        RUN ON ALL;
+        SELECT pg_catalog.current_database() || ':' || (SELECT c.system_identifier FROM pg_catalog.pg_control_system() c)::text AS shard,
+               r.* FROM fluxrate.%1$I() r;
+      $p$ $f$, name, pg_catalog.substr(result, 7));
+    EXECUTE pg_catalog.format($f$
+      CREATE FUNCTION fluxrate.%1$I() RETURNS TABLE(shard text, %2$s LANGUAGE sql %3$s SECURITY DEFINER
+        SET search_path = pg_catalog, pg_temp
+        AS $b$ SELECT * FROM fluxrate_router_calls.%1$I() $b$ $f$,
+      name, pg_catalog.substr(result, 7), CASE volatility WHEN 's' THEN 'STABLE' WHEN 'i' THEN 'STABLE' ELSE 'VOLATILE' END);
+    EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION fluxrate_router_calls.%I() FROM PUBLIC', name);
+    INSERT INTO fluxrate_router.generated VALUES (pg_catalog.format('fluxrate_router_calls.%I()', name), 'internal'),
+                                                 (pg_catalog.format('fluxrate.%I()', name), 'spanning');
+    RETURN pg_catalog.format('fluxrate.%I()', name);
+  ELSE
+    IF nargs OPERATOR(pg_catalog.<>) 0 THEN
+      RETURN NULL;
+    END IF;
+    EXECUTE pg_catalog.format($f$
+      CREATE FUNCTION fluxrate_router_calls.%1$I() RETURNS SETOF jsonb LANGUAGE plproxy AS $p$
+        CLUSTER 'fluxrate_shards';
+        RUN ON ALL;
+        SELECT pg_catalog.to_jsonb(fluxrate.%1$I()) || pg_catalog.jsonb_build_object('shard_database', pg_catalog.current_database(),
+                 'system_identifier', (SELECT c.system_identifier FROM pg_catalog.pg_control_system() c)::text) AS %1$I;
+      $p$ $f$, name);
+    EXECUTE pg_catalog.format($f$
+      CREATE FUNCTION fluxrate.%1$I() RETURNS jsonb LANGUAGE sql %2$s SECURITY DEFINER
+        SET search_path = pg_catalog, pg_temp
+        AS $b$ SELECT pg_catalog.jsonb_build_object('shards', pg_catalog.jsonb_agg(r)) FROM fluxrate_router_calls.%1$I() r $b$ $f$,
+      name, CASE volatility WHEN 's' THEN 'STABLE' WHEN 'i' THEN 'STABLE' ELSE 'VOLATILE' END);
+    EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION fluxrate_router_calls.%I() FROM PUBLIC', name);
+    INSERT INTO fluxrate_router.generated VALUES (pg_catalog.format('fluxrate_router_calls.%I()', name), 'internal'),
+                                                 (pg_catalog.format('fluxrate.%I()', name), 'spanning');
+    RETURN pg_catalog.format('fluxrate.%I()', name);
+  END IF;
+END
+$wrap$;
+
 CREATE FUNCTION fluxrate_router.sync_api() RETURNS jsonb
   LANGUAGE plpgsql VOLATILE
   SET search_path = pg_catalog, pg_temp
@@ -204,49 +262,11 @@ BEGIN
     -- $3, $4, ...: the shard function's arguments, positionally
     SELECT coalesce(pg_catalog.string_agg('$' || (i + 2), ', ' ORDER BY i), '') INTO v_pos
       FROM pg_catalog.generate_series(1, f.nargs) i;
-    IF f.name OPERATOR(pg_catalog.=) ANY (fluxrate_router.spanning()) AND f.retset THEN
-      -- a set of rows per shard (health()): every shard's rows, each led by the
-      -- shard it came from (its database and system identifier)
-      IF f.nargs OPERATOR(pg_catalog.<>) 0 OR f.result NOT LIKE 'TABLE(%' THEN
+    IF f.name OPERATOR(pg_catalog.=) ANY (fluxrate_router.spanning()) THEN
+      v_sig := fluxrate_router.wrap_spanning(f.name, f.nargs, f.retset, f.result, f.volatility::text);
+      IF v_sig IS NULL THEN
         CONTINUE;
       END IF;
-      EXECUTE pg_catalog.format($f$
-        CREATE FUNCTION fluxrate_router_calls.%1$I() RETURNS TABLE(shard text, %2$s LANGUAGE plproxy AS $p$
-          CLUSTER 'fluxrate_shards';
-          RUN ON ALL;
-          SELECT pg_catalog.current_database() || ':' || (SELECT c.system_identifier FROM pg_catalog.pg_control_system() c)::text AS shard,
-                 r.* FROM fluxrate.%1$I() r;
-        $p$ $f$, f.name, pg_catalog.substr(f.result, 7));
-      EXECUTE pg_catalog.format($f$
-        CREATE FUNCTION fluxrate.%1$I() RETURNS TABLE(shard text, %2$s LANGUAGE sql %3$s SECURITY DEFINER
-          SET search_path = pg_catalog, pg_temp
-          AS $b$ SELECT * FROM fluxrate_router_calls.%1$I() $b$ $f$,
-        f.name, pg_catalog.substr(f.result, 7), CASE f.volatility WHEN 's' THEN 'STABLE' WHEN 'i' THEN 'STABLE' ELSE 'VOLATILE' END);
-      EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION fluxrate_router_calls.%I() FROM PUBLIC', f.name);
-      INSERT INTO fluxrate_router.generated VALUES (pg_catalog.format('fluxrate_router_calls.%I()', f.name), 'internal'),
-                                                   (pg_catalog.format('fluxrate.%I()', f.name), 'spanning');
-      v_sig := pg_catalog.format('fluxrate.%I()', f.name);
-      v_spanning := v_spanning + 1;
-    ELSIF f.name OPERATOR(pg_catalog.=) ANY (fluxrate_router.spanning()) THEN
-      IF f.nargs OPERATOR(pg_catalog.<>) 0 THEN
-        CONTINUE;
-      END IF;
-      EXECUTE pg_catalog.format($f$
-        CREATE FUNCTION fluxrate_router_calls.%1$I() RETURNS SETOF jsonb LANGUAGE plproxy AS $p$
-          CLUSTER 'fluxrate_shards';
-          RUN ON ALL;
-          SELECT pg_catalog.to_jsonb(fluxrate.%1$I()) || pg_catalog.jsonb_build_object('shard_database', pg_catalog.current_database(),
-                   'system_identifier', (SELECT c.system_identifier FROM pg_catalog.pg_control_system() c)::text) AS %1$I;
-        $p$ $f$, f.name);
-      EXECUTE pg_catalog.format($f$
-        CREATE FUNCTION fluxrate.%1$I() RETURNS jsonb LANGUAGE sql %2$s SECURITY DEFINER
-          SET search_path = pg_catalog, pg_temp
-          AS $b$ SELECT pg_catalog.jsonb_build_object('shards', pg_catalog.jsonb_agg(r)) FROM fluxrate_router_calls.%1$I() r $b$ $f$,
-        f.name, CASE f.volatility WHEN 's' THEN 'STABLE' WHEN 'i' THEN 'STABLE' ELSE 'VOLATILE' END);
-      EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION fluxrate_router_calls.%I() FROM PUBLIC', f.name);
-      INSERT INTO fluxrate_router.generated VALUES (pg_catalog.format('fluxrate_router_calls.%I()', f.name), 'internal'),
-                                                   (pg_catalog.format('fluxrate.%I()', f.name), 'spanning');
-      v_sig := pg_catalog.format('fluxrate.%I()', f.name);
       v_spanning := v_spanning + 1;
     ELSE
       IF f.retset THEN

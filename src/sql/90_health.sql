@@ -137,6 +137,8 @@ CREATE OR REPLACE FUNCTION fluxrate_internal.job_log(job text, did text) RETURNS
 -- "Due and not done" is measured on fluxrate.now(); pg_cron's history on the
 -- wall clock (its own).  A backlog younger than 5 minutes is normal (the jobs
 -- run every minute), older is a warning, older than an hour is failing.
+-- In stages: the clock here, then each job (sys_health_jobs) and the backlogs
+-- (sys_health_backlog), both below.
 CREATE OR REPLACE FUNCTION fluxrate_internal.sys_health()
   RETURNS TABLE (area text, item text, status text, count bigint, since timestamptz, detail text)
   LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -144,15 +146,8 @@ CREATE OR REPLACE FUNCTION fluxrate_internal.sys_health()
   AS $$
 #variable_conflict use_column
 DECLARE
-  v_now timestamptz := fluxrate.now();
   v_cron boolean := EXISTS (SELECT 1 FROM pg_extension e WHERE e.extname = 'pg_cron');
   v_readable boolean := false;
-  j record;
-  r record;
-  v_n bigint;
-  v_due bigint;
-  v_t timestamptz;
-  v_d text;
   v_host text;
 BEGIN
   -- the clock --------------------------------------------------------------
@@ -174,8 +169,25 @@ BEGIN
            ELSE format('jobs log in over libpq (host=%s port=%s)', v_host, current_setting('port')) END;
   END IF;
 
-  -- each job: scheduled? last success? failing since when, and why? -----------
-  IF v_readable THEN
+  RETURN QUERY SELECT * FROM fluxrate_internal.sys_health_jobs(v_readable);
+  RETURN QUERY SELECT * FROM fluxrate_internal.sys_health_backlog();
+END
+$$;
+
+-- health(), each job: scheduled? last success? failing since when, and why?
+-- (readable: pg_cron's tables can be read; sys_health() found out).  Called by
+-- sys_health(), as fluxrate_system.
+CREATE OR REPLACE FUNCTION fluxrate_internal.sys_health_jobs(readable boolean)
+  RETURNS TABLE (area text, item text, status text, count bigint, since timestamptz, detail text)
+  LANGUAGE plpgsql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+#variable_conflict use_column
+DECLARE
+  j record;
+  r record;
+BEGIN
+  IF readable THEN
     FOR j IN
       -- stale: how long without a success is worth a warning (the minute jobs, the daily purge)
       SELECT x.jobname, x.command, x.stale, c.jobid, c.active, c.schedule, c.username
@@ -225,6 +237,25 @@ BEGIN
     END LOOP;
   END IF;
 
+END
+$$;
+
+-- health(), the backlogs: closing, finalizing, delivery, rollups.  Called by
+-- sys_health(), as fluxrate_system (every organization's rows).
+CREATE OR REPLACE FUNCTION fluxrate_internal.sys_health_backlog()
+  RETURNS TABLE (area text, item text, status text, count bigint, since timestamptz, detail text)
+  LANGUAGE plpgsql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+#variable_conflict use_column
+DECLARE
+  v_now timestamptz := fluxrate.now();
+  r record;
+  v_n bigint;
+  v_due bigint;
+  v_t timestamptz;
+  v_d text;
+BEGIN
   -- closing ------------------------------------------------------------------
   SELECT count(*), min(s.current_period_end) INTO v_n, v_t FROM fluxrate_internal.subscriptions s
    WHERE s.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE') AND s.current_period_end <= v_now AND s.close_error IS NULL;
