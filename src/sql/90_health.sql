@@ -236,7 +236,6 @@ BEGIN
       RETURN NEXT;
     END LOOP;
   END IF;
-
 END
 $$;
 
