@@ -242,6 +242,7 @@ DECLARE
   v_routed integer := 0;
   v_spanning integer := 0;
   v_grantee text;
+  v_keyed boolean;
 BEGIN
   PERFORM fluxrate_router.check_shards();
   -- drop what the last sync made (the shards may have dropped or changed it)
@@ -291,6 +292,24 @@ BEGIN
       -- the internals take any claims: for the SECURITY DEFINER wrappers only
       EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', v_sig);
       INSERT INTO fluxrate_router.generated VALUES (v_sig, 'internal');
+      -- A call with an API key (track, track_batch) needs no claims: the shard
+      -- verifies the key.  Its own internal sends the shard the bare call,
+      -- without the claims subquery, which the shard would parse and plan on
+      -- every call (PL/Proxy's statements are not prepared).
+      v_keyed := f.api_key_pos OPERATOR(pg_catalog.>) 0 AND NOT f.retset;
+      IF v_keyed THEN
+        SELECT pg_catalog.string_agg('$' || (i + 1), ', ' ORDER BY i) INTO v_pos
+          FROM pg_catalog.generate_series(1, f.nargs) i;
+        EXECUTE pg_catalog.format($f$
+          CREATE FUNCTION fluxrate_router_calls.%1$I(integer, %2$s) RETURNS %3$s LANGUAGE plproxy AS $p$
+            CLUSTER 'fluxrate_shards';
+            RUN ON $1;
+            SELECT fluxrate.%4$I(%5$s) AS %4$I;
+          $p$ $f$, f.name || '__key', f.argtypes, f.result, f.name, v_pos);
+        v_sig := pg_catalog.format('fluxrate_router_calls.%I(integer, %s)', f.name || '__key', f.argtypes);
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', v_sig);
+        INSERT INTO fluxrate_router.generated VALUES (v_sig, 'internal');
+      END IF;
       IF f.name OPERATOR(pg_catalog.=) ANY (fluxrate_router.hand_wrapped()) THEN
         CONTINUE;
       END IF;
@@ -326,7 +345,7 @@ BEGIN
           v_part integer;
           v_claims text;
           e1 text; e2 text; e3 text; e4 text;
-        BEGIN
+        BEGIN%9$s
           SELECT r.part, r.claims INTO v_part, v_claims FROM fluxrate_router.route(%6$s) r;
           %7$s fluxrate_router_calls.%1$I(v_part, v_claims%5$s);
         EXCEPTION WHEN OTHERS THEN
@@ -338,7 +357,12 @@ BEGIN
         f.name, f.args, f.result, CASE f.volatility WHEN 'v' THEN 'VOLATILE' ELSE 'STABLE' END, v_params,
         CASE WHEN f.api_key_pos OPERATOR(pg_catalog.>) 0 THEN '$' || f.api_key_pos ELSE 'NULL::text' END,
         CASE WHEN f.retset THEN 'RETURN QUERY SELECT * FROM' ELSE 'RETURN' END,
-        CASE WHEN f.retset THEN 'RETURN' ELSE 'RETURN NULL' END);
+        CASE WHEN f.retset THEN 'RETURN' ELSE 'RETURN NULL' END,
+        CASE WHEN v_keyed THEN pg_catalog.format($k$
+          IF $%1$s IS NOT NULL THEN
+            v_part := fluxrate_router.key_shard($%1$s);
+            RETURN fluxrate_router_calls.%2$I(v_part%3$s);
+          END IF;$k$, f.api_key_pos, f.name || '__key', v_params) ELSE '' END);
       END IF;
       v_sig := pg_catalog.format('fluxrate.%I(%s)', f.name, f.argtypes);
       INSERT INTO fluxrate_router.generated VALUES (v_sig, 'routed');
