@@ -227,33 +227,32 @@ END
 $$;
 
 -- Operator: every organization every shard holds, beside where the directory
--- routes it (routed_to NULL: on a shard but unknown to the router).  Runs on
--- each shard in turn (a shard down fails the call: it is an operator's look).
-CREATE FUNCTION fluxrate_router_calls.shard_organizations(integer, OUT org_id uuid, OUT name text)
+-- routes it (routed_to NULL: on a shard but unknown to the router; shard
+-- NULL: in the directory but on no shard).  All shards at once: PL/Proxy
+-- sends the query to every partition before it reads any answer, and merges
+-- the rows, as RUN ON ALL does.  RUN ON ALL itself cannot say which partition
+-- a row came from (a shard does not know its own number), so the partition
+-- numbers 0..n-1 are SPLIT and RUN ON them: each partition gets the one-element
+-- array of its own number and answers with it.  A shard down fails the call
+-- (PT503 naming PL/Proxy's error): it is an operator's look at all of them.
+CREATE FUNCTION fluxrate_router_calls.shard_organizations(parts integer[], OUT shard integer, OUT org_id uuid, OUT name text)
   RETURNS SETOF record
   LANGUAGE plproxy AS $p$
   CLUSTER 'fluxrate_shards';
-  RUN ON $1;
-  SELECT o.org_id, o.name FROM fluxrate_internal.organizations o;
+  SPLIT parts;
+  RUN ON parts;
+  SELECT ($1::integer[])[1] AS shard, o.org_id, o.name FROM fluxrate_internal.organizations o;
 $p$;
 
 CREATE FUNCTION fluxrate_router.list_organizations()
   RETURNS TABLE (org_id uuid, name text, shard integer, routed_to integer, paused boolean)
-  LANGUAGE plpgsql VOLATILE
+  LANGUAGE sql VOLATILE
   SET search_path = pg_catalog, pg_temp
   AS $$
-BEGIN
-  FOR i IN 0 .. fluxrate_router.shard_count() - 1 LOOP
-    RETURN QUERY
-      SELECT s.org_id, s.name, i, d.shard, d.paused
-        FROM fluxrate_router_calls.shard_organizations(i) s
-        LEFT JOIN fluxrate_router.organizations d ON d.org_id OPERATOR(pg_catalog.=) s.org_id;
-  END LOOP;
-  -- routed but on no shard
-  RETURN QUERY SELECT d.org_id, NULL::text, NULL::integer, d.shard, d.paused FROM fluxrate_router.organizations d
-    WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.generate_series(0, fluxrate_router.shard_count() - 1) i,
-                      fluxrate_router_calls.shard_organizations(i) s WHERE s.org_id OPERATOR(pg_catalog.=) d.org_id);
-END
+  SELECT coalesce(s.org_id, d.org_id), s.name, s.shard, d.shard, d.paused
+    FROM fluxrate_router_calls.shard_organizations(
+           ARRAY(SELECT pg_catalog.generate_series(0, fluxrate_router.shard_count() - 1))) s
+    FULL JOIN fluxrate_router.organizations d ON d.org_id OPERATOR(pg_catalog.=) s.org_id
 $$;
 
 -- Operator: one organization's rows per table on every shard.

@@ -135,6 +135,42 @@ expect "each shard holds exactly its two organizations" \
   "$(for s in s0 s1 s2; do nq $s "SELECT count(*) FROM fluxrate_internal.organizations"; done | tr '\n' ' ')" "2 2 2 "
 expect "the operator's list agrees with the directory" \
   "$(rq "SELECT count(*) FILTER (WHERE shard = routed_to) || '/' || count(*) FROM fluxrate_router.list_organizations()")" "6/6"
+# list_organizations asks every shard at once (one PL/Proxy call to all partitions, merged),
+# not one after the other: with each shard's organizations table locked, the router's
+# query waits on all three shards together (asked in turn, only shard 0 would hold one)
+declare -A LOCKFD
+for s in s0 s1 s2; do
+  mkfifo "$OUT/lock-$s"
+  npsql $s -d fluxrate -q -v ON_ERROR_STOP=1 < "$OUT/lock-$s" > /dev/null &
+  exec {fd}>"$OUT/lock-$s"; LOCKFD[$s]=$fd
+  echo "BEGIN; LOCK TABLE fluxrate_internal.organizations IN ACCESS EXCLUSIVE MODE; SELECT 'locked';" >&$fd
+done
+waiting() {  # waiting <mode granted|waiting>: per shard, the locks on organizations in that state
+  for s in s0 s1 s2; do
+    nq $s "SELECT count(*) FROM pg_locks WHERE relation = 'fluxrate_internal.organizations'::regclass AND granted = ('$1' = 'granted')"
+  done | tr '\n' ' '
+}
+for _ in $(seq 1 100); do [ "$(waiting granted)" = "1 1 1 " ] && break; sleep 0.1; done
+expect "each shard's organizations are locked" "$(waiting granted)" "1 1 1 "
+rq "SELECT count(*) FROM fluxrate_router.list_organizations()" > "$OUT/list-all" &
+listpid=$!
+for _ in $(seq 1 100); do [ "$(waiting waiting)" = "1 1 1 " ] && break; sleep 0.1; done
+expect "list_organizations waits on all three shards at once" "$(waiting waiting)" "1 1 1 "
+for s in s0 s1 s2; do echo "COMMIT;" >&${LOCKFD[$s]}; exec {LOCKFD[$s]}>&-; done
+wait "$listpid"; wait
+expect "and lists the six organizations once the locks are gone" "$(cat "$OUT/list-all")" 6
+# an organization on a shard the directory does not know (made on s2 directly), and a directory
+# entry that no shard holds: each listed once, the side it is missing from NULL
+stray=$(nq s2 "SELECT (fluxrate.create_organization('Stray'))->>'id'")
+ghost=$(rq "INSERT INTO fluxrate_router.organizations (org_id, shard) VALUES (gen_random_uuid(), 1) RETURNING org_id")
+expect "a stray organization: on shard 2, routed nowhere" \
+  "$(rq "SELECT shard || ' ' || coalesce(routed_to::text, 'null') || ' ' || name FROM fluxrate_router.list_organizations() WHERE org_id = '$stray'")" "2 null Stray"
+expect "a ghost entry: on no shard, routed to 1" \
+  "$(rq "SELECT coalesce(shard::text, 'null') || ' ' || routed_to FROM fluxrate_router.list_organizations() WHERE org_id = '$ghost'")" "null 1"
+expect "eight rows in all" "$(rq "SELECT count(*) FROM fluxrate_router.list_organizations()")" 8
+rq "DELETE FROM fluxrate_router.organizations WHERE org_id = '$ghost'"
+nq s2 "SELECT sum(fluxrate_internal.sys_org_delete(t.tbl, '$stray')) FROM (SELECT * FROM fluxrate_internal.sys_org_tables() ORDER BY depth DESC) t" >/dev/null
+expect "both gone again" "$(rq "SELECT count(*) || '/' || count(*) FILTER (WHERE shard = routed_to) FROM fluxrate_router.list_organizations()")" "6/6"
 
 # outsider may execute two functions (granted by mistake, say): their own checks still refuse it
 rq "GRANT USAGE ON SCHEMA fluxrate TO outsider;
