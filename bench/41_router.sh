@@ -7,12 +7,24 @@
 # on this machine: router and shards share its cores, so every routed call
 # costs the router's CPU on top of the shard's.
 #   bench router_track_single: ours = through the router, baseline = direct
-#   bench router_remote_shape: ours = the statement PL/Proxy sends a shard
-#         (simple protocol, the claims subquery, parsed and planned per call),
-#         straight to the shard; baseline = direct.  What a router on a machine
-#         of its own would leave of the direct rate, the network aside.
+#   bench router_remote_shape: ours = the statement PL/Proxy sends a shard for
+#         a keyed track (extended protocol, parameters, parsed and planned per
+#         call: PL/Proxy prepares nothing), straight to the shard; baseline =
+#         direct.  What a router on a machine of its own would leave of the
+#         direct rate, the network aside.
+#   bench router_hop_floor: ours = a PL/Proxy function whose remote statement
+#         is SELECT 1, through the router; baseline = SELECT 1 on the shard.
+#         The price of the second backend and round trip alone, with nothing
+#         to route and nothing to do.
+#   bench router_track_pinned: router_track_single with the router cluster and
+#         pgbench on core 0 and the shards on core 1 (taskset): the shard's
+#         core is its own on both sides, as with a router (beside the
+#         application) on a machine of its own.
 #   bench router_aggregate_3_shards: ours = through the router to 3 shards,
 #         baseline = 3 shards fed directly (16 clients split over them)
+# After each single-shard side, "cpu <name>:" gives the CPU time per call the
+# router's and shard 0's processes spent (their /proc stat, reaped children
+# included): on 2 shared cores, what caps the rate once they are busy.
 set -euo pipefail
 T=${BENCH_SECONDS:-30}
 C=${BENCH_CLIENTS:-16}
@@ -43,24 +55,79 @@ SELECT fluxrate.track(api_key => '${KEY[$1]}', meter_token => '${TOK[$1]}', cust
 SQL
 }
 single 0 "$W/direct_single.sql"; cp "$W/direct_single.sql" "$W/router_single.sql"
-# PL/Proxy's statement for this call: positional arguments, the claims subquery
-cat > "$W/remote_single.sql" <<SQL
+# PL/Proxy's statement for this call (fluxrate_router_calls.track__key: a key
+# needs no claims), as the shard gets it: a parameter per argument, each cast;
+# pgbench sends :tok, :key and the two computed strings as parameters (-M
+# extended, unnamed statement: parsed and planned per call like PL/Proxy's)
+cat > "$W/remote_single.sql" <<'SQL'
 \set k random(1, 2000000000)
-SELECT fluxrate.track('${TOK[0]}', 'cust-' || (:k % 1000), 1, NULL, 'k' || :k, NULL, NULL, NULL, '${KEY[0]}') AS track
-  FROM (SELECT pg_catalog.set_config('request.jwt.claims', '', true)) AS _ctx(c);
+\set c :k % 1000
+SELECT fluxrate.track(:tok::text, ('cust-' || :c::text)::text, 1::"numeric", NULL::timestamptz, ('k' || :k::text)::text,
+                      NULL::jsonb, NULL::text, NULL::jsonb, :key::text) AS track;
 SQL
+# the floor: one hop through PL/Proxy that does nothing, against nothing done directly
+rq "CREATE FUNCTION public.bench_hop(integer) RETURNS integer LANGUAGE plproxy AS \$p\$
+      CLUSTER 'fluxrate_shards'; RUN ON \$1; SELECT 1 AS bench_hop; \$p\$" >/dev/null
+echo 'SELECT 1;' > "$W/direct_one.sql"
+echo 'SELECT public.bench_hop(0);' > "$W/router_one.sql"
+cp "$W/direct_single.sql" "$W/direct_pinned.sql"; cp "$W/direct_single.sql" "$W/router_pinned.sql"
 for o in 0 1 2; do single $o "$W/org$o.sql"; done
-# run <seconds> <script> <output>: scripts named router_* go to the router, direct_* to shard 0
+# CPU ticks of a node: its postmaster's reaped children and every live process of it
+ticks() {
+  local pm t c
+  pm=$(node_pid "$1")
+  t=$(awk '{ print $14 + $15 + $16 + $17 }' "/proc/$pm/stat")
+  for c in $(ps -o pid= --ppid "$pm"); do t=$(( t + $(awk '{ print $14 + $15 }' "/proc/$c/stat" 2>/dev/null || echo 0) )); done
+  echo "$t"
+}
+declare -A CPU_R CPU_S CALLS
+# pin <router cpus> <shard cpus>: every process of the router node, and of the shards
+pin() {
+  local n p
+  for n in router s0 s1 s2; do
+    for p in $(node_pid $n) $(ps -o pid= --ppid "$(node_pid $n)"); do
+      taskset -p -c "$([ $n = router ] && echo "$1" || echo "$2")" "$p" >/dev/null 2>&1 || true
+    done
+  done
+}
+# run <seconds> <script> <output>: scripts named router_* go to the router, direct_* and remote_* to shard 0
 run() {
-  case $(basename "$2") in
-    router_*) pgbench -h "$(node_host router)" -p 5432 -U postgres -n -M prepared -c "$C" -j 2 -T "$1" -f "$2" router > "$3" 2>&1 || { cat "$3"; exit 1; } ;;
-    direct_*) pgbench -h "$(node_host s0)" -p 5432 -U postgres -n -M prepared -c "$C" -j 2 -T "$1" -f "$2" fluxrate > "$3" 2>&1 || { cat "$3"; exit 1; } ;;
-    remote_*) pgbench -h "$(node_host s0)" -p 5432 -U postgres -n -M simple -c "$C" -j 2 -T "$1" -f "$2" fluxrate > "$3" 2>&1 || { cat "$3"; exit 1; } ;;
+  local b r0 s0 pre=""
+  b=$(basename "$2" .sql)
+  case $b in *_pinned) pre="taskset -c 0" ;; esac
+  r0=$(ticks router); s0=$(ticks s0)
+  case $b in
+    router_*) $pre pgbench -h "$(node_host router)" -p 5432 -U postgres -n -M prepared -c "$C" -j 2 -T "$1" -f "$2" router > "$3" 2>&1 || { cat "$3"; exit 1; } ;;
+    direct_*) $pre pgbench -h "$(node_host s0)" -p 5432 -U postgres -n -M prepared -c "$C" -j 2 -T "$1" -f "$2" fluxrate > "$3" 2>&1 || { cat "$3"; exit 1; } ;;
+    remote_*) pgbench -h "$(node_host s0)" -p 5432 -U postgres -n -M extended -D tok="${TOK[0]}" -D key="${KEY[0]}" \
+                -c "$C" -j 2 -T "$1" -f "$2" fluxrate > "$3" 2>&1 || { cat "$3"; exit 1; } ;;
   esac
+  sleep 0.2   # the backends exit and are reaped
+  CPU_R[$b]=$(( ${CPU_R[$b]:-0} + $(ticks router) - r0 )); CPU_S[$b]=$(( ${CPU_S[$b]:-0} + $(ticks s0) - s0 ))
+  CALLS[$b]=$(( ${CALLS[$b]:-0} + $(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$3") ))
+}
+# cpu <name> <baseline script> <ours script>: CPU µs per call on each side
+cpu() {
+  local o b hz; o=$(basename "$3" .sql); b=$(basename "$2" .sql); hz=$(getconf CLK_TCK)
+  awk -v n="$1" -v hz="$hz" -v ro="${CPU_R[$o]}" -v so="${CPU_S[$o]}" -v co="${CALLS[$o]}" \
+      -v rb="${CPU_R[$b]}" -v sb="${CPU_S[$b]}" -v cb="${CALLS[$b]}" 'BEGIN {
+    printf "cpu %s: ours router=%.0f shard=%.0f total=%.0f us/call; baseline router=%.0f shard=%.0f total=%.0f us/call; ratio=%.3f\n", n,
+      ro / hz / co * 1e6, so / hz / co * 1e6, (ro + so) / hz / co * 1e6, rb / hz / cb * 1e6, sb / hz / cb * 1e6, (rb + sb) / hz / cb * 1e6,
+      ((rb + sb) / cb) / ((ro + so) / co) }'
 }
 source "$(dirname "${BASH_SOURCE[0]}")/rounds.sh"
+echo "load: $(cut -d' ' -f1-3 /proc/loadavg)"
 side router_track_single "$W/direct_single.sql" "$W/router_single.sql" 1
+cpu router_track_single "$W/direct_single.sql" "$W/router_single.sql"
 side router_remote_shape "$W/direct_single.sql" "$W/remote_single.sql" 1
+cpu router_remote_shape "$W/direct_single.sql" "$W/remote_single.sql"
+side router_hop_floor "$W/direct_one.sql" "$W/router_one.sql" 1
+cpu router_hop_floor "$W/direct_one.sql" "$W/router_one.sql"
+pin 0 1
+side router_track_pinned "$W/direct_pinned.sql" "$W/router_pinned.sql" 1
+cpu router_track_pinned "$W/direct_pinned.sql" "$W/router_pinned.sql"
+pin 0-1 0-1
+echo "load: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # aggregate over 3 shards: through the router, each transaction for one of the
 # three organizations (one per shard) at random; against 3 direct pgbench runs
