@@ -1,6 +1,9 @@
 # fluxrate: PGXS build.  See README.md "Layout" for the role of each directory.
 # fluxrate_router: the PL/Proxy router of a sharded set-up, a second extension
-# with its own version and no upgrade chain yet (src/router/, docs/scale-out.md)
+# with its own version and no upgrade chain yet (src/router/, docs/scale-out.md).
+# It was never released: it landed after fluxrate 0.1.0 was frozen (release
+# 0.1.0 ships fluxrate only), so its 0.1.0 script is still edited in place; its
+# first release freezes it and starts an upgrade chain like fluxrate's.
 EXTENSION   = fluxrate fluxrate_router
 EXTVERSION  = 0.2.0
 ROUTER_VERSION = 0.1.0

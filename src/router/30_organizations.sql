@@ -234,7 +234,7 @@ $$;
 -- a row came from (a shard does not know its own number), so the partition
 -- numbers 0..n-1 are SPLIT and RUN ON them: each partition gets the one-element
 -- array of its own number and answers with it.  A shard down fails the call
--- (PT503 naming PL/Proxy's error): it is an operator's look at all of them.
+-- (PL/Proxy's connection error): it is an operator's look at all of them.
 CREATE FUNCTION fluxrate_router_calls.shard_organizations(parts integer[], OUT shard integer, OUT org_id uuid, OUT name text)
   RETURNS SETOF record
   LANGUAGE plproxy AS $p$

@@ -200,6 +200,22 @@ expect_like "nor use a context set by hand" \
   "$(err outsider "SELECT set_config('fluxrate_router.acting_org', '${ORG[a]}', false); SELECT fluxrate.list_customers()")" "PT401: role \"outsider\" may not act*"
 expect_like "no context: refused" "$(err app "SELECT fluxrate.list_customers()")" "PT401: no organization in context"
 expect_like "an unknown organization: not found" "$(err app "SELECT fluxrate.act_as(gen_random_uuid())")" "PT404"
+# the tag as the router reads it (tagged_org: a length check, one pattern without counted
+# repetitions, the "_" after 32 hex digits): exactly the shard's key format, nothing looser
+k=${KEY[a]}
+expect "tagged_org: a key's organization; the refresh-token prefix; malformed forms are NULL" \
+  "$(rq "SELECT concat_ws(',', fluxrate_router.tagged_org('$k', 'org_live_') = '${ORG[a]}',
+           fluxrate_router.tagged_org(replace('$k', 'org_live_', 'rt_'), 'rt_') = '${ORG[a]}',
+           coalesce(fluxrate_router.tagged_org('org_live_' || upper(substr('$k', 10, 32)) || substr('$k', 42), 'org_live_')::text, 'upper'),
+           coalesce(fluxrate_router.tagged_org(overlay('$k' placing '_' from 30), 'org_live_')::text, 'underscore in tag'),
+           coalesce(fluxrate_router.tagged_org(overlay('$k' placing '-' from 60), 'org_live_')::text, 'dash in secret'),
+           coalesce(fluxrate_router.tagged_org('$k' || 'x', 'org_live_')::text, 'long'),
+           coalesce(fluxrate_router.tagged_org(substr('$k', 1, 84), 'org_live_')::text, 'short'),
+           coalesce(fluxrate_router.tagged_org(NULL, 'org_live_')::text, 'null'))")" \
+  "t,t,upper,underscore in tag,dash in secret,long,short,null"
+expect_like "a malformed key through the router" \
+  "$(err app "SELECT fluxrate.track(api_key => '${k}x', meter_token => '${TOKEN[a]}', customer_external_id => 'initech', quantity => 1)")" \
+  "PT401: invalid api key"
 # a 0.1.0 key (no tag) works on its shard, and the router says why it cannot route it
 old=$(nq s0 "SELECT key || ' ' || prefix || ' ' || encode(key_hash, 'hex') FROM fluxrate_internal.new_api_key()")
 set -- $old
