@@ -19,6 +19,10 @@
 --       volatility and EXECUTE grants.  Errors leave as the shard raised them
 --       (reraise(): PL/Proxy's "REMOTE ERROR" wrapping taken off, SQLSTATE,
 --       DETAIL and HINT kept); a shard that does not answer is PT503.
+--   fluxrate_router_calls.f__key(part integer, args...) -> r, for a function
+--       with an api_key parameter (track, track_batch): the bare call, no
+--       claims.  The wrapper takes this path when a key is given, routed by
+--       key_shard() (the hot path of track through the router).
 -- Not wrapped: procedures and jobs (close_due_periods, ..., schedule_jobs,
 -- refresh_usage_rollups: every shard runs its own by pg_cron; nothing is
 -- scheduled on the router), now(), and the hand-written ones in 30_*.sql.
