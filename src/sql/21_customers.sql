@@ -41,6 +41,13 @@ BEGIN
   PERFORM fluxrate_internal.required(create_customer.name, 'name');
   PERFORM fluxrate_internal.required(create_customer.email, 'email');
   PERFORM fluxrate_internal.check_email(create_customer.email);
+  -- identifiers are 1 to 255 characters (docs/security.md, "Ingestion bounds"):
+  -- a 3 KB external_id reached the unique index and failed with 54000
+  IF pg_catalog.length(create_customer.external_id) > 255 THEN
+    PERFORM fluxrate_internal.fail('22023', 'external_id must be 1 to 255 characters',
+      pg_catalog.format('external_id has %s characters.', pg_catalog.length(create_customer.external_id)),
+      'Use a shorter identifier of the customer in your system.');
+  END IF;
   IF create_customer.billing_address_country IS NOT NULL AND upper(create_customer.billing_address_country) !~ '^[A-Z]{2}$' THEN
     PERFORM fluxrate_internal.fail('22023', pg_catalog.format('invalid billing_address_country: %s', create_customer.billing_address_country),
       'billing_address_country is an ISO 3166 two-letter code such as US or IN.');
@@ -112,6 +119,13 @@ DECLARE
   c fluxrate_internal.customers;
 BEGIN
   PERFORM fluxrate_internal.check_email(update_customer.email);
+  -- identifiers are 1 to 255 characters (docs/security.md, "Ingestion bounds"):
+  -- a 3 KB external_id reached the unique index and failed with 54000
+  IF pg_catalog.length(update_customer.external_id) > 255 THEN
+    PERFORM fluxrate_internal.fail('22023', 'external_id must be 1 to 255 characters',
+      pg_catalog.format('external_id has %s characters.', pg_catalog.length(update_customer.external_id)),
+      'Use a shorter identifier of the customer in your system.');
+  END IF;
   IF update_customer.billing_address_country IS NOT NULL AND upper(update_customer.billing_address_country) !~ '^[A-Z]{2}$' THEN
     PERFORM fluxrate_internal.fail('22023', pg_catalog.format('invalid billing_address_country: %s', update_customer.billing_address_country),
       'billing_address_country is an ISO 3166 two-letter code such as US or IN.');
