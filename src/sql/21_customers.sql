@@ -159,11 +159,18 @@ CREATE FUNCTION fluxrate.delete_customer(customer_id uuid) RETURNS jsonb
   AS $$
 DECLARE
   v_org uuid := fluxrate_internal.require_org('customers.write');
+  v_ext text;
 BEGIN
-  DELETE FROM fluxrate_internal.customers x WHERE x.org_id = v_org AND x.id = delete_customer.customer_id;
+  SELECT x.external_id INTO v_ext FROM fluxrate_internal.customers x
+   WHERE x.org_id = v_org AND x.id = delete_customer.customer_id FOR UPDATE;
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'customer not found', pg_catalog.format('No customer %s in this organization.', customer_id));
   END IF;
+  -- wait for the open tracks of this customer, and hold off new ones until
+  -- commit (src/ingest_lock.c): the statements below see every event tracked
+  -- before, and a track after sees the customer gone
+  PERFORM fluxrate_internal.lock_customer_events(v_org, v_ext);
+  DELETE FROM fluxrate_internal.customers x WHERE x.org_id = v_org AND x.id = delete_customer.customer_id;
   -- the events and their rollups together, never interleaved with a rollup
   -- refresh (one that had read these events could write their rollups back)
   PERFORM pg_advisory_xact_lock_shared(fluxrate_internal.rollup_lock_key());
@@ -171,9 +178,9 @@ BEGIN
   DELETE FROM fluxrate_internal.usage_rollups r WHERE r.org_id = v_org AND r.customer_id = delete_customer.customer_id;
   -- its outbox events and their deliveries, sent or not (its invoices, and the
   -- deliveries that name them, went with the customer row: ON DELETE CASCADE).
-  -- A track that raced this delete and commits after it wrote an event for a
-  -- customer that no longer exists: the next rollup refresh deletes it
-  -- (sys_rollup_add), docs/security.md "Deletion".
+  -- (In REPEATABLE READ a track that committed after this transaction's
+  -- snapshot is not seen; the next rollup refresh deletes its event:
+  -- sys_rollup_add, docs/security.md "Deletion".)
   WITH ob AS (
     DELETE FROM fluxrate_internal.outbox o
      WHERE o.org_id = v_org AND o.payload->'data'->>'customer_id' = delete_customer.customer_id::text
