@@ -2,7 +2,8 @@
 # Curves, not points (issue 17, item 4): how each cost grows, as ratios against
 # plain PostgreSQL measured side by side in this run.  Sections (CURVES selects,
 # default all, in this order):
-#   months  12 consecutive monthly closes of one organization (close N / close 1)
+#   months  BENCH_MONTHS (12) consecutive monthly closes of one organization
+#           (close 12 / close 1), with finalization in between
 #   close   closing at BENCH_SUBS subscriptions each (one organization per size,
 #           all October 2026), per-subscription cost, and the peak memory of the
 #           closing backend (RssAnon sampled from /proc, VmHWM at its end)
@@ -114,12 +115,25 @@ idle_anon_kb() {  # an idle backend's RssAnon after one trivial statement, for s
 # (timed), the grace hour, finalization (timed, reported).  Every close also
 # re-checks the last 12 finalized periods for late usage, and the tables grow
 # by a month of invoices, lines and events each time.
+# Where the time goes: pg_stat_user_functions (track_functions = all in the timed
+# sessions), the difference over each call, in ms.
+FUNCS="'sys_close_prepare', 'sys_close_batch', 'sys_close_usage', 'org_period_usage', 'sys_finalize_batch', 'fill_lines', 'fill_late_lines', 'meter_usage'"
+fsnap() { q "CREATE TABLE IF NOT EXISTS public.bench_fstat (label text, funcname text, total_ms float8, calls bigint);
+             DELETE FROM public.bench_fstat WHERE label = '$1';
+             INSERT INTO public.bench_fstat SELECT '$1', funcname, total_time, calls FROM pg_stat_user_functions
+              WHERE schemaname = 'fluxrate_internal' AND funcname IN ($FUNCS)"; }
+fdiff() {  # fdiff <snapshot label> <funcname> -> ms since the snapshot
+  sleep 0.5  # (an exited backend's counters reach the shared statistics as it exits)
+  q "SELECT round(coalesce((SELECT sum(f.total_time) FROM pg_stat_user_functions f
+                             WHERE f.schemaname = 'fluxrate_internal' AND f.funcname = '$2'), 0)
+                 - coalesce((SELECT sum(total_ms) FROM public.bench_fstat WHERE label = '$1' AND funcname = '$2'), 0))"; }
 if has months; then
+  NM=${BENCH_MONTHS:-12}
   pin '2026-10-01 00:00:00+00'
   setup_close_org "Curve months" "$MSUBS"
   MORG=$ORG
-  printf "month\tperiod_start\tclose_s\tper_sub_ms\tfinalize_s\trefresh_s\tload\n" > "$CV/months.tsv"
-  for i in $(seq 0 11); do
+  printf "month\tperiod_start\tclose_s\tper_sub_ms\tfinalize_s\trefresh_s\tprepare_ms\tbatches_ms\tfill_late_ms\tload\n" > "$CV/months.tsv"
+  for i in $(seq 0 $((NM - 1))); do
     ms=$(q "SELECT to_char(timestamptz '2026-10-01 00:00+00' + $i * interval '1 month', 'YYYY-MM-DD')")
     me=$(q "SELECT to_char(timestamptz '2026-10-01 00:00+00' + ($i + 1) * interval '1 month', 'YYYY-MM-DD')")
     pin "$ms 00:00:00+00"
@@ -129,16 +143,20 @@ if has months; then
     psql -X -q -c "VACUUM ANALYZE fluxrate_internal.usage_rollups" -c "CHECKPOINT" >/dev/null
     month_events "$MORG" "$MSUBS" "$ms" "$MSUBS" 1
     pin "$me 00:00:30+00"
-    timed_call month_$i "CALL fluxrate.close_due_periods()"; cs=$SECS
+    fsnap m0
+    PGOPTIONS="-c track_functions=all" timed_call month_$i "CALL fluxrate.close_due_periods()"; cs=$SECS
+    pms=$(fdiff m0 sys_close_prepare); bms=$(fdiff m0 sys_close_batch)
     got=$(q "SELECT count(*) FROM fluxrate_internal.invoices WHERE org_id = '$MORG' AND period_start = '$ms'")
     [ "$got" = "$MSUBS" ] || { echo "month $((i + 1)): $got invoices for $MSUBS subscriptions"; exit 1; }
     pin "$me 01:00:30+00"
-    s=$(now_s); psql -X -q -c "CALL fluxrate.finalize_due_invoices()"; fs=$(el "$s" "$(now_s)")
+    fsnap f0
+    s=$(now_s); PGOPTIONS="-c track_functions=all" psql -X -q -c "CALL fluxrate.finalize_due_invoices()"; fs=$(el "$s" "$(now_s)")
+    fl=$(fdiff f0 fill_late_lines)
     l=$(load)
-    printf "%d\t%s\t%s\t%s\t%s\t%s\t%s\n" $((i + 1)) "$ms" "$cs" "$(awk -v s="$cs" -v n="$MSUBS" 'BEGIN { printf "%.4f", s * 1000 / n }')" "$fs" "$rs" "$l" >> "$CV/months.tsv"
-    echo "bench close_month_$((i + 1)): $cs s for $MSUBS subscriptions ($ms), finalize $fs s, refresh $rs s, peak RssAnon $((PEAK_ANON_KB / 1024)) MB; load $l"
+    printf "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n" $((i + 1)) "$ms" "$cs" "$(awk -v s="$cs" -v n="$MSUBS" 'BEGIN { printf "%.4f", s * 1000 / n }')" "$fs" "$rs" "$pms" "$bms" "$fl" "$l" >> "$CV/months.tsv"
+    echo "bench close_month_$((i + 1)): $cs s for $MSUBS subscriptions ($ms; sys_close_prepare $pms ms, batches $bms ms), finalize $fs s (fill_late_lines $fl ms), refresh $rs s, peak RssAnon $((PEAK_ANON_KB / 1024)) MB; load $l"
   done
-  awk -F'\t' 'NR == 2 { f = $3 } NR > 1 { l = $3 } END { printf "bench close_month_12_vs_1: ratio=%.3f (goal within 20%%: <= 1.20)\n", l / f }' "$CV/months.tsv"
+  awk -F'\t' 'NR == 2 { f = $3 } NR == 13 { l = $3 } END { if (l) printf "bench close_month_12_vs_1: ratio=%.3f (goal within 20%%: <= 1.20)\n", l / f }' "$CV/months.tsv"
 fi
 if has close; then
   IDLE_KB=$(idle_anon_kb)
