@@ -13,8 +13,8 @@
 #           events already stored (BENCH_HIST), on both sides
 #   live    get_customer_usage() of one customer, idle and under concurrent
 #           ingestion (p50/p99), at each stored size of the ingest section
-#   copy    plain COPY into a table shaped like usage_events; the bulk-load
-#           function of issue 17 item 3 beside it once it exists (pending)
+#   copy    plain COPY into usage_events; fluxrate.load_events (issue 17 item
+#           3) over a COPYd staging table beside it, once it exists (pending)
 # BENCH_SCALE=small (default, a few minutes) or big (10M/50M events, 50,000
 # subscriptions: ~1 h and ~35 GB on this VM, see bench/RESULTS.md).
 # Lines "bench <name>: ..." as the other benches; every point also goes to
@@ -240,19 +240,36 @@ if has ingest || has live; then
   fi
   echo "baseline table: $BASE"
   HMAX=$(echo "$HIST" | tr ' ' '\n' | sort -n | tail -1); [ "$HMAX" -gt 0 ] || HMAX=1
-  # History generation through the internal table.  When usage_events loses its
-  # unique idempotency index (issue 17 item 1 keeps the keys elsewhere), the keys
-  # must be written wherever the engine keeps them: stop rather than measure an
-  # ingest path whose idempotency index does not hold the history's keys.
-  if [ "$(uniq fluxrate_internal.usage_events)" = 0 ]; then
-    echo "bench 51: usage_events has no unique (org_id, idempotency_key) index: adapt gen_history to the engine's idempotency table"; exit 1
+  # History generation through the internal table, with the idempotency keys
+  # wherever the engine keeps them: in usage_events' own unique index (today), or
+  # in fluxrate_internal.usage_event_keys (issue 17 item 1: the key table written
+  # in the same statement as the event), and in the months' partitions when
+  # usage_events is partitioned (made first, as load_events does, so history
+  # does not land in the default partition).  Without either, stop rather than
+  # measure an ingest path whose idempotency index does not hold the history.
+  KEYS=$(q "SELECT to_regclass('fluxrate_internal.usage_event_keys') IS NOT NULL")
+  if [ "$KEYS" != t ] && [ "$(uniq fluxrate_internal.usage_events)" = 0 ]; then
+    echo "bench 51: neither a unique (org_id, idempotency_key) index on usage_events nor usage_event_keys: adapt gen_history"; exit 1
   fi
+  make_months() {  # make_months <from> <to>: the partitions of those months, if usage_events is partitioned
+    [ -n "$(q "SELECT to_regproc('fluxrate_internal.make_event_partition')")" ] || return 0
+    q "SELECT count(fluxrate_internal.make_event_partition(m))
+         FROM generate_series(date_trunc('month', ($1)::timestamptz, 'UTC'), ($2)::timestamptz, interval '1 month') m" >/dev/null
+  }
+  make_months "now() - interval '366 days'" "now() + interval '1 month'"
+  HASH="'\\x$(printf 'ab%.0s' $(seq 1 32))'::bytea"
   gen_history() {  # gen_history <table> <from n> <to n>
-    q "INSERT INTO $1 (org_id, id, customer_id, meter_id, quantity, \"timestamp\", ingested_at, idempotency_key, payload_hash)
-       SELECT '$ORG', fluxrate_internal.uuid_v7(), ('00000000-0000-4000-8000-' || lpad((g % 1000)::text, 12, '0'))::uuid, '$MID',
-              1 + (g % 7), ts, ts, 'h' || g, '\\x$(printf 'ab%.0s' $(seq 1 32))'::bytea
-         FROM generate_series($2::bigint, $3::bigint - 1) g,
-              LATERAL (SELECT now() - (g + 1) * (interval '365 days' / $HMAX)) t(ts)"
+    local sel="SELECT '$ORG'::uuid, fluxrate_internal.uuid_v7(), ('00000000-0000-4000-8000-' || lpad((g % 1000)::text, 12, '0'))::uuid, '$MID'::uuid,
+                      (1 + (g % 7))::numeric, ts, ts, 'h' || g, $HASH
+                 FROM generate_series($2::bigint, $3::bigint - 1) g,
+                      LATERAL (SELECT now() - (g + 1) * (interval '365 days' / $HMAX)) t(ts)"
+    local cols='org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at, idempotency_key, payload_hash'
+    if [ "$KEYS" = t ] && [ "$1" = fluxrate_internal.usage_events ]; then
+      q "WITH ev AS (INSERT INTO $1 ($cols) $sel RETURNING org_id, idempotency_key, id, \"timestamp\", payload_hash)
+         INSERT INTO fluxrate_internal.usage_event_keys (org_id, idempotency_key, event_id, \"timestamp\", payload_hash) SELECT * FROM ev"
+    else
+      q "INSERT INTO $1 ($cols) $sel"
+    fi
   }
   cat > "$W/ours_single.sql" <<SQL
 \set k random(1, 9000000000000000000)
@@ -334,7 +351,9 @@ SQL
       prev=$h
     fi
     stored=$(q "SELECT count(*) FROM fluxrate_internal.usage_events WHERE org_id = '$ORG'")
-    sz=$(q "SELECT string_agg(t || ' ' || pg_size_pretty(pg_total_relation_size(t::regclass)), ', ') FROM unnest(string_to_array('$TABLES', ' ')) t")
+    # (a partitioned table's size is its partitions')
+    sz=$(q "SELECT string_agg(t || ' ' || pg_size_pretty((SELECT sum(pg_total_relation_size(p.relid)) FROM pg_partition_tree(t::regclass) p)), ', ')
+              FROM unnest(string_to_array('$TABLES' || CASE WHEN '$KEYS'::boolean THEN ' fluxrate_internal.usage_event_keys' ELSE '' END, ' ')) t")
     echo "stored: $stored events of the ingesting organization (history $h); with indexes: $sz"
     if has ingest; then
       for kind in single batch; do
@@ -354,33 +373,71 @@ SQL
       itps=$(tps "$W/ingest_bg.out")
       l=$(load)
       printf "%d\t%s\t%s\t%s\t%s\t%s\t%.0f\t%s\n" "$stored" "$ip50" "$ip99" "$bp50" "$bp99" "$(awk -v a="$bp99" -v b="$ip99" 'BEGIN { printf "%.3f", a / b }')" "$itps" "$l" >> "$CV/live.tsv"
-      echo "bench live_usage_h$h: idle p50=${ip50} ms p99=${ip99} ms ($in reads); under ingestion (${itps%.*} track/s, 8 clients) p50=${bp50} ms p99=${bp99} ms ($bn reads); p99 ratio=$(awk -v a="$bp99" -v b="$ip99" 'BEGIN { printf "%.3f", a / b }') (goal <= 2); load $l"
+      # what one read reads: the reader's meter over its current period (the
+      # statement of meter_usage's SUM path), with its plan kept in $CV
+      RQ="SELECT sum(e.quantity) FROM fluxrate_internal.usage_events e WHERE e.org_id = '$ORG' AND e.customer_id = '$LCUST' AND e.meter_id = '$MID'
+            AND e.\"timestamp\" >= (SELECT current_period_start FROM fluxrate_internal.subscriptions WHERE org_id = '$ORG' AND customer_id = '$LCUST')
+            AND e.\"timestamp\" < (SELECT current_period_end FROM fluxrate_internal.subscriptions WHERE org_id = '$ORG' AND customer_id = '$LCUST')"
+      q "EXPLAIN (ANALYZE, BUFFERS) $RQ" > "$CV/explain_live_h$h.txt"
+      rd=$(q "SELECT count(*) FROM fluxrate_internal.usage_events e WHERE e.org_id = '$ORG' AND e.customer_id = '$LCUST'
+            AND e.\"timestamp\" >= (SELECT current_period_start FROM fluxrate_internal.subscriptions WHERE org_id = '$ORG' AND customer_id = '$LCUST')")
+      hf=$(grep -o 'Heap Fetches: [0-9]*' "$CV/explain_live_h$h.txt" | head -1)
+      echo "bench live_usage_h$h: idle p50=${ip50} ms p99=${ip99} ms ($in reads); under ingestion (${itps%.*} track/s, 8 clients) p50=${bp50} ms p99=${bp99} ms ($bn reads); p99 ratio=$(awk -v a="$bp99" -v b="$ip99" 'BEGIN { printf "%.3f", a / b }') (goal <= 2); the reader's customer has $rd events in its period after the run ($hf in the plan); load $l"
     fi
   done
   q "DROP TABLE IF EXISTS public.bench_events, public.bench_tpl" >/dev/null
 fi
 
 # --- bulk load ------------------------------------------------------------------
-# COPY of COPYN events from a CSV file into a plain table shaped like usage_events
-# (every index), the table empty: the baseline of issue 17 item 3.  The bulk-load
-# function does not exist yet on this branch: its row says pending.
+# COPYN events of one organization (1,000 customers, one meter, a month) from a
+# CSV file.  Baseline: plain COPY into fluxrate_internal.usage_events itself
+# (the same table; and of the keys into usage_event_keys where the engine keeps
+# them there), the rows as the engine would store them.  Ours, once
+# fluxrate.load_events (issue 17 item 3) exists: COPY of the same events as
+# track's arguments into a staging table, then load_events() (validation,
+# customers, keys, events), timed together.  Until then its row says pending.
 if has copy; then
   CORG=$(q "SELECT (fluxrate.create_organization('Curve copy'))->>'id'")
-  CSV=$CV/copy.csv
-  q "COPY (SELECT '$CORG'::uuid, fluxrate_internal.uuid_v7(), ('00000000-0000-4000-8000-' || lpad((g % 1000)::text, 12, '0'))::uuid,
-                  '00000000-0000-4000-8000-000000000002'::uuid, 1 + (g % 7), timestamptz '2026-10-01' + g * interval '1 second',
-                  timestamptz '2026-10-01' + g * interval '1 second', 'c' || g
-             FROM generate_series(0, $COPYN - 1) g) TO '$CSV' WITH (FORMAT csv)"
-  q "DROP TABLE IF EXISTS public.bench_copy; CREATE TABLE public.bench_copy (LIKE fluxrate_internal.usage_events INCLUDING ALL); CHECKPOINT"
+  CTOK=$(q "SELECT fluxrate.act_as('$CORG'); SELECT (fluxrate.create_feature('Rows','rows','meter',meter_name=>'rows',property_name=>'n',aggregation_type=>'SUM'))->>'meter_token'" | tail -1)
+  CMID=$(q "SELECT id FROM fluxrate_internal.meters WHERE org_id = '$CORG'")
+  q "SELECT fluxrate.act_as('$CORG'); SELECT count(fluxrate.create_customer('c' || g, 'c' || g || '@example.com', 'cust-' || g)) FROM generate_series(0, 999) g" >/dev/null
+  if [ -n "$(q "SELECT to_regproc('fluxrate_internal.make_event_partition')")" ]; then
+    q "SELECT count(fluxrate_internal.make_event_partition(m)) FROM generate_series(timestamptz '2026-10-01', '2026-11-01', interval '1 month') m" >/dev/null
+  fi
+  KEYS=$(q "SELECT to_regclass('fluxrate_internal.usage_event_keys') IS NOT NULL")
+  BULK=$(q "SELECT to_regprocedure('fluxrate.load_events(regclass)') IS NOT NULL")
+  # (2,592,000 s: October; the n-th event at n × 2,592,000 / COPYN s)
+  TS="timestamptz '2026-10-01 00:00+00' + (g * (2592000.0 / $COPYN)) * interval '1 second'"
+  q "CREATE TABLE public.bench_cc AS SELECT row_number() OVER (ORDER BY external_id) - 1 AS n, id, external_id FROM fluxrate_internal.customers WHERE org_id = '$CORG'"
+  q "CREATE TABLE public.bench_src AS SELECT '$CORG'::uuid AS org_id, fluxrate_internal.uuid_v7() AS id, c.id AS customer_id, '$CMID'::uuid AS meter_id,
+            1 + (g % 7) AS quantity, $TS AS ts, 'c' || g AS k, c.external_id
+       FROM generate_series(0, $COPYN - 1) g JOIN public.bench_cc c ON c.n = g % 1000"
+  q "COPY (SELECT org_id, id, customer_id, meter_id, quantity, ts, ts, k FROM public.bench_src) TO '$CV/events.csv' WITH (FORMAT csv)"
+  q "COPY (SELECT org_id, k, id, ts FROM public.bench_src) TO '$CV/keys.csv' WITH (FORMAT csv)"
+  q "COPY (SELECT '$CTOK', external_id, quantity, ts, 'l' || substr(k, 2) FROM public.bench_src) TO '$CV/load.csv' WITH (FORMAT csv)"
+  q "DROP TABLE public.bench_src; CHECKPOINT"
   s=$(now_s)
-  q "COPY public.bench_copy (org_id, id, customer_id, meter_id, quantity, \"timestamp\", ingested_at, idempotency_key) FROM '$CSV' WITH (FORMAT csv)"
+  q "COPY fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, \"timestamp\", ingested_at, idempotency_key) FROM '$CV/events.csv' WITH (FORMAT csv)"
+  # the keys as the engine stores them there: (org, key, event id, time)
+  [ "$KEYS" = t ] && q "COPY fluxrate_internal.usage_event_keys (org_id, idempotency_key, event_id, \"timestamp\") FROM '$CV/keys.csv' WITH (FORMAT csv)"
   cs=$(el "$s" "$(now_s)")
+  q "CHECKPOINT"
+  bs=pending; bps=pending; ratio=pending
+  if [ "$BULK" = t ]; then
+    s=$(now_s)
+    res=$(psql -X -q -t -A -v ON_ERROR_STOP=1 -c "CREATE TEMP TABLE s OF fluxrate.event_load_row" \
+            -c "COPY s (meter_token, customer_external_id, quantity, \"timestamp\", idempotency_key) FROM '$CV/load.csv' WITH (FORMAT csv)" \
+            -c "GRANT SELECT ON s TO fluxrate_owner" -c "SELECT fluxrate.act_as('$CORG', true)" -c "SELECT fluxrate.load_events('s')" | tail -1)
+    bs=$(el "$s" "$(now_s)")
+    [ "$(echo "$res" | sed -E 's/.*"created": ([0-9]+).*/\1/')" = "$COPYN" ] || { echo "load_events: $res"; exit 1; }
+    bps=$(awk -v n="$COPYN" -v s="$bs" 'BEGIN { printf "%.0f", n / s }'); ratio=$(awk -v c="$cs" -v b="$bs" 'BEGIN { printf "%.3f", c / b }')
+  fi
   l=$(load)
   printf "rows\tcopy_s\tcopy_per_s\tbulk_s\tbulk_per_s\tratio\tload\n" > "$CV/copy.tsv"
-  printf "%d\t%s\t%.0f\tpending\tpending\tpending\t%s\n" "$COPYN" "$cs" "$(awk -v n="$COPYN" -v s="$cs" 'BEGIN { print n / s }')" "$l" >> "$CV/copy.tsv"
-  awk -v n="$COPYN" -v s="$cs" -v l="$l" 'BEGIN { printf "bench bulk_load: ours=pending baseline=%.0f/s (plain COPY of %d rows into an empty copy of usage_events, %.2f s); load %s\n", n / s, n, s, l }'
-  q "DROP TABLE public.bench_copy" >/dev/null
-  rm -f "$CSV"
+  printf "%d\t%s\t%.0f\t%s\t%s\t%s\t%s\n" "$COPYN" "$cs" "$(awk -v n="$COPYN" -v s="$cs" 'BEGIN { print n / s }')" "$bs" "$bps" "$ratio" "$l" >> "$CV/copy.tsv"
+  awk -v n="$COPYN" -v s="$cs" -v o="$bps" -v r="$ratio" -v l="$l" 'BEGIN { printf "bench bulk_load: ours=%s/s baseline=%.0f/s ratio=%s (plain COPY of %d events into usage_events, %.2f s; goal 0.8); load %s\n", o, n / s, r, n, s, l }'
+  q "DROP TABLE public.bench_cc" >/dev/null
+  rm -f "$CV/events.csv" "$CV/keys.csv" "$CV/load.csv"
 fi
 rm -rf "$W"
 echo "curves: data in $CV (bench/plot_curves.sh $CV draws them)"
