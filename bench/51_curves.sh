@@ -118,7 +118,7 @@ idle_anon_kb() {  # an idle backend's RssAnon after one trivial statement, for s
 # Where the time goes: pg_stat_user_functions (track_functions = all in the timed
 # sessions), the difference over each call, in ms.
 FUNCS="'sys_close_prepare', 'sys_close_batch', 'sys_close_usage', 'org_period_usage', 'sys_finalize_batch', 'fill_lines', 'fill_late_lines', 'meter_usage'"
-fsnap() { q "CREATE TABLE IF NOT EXISTS public.bench_fstat (label text, funcname text, total_ms float8, calls bigint);
+fsnap() { q "SET client_min_messages = warning; CREATE TABLE IF NOT EXISTS public.bench_fstat (label text, funcname text, total_ms float8, calls bigint);
              DELETE FROM public.bench_fstat WHERE label = '$1';
              INSERT INTO public.bench_fstat SELECT '$1', funcname, total_time, calls FROM pg_stat_user_functions
               WHERE schemaname = 'fluxrate_internal' AND funcname IN ($FUNCS)"; }
