@@ -284,7 +284,7 @@ INSERT INTO $BASE (org_id, id, customer_id, meter_id, quantity, "timestamp", ing
 VALUES (:org, fluxrate_internal.uuid_v7(), ('00000000-0000-4000-8000-' || lpad(:c::text, 12, '0'))::uuid, :meter, 1, now(), now(), 'p' || :k)
 ON CONFLICT (org_id, idempotency_key) DO NOTHING;
 SQL
-  q "DROP TABLE IF EXISTS public.bench_tpl; CREATE TABLE public.bench_tpl AS
+  q "SET client_min_messages = warning; DROP TABLE IF EXISTS public.bench_tpl; CREATE TABLE public.bench_tpl AS
      SELECT jsonb_agg(jsonb_build_object('meter_token', '$TOK', 'customer_external_id', 'cust-' || (g % 1000),
                       'quantity', 1, 'idempotency_key', 'b@K@-' || g))::text AS t FROM generate_series(1, 1000) g"
   cat > "$W/ours_batch.sql" <<SQL
@@ -352,7 +352,7 @@ SQL
     fi
     stored=$(q "SELECT count(*) FROM fluxrate_internal.usage_events WHERE org_id = '$ORG'")
     # (a partitioned table's size is its partitions')
-    sz=$(q "SELECT string_agg(t || ' ' || pg_size_pretty((SELECT sum(pg_total_relation_size(p.relid)) FROM pg_partition_tree(t::regclass) p)), ', ')
+    sz=$(q "SELECT string_agg(t || ' ' || pg_size_pretty(coalesce((SELECT sum(pg_total_relation_size(p.relid)) FROM pg_partition_tree(t::regclass) p), pg_total_relation_size(t::regclass))), ', ')
               FROM unnest(string_to_array('$TABLES' || CASE WHEN '$KEYS'::boolean THEN ' fluxrate_internal.usage_event_keys' ELSE '' END, ' ')) t")
     echo "stored: $stored events of the ingesting organization (history $h); with indexes: $sz"
     if has ingest; then
@@ -385,7 +385,7 @@ SQL
       echo "bench live_usage_h$h: idle p50=${ip50} ms p99=${ip99} ms ($in reads); under ingestion (${itps%.*} track/s, 8 clients) p50=${bp50} ms p99=${bp99} ms ($bn reads); p99 ratio=$(awk -v a="$bp99" -v b="$ip99" 'BEGIN { printf "%.3f", a / b }') (goal <= 2); the reader's customer has $rd events in its period after the run ($hf in the plan); load $l"
     fi
   done
-  q "DROP TABLE IF EXISTS public.bench_events, public.bench_tpl" >/dev/null
+  q "SET client_min_messages = warning; DROP TABLE IF EXISTS public.bench_events, public.bench_tpl" >/dev/null
 fi
 
 # --- bulk load ------------------------------------------------------------------
