@@ -65,7 +65,9 @@ SELECT * FROM pg_temp.lines(:'chg1');
 SELECT subtotal, tax, total FROM fluxrate_internal.invoices WHERE id = :'chg1';   -- 52.00
 -- the May 1 close bills [Apr 13, May 1) at Pro: Calls 4,000 x 0.004 = 16.00, Platform for May in advance 100.00 = 116.00
 SET fluxrate.pinned_now = '2027-05-01 00:00:30+00';
+SET client_min_messages = error;  -- (other tests' organizations are closed too)
 CALL fluxrate.close_due_periods();
+RESET client_min_messages;
 SELECT * FROM pg_temp.invoices(:'sub1');
 SELECT l.* FROM fluxrate_internal.invoices i, pg_temp.lines(i.id) l
  WHERE i.subscription_id = :'sub1' AND i.kind = 'subscription' AND i.period_start = '2027-04-13 00:00+00';
@@ -98,7 +100,9 @@ SELECT (fluxrate.change_subscription(:'sub2', :'starter', effective => 'period_e
 -- May 1: the closing invoice bills April at Pro without May's Pro fee: Calls 2,500 x 0.004 = 10.00;
 -- then the subscription is on Starter and an opening invoice bills May's Starter fee: 30.00
 SET fluxrate.pinned_now = '2027-05-01 00:00:30+00';
+SET client_min_messages = error;  -- (other tests' organizations are closed too)
 CALL fluxrate.close_due_periods();
+RESET client_min_messages;
 SELECT * FROM pg_temp.invoices(:'sub2');
 SELECT l.* FROM fluxrate_internal.invoices i, pg_temp.lines(i.id) l WHERE i.subscription_id = :'sub2' AND i.period_start = '2027-04-01 00:00+00' AND i.kind = 'subscription';
 SELECT r->>'plan_name' AS plan, r->>'current_period_start' AS period_start, r->>'current_period_end' AS period_end,
@@ -107,7 +111,9 @@ SELECT r->>'plan_name' AS plan, r->>'current_period_start' AS period_start, r->>
 -- June 1 at Starter: Calls 300 x 0.01 = 3.00 + Platform (June) 30.00 = 33.00
 SELECT pg_temp.calls(:'org', :'cust2', :'meter', 300, '2027-05-15 00:00+00');
 SET fluxrate.pinned_now = '2027-06-01 00:00:30+00';
+SET client_min_messages = error;  -- (other tests' organizations are closed too)
 CALL fluxrate.close_due_periods();
+RESET client_min_messages;
 SELECT total FROM fluxrate_internal.invoices WHERE subscription_id = :'sub2' AND period_start = '2027-05-01 00:00+00' AND kind = 'subscription';
 SELECT c->>'status' AS status, c->>'effective' AS effective, c->>'applied_at' AS applied_at
   FROM jsonb_array_elements(fluxrate.list_subscription_changes(:'sub2')) c;
@@ -140,7 +146,7 @@ SELECT (fluxrate.create_customer('Early', 'early@example.com', 'early'))->>'id' 
 SELECT (fluxrate.create_subscription(:'cust4', :'m1', start_date => '2027-04-01 00:00+00'))->>'id' AS sub4 \gset
 SELECT (fluxrate.update_charge_price(:'m1', :'m1_calls', unit_price => 0.02))->>'plan_id' AS m2 \gset
 SELECT version, lookup_id, superseded_by = :'m2' AS superseded, id = :'m1' AS is_v1
-  FROM fluxrate_internal.plans WHERE lookup_id = 'metered' ORDER BY version;
+  FROM fluxrate_internal.plans WHERE org_id = :'org' AND lookup_id = 'metered' ORDER BY version;
 SELECT (fluxrate.get_plan(:'m2'))::jsonb->'charges'->0->>'unit_price' AS v2_price,
        (fluxrate.get_plan(:'m1'))::jsonb->'charges'->0->>'unit_price' AS v1_price;
 -- editing the old version is refused; a new subscription to the old id gets the current version
@@ -152,7 +158,9 @@ SELECT id AS sub5 FROM fluxrate_internal.subscriptions WHERE customer_id = :'cus
 -- 100 calls each in April: Early at v1 100 x 0.011 = 1.10, Late at v2 100 x 0.02 = 2.00; the invoices name their version
 SELECT pg_temp.calls(:'org', :'cust4', :'meter', 100, '2027-04-10 00:00+00'), pg_temp.calls(:'org', :'cust5', :'meter', 100, '2027-04-10 00:00+00');
 SET fluxrate.pinned_now = '2027-05-01 00:00:30+00';
+SET client_min_messages = error;  -- (other tests' organizations are closed too)
 CALL fluxrate.close_due_periods();
+RESET client_min_messages;
 SELECT c.name, i.total, i.meta_data->>'plan_version' AS plan_version, i.meta_data->>'plan_id' = :'m1' AS on_v1
   FROM fluxrate_internal.invoices i JOIN fluxrate_internal.customers c ON c.id = i.customer_id
  WHERE i.subscription_id IN (:'sub4', :'sub5') ORDER BY c.name;
@@ -160,22 +168,24 @@ SELECT c.name, i.total, i.meta_data->>'plan_version' AS plan_version, i.meta_dat
 SELECT fluxrate.migrate_subscriptions(:'m1', 'period_end') - 'plan_id' AS migrated;
 SELECT pg_temp.calls(:'org', :'cust4', :'meter', 100, '2027-05-10 00:00+00'), pg_temp.calls(:'org', :'cust4', :'meter', 100, '2027-06-10 00:00+00');
 SET fluxrate.pinned_now = '2027-07-01 00:00:30+00';
+SET client_min_messages = error;  -- (other tests' organizations are closed too)
 CALL fluxrate.close_due_periods();
+RESET client_min_messages;
 SELECT period_start::date, total, meta_data->>'plan_version' AS plan_version FROM fluxrate_internal.invoices
  WHERE subscription_id = :'sub4' ORDER BY period_start;
 -- deactivating a charge of v2 (subscribed) makes v3; Late stays on v2
 SELECT (fluxrate.update_charge(:'m2', (SELECT id FROM fluxrate_internal.charges WHERE plan_id = :'m2' AND status = 'ACTIVE'), 'INACTIVE'))->>'plan_id' <> :'m2' AS new_version;
 SELECT version, (SELECT count(*) FROM fluxrate_internal.charges c WHERE c.plan_id = p.id AND c.status = 'ACTIVE') AS active_charges,
        (SELECT count(*) FROM fluxrate_internal.subscriptions s WHERE s.plan_id = p.id) AS subscriptions
-  FROM fluxrate_internal.plans p WHERE lookup_id = 'metered' ORDER BY version;
+  FROM fluxrate_internal.plans p WHERE org_id = :'org' AND lookup_id = 'metered' ORDER BY version;
 
 -- 5. Refusals: a specific SQLSTATE, nothing written.
 SET fluxrate.pinned_now = '2027-07-02 00:00:00+00';
 SELECT (fluxrate.create_customer('Refused', 'no@example.com', 'no'))->>'id' AS cust6 \gset
 SELECT (fluxrate.create_subscription(:'cust6', :'starter', start_date => '2027-07-02 00:00+00'))->>'id' AS sub6 \gset
 SELECT (fluxrate.create_subscription(:'cust6', :'trialplan', start_date => '2027-07-02 00:00+00'))->>'id' AS sub_trial \gset
-SELECT count(*) AS changes_before FROM fluxrate_internal.subscription_changes \gset
-SELECT count(*) AS invoices_before FROM fluxrate_internal.invoices \gset
+SELECT count(*) AS changes_before FROM fluxrate_internal.subscription_changes WHERE org_id = :'org' \gset
+SELECT count(*) AS invoices_before FROM fluxrate_internal.invoices WHERE org_id = :'org' \gset
 SET fluxrate.pinned_now = '2027-07-10 00:00:00+00';
 SELECT fluxrate.change_subscription(:'sub6', :'euro');                          -- PT422 another currency
 SELECT fluxrate.change_subscription(:'sub6', :'old');                           -- PT422 deactivated plan
@@ -189,8 +199,8 @@ SELECT fluxrate.change_subscription(:'sub6', gen_random_uuid());                
 SELECT fluxrate.change_subscription(:'sub6', NULL);                             -- 22004 plan_id is required
 SELECT fluxrate.cancel_subscription(:'sub6') IS NOT NULL AS canceled;
 SELECT fluxrate.change_subscription(:'sub6', :'pro');                           -- PT409 canceled
-SELECT (SELECT count(*) FROM fluxrate_internal.subscription_changes) - :changes_before AS changes_written,
-       (SELECT count(*) FROM fluxrate_internal.invoices WHERE kind <> 'final') - :invoices_before AS invoices_written;
+SELECT (SELECT count(*) FROM fluxrate_internal.subscription_changes WHERE org_id = :'org') - :changes_before AS changes_written,
+       (SELECT count(*) FROM fluxrate_internal.invoices WHERE org_id = :'org' AND kind <> 'final') - :invoices_before AS invoices_written;
 
 -- 6. Tenancy: org B cannot change, schedule, cancel or list org A's subscription changes.
 SELECT count(*) AS org_a_changes FROM fluxrate_internal.subscription_changes WHERE org_id = :'org' \gset

@@ -149,7 +149,7 @@ DECLARE
   p fluxrate_internal.plans;
   r record;
   v_moved integer := 0;
-  v_skipped jsonb := '[]';
+  v_skipped jsonb := '[]'::jsonb;
 BEGIN
   PERFORM fluxrate_internal.required(migrate_subscriptions.plan_id, 'plan_id');
   PERFORM fluxrate_internal.one_of(lower(migrate_subscriptions.effective), 'effective', ARRAY['now', 'period_end']);

@@ -222,7 +222,7 @@ $$;
 -- The checks of change_subscription that read no period (nothing is written
 -- before they pass): returns the plan the subscription moves to (the current
 -- version of the plan asked for).
-CREATE FUNCTION fluxrate_internal.check_change(s fluxrate_internal.subscriptions, plan_id uuid, effective text)
+CREATE FUNCTION fluxrate_internal.check_change(s fluxrate_internal.subscriptions, plan_id uuid)
   RETURNS fluxrate_internal.plans
   LANGUAGE plpgsql STABLE
   SET search_path = pg_catalog, pg_temp
@@ -364,7 +364,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'subscription not found', format('No subscription %s in this organization.', subscription_id));
   END IF;
-  p := fluxrate_internal.check_change(s, change_subscription.plan_id, v_eff);
+  p := fluxrate_internal.check_change(s, change_subscription.plan_id);
   -- a period that has ended is closed first (as the closer would), so the change
   -- is after that close, never inside it
   WHILE s.current_period_end <= v_now LOOP
