@@ -917,6 +917,13 @@ echo "usage rollups against the events: $rd differences"
 [ "$rd" = 0 ] || fail "$rd rollup rows differ from the events"
 [ "$(q "SELECT sum(late_lines) > 0 AND sum(min_lines) > 0 AND sum(adv_lines) > 0 AND sum(prorated) > 0 FROM public.eq_rounds")" = t ] \
   || fail "expected late usage, minimum, in-advance and prorated lines"
+# the scheduled plan changes were applied by the closing runs at their period end, none is overdue
+q "SELECT 'plan changes: ' || string_agg(effective || '/' || status || ' ' || n, ', ' ORDER BY effective, status) FROM (
+     SELECT effective, status, count(*) AS n FROM fluxrate_internal.subscription_changes GROUP BY 1, 2) x"
+[ "$(q "SELECT count(*) FILTER (WHERE status = 'APPLIED' AND effective = 'period_end') > 0
+            AND count(*) FILTER (WHERE status = 'SCHEDULED' AND effective_at <= fluxrate.now()) = 0
+            AND count(*) FILTER (WHERE status = 'CANCELED') >= 2 FROM fluxrate_internal.subscription_changes")" = t ] \
+  || fail "expected scheduled plan changes applied at their period end, none overdue, two canceled"
 q "ALTER DATABASE fluxrate RESET fluxrate.pinned_now"
 echo "run time: $(( $(date +%s) - t0 )) s"
 echo "ok"
