@@ -446,7 +446,10 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'plan not found', pg_catalog.format('No plan %s in this organization.', plan_id));
   END IF;
-  IF EXISTS (SELECT 1 FROM fluxrate_internal.subscriptions s WHERE s.org_id = v_org AND s.plan_id = delete_plan.plan_id) THEN
+  IF EXISTS (SELECT 1 FROM fluxrate_internal.subscriptions s WHERE s.org_id = v_org AND s.plan_id = delete_plan.plan_id)
+     -- (or had: a plan change names it)
+     OR EXISTS (SELECT 1 FROM fluxrate_internal.subscription_changes c WHERE c.org_id = v_org
+                   AND delete_plan.plan_id IN (c.from_plan_id, c.to_plan_id)) THEN
     PERFORM fluxrate_internal.fail('PT409', 'plan has subscriptions',
       'A plan with subscriptions cannot be deleted.', 'Deactivate it with update_plan(is_active => false) instead.');
   END IF;
