@@ -134,6 +134,17 @@ SELECT * FROM pg_temp.invoices(:'sub3');
 SELECT l.* FROM fluxrate_internal.invoices i, pg_temp.lines(i.id) l WHERE i.subscription_id = :'sub3' AND i.kind = 'change';
 SELECT billing_anchor, current_period_index, billing_interval FROM fluxrate_internal.subscriptions WHERE id = :'sub3';
 
+-- 3b. A change at the first instant of a period: nothing of it has elapsed, so the change invoice
+-- has only the prorations, whole: -30 x 1 = -30.00 and +100 x 1 = 100.00 -> 70.00.  A second
+-- change at the same instant is refused (PT409).
+SET fluxrate.pinned_now = '2027-04-20 00:00:00+00';
+SELECT (fluxrate.create_customer('Instant', 'instant@example.com', 'instant'))->>'id' AS cust7 \gset
+SELECT (fluxrate.create_subscription(:'cust7', :'starter', start_date => '2027-04-20 00:00+00'))->>'id' AS sub7 \gset
+SELECT (fluxrate.change_subscription(:'sub7', :'pro'))->>'plan_name' AS plan;
+SELECT * FROM pg_temp.invoices(:'sub7');
+SELECT l.* FROM fluxrate_internal.invoices i, pg_temp.lines(i.id) l WHERE i.subscription_id = :'sub7' AND i.kind = 'change';
+SELECT fluxrate.change_subscription(:'sub7', :'starter');                       -- PT409 the same instant
+
 -- 4. Versioned plans.  Metered v1: calls at 0.01.  Subscribed, its price is edited to 0.02: version 2.
 SET fluxrate.pinned_now = '2027-04-01 00:00:00+00';
 SELECT (fluxrate.create_plan('Metered', 'metered', 'USAGE', 'month', 'USD'))->>'id' AS m1 \gset
