@@ -95,6 +95,7 @@ SELECT fluxrate.change_subscription(:'sub2', :'annual');                        
 -- cancel it and schedule it again: the canceled one stays in the history
 SELECT (fluxrate.cancel_scheduled_change(:'sub2'))->'change'->>'status' AS canceled;
 SELECT fluxrate.cancel_scheduled_change(:'sub2');                               -- PT404 nothing scheduled
+SET fluxrate.pinned_now = '2027-04-11 00:00:00+00';
 SELECT (fluxrate.change_subscription(:'sub2', :'starter', effective => 'period_end',
         effective_at => '2027-05-01 00:00+00'))->'change'->>'status' AS scheduled;
 -- May 1: the closing invoice bills April at Pro without May's Pro fee: Calls 2,500 x 0.004 = 10.00;

@@ -446,7 +446,8 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'subscription not found', format('No subscription %s in this organization.', subscription_id));
   END IF;
-  RETURN coalesce((SELECT jsonb_agg(fluxrate_internal.change_json(c) ORDER BY c.created_at, c.id)
+  RETURN coalesce((SELECT jsonb_agg(fluxrate_internal.change_json(c)
+                            ORDER BY c.created_at, coalesce(c.canceled_at, c.applied_at, c.effective_at), c.id)
                      FROM fluxrate_internal.subscription_changes c
                     WHERE c.org_id = v_org AND c.subscription_id = list_subscription_changes.subscription_id), '[]'::jsonb);
 END
