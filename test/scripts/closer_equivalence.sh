@@ -371,6 +371,14 @@ CREATE FUNCTION public.eq_fees_only(org_id uuid, plan_id uuid) RETURNS boolean L
                         AND ch.status = 'ACTIVE' AND NOT (ch.type = 'FIXED' AND ch.billing_timing = 'in_advance'))
 $fn$;
 
+-- A subscription that changed plan away from a fees-only one: its last period there, closed
+-- without the next period's in-advance fee, had nothing to bill and no invoice.
+CREATE FUNCTION public.eq_was_fees_only(org_id uuid, sub_id uuid) RETURNS boolean LANGUAGE sql STABLE AS $fn$
+  SELECT EXISTS (SELECT 1 FROM fluxrate_internal.subscription_changes c
+                  WHERE c.org_id = eq_was_fees_only.org_id AND c.subscription_id = eq_was_fees_only.sub_id
+                    AND c.status = 'APPLIED' AND public.eq_fees_only(c.org_id, c.from_plan_id))
+$fn$;
+
 -- Plan changes: n_now subscriptions of the organization change plan now, n_end at their period end
 -- (to a plan of the same currency, of any interval), picked by the seed; recorded in eq_changes with
 -- the period they were in and its whole (nominal) bounds, computed here from the anchor.
@@ -519,6 +527,7 @@ CREATE FUNCTION public.eq_invariants(v_now timestamptz) RETURNS TABLE (rule text
     UNION ALL SELECT 'no gap between closing periods', c.subscription_id::text FROM closing c
       JOIN fluxrate_internal.subscriptions s ON s.org_id = c.org_id AND s.id = c.subscription_id
      WHERE c.prev_end IS NOT NULL AND c.prev_end <> c.period_start AND NOT public.eq_fees_only(s.org_id, s.plan_id)
+       AND NOT public.eq_was_fees_only(s.org_id, s.id)
     UNION ALL SELECT 'the first closing period starts at the billing anchor', c.subscription_id::text
       FROM closing c JOIN fluxrate_internal.subscriptions s ON s.org_id = c.org_id AND s.id = c.subscription_id
      WHERE c.k = 1 AND c.period_start <> s.billing_anchor
@@ -530,6 +539,7 @@ CREATE FUNCTION public.eq_invariants(v_now timestamptz) RETURNS TABLE (rule text
       FROM closing c JOIN fluxrate_internal.subscriptions s ON s.org_id = c.org_id AND s.id = c.subscription_id
      WHERE c.k_desc = 1 AND s.status <> 'CANCELED' AND c.period_end <> s.current_period_start
        AND NOT public.eq_fees_only(s.org_id, s.plan_id)
+       AND NOT public.eq_was_fees_only(s.org_id, s.id)
     UNION ALL SELECT 'an ended subscription''s last closing period is its last period (or a fees-only one)', c.subscription_id::text
       FROM closing c JOIN fluxrate_internal.subscriptions s ON s.org_id = c.org_id AND s.id = c.subscription_id
      WHERE c.k_desc = 1 AND s.status = 'CANCELED' AND s.cancel_at_period_end
