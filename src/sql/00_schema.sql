@@ -116,9 +116,17 @@ CREATE TABLE fluxrate_internal.plans (
   is_active           boolean NOT NULL DEFAULT true,
   minimum_commitment  numeric CHECK (minimum_commitment >= 0),
   created_at          timestamptz NOT NULL,
-  PRIMARY KEY (org_id, id),
-  UNIQUE (org_id, lookup_id)
+  -- versions (23_plan_versions.sql): editing the prices of a plan that has
+  -- subscriptions makes a new row, version + 1, of the same family (the first
+  -- version's id; NULL on the first version itself); the old row gets
+  -- superseded_by and keeps billing its subscriptions
+  version             integer NOT NULL DEFAULT 1 CHECK (version >= 1),
+  family_id           uuid,
+  superseded_by       uuid,
+  PRIMARY KEY (org_id, id)
 );
+-- a lookup_id names the current version of its family
+CREATE UNIQUE INDEX plans_lookup_id_idx ON fluxrate_internal.plans (org_id, lookup_id) WHERE superseded_by IS NULL;
 
 CREATE TABLE fluxrate_internal.charges (
   org_id          uuid NOT NULL,
@@ -139,6 +147,9 @@ CREATE TABLE fluxrate_internal.charges (
   billing_timing  text NOT NULL DEFAULT 'in_advance' CHECK (billing_timing IN ('in_advance', 'in_arrears')),
   status          text NOT NULL DEFAULT 'ACTIVE' CHECK (status IN ('ACTIVE', 'INACTIVE')),
   created_at      timestamptz NOT NULL,
+  -- the charge of an earlier plan version this one was copied from (its first
+  -- version's id; NULL on a charge added to its plan directly)
+  origin_id       uuid,
   PRIMARY KEY (org_id, id),
   FOREIGN KEY (org_id, plan_id) REFERENCES fluxrate_internal.plans (org_id, id) ON DELETE CASCADE,
   FOREIGN KEY (org_id, meter_id) REFERENCES fluxrate_internal.meters (org_id, id),
@@ -265,7 +276,7 @@ CREATE TABLE fluxrate_internal.invoices (
   org_id                 uuid NOT NULL,
   id                     uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
   invoice_number         text,                -- INV-YYYY-NNNN, assigned at finalization
-  kind                   text NOT NULL DEFAULT 'subscription' CHECK (kind IN ('subscription', 'opening', 'manual', 'final')),
+  kind                   text NOT NULL DEFAULT 'subscription' CHECK (kind IN ('subscription', 'opening', 'manual', 'final', 'change')),
   status                 text NOT NULL DEFAULT 'DRAFT'
                            CHECK (status IN ('DRAFT', 'OPEN', 'PAID', 'VOID', 'UNCOLLECTIBLE')),
   customer_id            uuid NOT NULL,
@@ -301,6 +312,10 @@ CREATE UNIQUE INDEX invoices_period_once_idx ON fluxrate_internal.invoices (org_
 -- it has its own kind and key
 CREATE UNIQUE INDEX invoices_opening_once_idx ON fluxrate_internal.invoices (org_id, subscription_id, period_start)
   WHERE kind = 'opening';
+-- and one plan-change invoice (56_plan_changes.sql: the old plan's part of the
+-- period [start, change instant) with the prorations) per change instant
+CREATE UNIQUE INDEX invoices_change_once_idx ON fluxrate_internal.invoices (org_id, subscription_id, period_end)
+  WHERE kind = 'change';
 CREATE INDEX invoices_customer_idx ON fluxrate_internal.invoices (org_id, customer_id);
 -- a subscription's invoices in period order (lists, late usage)
 CREATE INDEX invoices_subscription_idx ON fluxrate_internal.invoices (org_id, subscription_id, period_start);
@@ -325,6 +340,32 @@ CREATE TABLE fluxrate_internal.invoice_lines (
   UNIQUE (org_id, invoice_id, position),
   FOREIGN KEY (org_id, invoice_id) REFERENCES fluxrate_internal.invoices (org_id, id) ON DELETE CASCADE
 );
+
+-- Plan changes (56_plan_changes.sql): applied ones are the subscription's
+-- history; a SCHEDULED one (at most one per subscription) waits for its
+-- period end, when the closer applies it.
+CREATE TABLE fluxrate_internal.subscription_changes (
+  org_id           uuid NOT NULL,
+  id               uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
+  subscription_id  uuid NOT NULL,
+  from_plan_id     uuid NOT NULL,
+  to_plan_id       uuid NOT NULL,
+  effective        text NOT NULL CHECK (effective IN ('now', 'period_end')),
+  effective_at     timestamptz NOT NULL,
+  status           text NOT NULL CHECK (status IN ('SCHEDULED', 'APPLIED', 'CANCELED')),
+  new_anchor       boolean NOT NULL DEFAULT false,   -- another billing interval: periods restart at effective_at
+  invoice_id       uuid,                             -- the change invoice (effective now)
+  created_at       timestamptz NOT NULL,
+  applied_at       timestamptz,
+  canceled_at      timestamptz,
+  PRIMARY KEY (org_id, id),
+  FOREIGN KEY (org_id, subscription_id) REFERENCES fluxrate_internal.subscriptions (org_id, id) ON DELETE CASCADE,
+  FOREIGN KEY (org_id, from_plan_id) REFERENCES fluxrate_internal.plans (org_id, id),
+  FOREIGN KEY (org_id, to_plan_id) REFERENCES fluxrate_internal.plans (org_id, id)
+);
+CREATE UNIQUE INDEX subscription_changes_scheduled_idx ON fluxrate_internal.subscription_changes (org_id, subscription_id)
+  WHERE status = 'SCHEDULED';
+CREATE INDEX subscription_changes_subscription_idx ON fluxrate_internal.subscription_changes (org_id, subscription_id, created_at);
 
 CREATE TABLE fluxrate_internal.tax_rates (
   org_id      uuid NOT NULL REFERENCES fluxrate_internal.organizations ON DELETE CASCADE,

@@ -318,7 +318,9 @@ CREATE FUNCTION fluxrate_internal.plan_json(p fluxrate_internal.plans, with_chil
   SELECT pg_catalog.jsonb_build_object('id', p.id, 'name', p.name, 'lookup_id', p.lookup_id, 'type', p.type,
     'billing_interval', p.billing_interval, 'currency', p.currency, 'trial_days', p.trial_days,
     'description', p.description, 'is_active', p.is_active, 'minimum_commitment', p.minimum_commitment,
-    'created_at', p.created_at)
+    'created_at', p.created_at,
+    -- versions (23_plan_versions.sql): family_id is the first version's id
+    'version', p.version, 'family_id', coalesce(p.family_id, p.id), 'superseded_by', p.superseded_by)
   || CASE WHEN with_children THEN pg_catalog.jsonb_build_object(
        'charges', coalesce((SELECT pg_catalog.jsonb_agg(fluxrate_internal.charge_json(c) ORDER BY c.created_at, c.id)
                             FROM fluxrate_internal.charges c
@@ -444,7 +446,10 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'plan not found', pg_catalog.format('No plan %s in this organization.', plan_id));
   END IF;
-  IF EXISTS (SELECT 1 FROM fluxrate_internal.subscriptions s WHERE s.org_id = v_org AND s.plan_id = delete_plan.plan_id) THEN
+  IF EXISTS (SELECT 1 FROM fluxrate_internal.subscriptions s WHERE s.org_id = v_org AND s.plan_id = delete_plan.plan_id)
+     -- (or had: a plan change names it)
+     OR EXISTS (SELECT 1 FROM fluxrate_internal.subscription_changes c WHERE c.org_id = v_org
+                   AND delete_plan.plan_id IN (c.from_plan_id, c.to_plan_id)) THEN
     PERFORM fluxrate_internal.fail('PT409', 'plan has subscriptions',
       'A plan with subscriptions cannot be deleted.', 'Deactivate it with update_plan(is_active => false) instead.');
   END IF;
@@ -517,6 +522,7 @@ DECLARE
   v_org uuid := fluxrate_internal.require_org('catalog.write');
   v_type text := upper(add_charge.type);
   v_model text := lower(coalesce(add_charge.pricing_model, 'per_unit'));
+  v_plan uuid;
   c fluxrate_internal.charges;
 BEGIN
   PERFORM fluxrate_internal.required(add_charge.plan_id, 'plan_id');
@@ -559,16 +565,19 @@ BEGIN
     END IF;
   END IF;
 
+  -- a plan with subscriptions gets a new version for the new charge (23_plan_versions.sql)
+  v_plan := (fluxrate_internal.plan_for_edit(v_org, add_charge.plan_id)).id;
   INSERT INTO fluxrate_internal.charges (org_id, plan_id, type, meter_id, display_name, pricing_model, unit_price,
       tiers, package_size, package_price, free_units, billing_timing, created_at)
-  VALUES (v_org, add_charge.plan_id, v_type, add_charge.meter_id, add_charge.display_name, v_model,
+  VALUES (v_org, v_plan, v_type, add_charge.meter_id, add_charge.display_name, v_model,
           add_charge.unit_price, CASE WHEN v_model IN ('graduated', 'volume') THEN add_charge.tiers END,
           add_charge.package_size, add_charge.package_price, coalesce(add_charge.free_units, 0),
           coalesce(add_charge.billing_timing, CASE v_type WHEN 'FIXED' THEN 'in_advance' ELSE 'in_arrears' END),
           fluxrate.now())
   RETURNING * INTO c;
   PERFORM set_config('response.status', '201', true);
-  RETURN fluxrate_internal.charge_json(c);
+  RETURN fluxrate_internal.charge_json(c)
+         || pg_catalog.jsonb_build_object('plan_version', (SELECT p.version FROM fluxrate_internal.plans p WHERE p.org_id = v_org AND p.id = v_plan));
 END
 $$;
 
@@ -587,6 +596,10 @@ BEGIN
    WHERE x.org_id = v_org AND x.plan_id = update_charge.plan_id AND x.id = update_charge.charge_id FOR UPDATE;
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'charge not found', pg_catalog.format('No charge %s on plan %s.', charge_id, plan_id));
+  END IF;
+  -- deactivating a charge of a plan with subscriptions: in a new version (23_plan_versions.sql)
+  IF c.status = 'ACTIVE' AND upper(update_charge.status) = 'INACTIVE' THEN
+    c := fluxrate_internal.charge_in_version(fluxrate_internal.plan_for_edit(v_org, update_charge.plan_id), c.id);
   END IF;
   IF c.status = 'INACTIVE' AND upper(update_charge.status) = 'ACTIVE' THEN
     PERFORM fluxrate_internal.fail('PT409', 'an inactive charge cannot be reactivated',

@@ -41,7 +41,7 @@ CREATE FUNCTION fluxrate_internal.subscription_json(s fluxrate_internal.subscrip
   LANGUAGE sql STABLE
   AS $$
   SELECT pg_catalog.jsonb_build_object('id', s.id, 'customer_id', s.customer_id, 'plan_id', s.plan_id,
-    'plan_name', p.name, 'status', s.status, 'billing_interval', s.billing_interval, 'alignment', s.alignment,
+    'plan_name', p.name, 'plan_version', p.version, 'status', s.status, 'billing_interval', s.billing_interval, 'alignment', s.alignment,
     'start_date', s.start_date, 'trial_end_date', s.trial_end_date,
     'current_period_start', s.current_period_start, 'current_period_end', s.current_period_end,
     'cancel_at_period_end', s.cancel_at_period_end, 'canceled_at', s.canceled_at,
@@ -49,6 +49,13 @@ CREATE FUNCTION fluxrate_internal.subscription_json(s fluxrate_internal.subscrip
   -- only after a failed closing (see sys_close_isolated): when, why, next try
   || CASE WHEN s.close_error IS NOT NULL THEN pg_catalog.jsonb_build_object('close_error', s.close_error,
        'close_retry_at', s.close_retry_at) ELSE '{}'::jsonb END
+  -- a plan change waiting for the period end (56_plan_changes.sql)
+  || coalesce((SELECT pg_catalog.jsonb_build_object('scheduled_change', pg_catalog.jsonb_build_object('id', c.id,
+                 'to_plan_id', c.to_plan_id, 'to_plan_name', t.name, 'to_plan_version', t.version, 'effective_at', c.effective_at,
+                 'new_anchor', c.new_anchor, 'billing_interval', t.billing_interval))
+                 FROM fluxrate_internal.subscription_changes c
+                 JOIN fluxrate_internal.plans t ON t.org_id = c.org_id AND t.id = c.to_plan_id
+                WHERE c.org_id = s.org_id AND c.subscription_id = s.id AND c.status = 'SCHEDULED'), '{}'::jsonb)
   || CASE WHEN with_features THEN pg_catalog.jsonb_build_object('features',
        coalesce((SELECT pg_catalog.jsonb_agg(fluxrate_internal.plan_feature_json(pf) ORDER BY pf.created_at, pf.id)
                  FROM fluxrate_internal.plan_features pf WHERE pf.org_id = s.org_id AND pf.plan_id = s.plan_id), '[]'::jsonb))
@@ -128,6 +135,8 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'plan not found', pg_catalog.format('No plan %s in this organization.', create_subscription.plan_id));
   END IF;
+  -- a superseded version's id subscribes to the current version (23_plan_versions.sql)
+  p := fluxrate_internal.current_plan_version(p);
   IF NOT p.is_active THEN
     PERFORM fluxrate_internal.fail('PT422', 'plan is deactivated', pg_catalog.format('Plan %s takes no new subscriptions.', p.lookup_id));
   END IF;

@@ -146,6 +146,10 @@ DECLARE
 BEGIN
   SELECT * INTO i FROM fluxrate_internal.invoices x WHERE x.org_id = fill_lines.org_id AND x.id = fill_lines.invoice_id;
   SELECT * INTO s FROM fluxrate_internal.subscriptions x WHERE x.org_id = i.org_id AND x.id = i.subscription_id;
+  -- the plan (version) the invoice is rated with, as recorded when it was
+  -- written: after a plan change the subscription is on another plan
+  -- (56_plan_changes.sql); invoices from before 0.2.0 carry none
+  s.plan_id := coalesce((i.meta_data->>'plan_id')::uuid, s.plan_id);
   SELECT * INTO p FROM fluxrate_internal.plans x WHERE x.org_id = i.org_id AND x.id = s.plan_id;
   DELETE FROM fluxrate_internal.invoice_lines l WHERE l.org_id = i.org_id AND l.invoice_id = i.id;
   v_frac := CASE WHEN i.period_start = nominal_start AND i.period_end = nominal_end THEN 1
@@ -160,6 +164,7 @@ BEGIN
       LEFT JOIN fluxrate_internal.meters m ON m.org_id = ch.org_id AND m.id = ch.meter_id
      WHERE ch.org_id = i.org_id AND ch.plan_id = s.plan_id AND ch.status = 'ACTIVE'
        AND (NOT v_opening OR (ch.type = 'FIXED' AND ch.billing_timing = 'in_advance'))
+       AND i.period_end > i.period_start   -- (a plan change at the period's first instant: nothing elapsed)
      ORDER BY ch.type, ch.created_at, ch.id
   LOOP
     IF c.type = 'FIXED' AND c.billing_timing = 'in_advance' AND NOT v_opening THEN
@@ -218,6 +223,9 @@ BEGIN
     VALUES (i.org_id, i.id, v_pos, 'minimum', 'Minimum commitment true-up', 1, v_amount,
             fluxrate_internal.round_money(v_amount, i.currency), v_amount, i.period_start, i.period_end);
   END IF;
+  -- a plan change's invoice: the old plan's in-advance fees credited and the
+  -- new plan's charged for the rest of the period (56_plan_changes.sql)
+  v_pos := fluxrate_internal.fill_change_lines(i, v_pos);
   PERFORM fluxrate_internal.recompute_totals(i.org_id, i.id);
 END
 $$;
@@ -232,7 +240,8 @@ $$;
 -- grace period.
 CREATE FUNCTION fluxrate_internal.create_period_invoice(s fluxrate_internal.subscriptions, period_start timestamptz,
     period_end timestamptz, nominal_start timestamptz, nominal_end timestamptz, kind text DEFAULT 'subscription',
-    usage_map jsonb DEFAULT NULL, advance_start timestamptz DEFAULT NULL, advance_end timestamptz DEFAULT NULL)
+    usage_map jsonb DEFAULT NULL, advance_start timestamptz DEFAULT NULL, advance_end timestamptz DEFAULT NULL,
+    meta jsonb DEFAULT NULL)
   RETURNS uuid
   LANGUAGE plpgsql VOLATILE
   SET search_path = pg_catalog, pg_temp
@@ -242,8 +251,9 @@ DECLARE
   v_id uuid;
   v_currency text;
   v_grace interval;
+  v_version integer;
 BEGIN
-  SELECT p.currency INTO v_currency FROM fluxrate_internal.plans p WHERE p.org_id = s.org_id AND p.id = s.plan_id;
+  SELECT p.currency, p.version INTO v_currency, v_version FROM fluxrate_internal.plans p WHERE p.org_id = s.org_id AND p.id = s.plan_id;
   SELECT o.grace_period INTO v_grace FROM fluxrate_internal.organizations o WHERE o.org_id = s.org_id;
   INSERT INTO fluxrate_internal.invoices (org_id, kind, customer_id, subscription_id, currency, period_start, period_end,
       scheduled_finalize_at, meta_data, created_at, updated_at)
@@ -251,7 +261,9 @@ BEGIN
           create_period_invoice.period_end,
           CASE WHEN create_period_invoice.kind = 'opening' THEN greatest(fluxrate.now(), create_period_invoice.period_start)
                ELSE fluxrate.now() END + v_grace,
-          jsonb_build_object('nominal_start', create_period_invoice.nominal_start, 'nominal_end', create_period_invoice.nominal_end)
+          jsonb_build_object('nominal_start', create_period_invoice.nominal_start, 'nominal_end', create_period_invoice.nominal_end,
+                             'plan_id', s.plan_id, 'plan_version', v_version)
+          || coalesce(create_period_invoice.meta, '{}'::jsonb)
           || CASE WHEN create_period_invoice.advance_start IS NULL THEN '{}'::jsonb
                   ELSE jsonb_build_object('advance_start', create_period_invoice.advance_start,
                                           'advance_end', create_period_invoice.advance_end) END,

@@ -389,6 +389,7 @@ CREATE FUNCTION fluxrate_internal.sys_close_batch(batch_size integer DEFAULT 200
   AS $$
 DECLARE
   v_batch fluxrate_internal.subscriptions[];
+  v_rest fluxrate_internal.subscriptions[];
   v_now timestamptz := fluxrate.now();
   v_usage jsonb;
 BEGIN
@@ -401,9 +402,12 @@ BEGIN
     RETURN 0;
   END IF;
   PERFORM fluxrate_internal.sys_close_trials(v_batch);
-  v_usage := fluxrate_internal.sys_close_usage(v_batch);
+  -- scheduled plan changes due at this period end go one by one too
+  -- (56_plan_changes.sql); the statement closes the others
+  v_rest := fluxrate_internal.sys_close_changes(v_batch);
+  v_usage := fluxrate_internal.sys_close_usage(v_rest);
   -- periods, lines, invoices, advance, outbox
-  EXECUTE fluxrate_internal.close_statement() USING v_batch, v_now, v_usage;
+  EXECUTE fluxrate_internal.close_statement() USING v_rest, v_now, v_usage;
   -- account: the run's count per subscription; one that did not advance is set aside
   PERFORM fluxrate_internal.sys_close_account(v_batch);
   RETURN cardinality(v_batch);
@@ -543,6 +547,7 @@ CREATE FUNCTION fluxrate_internal.close_sql_periods() RETURNS text
                                              x.current_period_index + 2) AS next_end,
            (SELECT p.currency FROM fluxrate_internal.plans p WHERE p.org_id = x.org_id AND p.id = x.plan_id) AS currency,
            (SELECT p.minimum_commitment FROM fluxrate_internal.plans p WHERE p.org_id = x.org_id AND p.id = x.plan_id) AS minimum,
+           (SELECT p.version FROM fluxrate_internal.plans p WHERE p.org_id = x.org_id AND p.id = x.plan_id) AS plan_version,
            (SELECT o.grace_period FROM fluxrate_internal.organizations o WHERE o.org_id = x.org_id) AS grace,
            -- tax_rate_for(), inline: a state-specific rate beats the country-wide one; none = 0
            coalesce((SELECT t.rate FROM fluxrate_internal.customers c, fluxrate_internal.tax_rates t
@@ -698,7 +703,8 @@ CREATE FUNCTION fluxrate_internal.close_sql_invoices() RETURNS text
            t.subtotal + fluxrate_internal.round_money(t.unrounded * sb.tax_rate, sb.currency),
            t.subtotal + fluxrate_internal.round_money(t.unrounded * sb.tax_rate, sb.currency),
            sb.ps, sb.pe, $2 + sb.grace,
-           jsonb_build_object('nominal_start', sb.nominal_start, 'nominal_end', sb.nominal_end)
+           jsonb_build_object('nominal_start', sb.nominal_start, 'nominal_end', sb.nominal_end,
+                              'plan_id', sb.plan_id, 'plan_version', sb.plan_version)
            || CASE WHEN sb.ending THEN '{}'::jsonb
                    ELSE jsonb_build_object('advance_start', sb.pe, 'advance_end', sb.next_end) END,
            $2, $2

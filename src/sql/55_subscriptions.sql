@@ -72,29 +72,9 @@ BEGIN
   SELECT * INTO np FROM fluxrate_internal.nominal_period(s);
   IF s.current_period_end <= v_now THEN
     -- what the closer would do: usage of the ended period, in-advance fees of the
-    -- next one, or the end of the subscription
-    v_id := fluxrate_internal.create_period_invoice(s, s.current_period_start, s.current_period_end, np.nominal_start, np.nominal_end,
-      'subscription', NULL,
-      CASE WHEN NOT s.cancel_at_period_end THEN s.current_period_end END,
-      CASE WHEN NOT s.cancel_at_period_end THEN
-        fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, s.current_period_index + 2) END);
-    IF s.cancel_at_period_end THEN
-      UPDATE fluxrate_internal.subscriptions x
-         SET status = 'CANCELED', ended_at = s.current_period_end, last_invoiced_date = v_now,
-             close_retry_at = NULL, close_error = NULL
-       WHERE x.org_id = v_org AND x.id = s.id;
-      PERFORM fluxrate_internal.emit_event(v_org, 'subscription.canceled',
-        jsonb_build_object('subscription_id', s.id, 'customer_id', s.customer_id, 'ended_at', s.current_period_end));
-    ELSE
-      UPDATE fluxrate_internal.subscriptions x
-         SET current_period_index = s.current_period_index + 1, current_period_start = s.current_period_end,
-             current_period_end = fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, s.current_period_index + 2),
-             last_invoiced_date = v_now,
-             -- closed here: a failed closer's retry time no longer applies (it would hold
-             -- the next period's close back)
-             close_retry_at = NULL, close_error = NULL
-       WHERE x.org_id = v_org AND x.id = s.id;
-    END IF;
+    -- next one, or the end of the subscription, or a scheduled plan change
+    -- (close_ended_period, 56_plan_changes.sql)
+    v_id := fluxrate_internal.close_ended_period(s);
   ELSIF s.current_period_start >= v_now THEN
     PERFORM fluxrate_internal.fail('PT409', 'nothing to invoice yet', 'The current period has just started.');
   ELSE
@@ -135,6 +115,9 @@ BEGIN
   IF s.status = 'CANCELED' THEN
     PERFORM fluxrate_internal.fail('PT409', 'subscription is already canceled');
   END IF;
+  -- a plan change scheduled for the period end will not happen: canceling wins
+  UPDATE fluxrate_internal.subscription_changes c SET status = 'CANCELED', canceled_at = v_now
+   WHERE c.org_id = v_org AND c.subscription_id = s.id AND c.status = 'SCHEDULED';
   IF coalesce(cancel_subscription.cancel_at_period_end, false) THEN
     UPDATE fluxrate_internal.subscriptions x
        SET cancel_at_period_end = true, canceled_at = v_now, cancel_reason = cancel_subscription.reason

@@ -6,8 +6,10 @@
 # MIN, AVG through the fast paths; a filtered SUM, UNIQUE_COUNT, LAST and
 # WEIGHTED_SUM through meter_usage()), subscriptions (month, week, day, quarter;
 # anniversary and calendar; midnight and odd starts; trials; cancel at period
-# end; interim invoices) and events, over several closing rounds with late
-# usage in between.  After every close, each DRAFT the closer wrote is
+# end; interim invoices; plan changes effective now and at period end, to
+# plans of the same and of other billing intervals, some canceled, an explicit
+# migration to a new plan version) and events, over several closing rounds
+# with late usage in between.  After every close, each DRAFT the closer wrote is
 # recomputed by fill_lines() (in a transaction that is rolled back) and both
 # sets of lines are compared, as sql/lifecycle.sql does for one organization:
 # EXCEPT both ways (values), and the same on the rows' text (representation).
@@ -369,6 +371,113 @@ CREATE FUNCTION public.eq_fees_only(org_id uuid, plan_id uuid) RETURNS boolean L
                         AND ch.status = 'ACTIVE' AND NOT (ch.type = 'FIXED' AND ch.billing_timing = 'in_advance'))
 $fn$;
 
+-- A subscription that changed plan away from a fees-only one: its last period there, closed
+-- without the next period's in-advance fee, had nothing to bill and no invoice.
+CREATE FUNCTION public.eq_was_fees_only(org_id uuid, sub_id uuid) RETURNS boolean LANGUAGE sql STABLE AS $fn$
+  SELECT EXISTS (SELECT 1 FROM fluxrate_internal.subscription_changes c
+                  WHERE c.org_id = eq_was_fees_only.org_id AND c.subscription_id = eq_was_fees_only.sub_id
+                    AND c.status = 'APPLIED' AND public.eq_fees_only(c.org_id, c.from_plan_id))
+$fn$;
+
+-- Plan changes: n_now subscriptions of the organization change plan now, n_end at their period end
+-- (to a plan of the same currency, of any interval), picked by the seed; recorded in eq_changes with
+-- the period they were in and its whole (nominal) bounds, computed here from the anchor.
+CREATE TABLE public.eq_changes (org_id uuid, sub_id uuid, at timestamptz, effective text, from_plan uuid, to_plan uuid,
+  ps timestamptz, pe timestamptz, ns timestamptz, ne timestamptz, new_anchor boolean, invoice_id uuid);
+CREATE FUNCTION public.eq_change_some(v_org uuid, v_at timestamptz, n_now integer, n_end integer, seed float8) RETURNS integer
+  LANGUAGE plpgsql AS $fn$
+DECLARE
+  r record; k integer := 0; v_to uuid; res jsonb; v_ns timestamptz;
+BEGIN
+  PERFORM setseed(seed);
+  PERFORM set_config('fluxrate.pinned_now', v_at::text, true);
+  PERFORM fluxrate.act_as(v_org);
+  FOR r IN
+    SELECT * FROM (SELECT x.*, p.currency, random() AS rnd FROM (
+        SELECT x.* FROM public.eq_subs e JOIN fluxrate_internal.subscriptions x ON x.org_id = e.org_id AND x.id = e.sub_id
+         WHERE e.org_id = v_org AND x.status IN ('ACTIVE', 'PAST_DUE') AND NOT x.cancel_at_period_end
+           AND x.current_period_start < v_at AND x.current_period_end > v_at
+           AND NOT EXISTS (SELECT 1 FROM fluxrate_internal.subscription_changes c
+                            WHERE c.org_id = x.org_id AND c.subscription_id = x.id AND c.status = 'SCHEDULED')
+         ORDER BY e.n) x
+      JOIN fluxrate_internal.plans p ON p.org_id = x.org_id AND p.id = x.plan_id) y
+     ORDER BY y.rnd LIMIT n_now + n_end
+  LOOP
+    k := k + 1;
+    -- another plan of the currency (its current version), not the one it is on
+    SELECT q.id INTO v_to FROM (
+      SELECT (fluxrate_internal.current_plan_version(pl)).id AS id, q.n FROM public.eq_plans q
+        JOIN fluxrate_internal.plans pl ON pl.org_id = q.org_id AND pl.id = q.plan_id
+       WHERE q.org_id = v_org AND pl.currency = r.currency ORDER BY q.n) q
+     WHERE q.id <> r.plan_id ORDER BY random() LIMIT 1;
+    CONTINUE WHEN v_to IS NULL;
+    v_ns := CASE WHEN r.current_period_index = 0 AND r.alignment = 'calendar'
+                 THEN ((r.current_period_end AT TIME ZONE 'UTC') - CASE r.billing_interval WHEN 'day' THEN interval '1 day'
+                        WHEN 'week' THEN interval '7 days' WHEN 'month' THEN interval '1 month'
+                        WHEN 'quarter' THEN interval '3 months' ELSE interval '1 year' END) AT TIME ZONE 'UTC'
+                 ELSE fluxrate_internal.period_boundary(r.billing_anchor, r.billing_interval, r.alignment, r.current_period_index) END;
+    res := fluxrate.change_subscription(r.id, v_to, CASE WHEN k <= n_now THEN 'now' ELSE 'period_end' END);
+    INSERT INTO public.eq_changes VALUES (v_org, r.id, v_at, res->'change'->>'effective', r.plan_id, v_to,
+      r.current_period_start, r.current_period_end, v_ns, r.current_period_end, (res->'change'->>'new_anchor')::boolean,
+      (res->'change'->>'invoice_id')::uuid);
+  END LOOP;
+  RETURN k;
+END
+$fn$;
+
+-- The changes made now, checked against an independent computation: each change invoice bills
+-- [the period's start, the change), rated with the old plan; its prorations are exactly, per
+-- in-advance FIXED charge, -price (old plan) and +price (new plan, unless another interval) x
+-- (period end - change) / (whole period), from the bounds recorded above; its plain usage lines
+-- equal a direct aggregate of the events; a new anchor is the change instant.  Returns one row per
+-- failed rule.
+CREATE FUNCTION public.eq_check_changes(v_at timestamptz) RETURNS TABLE (rule text, n bigint)
+  LANGUAGE sql AS $fn$
+  WITH ch AS (SELECT * FROM public.eq_changes WHERE at = v_at AND effective = 'now'),
+  exp AS (
+    SELECT c.invoice_id, x.id AS charge_id, k.sign * x.unit_price
+             * (extract(epoch FROM (c.pe - c.at)) / extract(epoch FROM (c.ne - c.ns))) AS amount
+      FROM ch c
+      CROSS JOIN LATERAL (VALUES (c.from_plan, -1), (CASE WHEN NOT c.new_anchor THEN c.to_plan END, 1)) k(plan_id, sign)
+      JOIN fluxrate_internal.charges x ON x.org_id = c.org_id AND x.plan_id = k.plan_id AND x.status = 'ACTIVE'
+           AND x.type = 'FIXED' AND x.billing_timing = 'in_advance'
+  ), got AS (
+    SELECT l.invoice_id, l.charge_id, l.amount_unrounded AS amount FROM ch c
+      JOIN fluxrate_internal.invoice_lines l ON l.org_id = c.org_id AND l.invoice_id = c.invoice_id AND l.meta ? 'proration'
+  )
+  SELECT 'prorations differ from -/+ price x remaining fraction', count(*)
+    FROM ((TABLE exp EXCEPT ALL TABLE got) UNION ALL (TABLE got EXCEPT ALL TABLE exp)) d HAVING count(*) > 0
+  UNION ALL
+  SELECT 'a change invoice bills [period start, change) with the old plan', count(*)
+    FROM ch c LEFT JOIN fluxrate_internal.invoices i ON i.org_id = c.org_id AND i.id = c.invoice_id
+   WHERE c.invoice_id IS NOT NULL AND (i.id IS NULL OR i.kind <> 'change' OR i.period_start <> c.ps OR i.period_end <> c.at
+          OR (i.meta_data->>'plan_id')::uuid <> c.from_plan)
+  HAVING count(*) > 0
+  UNION ALL
+  SELECT 'a change with something to bill has no invoice', count(*) FROM ch c
+   WHERE c.invoice_id IS NULL AND EXISTS (SELECT 1 FROM fluxrate_internal.charges x WHERE x.org_id = c.org_id
+           AND x.plan_id = c.from_plan AND x.status = 'ACTIVE')
+  HAVING count(*) > 0
+  UNION ALL
+  SELECT 'plain usage on a change invoice differs from the events', count(*)
+    FROM ch c JOIN fluxrate_internal.invoice_lines l ON l.org_id = c.org_id AND l.invoice_id = c.invoice_id AND l.line_type = 'usage'
+    JOIN fluxrate_internal.meters m ON m.org_id = l.org_id AND m.id = (l.meta->>'meter_id')::uuid
+     AND m.filters = '[]' AND m.aggregation_type IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG')
+    JOIN fluxrate_internal.subscriptions s ON s.org_id = c.org_id AND s.id = c.sub_id
+    CROSS JOIN LATERAL (SELECT coalesce(CASE m.aggregation_type WHEN 'SUM' THEN sum(e.quantity) WHEN 'COUNT' THEN count(*)
+                                          WHEN 'MAX' THEN max(e.quantity) WHEN 'MIN' THEN min(e.quantity) ELSE avg(e.quantity) END, 0) AS usage
+                          FROM fluxrate_internal.usage_events e
+                         WHERE e.org_id = c.org_id AND e.customer_id = s.customer_id AND e.meter_id = m.id
+                           AND e."timestamp" >= c.ps AND e."timestamp" < c.at) d
+   WHERE l.quantity IS DISTINCT FROM d.usage
+  HAVING count(*) > 0
+  UNION ALL
+  SELECT 'another interval starts a new anchor at the change', count(*)
+    FROM ch c JOIN fluxrate_internal.subscriptions s ON s.org_id = c.org_id AND s.id = c.sub_id
+   WHERE c.new_anchor AND s.billing_anchor <> c.at
+  HAVING count(*) > 0
+$fn$;
+
 -- Invariants over every invoice; returns one row per violated rule (with a count and an example).
 CREATE FUNCTION public.eq_invariants(v_now timestamptz) RETURNS TABLE (rule text, n bigint, example text)
   LANGUAGE sql AS $fn$
@@ -380,9 +489,9 @@ CREATE FUNCTION public.eq_invariants(v_now timestamptz) RETURNS TABLE (rule text
       FROM fluxrate_internal.invoices i
   ), closing AS (
     SELECT i.*, lag(i.period_end) OVER w AS prev_end, row_number() OVER w AS k,
-           row_number() OVER (PARTITION BY i.org_id, i.subscription_id ORDER BY i.period_start DESC) AS k_desc
-      FROM fluxrate_internal.invoices i WHERE i.kind = 'subscription'
-    WINDOW w AS (PARTITION BY i.org_id, i.subscription_id ORDER BY i.period_start)
+           row_number() OVER (PARTITION BY i.org_id, i.subscription_id ORDER BY i.period_start DESC, i.period_end DESC) AS k_desc
+      FROM fluxrate_internal.invoices i WHERE i.kind IN ('subscription', 'change')   -- (a change invoice bills [start, change))
+    WINDOW w AS (PARTITION BY i.org_id, i.subscription_id ORDER BY i.period_start, i.period_end)
   ), checks AS (
     SELECT 'total = subtotal + tax' AS rule, id::text AS ex FROM inv WHERE total <> subtotal + tax
     UNION ALL SELECT 'amount_due = total - amount_paid (0 when PAID or VOID)', id::text FROM inv
@@ -399,20 +508,38 @@ CREATE FUNCTION public.eq_invariants(v_now timestamptz) RETURNS TABLE (rule text
      WHERE status = 'DRAFT' AND kind <> 'manual' AND tax_rate <> fluxrate_internal.tax_rate_for(org_id, customer_id)
     UNION ALL SELECT 'one closing invoice per (subscription, period_start)', subscription_id::text
       FROM fluxrate_internal.invoices WHERE kind = 'subscription' GROUP BY org_id, subscription_id, period_start HAVING count(*) > 1
-    UNION ALL SELECT 'one opening invoice per subscription', subscription_id::text
-      FROM fluxrate_internal.invoices WHERE kind = 'opening' GROUP BY org_id, subscription_id HAVING count(*) > 1
+    UNION ALL SELECT 'one opening invoice per (subscription, period_start)', subscription_id::text
+      FROM fluxrate_internal.invoices WHERE kind = 'opening' GROUP BY org_id, subscription_id, period_start HAVING count(*) > 1
+    UNION ALL SELECT 'an opening invoice after the first is a plan change''s', subscription_id::text
+      FROM fluxrate_internal.invoices i WHERE kind = 'opening' AND NOT EXISTS (SELECT 1 FROM fluxrate_internal.subscription_changes c
+             WHERE c.org_id = i.org_id AND c.subscription_id = i.subscription_id AND c.status = 'APPLIED')
+     GROUP BY org_id, subscription_id HAVING count(*) > 1
+    -- usage is billed once: usage lines of one subscription's meter on two invoices never overlap
+    UNION ALL SELECT 'usage lines of one subscription and meter do not overlap', a.invoice_id::text
+      FROM fluxrate_internal.invoice_lines a JOIN fluxrate_internal.invoices ia ON ia.org_id = a.org_id AND ia.id = a.invoice_id
+      JOIN fluxrate_internal.invoices ib ON ib.org_id = ia.org_id AND ib.subscription_id = ia.subscription_id AND ib.status <> 'VOID'
+      JOIN fluxrate_internal.invoice_lines b ON b.org_id = ib.org_id AND b.invoice_id = ib.id AND b.line_type = 'usage'
+           AND b.meta->>'meter_id' = a.meta->>'meter_id' AND b.invoice_id <> a.invoice_id
+           AND b.period_start < a.period_end AND a.period_start < b.period_end
+     WHERE a.line_type = 'usage' AND ia.status <> 'VOID' AND ia.kind <> 'final'
     -- (a plan of in-advance fees only has nothing to bill on an interim invoice: generate_invoice
     -- restarts the period without one)
     UNION ALL SELECT 'no gap between closing periods', c.subscription_id::text FROM closing c
       JOIN fluxrate_internal.subscriptions s ON s.org_id = c.org_id AND s.id = c.subscription_id
      WHERE c.prev_end IS NOT NULL AND c.prev_end <> c.period_start AND NOT public.eq_fees_only(s.org_id, s.plan_id)
+       AND NOT public.eq_was_fees_only(s.org_id, s.id)
     UNION ALL SELECT 'the first closing period starts at the billing anchor', c.subscription_id::text
       FROM closing c JOIN fluxrate_internal.subscriptions s ON s.org_id = c.org_id AND s.id = c.subscription_id
      WHERE c.k = 1 AND c.period_start <> s.billing_anchor
+       -- (after a plan change: another interval has a new anchor; from a plan with nothing to bill, the
+       -- first invoice is the new plan's)
+       AND NOT EXISTS (SELECT 1 FROM fluxrate_internal.subscription_changes x
+                        WHERE x.org_id = s.org_id AND x.subscription_id = s.id AND x.status = 'APPLIED')
     UNION ALL SELECT 'a live subscription''s current period follows its last closing period', c.subscription_id::text
       FROM closing c JOIN fluxrate_internal.subscriptions s ON s.org_id = c.org_id AND s.id = c.subscription_id
      WHERE c.k_desc = 1 AND s.status <> 'CANCELED' AND c.period_end <> s.current_period_start
        AND NOT public.eq_fees_only(s.org_id, s.plan_id)
+       AND NOT public.eq_was_fees_only(s.org_id, s.id)
     UNION ALL SELECT 'an ended subscription''s last closing period is its last period (or a fees-only one)', c.subscription_id::text
       FROM closing c JOIN fluxrate_internal.subscriptions s ON s.org_id = c.org_id AND s.id = c.subscription_id
      WHERE c.k_desc = 1 AND s.status = 'CANCELED' AND s.cancel_at_period_end
@@ -427,10 +554,13 @@ CREATE FUNCTION public.eq_invariants(v_now timestamptz) RETURNS TABLE (rule text
      WHERE s.status <> 'TRIAL' AND fluxrate_internal.bills_in_advance(s.org_id, s.plan_id)
        -- (a trial canceled at period end ends with the trial and never bills)
        AND NOT (s.status = 'CANCELED' AND s.trial_end_date IS NOT NULL AND s.ended_at <= s.trial_end_date)
+       -- (changed to it now, in the same interval: its fee of the period is prorated on the change invoice)
+       AND NOT EXISTS (SELECT 1 FROM fluxrate_internal.subscription_changes c WHERE c.org_id = s.org_id AND c.subscription_id = s.id
+                        AND c.status = 'APPLIED' AND c.effective = 'now' AND NOT c.new_anchor)
        AND NOT EXISTS (SELECT 1 FROM fluxrate_internal.invoices i WHERE i.org_id = s.org_id AND i.subscription_id = s.id AND i.kind = 'opening')
     UNION ALL SELECT 'no opening invoice without an in-advance fee', i.id::text FROM fluxrate_internal.invoices i
       JOIN fluxrate_internal.subscriptions s ON s.org_id = i.org_id AND s.id = i.subscription_id
-     WHERE i.kind = 'opening' AND NOT fluxrate_internal.bills_in_advance(s.org_id, s.plan_id)
+     WHERE i.kind = 'opening' AND NOT fluxrate_internal.bills_in_advance(s.org_id, coalesce((i.meta_data->>'plan_id')::uuid, s.plan_id))
     UNION ALL SELECT 'an invoice''s subscription is of its organization and customer', i.id::text FROM fluxrate_internal.invoices i
      WHERE i.subscription_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM fluxrate_internal.subscriptions s
              WHERE s.org_id = i.org_id AND s.id = i.subscription_id AND s.customer_id = i.customer_id)
@@ -438,13 +568,19 @@ CREATE FUNCTION public.eq_invariants(v_now timestamptz) RETURNS TABLE (rule text
       FROM fluxrate_internal.invoice_lines l JOIN fluxrate_internal.invoices i ON i.org_id = l.org_id AND i.id = l.invoice_id
       JOIN fluxrate_internal.subscriptions s ON s.org_id = i.org_id AND s.id = i.subscription_id
      WHERE l.charge_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM fluxrate_internal.charges ch
-             WHERE ch.org_id = l.org_id AND ch.id = l.charge_id AND ch.plan_id = s.plan_id)
+             WHERE ch.org_id = l.org_id AND ch.id = l.charge_id
+               -- the plan the invoice was rated with (a change invoice's prorations: also the new plan's;
+               -- late usage: the plan of the invoice that billed its period, before a plan change)
+               AND (ch.plan_id IN (coalesce((i.meta_data->>'plan_id')::uuid, s.plan_id), (i.meta_data->>'change_to')::uuid)
+                    OR l.line_type = 'late_usage' AND EXISTS (SELECT 1 FROM fluxrate_internal.invoices j
+                         WHERE j.org_id = i.org_id AND j.subscription_id = i.subscription_id AND j.period_start = l.period_start
+                           AND (j.meta_data->>'plan_id')::uuid = ch.plan_id)))
     UNION ALL SELECT 'a usage line''s meter is of the organization', l.invoice_id::text FROM fluxrate_internal.invoice_lines l
      WHERE l.meta ? 'meter_id' AND NOT EXISTS (SELECT 1 FROM fluxrate_internal.meters m
              WHERE m.org_id = l.org_id AND m.id = (l.meta->>'meter_id')::uuid)
     UNION ALL SELECT 'closing usage and in-arrears lines cover the invoice''s period', l.invoice_id::text
       FROM fluxrate_internal.invoice_lines l JOIN fluxrate_internal.invoices i ON i.org_id = l.org_id AND i.id = l.invoice_id
-     WHERE i.kind IN ('subscription', 'final')
+     WHERE i.kind IN ('subscription', 'final', 'change')
        AND (l.line_type IN ('usage', 'minimum') OR l.meta->>'billing_timing' = 'in_arrears')
        AND (l.period_start, l.period_end) IS DISTINCT FROM (i.period_start, i.period_end)
     UNION ALL SELECT 'an in-advance line of a closing invoice bills the next period', l.invoice_id::text
@@ -616,6 +752,48 @@ SQL
   PREV=$at
 }
 
+# Plan changes at AT: N_NOW now and N_END at period end (eq_change_some); then every change invoice
+# written is recomputed by fill_lines() (rolled back) and compared, and checked against the
+# independent computation of eq_check_changes().
+changes() {
+  local at=$1 n_now=$2 n_end=$3 seed=$4 out
+  out=$(qf -v at="$at" <<SQL
+SET TimeZone = 'UTC';
+SET fluxrate.pinned_now = '$at';
+SET client_min_messages = warning;
+SELECT 'changed|' || public.eq_change_some('$ORG', '$at', $n_now, $n_end, $seed - $SEED / 1000.0);
+BEGIN;
+CREATE TEMP TABLE eq_cc ON COMMIT DROP AS SELECT l.* FROM fluxrate_internal.invoice_lines l
+  JOIN public.eq_changes c ON c.org_id = l.org_id AND c.invoice_id = l.invoice_id WHERE c.at = '$at';
+SELECT count(fluxrate_internal.fill_lines(i.org_id, i.id, (i.meta_data->>'nominal_start')::timestamptz,
+                                          (i.meta_data->>'nominal_end')::timestamptz))
+  FROM fluxrate_internal.invoices i JOIN public.eq_changes c ON c.org_id = i.org_id AND c.invoice_id = i.id WHERE c.at = '$at';
+CREATE TEMP TABLE eq_cf ON COMMIT DROP AS SELECT l.* FROM fluxrate_internal.invoice_lines l
+  JOIN public.eq_changes c ON c.org_id = l.org_id AND c.invoice_id = l.invoice_id WHERE c.at = '$at';
+SELECT 'refresh|' || (SELECT count(*) FROM eq_cc) || '|'
+    || (SELECT count(*) FROM (SELECT position, line_type, charge_id, description, quantity, unit_amount, line_total, amount_unrounded,
+                                     period_start, period_end, meta, invoice_id FROM eq_cc
+                              EXCEPT ALL SELECT position, line_type, charge_id, description, quantity, unit_amount, line_total,
+                                     amount_unrounded, period_start, period_end, meta, invoice_id FROM eq_cf) d)
+    || '|' || (SELECT count(*) FROM eq_cc WHERE meta ? 'proration');
+ROLLBACK;
+SELECT 'check|' || rule || ' (' || n || ')' FROM public.eq_check_changes('$at');
+SELECT 'summary|' || count(*) FILTER (WHERE effective = 'now') || '|' || count(*) FILTER (WHERE effective = 'period_end') || '|'
+    || count(*) FILTER (WHERE new_anchor) || '|' || count(*) FILTER (WHERE invoice_id IS NOT NULL)
+  FROM public.eq_changes WHERE at = '$at';
+SQL
+)
+  echo "$out" | grep '^check|' && fail "plan changes at $at differ from the reference"
+  local r sm
+  r=$(echo "$out" | grep '^refresh|')
+  sm=$(echo "$out" | grep '^summary|')
+  IFS='|' read -r _ c_lines c_diff c_pror <<<"$r"
+  IFS='|' read -r _ s_now s_end s_anchor s_inv <<<"$sm"
+  echo "plan changes at $at: $s_now now ($s_inv change invoices, $c_lines lines, $c_pror prorations; $s_anchor to another interval: new anchor), $s_end at period end; refreshed by fill_lines: $c_diff differences; prorations and usage vs the reference: 0 differences"
+  [ "$c_diff" = 0 ] || fail "a change invoice refreshed by fill_lines differs ($c_diff lines)"
+  [ "$s_now" -gt 0 ] && [ "$s_end" -gt 0 ] && [ "$c_pror" -gt 0 ] || fail "expected changes now, at period end and prorations"
+}
+
 check_invariants() {
   local bad
   bad=$(q "SELECT rule || ': ' || n || ' (e.g. ' || example || ')' FROM public.eq_invariants('$1')")
@@ -690,7 +868,26 @@ q "CALL fluxrate.finalize_due_invoices()"
 # every due group in the snapshot (late candidates whose period a group covers take it too)
 round '2027-03-16 13:37:00+00' 500 snap
 # Round 4: March (the monthly calendar ones share Mar 1 - Apr 1 again; the quarterly ones close)
+# Plan changes (docs/lifecycle.md, "Plan changes"): now and at period end; two of the scheduled
+# ones are canceled; round 4 closes the rest of the periods at the new plans (the set-based
+# statement) and the scheduled ones (the closer's per-row stage)
+changes '2027-03-20 11:17:00+00' 16 16 0.5
+qf >/dev/null <<SQL
+SET fluxrate.pinned_now = '2027-03-21 00:00:00+00';
+SELECT fluxrate.act_as('$ORG', true);
+SELECT count(fluxrate.cancel_scheduled_change(c.sub_id)) FROM (
+  SELECT e.sub_id FROM public.eq_changes e JOIN public.eq_subs s ON s.org_id = e.org_id AND s.sub_id = e.sub_id
+   WHERE e.effective = 'period_end' ORDER BY s.n LIMIT 2) c;
+SQL
 round '2027-04-01 00:00:30+00' 64 call
+# More changes in April, and the subscriptions of plan 1's first version (it got a charge in
+# February: a new version) move to the current one at their period end, explicitly
+changes '2027-04-09 08:05:00+00' 12 12 0.6
+qf >/dev/null <<SQL
+SET fluxrate.pinned_now = '2027-04-09 09:00:00+00';
+SELECT fluxrate.act_as('$ORG', true);
+SELECT fluxrate.migrate_subscriptions(plan_id, 'period_end') FROM public.eq_plans WHERE org_id = '$ORG' AND n = 1;
+SQL
 # Round 5: April, and the cancellations at period end that were asked for in February
 q "ALTER DATABASE fluxrate SET fluxrate.pinned_now = '2027-04-20 00:00:00+00'"
 qf >/dev/null <<SQL
@@ -730,6 +927,13 @@ echo "usage rollups against the events: $rd differences"
 [ "$rd" = 0 ] || fail "$rd rollup rows differ from the events"
 [ "$(q "SELECT sum(late_lines) > 0 AND sum(min_lines) > 0 AND sum(adv_lines) > 0 AND sum(prorated) > 0 FROM public.eq_rounds")" = t ] \
   || fail "expected late usage, minimum, in-advance and prorated lines"
+# the scheduled plan changes were applied by the closing runs at their period end, none is overdue
+q "SELECT 'plan changes: ' || string_agg(effective || '/' || status || ' ' || n, ', ' ORDER BY effective, status) FROM (
+     SELECT effective, status, count(*) AS n FROM fluxrate_internal.subscription_changes GROUP BY 1, 2) x"
+[ "$(q "SELECT count(*) FILTER (WHERE status = 'APPLIED' AND effective = 'period_end') > 0
+            AND count(*) FILTER (WHERE status = 'SCHEDULED' AND effective_at <= fluxrate.now()) = 0
+            AND count(*) FILTER (WHERE status = 'CANCELED') >= 2 FROM fluxrate_internal.subscription_changes")" = t ] \
+  || fail "expected scheduled plan changes applied at their period end, none overdue, two canceled"
 q "ALTER DATABASE fluxrate RESET fluxrate.pinned_now"
 echo "run time: $(( $(date +%s) - t0 )) s"
 echo "ok"

@@ -72,3 +72,46 @@ CREATE TABLE fluxrate_internal.rollup_errors (
 -- (sys_close_claim, docs/security.md "Job fairness").
 CREATE INDEX subscriptions_org_due_idx ON fluxrate_internal.subscriptions (org_id, current_period_end, id)
   WHERE status IN ('TRIAL', 'ACTIVE', 'PAST_DUE');
+
+-- issue 15, items 1 and 4 (plan changes, versioned plans; 23_plan_versions.sql,
+-- 56_plan_changes.sql, docs/lifecycle.md "Plan changes", docs/rating.md
+-- "Plan versions").  Existing plans are version 1 of their own family; a
+-- lookup_id names the current version, so the unique constraint becomes a
+-- partial unique index.
+ALTER TABLE fluxrate_internal.plans ADD COLUMN version integer NOT NULL DEFAULT 1 CHECK (version >= 1);
+ALTER TABLE fluxrate_internal.plans ADD COLUMN family_id uuid;
+ALTER TABLE fluxrate_internal.plans ADD COLUMN superseded_by uuid;
+ALTER TABLE fluxrate_internal.plans DROP CONSTRAINT plans_org_id_lookup_id_key;
+CREATE UNIQUE INDEX plans_lookup_id_idx ON fluxrate_internal.plans (org_id, lookup_id) WHERE superseded_by IS NULL;
+ALTER TABLE fluxrate_internal.charges ADD COLUMN origin_id uuid;
+ALTER TABLE fluxrate_internal.invoices DROP CONSTRAINT invoices_kind_check;
+ALTER TABLE fluxrate_internal.invoices ADD CONSTRAINT invoices_kind_check
+  CHECK (kind IN ('subscription', 'opening', 'manual', 'final', 'change'));
+CREATE UNIQUE INDEX invoices_change_once_idx ON fluxrate_internal.invoices (org_id, subscription_id, period_end)
+  WHERE kind = 'change';
+CREATE TABLE fluxrate_internal.subscription_changes (
+  org_id           uuid NOT NULL,
+  id               uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
+  subscription_id  uuid NOT NULL,
+  from_plan_id     uuid NOT NULL,
+  to_plan_id       uuid NOT NULL,
+  effective        text NOT NULL CHECK (effective IN ('now', 'period_end')),
+  effective_at     timestamptz NOT NULL,
+  status           text NOT NULL CHECK (status IN ('SCHEDULED', 'APPLIED', 'CANCELED')),
+  new_anchor       boolean NOT NULL DEFAULT false,
+  invoice_id       uuid,
+  created_at       timestamptz NOT NULL,
+  applied_at       timestamptz,
+  canceled_at      timestamptz,
+  PRIMARY KEY (org_id, id),
+  FOREIGN KEY (org_id, subscription_id) REFERENCES fluxrate_internal.subscriptions (org_id, id) ON DELETE CASCADE,
+  FOREIGN KEY (org_id, from_plan_id) REFERENCES fluxrate_internal.plans (org_id, id),
+  FOREIGN KEY (org_id, to_plan_id) REFERENCES fluxrate_internal.plans (org_id, id)
+);
+CREATE UNIQUE INDEX subscription_changes_scheduled_idx ON fluxrate_internal.subscription_changes (org_id, subscription_id)
+  WHERE status = 'SCHEDULED';
+CREATE INDEX subscription_changes_subscription_idx ON fluxrate_internal.subscription_changes (org_id, subscription_id, created_at);
+-- create_period_invoice (50_periods.sql) takes the invoice's extra meta_data
+-- (a change invoice's prorations): a new parameter is a new signature.
+DROP FUNCTION fluxrate_internal.create_period_invoice(fluxrate_internal.subscriptions, timestamptz, timestamptz,
+  timestamptz, timestamptz, text, jsonb, timestamptz, timestamptz);
