@@ -72,7 +72,7 @@ END
 $$;
 
 -- The subscription a price override is for: of this organization, not ended.
-CREATE FUNCTION fluxrate_internal.override_subscription(org_id uuid, subscription_id uuid, lock boolean DEFAULT true)
+CREATE FUNCTION fluxrate_internal.override_subscription(org_id uuid, subscription_id uuid)
   RETURNS fluxrate_internal.subscriptions
   LANGUAGE plpgsql VOLATILE
   SET search_path = pg_catalog, pg_temp

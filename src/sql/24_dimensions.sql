@@ -115,7 +115,7 @@ DECLARE
   i integer := 0;
   v_model text;
   v_out jsonb := '[]'::jsonb;
-  v_seen text[] := '{}';
+  v_seen text[] := '{}'::text[];
   v_default boolean := false;
 BEGIN
   SELECT * INTO m FROM fluxrate_internal.meters x WHERE x.org_id = check_groups.org_id AND x.id = check_groups.meter_id;
@@ -154,7 +154,7 @@ BEGIN
       PERFORM fluxrate_internal.fail('PT422', format('group value %s is not a value of the meter''s dimension', g->>'value'),
         format('Meter %s keeps these values of %s apart: %s.', m.meter_name, d.property, array_to_string(d."values", ', ')));
     ELSE
-      v_seen := v_seen || (g->>'value');
+      v_seen := v_seen || ARRAY[g->>'value'];
     END IF;
     v_model := lower(coalesce(g->>'pricing_model', 'per_unit'));
     PERFORM fluxrate_internal.check_usage_pricing(v_model, (g->>'unit_price')::numeric,
@@ -166,8 +166,6 @@ BEGIN
       'package_size', g->'package_size', 'package_price', g->'package_price', 'free_units', coalesce(g->'free_units', '0')));
   END LOOP;
   RETURN v_out;
-EXCEPTION WHEN invalid_text_representation THEN
-  PERFORM fluxrate_internal.fail('22023', 'group prices must be numbers', SQLERRM);
 END
 $$;
 

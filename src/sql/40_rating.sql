@@ -231,3 +231,13 @@ CREATE FUNCTION fluxrate_internal.group_lines(groups jsonb, usage jsonb, charge_
   SELECT jsonb_array_length($1) + 1, NULL, true, $3 || ' - unpriced', (SELECT rest.u FROM rest), 0, 'unpriced', 0
    WHERE $1 IS NOT NULL AND NOT EXISTS (SELECT 1 FROM g WHERE g.g->>'value' IS NULL)
 $$;
+
+-- {value: usage} by group (meter_group_usage()) as the API shows it:
+-- [{value, usage}] in value order, the other values (and none) last as value null.
+CREATE FUNCTION fluxrate_internal.groups_array(usage jsonb) RETURNS jsonb
+  LANGUAGE sql IMMUTABLE
+  AS $$
+  SELECT coalesce(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object('value', nullif(k.key, ''), 'usage', k.value)
+                                       ORDER BY k.key = '', k.key), '[]'::jsonb)
+    FROM pg_catalog.jsonb_each($1) k
+$$;
