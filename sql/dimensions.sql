@@ -17,7 +17,8 @@ SELECT f->>'meter_id' AS meter FROM fluxrate.create_feature('Tokens', 'tokens', 
 SELECT f->>'meter_id' AS peak FROM fluxrate.create_feature('Peak', 'peak', 'meter', meter_name => 'peak',
        property_name => 'n', aggregation_type => 'MAX') f \gset
 -- the meter keeps four models apart; everything else is "other"
-SELECT fluxrate.set_meter_dimension(:'meter', 'model', ARRAY['gpt-large', 'gpt-medium', 'small', 'legacy']);
+SELECT d->>'property' AS property, d->'values' AS dimension_values
+  FROM fluxrate.set_meter_dimension(:'meter', 'model', ARRAY['gpt-large', 'gpt-medium', 'small', 'legacy']) d;
 
 -- Refusals of a dimension, nothing written
 SELECT fluxrate.set_meter_dimension(:'peak', 'model', ARRAY(SELECT 'm' || i FROM generate_series(1, 101) i)); -- PT422 over 100
