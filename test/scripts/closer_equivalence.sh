@@ -518,6 +518,10 @@ CREATE FUNCTION public.eq_invariants(v_now timestamptz) RETURNS TABLE (rule text
     UNION ALL SELECT 'the first closing period starts at the billing anchor', c.subscription_id::text
       FROM closing c JOIN fluxrate_internal.subscriptions s ON s.org_id = c.org_id AND s.id = c.subscription_id
      WHERE c.k = 1 AND c.period_start <> s.billing_anchor
+       -- (the same exception: an interim invoice of in-advance fees only is not written, and
+       -- its period restarts at that instant; the grouped meter of issue 15 changed the
+       -- scenario's draws so that one of the eight interim invoices falls on such a plan)
+       AND NOT public.eq_fees_only(s.org_id, s.plan_id)
     UNION ALL SELECT 'a live subscription''s current period follows its last closing period', c.subscription_id::text
       FROM closing c JOIN fluxrate_internal.subscriptions s ON s.org_id = c.org_id AND s.id = c.subscription_id
      WHERE c.k_desc = 1 AND s.status <> 'CANCELED' AND c.period_end <> s.current_period_start
@@ -897,6 +901,11 @@ q "SELECT 'pricing (issue 15): ' || sum(grouped_lines) || ' grouped lines, ' || 
   || fail "expected late usage of a grouped charge"
 [ "$(q "SELECT sum(late_lines) > 0 AND sum(min_lines) > 0 AND sum(adv_lines) > 0 AND sum(prorated) > 0 FROM public.eq_rounds")" = t ] \
   || fail "expected late usage, minimum, in-advance and prorated lines"
+q "SELECT 'note: subscriptions of in-advance-fees-only plans whose first closing period starts after the anchor (an interim invoice without lines): ' || count(*)
+     FROM (SELECT DISTINCT ON (i.subscription_id) i.subscription_id, i.period_start, s.billing_anchor, s.org_id, s.plan_id
+             FROM fluxrate_internal.invoices i JOIN fluxrate_internal.subscriptions s ON s.org_id = i.org_id AND s.id = i.subscription_id
+            WHERE i.kind = 'subscription' ORDER BY i.subscription_id, i.period_start) f
+    WHERE f.period_start <> f.billing_anchor AND public.eq_fees_only(f.org_id, f.plan_id)"
 q "ALTER DATABASE fluxrate RESET fluxrate.pinned_now"
 echo "run time: $(( $(date +%s) - t0 )) s"
 echo "ok"

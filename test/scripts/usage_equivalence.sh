@@ -1191,9 +1191,9 @@ SET TimeZone = 'UTC';
 SELECT fluxrate.act_as('$org', true);
 INSERT INTO public.uq_cmp
 SELECT 'group: get_meter_usage', q.org_id, q.customer_id, q.meter_id, q.ps, q.pe,
-       coalesce((SELECT (g->>'usage')::numeric
-                   FROM json_array_elements((fluxrate.get_meter_usage(q.meter_id, q.ps, q.pe, 'month', q.customer_id))->'groups') g
-                  WHERE (g->>'value') IS NOT DISTINCT FROM nullif(q.g, '')), 0),
+       coalesce((SELECT (je.value->>'usage')::numeric
+                   FROM json_array_elements((fluxrate.get_meter_usage(q.meter_id, q.ps, q.pe, 'month', q.customer_id))->'groups') je
+                  WHERE (je.value->>'value') IS NOT DISTINCT FROM nullif(q.g, '')), 0),
        NULL, public.uq_group_ref(q.org_id, q.customer_id, q.meter_id, q.ps, q.pe, q.g), 'group ' || q.g
   FROM (SELECT DISTINCT m.org_id, c.customer_id, m.meter_id, p.ps, p.pe, g.g
           FROM public.uq_meters m JOIN public.uq_customers c ON c.org_id = m.org_id,
@@ -1238,8 +1238,8 @@ SET fluxrate.pinned_now = '$NOW';
 SELECT fluxrate.act_as('$ORG_A', true);
 INSERT INTO public.uq_cmp
 SELECT 'group: get_subscription_usage', '$ORG_A', s.customer_id, '$GM_A', '2027-03-01', '2027-04-01',
-       coalesce((SELECT (g->>'usage')::numeric FROM json_array_elements(u->'groups') g
-                  WHERE (g->>'value') IS NOT DISTINCT FROM nullif(gg.g, '')), 0),
+       coalesce((SELECT (je.value->>'usage')::numeric FROM json_array_elements(uu.u->'groups') je
+                  WHERE (je.value->>'value') IS NOT DISTINCT FROM nullif(gg.g, '')), 0),
        NULL, public.uq_group_ref('$ORG_A', s.customer_id, '$GM_A', '2027-03-01', '2027-04-01', gg.g), 'group ' || gg.g
   FROM public.uq_gsubs s
   CROSS JOIN LATERAL (SELECT u FROM json_array_elements((fluxrate.get_subscription_usage(s.sub_id::uuid))->'usage') u
