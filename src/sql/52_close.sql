@@ -604,8 +604,12 @@ CREATE FUNCTION fluxrate_internal.close_sql_periods() RETURNS text
            fluxrate_internal.period_boundary(x.billing_anchor, x.billing_interval, x.alignment,
                                              x.current_period_index + 2) AS next_end,
            (SELECT p.currency FROM fluxrate_internal.plans p WHERE p.org_id = x.org_id AND p.id = x.plan_id) AS currency,
-           -- the subscription's own minimum commitment, else the plan's (23_overrides.sql)
-           fluxrate_internal.subscription_minimum(x.org_id, x.id, x.plan_id) AS minimum,
+           -- the subscription's own minimum commitment, else the plan's (23_overrides.sql:
+           -- subscription_minimum(), inline: a scalar subquery, not a function call per row)
+           (SELECT CASE WHEN mo.subscription_id IS NOT NULL THEN mo.minimum_commitment ELSE p.minimum_commitment END
+              FROM fluxrate_internal.plans p
+              LEFT JOIN fluxrate_internal.minimum_overrides mo ON mo.org_id = x.org_id AND mo.subscription_id = x.id
+             WHERE p.org_id = x.org_id AND p.id = x.plan_id) AS minimum,
            (SELECT o.grace_period FROM fluxrate_internal.organizations o WHERE o.org_id = x.org_id) AS grace,
            -- tax_rate_for(), inline: a state-specific rate beats the country-wide one; none = 0
            coalesce((SELECT t.rate FROM fluxrate_internal.customers c, fluxrate_internal.tax_rates t
@@ -630,7 +634,7 @@ CREATE FUNCTION fluxrate_internal.close_sql_periods() RETURNS text
     -- period itself was charged (for the minimum commitment)
     SELECT b.*,
            -- (a grouped charge writes a line per group)
-           (SELECT coalesce(sum(fluxrate_internal.group_line_count(c.groups)), 0)
+           (SELECT count(*) + coalesce(sum(CASE WHEN c.groups IS NOT NULL THEN fluxrate_internal.group_line_count(c.groups) - 1 END), 0)
               FROM fluxrate_internal.subscription_charges(b.org_id, b.sub_id, b.plan_id) c
              WHERE c.status = 'ACTIVE'
                AND NOT (c.type = 'FIXED' AND c.billing_timing = 'in_advance' AND b.ending))::integer AS n_main,
@@ -657,30 +661,40 @@ CREATE FUNCTION fluxrate_internal.close_sql_charge_lines() RETURNS text
                                                y.package_price, y.free_units, y.usage)
                 WHEN y.advance THEN y.unit_price
                 ELSE y.unit_price * y.frac END AS amount
-      FROM (SELECT sb.org_id, sb.sub_id, sb.invoice_id, sb.currency, sb.frac, sb.ps, sb.pe, sb.pe AS adv_start, sb.next_end AS adv_end,
-                   c.id AS charge_id, c.type, c.billing_timing, c.meter_id,
-                   coalesce(gl.pricing_model, c.pricing_model) AS pricing_model,
-                   CASE WHEN c.groups IS NULL THEN c.unit_price ELSE gl.unit_price END AS unit_price, c.tiers,
-                   c.package_size, c.package_price, c.free_units, c.groups, gl.group_value, gl.unpriced, gl.amount AS group_amount,
+      FROM (SELECT z.*, row_number() OVER (PARTITION BY z.org_id, z.sub_id ORDER BY z.type, z.created_at, z.charge_id, z.gpos)::integer AS pos
+              FROM (
+            -- the plain charges (no function call per row: most charges are these)
+            SELECT sb.org_id, sb.sub_id, sb.invoice_id, sb.currency, sb.frac, sb.ps, sb.pe, sb.pe AS adv_start, sb.next_end AS adv_end,
+                   c.id AS charge_id, c.type, c.billing_timing, c.meter_id, c.created_at, c.pricing_model, c.unit_price, c.tiers,
+                   c.package_size, c.package_price, c.free_units, c.groups, NULL::integer AS gpos, NULL::text AS group_value,
+                   NULL::boolean AS unpriced, NULL::numeric AS group_amount,
                    (c.type = 'FIXED' AND c.billing_timing = 'in_advance') AS advance,
-                   coalesce(gl.name, c.display_name, CASE WHEN c.type = 'FIXED' THEN 'Fixed fee' ELSE m.meter_name END) AS name,
-                   CASE WHEN c.groups IS NOT NULL THEN gl.usage
-                        WHEN c.type = 'USAGE' THEN coalesce((sb.uj->'u'->>(c.id::text))::numeric,
-                     fluxrate_internal.meter_usage(sb.org_id, sb.customer_id, c.meter_id, sb.ps, sb.pe)) END AS usage,
-                   row_number() OVER (PARTITION BY sb.org_id, sb.sub_id ORDER BY c.type, c.created_at, c.id, gl.gpos)::integer AS pos
+                   coalesce(c.display_name, CASE WHEN c.type = 'FIXED' THEN 'Fixed fee' ELSE m.meter_name END) AS name,
+                   CASE WHEN c.type = 'USAGE' THEN coalesce((sb.uj->'u'->>(c.id::text))::numeric,
+                     fluxrate_internal.meter_usage(sb.org_id, sb.customer_id, c.meter_id, sb.ps, sb.pe)) END AS usage
               FROM sb
               CROSS JOIN LATERAL fluxrate_internal.subscription_charges(sb.org_id, sb.sub_id, sb.plan_id) c
               LEFT JOIN fluxrate_internal.meters m ON m.org_id = sb.org_id AND m.id = c.meter_id
-              LEFT JOIN LATERAL fluxrate_internal.group_lines(c.groups,
-                  CASE WHEN c.groups IS NULL THEN NULL
-                       WHEN EXISTS (SELECT 1 FROM pg_temp.fr_close_group_scope gs WHERE gs.org_id = sb.org_id
+             WHERE c.status = 'ACTIVE' AND c.groups IS NULL
+               AND NOT (c.type = 'FIXED' AND c.billing_timing = 'in_advance' AND sb.ending)
+            UNION ALL
+            -- the grouped charges: a line per group
+            SELECT sb.org_id, sb.sub_id, sb.invoice_id, sb.currency, sb.frac, sb.ps, sb.pe, sb.pe, sb.next_end,
+                   c.id, c.type, c.billing_timing, c.meter_id, c.created_at, gl.pricing_model, gl.unit_price, c.tiers,
+                   c.package_size, c.package_price, c.free_units, c.groups, gl.gpos, gl.group_value, gl.unpriced, gl.amount,
+                   false, gl.name, gl.usage
+              FROM sb
+              CROSS JOIN LATERAL fluxrate_internal.subscription_charges(sb.org_id, sb.sub_id, sb.plan_id) c
+              LEFT JOIN fluxrate_internal.meters m ON m.org_id = sb.org_id AND m.id = c.meter_id
+              CROSS JOIN LATERAL fluxrate_internal.group_lines(c.groups,
+                  CASE WHEN EXISTS (SELECT 1 FROM pg_temp.fr_close_group_scope gs WHERE gs.org_id = sb.org_id
                                        AND gs.meter_id = c.meter_id AND gs.period_start = sb.ps AND gs.period_end = sb.pe)
                          THEN coalesce((SELECT gu.groups FROM pg_temp.fr_close_group_usage gu
                                          WHERE gu.org_id = sb.org_id AND gu.customer_id = sb.customer_id AND gu.meter_id = c.meter_id
                                            AND gu.period_start = sb.ps AND gu.period_end = sb.pe), '{}'::jsonb)
                        ELSE fluxrate_internal.meter_group_usage(sb.org_id, sb.customer_id, c.meter_id, sb.ps, sb.pe) END,
-                  coalesce(c.display_name, m.meter_name)) gl ON true
-             WHERE c.status = 'ACTIVE' AND NOT (c.type = 'FIXED' AND c.billing_timing = 'in_advance' AND sb.ending)) y
+                  coalesce(c.display_name, m.meter_name)) gl
+             WHERE c.status = 'ACTIVE' AND c.groups IS NOT NULL) z) y
   )
 $sql$ $fn$;
 
