@@ -68,6 +68,14 @@ BEGIN
     FROM fluxrate_internal.charges ch
    WHERE ch.org_id = p.org_id AND ch.plan_id = p.id AND ch.status = 'ACTIVE'
    ORDER BY ch.type, ch.created_at, ch.id;
+  -- a grouped charge's groups are its prices (24_dimensions.sql): copied with
+  -- it (one ACTIVE charge per origin in a version, so the pairing is exact)
+  INSERT INTO fluxrate_internal.charge_dimensions (org_id, charge_id, property, groups, created_at)
+  SELECT n.org_id, n.id, cd.property, cd.groups, cd.created_at
+    FROM fluxrate_internal.charges o
+    JOIN fluxrate_internal.charge_dimensions cd ON cd.org_id = o.org_id AND cd.charge_id = o.id
+    JOIN fluxrate_internal.charges n ON n.org_id = o.org_id AND n.plan_id = v.id AND n.origin_id = coalesce(o.origin_id, o.id)
+   WHERE o.org_id = p.org_id AND o.plan_id = p.id AND o.status = 'ACTIVE';
   INSERT INTO fluxrate_internal.plan_features (org_id, plan_id, feature_id, is_enabled, usage_limit, usage_reset_period,
       is_soft_limit, static_value, created_at)
   SELECT pf.org_id, v.id, pf.feature_id, pf.is_enabled, pf.usage_limit, pf.usage_reset_period, pf.is_soft_limit,
@@ -120,6 +128,11 @@ BEGIN
      AND x.id = update_charge_price.charge_id AND x.status = 'ACTIVE';
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'charge not found', format('No active charge %s on plan %s.', charge_id, plan_id));
+  END IF;
+  IF EXISTS (SELECT 1 FROM fluxrate_internal.charge_dimensions d WHERE d.org_id = v_org AND d.charge_id = update_charge_price.charge_id) THEN
+    PERFORM fluxrate_internal.fail('22023', 'a grouped charge is priced by its groups',
+      format('Charge %s prices by an event property.', charge_id),
+      'Send its new groups with set_charge_groups (a new plan version too, when the plan has subscriptions).');
   END IF;
   v := fluxrate_internal.plan_for_edit(v_org, update_charge_price.plan_id);
   c := fluxrate_internal.charge_in_version(v, update_charge_price.charge_id);

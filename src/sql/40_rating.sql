@@ -180,3 +180,64 @@ BEGIN
   RETURN coalesce(v, 0);
 END
 $$;
+
+-- Prices by event dimension (24_dimensions.sql): here, after rate_usage() and
+-- filters_match(), which their SQL bodies call.
+
+-- One customer's usage of a dimensioned meter over [period_start, period_end),
+-- by group: {"gpt-large": 1200, "": 15} ('' = other values and none), from the
+-- events (the closer reads the rollups instead where they serve: 41_rollups.sql).
+CREATE FUNCTION fluxrate_internal.meter_group_usage(org_id uuid, customer_id uuid, meter_id uuid,
+    period_start timestamptz, period_end timestamptz)
+  RETURNS jsonb
+  LANGUAGE sql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+  SELECT coalesce(jsonb_object_agg(q.g, q.u), '{}'::jsonb)
+    FROM (SELECT fluxrate_internal.group_value(e.metadata, d.property, d."values") AS g,
+                 CASE WHEN m.aggregation_type = 'COUNT' THEN count(*)::numeric ELSE sum(e.quantity) END AS u
+            FROM fluxrate_internal.meters m
+            JOIN fluxrate_internal.meter_dimensions d ON d.org_id = m.org_id AND d.meter_id = m.id
+            JOIN fluxrate_internal.usage_events e ON e.org_id = m.org_id AND e.customer_id = $2 AND e.meter_id = m.id
+                 AND e."timestamp" >= $4 AND e."timestamp" < $5
+           WHERE m.org_id = $1 AND m.id = $3 AND fluxrate_internal.filters_match(e.metadata, m.filters)
+           GROUP BY 1, m.aggregation_type) q
+$$;
+
+-- The lines of a grouped charge for usage by group ({value: usage}, '' =
+-- other): one per group, in the charge's order, zero usage included (the
+-- default group takes every value the charge does not list), then, when the
+-- charge has no default group, the unlisted values' usage at zero, on a line
+-- of its own.  Unrounded amounts (each line is rounded once by its writer).
+CREATE FUNCTION fluxrate_internal.group_lines(groups jsonb, usage jsonb, charge_name text)
+  RETURNS TABLE (gpos integer, group_value text, unpriced boolean, name text, usage numeric, amount numeric,
+                 pricing_model text, unit_price numeric)
+  LANGUAGE sql IMMUTABLE
+  AS $$
+  WITH g AS (SELECT x.ord::integer AS gpos, x.g FROM jsonb_array_elements($1) WITH ORDINALITY x(g, ord)),
+  rest AS (SELECT coalesce(sum(u.value::numeric), 0) AS u FROM jsonb_each_text(coalesce($2, '{}'::jsonb)) u
+            WHERE NOT EXISTS (SELECT 1 FROM g WHERE g.g->>'value' = u.key))
+  SELECT g.gpos, g.g->>'value', false,
+         $3 || ' - ' || coalesce(g.g->>'display_name', g.g->>'value', 'other'),
+         q.u,
+         fluxrate_internal.rate_usage(g.g->>'pricing_model', (g.g->>'unit_price')::numeric, g.g->'tiers',
+                                      (g.g->>'package_size')::numeric, (g.g->>'package_price')::numeric,
+                                      (g.g->>'free_units')::numeric, q.u),
+         g.g->>'pricing_model', (g.g->>'unit_price')::numeric
+    FROM g
+    CROSS JOIN LATERAL (SELECT CASE WHEN g.g->>'value' IS NULL THEN (SELECT rest.u FROM rest)
+                                    ELSE coalesce(($2->>(g.g->>'value'))::numeric, 0) END AS u) q
+  UNION ALL
+  SELECT jsonb_array_length($1) + 1, NULL, true, $3 || ' - unpriced', (SELECT rest.u FROM rest), 0, 'unpriced', 0
+   WHERE $1 IS NOT NULL AND NOT EXISTS (SELECT 1 FROM g WHERE g.g->>'value' IS NULL)
+$$;
+
+-- {value: usage} by group (meter_group_usage()) as the API shows it:
+-- [{value, usage}] in value order, the other values (and none) last as value null.
+CREATE FUNCTION fluxrate_internal.groups_array(usage jsonb) RETURNS jsonb
+  LANGUAGE sql IMMUTABLE
+  AS $$
+  SELECT coalesce(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object('value', nullif(k.key, ''), 'usage', k.value)
+                                       ORDER BY k.key = '', k.key), '[]'::jsonb)
+    FROM pg_catalog.jsonb_each($1) k
+$$;

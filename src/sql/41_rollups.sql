@@ -43,12 +43,18 @@ CREATE TABLE fluxrate_internal.usage_rollups (
   bucket        timestamptz NOT NULL,     -- a UTC day or month: [bucket, bucket + 1 width)
   customer_id   uuid NOT NULL,
   meter_id      uuid NOT NULL,
+  -- the event's group of the meter's dimension (24_dimensions.sql:
+  -- group_value(), one of the at most 100 values the meter declares, or ''
+  -- for every other value and none; '' for a meter without a dimension), so
+  -- that a grouped charge is rated from the rollups too.  At most 101 rows per
+  -- (customer, meter, bucket) by construction.
+  group_value   text NOT NULL DEFAULT '',
   events        bigint NOT NULL,
   quantity_sum  numeric NOT NULL,
   quantity_max  numeric NOT NULL,
   quantity_min  numeric NOT NULL,
   -- width and bucket next: a period's months, and its days, are index ranges
-  PRIMARY KEY (org_id, width, bucket, customer_id, meter_id)
+  PRIMARY KEY (org_id, width, bucket, customer_id, meter_id, group_value)
 );
 
 -- One row, written by CREATE EXTENSION; snapshot NULL until the first refresh.
@@ -128,26 +134,28 @@ BEGIN
   -- day whatever the session's TimeZone (date_bin on timestamptz is absolute).
   EXECUTE format(
     'WITH d AS MATERIALIZED (
-       SELECT e.ctid AS tid, e.org_id, e.customer_id, e.meter_id, e."timestamp", e.quantity, (c.id IS NOT NULL) AS live
+       SELECT e.ctid AS tid, e.org_id, e.customer_id, e.meter_id, e."timestamp", e.quantity, (c.id IS NOT NULL) AS live,
+              CASE WHEN md.meter_id IS NULL THEN '''' ELSE fluxrate_internal.group_value(e.metadata, md.property, md."values") END AS gv
          FROM fluxrate_internal.usage_events e
          LEFT JOIN fluxrate_internal.customers c ON c.org_id = e.org_id AND c.id = e.customer_id
+         LEFT JOIN fluxrate_internal.meter_dimensions md ON md.org_id = e.org_id AND md.meter_id = e.meter_id
         WHERE txid_visible_in_snapshot(e.xact_id, %L::txid_snapshot) AND e.xact_id <> %s %s %s
      ), n AS (
        SELECT d.org_id, date_bin(''1 day'', d."timestamp", ''2000-01-01 00:00:00+00''::timestamptz) AS bucket,
-              d.customer_id, d.meter_id, count(*) AS events, sum(d.quantity) AS s, max(d.quantity) AS mx, min(d.quantity) AS mn
+              d.customer_id, d.meter_id, d.gv, count(*) AS events, sum(d.quantity) AS s, max(d.quantity) AS mx, min(d.quantity) AS mn
          FROM d WHERE d.live
-        GROUP BY 1, 2, 3, 4
+        GROUP BY 1, 2, 3, 4, 5
      ), m AS (
-       SELECT n.org_id, date_trunc(''month'', n.bucket, ''UTC'') AS bucket, n.customer_id, n.meter_id,
+       SELECT n.org_id, date_trunc(''month'', n.bucket, ''UTC'') AS bucket, n.customer_id, n.meter_id, n.gv,
               sum(n.events)::bigint AS events, sum(n.s) AS s, max(n.mx) AS mx, min(n.mn) AS mn
-         FROM n GROUP BY 1, 2, 3, 4
+         FROM n GROUP BY 1, 2, 3, 4, 5
      ), ins AS (
        INSERT INTO fluxrate_internal.usage_rollups AS r
-              (org_id, width, bucket, customer_id, meter_id, events, quantity_sum, quantity_max, quantity_min)
-       SELECT n.org_id, ''day'', n.bucket, n.customer_id, n.meter_id, n.events, n.s, n.mx, n.mn FROM n
+              (org_id, width, bucket, customer_id, meter_id, group_value, events, quantity_sum, quantity_max, quantity_min)
+       SELECT n.org_id, ''day'', n.bucket, n.customer_id, n.meter_id, n.gv, n.events, n.s, n.mx, n.mn FROM n
        UNION ALL
-       SELECT m.org_id, ''month'', m.bucket, m.customer_id, m.meter_id, m.events, m.s, m.mx, m.mn FROM m
-       ON CONFLICT (org_id, width, bucket, customer_id, meter_id) DO UPDATE
+       SELECT m.org_id, ''month'', m.bucket, m.customer_id, m.meter_id, m.gv, m.events, m.s, m.mx, m.mn FROM m
+       ON CONFLICT (org_id, width, bucket, customer_id, meter_id, group_value) DO UPDATE
           SET events = r.events + excluded.events,
               quantity_sum = r.quantity_sum + excluded.quantity_sum,
               quantity_max = greatest(r.quantity_max, excluded.quantity_max),
@@ -348,25 +356,29 @@ COMMENT ON FUNCTION fluxrate.refresh_usage_rollups(boolean) IS
 -- in the state's snapshot).  No rows: they agree.  For tests and for operators
 -- who want to see it for themselves.
 CREATE FUNCTION fluxrate_internal.rollup_differences(org_id uuid)
-  RETURNS TABLE (width text, bucket timestamptz, customer_id uuid, meter_id uuid, rollup_events bigint, event_count bigint,
-                 rollup_sum numeric, event_sum numeric)
+  RETURNS TABLE (width text, bucket timestamptz, customer_id uuid, meter_id uuid, group_value text, rollup_events bigint,
+                 event_count bigint, rollup_sum numeric, event_sum numeric)
   LANGUAGE sql STABLE
   SET search_path = pg_catalog, pg_temp
   AS $$
   WITH h AS (SELECT st.snapshot AS v, st.refreshed_by AS self FROM fluxrate_internal.usage_rollup_state st
               WHERE st.system_identifier = fluxrate_internal.system_identifier()),
   r AS (SELECT * FROM fluxrate_internal.usage_rollups r WHERE r.org_id = rollup_differences.org_id),
-  ev AS MATERIALIZED (SELECT e.* FROM fluxrate_internal.usage_events e
+  ev AS MATERIALIZED (SELECT e.*, CASE WHEN md.meter_id IS NULL THEN ''
+                                        ELSE fluxrate_internal.group_value(e.metadata, md.property, md."values") END AS gv
+                        FROM fluxrate_internal.usage_events e
+                        LEFT JOIN fluxrate_internal.meter_dimensions md ON md.org_id = e.org_id AND md.meter_id = e.meter_id
                        WHERE e.org_id = rollup_differences.org_id AND txid_visible_in_snapshot(e.xact_id, (SELECT v FROM h))
                          AND e.xact_id IS DISTINCT FROM (SELECT self FROM h)),
   e AS (SELECT w.width, CASE w.width WHEN 'day' THEN date_bin('1 day', ev."timestamp", '2000-01-01 00:00:00+00'::timestamptz)
                                      ELSE date_trunc('month', ev."timestamp", 'UTC') END AS bucket,
-               ev.customer_id, ev.meter_id, count(*) AS events, sum(ev.quantity) AS s, max(ev.quantity) AS mx, min(ev.quantity) AS mn
+               ev.customer_id, ev.meter_id, ev.gv, count(*) AS events, sum(ev.quantity) AS s, max(ev.quantity) AS mx, min(ev.quantity) AS mn
           FROM ev CROSS JOIN (VALUES ('day'), ('month')) w(width)
-         GROUP BY 1, 2, 3, 4)
+         GROUP BY 1, 2, 3, 4, 5)
   SELECT coalesce(r.width, e.width), coalesce(r.bucket, e.bucket), coalesce(r.customer_id, e.customer_id),
-         coalesce(r.meter_id, e.meter_id), r.events, e.events, r.quantity_sum, e.s
+         coalesce(r.meter_id, e.meter_id), coalesce(r.group_value, e.gv), r.events, e.events, r.quantity_sum, e.s
     FROM r FULL JOIN e ON e.width = r.width AND e.bucket = r.bucket AND e.customer_id = r.customer_id AND e.meter_id = r.meter_id
+                      AND e.gv = r.group_value
    WHERE r.events IS DISTINCT FROM e.events OR r.quantity_sum IS DISTINCT FROM e.s
       OR r.quantity_max IS DISTINCT FROM e.mx OR r.quantity_min IS DISTINCT FROM e.mn
       OR (SELECT v FROM h) IS NULL
@@ -485,6 +497,97 @@ BEGIN
       WHEN 'MAX' THEN 'trim_scale(max(e.quantity))' WHEN 'MIN' THEN 'trim_scale(min(e.quantity))' WHEN 'AVG' THEN 'avg(e.quantity)' END,
     CASE WHEN v_all THEN '' ELSE 'AND e.meter_id = ANY ($4)' END)
     USING org_id, period_start, period_end, meter_ids;
+END
+$$;
+
+-- org_period_usage() by group, for the dimensioned SUM and COUNT meters of
+-- grouped charges (24_dimensions.sql): per (customer, meter) the usage by
+-- group value, {"gpt-large": 1200, "": 15}, over one organization's period,
+-- in one statement: the rollups (keyed by group value) and the tail when the
+-- period is whole UTC days and the rollups serve the organization, else one
+-- pass over the period's events.  The same snapshot reasoning as
+-- org_period_usage (whose comments say why each half is exact).
+CREATE FUNCTION fluxrate_internal.org_period_group_usage(org_id uuid, period_start timestamptz, period_end timestamptz,
+    meter_ids uuid[])
+  RETURNS TABLE (customer_id uuid, meter_id uuid, groups jsonb)
+  LANGUAGE plpgsql STABLE
+  SET search_path = pg_catalog, pg_temp
+  SET jit = off
+  AS $$
+DECLARE
+  v_snap txid_snapshot;
+  v_self bigint;
+  v_ms timestamptz;
+  v_me timestamptz;
+BEGIN
+  IF fluxrate_internal.whole_utc_days(period_start, period_end) THEN
+    SELECT st.snapshot, st.refreshed_by INTO v_snap, v_self
+      FROM fluxrate_internal.usage_rollup_state st WHERE st.system_identifier = fluxrate_internal.system_identifier()
+       AND NOT EXISTS (SELECT 1 FROM fluxrate_internal.rollup_errors re WHERE re.org_id = org_period_group_usage.org_id);
+    v_ms := date_trunc('month', period_start, 'UTC');
+    IF v_ms < period_start THEN
+      v_ms := (date_trunc('month', period_start AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC';
+    END IF;
+    v_me := date_trunc('month', period_end, 'UTC');
+    IF v_ms >= v_me THEN
+      v_ms := period_end;
+      v_me := period_end;
+    END IF;
+  END IF;
+  IF v_snap IS NOT NULL THEN
+    RETURN QUERY EXECUTE format(
+      'WITH h AS (SELECT st.snapshot AS v, st.refreshed_by AS self,
+                         EXISTS (SELECT 1 FROM fluxrate_internal.rollup_errors re WHERE re.org_id = $1) AS q
+                    FROM fluxrate_internal.usage_rollup_state st
+                   WHERE st.system_identifier = fluxrate_internal.system_identifier()),
+       mt AS (SELECT m.id, m.aggregation_type AS agg, d.property, d."values"
+                FROM fluxrate_internal.meters m
+                JOIN fluxrate_internal.meter_dimensions d ON d.org_id = m.org_id AND d.meter_id = m.id
+               WHERE m.org_id = $1 AND m.id = ANY ($4))
+       SELECT g.customer_id, g.meter_id, jsonb_object_agg(g.gv, g.usage)
+         FROM (SELECT u.customer_id, u.meter_id, u.gv,
+                      CASE WHEN min(mt.agg) = ''COUNT'' THEN sum(u.n) ELSE sum(u.s) END AS usage
+                 FROM (SELECT r.customer_id, r.meter_id, r.group_value AS gv, r.events AS n, r.quantity_sum AS s
+                         FROM fluxrate_internal.usage_rollups r
+                        WHERE r.org_id = $1 AND r.width = ''month'' AND r.bucket >= $5 AND r.bucket < $6 AND r.meter_id = ANY ($4)
+                          AND (SELECT v FROM h) IS NOT NULL AND NOT coalesce((SELECT q FROM h), false)
+                       UNION ALL
+                       SELECT r.customer_id, r.meter_id, r.group_value, r.events, r.quantity_sum
+                         FROM fluxrate_internal.usage_rollups r
+                        WHERE r.org_id = $1 AND r.width = ''day'' AND r.meter_id = ANY ($4)
+                          AND ((r.bucket >= $2 AND r.bucket < $5) OR (r.bucket >= $6 AND r.bucket < $3))
+                          AND (SELECT v FROM h) IS NOT NULL AND NOT coalesce((SELECT q FROM h), false)
+                       UNION ALL
+                       SELECT e.customer_id, e.meter_id, fluxrate_internal.group_value(e.metadata, mt.property, mt."values"), 1, e.quantity
+                         FROM fluxrate_internal.usage_events e JOIN mt ON mt.id = e.meter_id
+                        WHERE e.org_id = $1 AND e.xact_id >= %s
+                          AND NOT coalesce(txid_visible_in_snapshot(e.xact_id, (SELECT v FROM h))
+                                           AND e.xact_id IS DISTINCT FROM (SELECT self FROM h), false)
+                          AND e."timestamp" >= $2 AND e."timestamp" < $3
+                          AND NOT coalesce((SELECT q FROM h), false)
+                       UNION ALL
+                       SELECT e.customer_id, e.meter_id, fluxrate_internal.group_value(e.metadata, mt.property, mt."values"), 1, e.quantity
+                         FROM fluxrate_internal.usage_events e JOIN mt ON mt.id = e.meter_id
+                        WHERE coalesce((SELECT q FROM h), false) AND e.org_id = $1
+                          AND e."timestamp" >= $2 AND e."timestamp" < $3) u
+                 JOIN mt ON mt.id = u.meter_id
+                GROUP BY u.customer_id, u.meter_id, u.gv) g
+        GROUP BY g.customer_id, g.meter_id',
+      least(txid_snapshot_xmin(v_snap), v_self))
+      USING org_id, period_start, period_end, meter_ids, v_ms, v_me;
+    RETURN;
+  END IF;
+  RETURN QUERY
+    SELECT g.customer_id, g.meter_id, jsonb_object_agg(g.gv, g.usage)
+      FROM (SELECT e.customer_id, e.meter_id, fluxrate_internal.group_value(e.metadata, d.property, d."values") AS gv,
+                   CASE WHEN min(m.aggregation_type) = 'COUNT' THEN count(*)::numeric ELSE sum(e.quantity) END AS usage
+              FROM fluxrate_internal.usage_events e
+              JOIN fluxrate_internal.meters m ON m.org_id = e.org_id AND m.id = e.meter_id
+              JOIN fluxrate_internal.meter_dimensions d ON d.org_id = m.org_id AND d.meter_id = m.id
+             WHERE e.org_id = org_period_group_usage.org_id AND e.meter_id = ANY (meter_ids)
+               AND e."timestamp" >= period_start AND e."timestamp" < period_end
+             GROUP BY 1, 2, 3) g
+     GROUP BY g.customer_id, g.meter_id;
 END
 $$;
 

@@ -19,6 +19,11 @@ CREATE FUNCTION fluxrate_internal.subscription_usage(org_id uuid, s fluxrate_int
                -- timestamps up to 5 minutes ahead of now, and they are billed in this period)
                'usage', fluxrate_internal.meter_usage(org_id, s.customer_id, m.id, s.current_period_start,
                                                       s.current_period_end))
+               -- a meter with a dimension (24_dimensions.sql): the same usage by group
+               || coalesce((SELECT pg_catalog.jsonb_build_object('dimension', d.property, 'groups',
+                              fluxrate_internal.groups_array(fluxrate_internal.meter_group_usage(org_id, s.customer_id, m.id,
+                                s.current_period_start, s.current_period_end)))
+                              FROM fluxrate_internal.meter_dimensions d WHERE d.org_id = m.org_id AND d.meter_id = m.id), '{}'::jsonb)
              ORDER BY m.meter_name), '[]'::jsonb))
     FROM fluxrate_internal.meters m
    WHERE m.org_id = subscription_usage.org_id
@@ -169,6 +174,36 @@ CREATE FUNCTION fluxrate_internal.meter_range_usage(org_id uuid, m fluxrate_inte
   END
 $$;
 
+-- get_meter_usage()'s split by the meter's dimension over [range_start,
+-- range_end): {dimension, groups: [{value, usage, event_count}]} (value null:
+-- every value the meter does not list, and none), or {} for a meter without a
+-- dimension.  LAST and WEIGHTED_SUM are per customer, not per group: no split.
+CREATE FUNCTION fluxrate_internal.meter_dimension_usage(org_id uuid, m fluxrate_internal.meters, customer_id uuid,
+    range_start timestamptz, range_end timestamptz)
+  RETURNS jsonb
+  LANGUAGE sql STABLE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+  SELECT coalesce((
+    SELECT jsonb_build_object('dimension', d.property, 'groups',
+             coalesce((SELECT jsonb_agg(jsonb_build_object('value', nullif(q.g, ''), 'usage', q.u, 'event_count', q.n)
+                                        ORDER BY q.g = '', q.g)
+                         FROM (SELECT fluxrate_internal.group_value(e.metadata, d.property, d."values") AS g, count(*) AS n,
+                                      CASE m.aggregation_type WHEN 'SUM' THEN sum(e.quantity) WHEN 'COUNT' THEN count(*)::numeric
+                                        WHEN 'MAX' THEN trim_scale(max(e.quantity)) WHEN 'MIN' THEN trim_scale(min(e.quantity))
+                                        WHEN 'AVG' THEN avg(e.quantity)
+                                        WHEN 'UNIQUE_COUNT' THEN fluxrate_internal.unique_count(e.metadata->>m.property_name) END AS u
+                                 FROM fluxrate_internal.usage_events e
+                                WHERE e.org_id = meter_dimension_usage.org_id AND e.meter_id = m.id
+                                  AND e."timestamp" >= meter_dimension_usage.range_start AND e."timestamp" < meter_dimension_usage.range_end
+                                  AND (meter_dimension_usage.customer_id IS NULL OR e.customer_id = meter_dimension_usage.customer_id)
+                                  AND fluxrate_internal.filters_match(e.metadata, m.filters)
+                                GROUP BY 1) q), '[]'::jsonb))
+      FROM fluxrate_internal.meter_dimensions d
+     WHERE d.org_id = meter_dimension_usage.org_id AND d.meter_id = m.id
+       AND m.aggregation_type NOT IN ('LAST', 'WEIGHTED_SUM')), '{}'::jsonb)
+$$;
+
 -- The bound on buckets x customers of an analytics request (get_meter_usage).
 CREATE FUNCTION fluxrate_internal.max_analytics_work() RETURNS bigint
   LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 10000::bigint $$;
@@ -272,6 +307,8 @@ BEGIN
                      ELSE coalesce(g.u, 0) END AS usage
               FROM buckets bk LEFT JOIN g ON g.bucket = bk.bucket) r
      WHERE coalesce(get_meter_usage.include_empty, false) OR r.n > 0 OR r.usage <> 0))
+    -- the split by the meter's dimension, if it has one
+    || fluxrate_internal.meter_dimension_usage(v_org, m, get_meter_usage.customer_id, v_start, v_end)
     INTO v_result;
   RETURN fluxrate_internal.ordered_json(v_result);
 END

@@ -58,6 +58,93 @@ CREATE FUNCTION fluxrate_internal.late_window_lines(org_id uuid, subscription_id
                         OFFSET 0) l
 $$;
 
+-- A grouped charge's late usage for one past period [ps, pe): per group, the
+-- usage now (now_usage, by group: meter_group_usage()) and the usage billed
+-- so far (its usage line and earlier late lines of that group, in the
+-- late-usage window), each priced by group_lines(); amount = rate(now) -
+-- rate(billed).  What fill_late_lines and the closer write, both through this.
+CREATE FUNCTION fluxrate_internal.group_late_usage(org_id uuid, subscription_id uuid, before timestamptz, charge_id uuid,
+    groups jsonb, charge_name text, ps timestamptz, pe timestamptz, now_usage jsonb)
+  RETURNS TABLE (gpos integer, group_value text, unpriced boolean, name text, usage_now numeric, billed numeric, amount numeric)
+  LANGUAGE sql STABLE
+  AS $$
+  WITH b AS (
+    SELECT coalesce(jsonb_object_agg(q.k, q.u), '{}'::jsonb) AS m
+      FROM (SELECT coalesce(l.meta->>'group', '') AS k,
+                   sum(CASE l.line_type WHEN 'usage' THEN (l.meta->>'usage')::numeric ELSE (l.meta->>'usage_delta')::numeric END) AS u
+              FROM fluxrate_internal.late_window_lines($1, $2, $3) l
+             WHERE l.charge_id = $4 AND l.period_start = $7 AND l.period_end = $8
+             GROUP BY 1) q
+  )
+  SELECT n.gpos, n.group_value, n.unpriced, n.name, n.usage, o.usage, n.amount - o.amount
+    FROM fluxrate_internal.group_lines($5, $9, $6) n
+    JOIN fluxrate_internal.group_lines($5, (SELECT b.m FROM b), $6) o ON o.gpos = n.gpos
+   WHERE n.usage <> o.usage
+$$;
+
+-- The late-usage lines of a grouped charge for one past period, after
+-- position pos; returns the last position written.
+CREATE FUNCTION fluxrate_internal.fill_group_late_lines(i fluxrate_internal.invoices, charge_id uuid, meter_id uuid, groups jsonb,
+    charge_name text, ps timestamptz, pe timestamptz, pos integer)
+  RETURNS integer
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  g record;
+  v_pos integer := pos;
+BEGIN
+  FOR g IN
+    SELECT * FROM fluxrate_internal.group_late_usage(i.org_id, i.subscription_id, i.period_start, charge_id, groups, charge_name,
+                    ps, pe, fluxrate_internal.meter_group_usage(i.org_id, i.customer_id, meter_id, ps, pe)) x
+     WHERE x.amount > 0 ORDER BY x.gpos
+  LOOP
+    v_pos := v_pos + 1;
+    INSERT INTO fluxrate_internal.invoice_lines (org_id, invoice_id, position, line_type, charge_id, description,
+        quantity, unit_amount, line_total, amount_unrounded, period_start, period_end, meta)
+    VALUES (i.org_id, i.id, v_pos, 'late_usage', charge_id,
+            format('%s - late usage for %s to %s', g.name, to_char(ps AT TIME ZONE 'UTC', 'YYYY-MM-DD'),
+                   to_char(pe AT TIME ZONE 'UTC', 'YYYY-MM-DD')),
+            g.usage_now - g.billed, round(g.amount / (g.usage_now - g.billed), 12),
+            fluxrate_internal.round_money(g.amount, i.currency), g.amount, ps, pe,
+            jsonb_build_object('meter_id', meter_id, 'usage_delta', g.usage_now - g.billed, 'usage_now', g.usage_now,
+                               'billed_before', g.billed, 'group', g.group_value, 'unpriced', g.unpriced));
+  END LOOP;
+  RETURN v_pos;
+END
+$$;
+
+-- The lines of a grouped charge on invoice i, from position pos + 1 (one per
+-- group, group_lines()); returns their unrounded sum.
+CREATE FUNCTION fluxrate_internal.fill_group_lines(i fluxrate_internal.invoices, charge_id uuid, meter_id uuid, groups jsonb,
+    charge_name text, pos integer)
+  RETURNS numeric
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_sum numeric;
+BEGIN
+  WITH g AS (
+    SELECT x.* FROM fluxrate_internal.group_lines(groups,
+             fluxrate_internal.meter_group_usage(i.org_id, i.customer_id, meter_id, i.period_start, i.period_end), charge_name) x
+  ), ins AS (
+    INSERT INTO fluxrate_internal.invoice_lines (org_id, invoice_id, position, line_type, charge_id, description,
+        quantity, unit_amount, line_total, amount_unrounded, period_start, period_end, meta)
+    SELECT i.org_id, i.id, pos + g.gpos, 'usage', charge_id, g.name, g.usage,
+           CASE WHEN g.pricing_model IN ('per_unit', 'unpriced') THEN g.unit_price
+                WHEN g.usage = 0 THEN 0 ELSE round(g.amount / g.usage, 12) END,
+           fluxrate_internal.round_money(g.amount, i.currency), g.amount, i.period_start, i.period_end,
+           jsonb_build_object('meter_id', meter_id, 'usage', g.usage, 'pricing_model', g.pricing_model,
+                              'group', g.group_value, 'unpriced', g.unpriced)
+      FROM g
+    RETURNING amount_unrounded
+  )
+  SELECT coalesce(sum(ins.amount_unrounded), 0) INTO v_sum FROM ins;
+  RETURN v_sum;
+END
+$$;
+
 -- The late-usage lines of subscription invoice i, after position pos; returns
 -- the last position written.
 -- Late usage: events that reached an already finalized period of this
@@ -85,9 +172,16 @@ BEGIN
      GROUP BY l.charge_id, l.period_start, l.period_end
      ORDER BY l.period_start, l.charge_id
   LOOP
-    SELECT ch.*, m.meter_name INTO c FROM fluxrate_internal.charges ch
-      JOIN fluxrate_internal.meters m ON m.org_id = ch.org_id AND m.id = ch.meter_id
-     WHERE ch.org_id = i.org_id AND ch.id = r.charge_id;
+    -- priced as the subscription's charge is now (its override, if any; a
+    -- charge its plan no longer has keeps it too: the period was billed so)
+    SELECT ch.*, m.meter_name INTO c FROM fluxrate_internal.subscription_charge(i.org_id, i.subscription_id, r.charge_id) ch
+      JOIN fluxrate_internal.meters m ON m.org_id = i.org_id AND m.id = ch.meter_id;
+    -- a grouped charge's late usage: by group (fill_group_late_lines)
+    IF c.groups IS NOT NULL THEN
+      v_pos := fluxrate_internal.fill_group_late_lines(i, c.id, c.meter_id, c.groups, coalesce(c.display_name, c.meter_name),
+                                                       r.period_start, r.period_end, v_pos);
+      CONTINUE;
+    END IF;
     v_usage := fluxrate_internal.meter_usage(i.org_id, i.customer_id, c.meter_id, r.period_start, r.period_end);
     CONTINUE WHEN v_usage = r.billed;
     v_amount := fluxrate_internal.rate_usage(c.pricing_model, c.unit_price, c.tiers, c.package_size, c.package_price, c.free_units, v_usage)
@@ -143,6 +237,7 @@ DECLARE
   v_opening boolean;
   v_adv_start timestamptz;
   v_adv_end timestamptz;
+  v_min numeric;
 BEGIN
   SELECT * INTO i FROM fluxrate_internal.invoices x WHERE x.org_id = fill_lines.org_id AND x.id = fill_lines.invoice_id;
   SELECT * INTO s FROM fluxrate_internal.subscriptions x WHERE x.org_id = i.org_id AND x.id = i.subscription_id;
@@ -159,10 +254,12 @@ BEGIN
     v_adv_start := (i.meta_data->>'advance_start')::timestamptz;
     v_adv_end := (i.meta_data->>'advance_end')::timestamptz;
   END IF;
+  -- the plan's charges as priced for this subscription (its overrides, a
+  -- grouped charge's groups: 24_dimensions.sql)
   FOR c IN
-    SELECT ch.*, m.meter_name FROM fluxrate_internal.charges ch
-      LEFT JOIN fluxrate_internal.meters m ON m.org_id = ch.org_id AND m.id = ch.meter_id
-     WHERE ch.org_id = i.org_id AND ch.plan_id = s.plan_id AND ch.status = 'ACTIVE'
+    SELECT ch.*, m.meter_name FROM fluxrate_internal.subscription_charges(i.org_id, s.id, s.plan_id) ch
+      LEFT JOIN fluxrate_internal.meters m ON m.org_id = i.org_id AND m.id = ch.meter_id
+     WHERE ch.status = 'ACTIVE'
        AND (NOT v_opening OR (ch.type = 'FIXED' AND ch.billing_timing = 'in_advance'))
        AND i.period_end > i.period_start   -- (a plan change at the period's first instant: nothing elapsed)
      ORDER BY ch.type, ch.created_at, ch.id
@@ -190,6 +287,12 @@ BEGIN
               CASE WHEN v_frac = 1 THEN 1 ELSE round(v_frac, 12) END, c.unit_price,
               fluxrate_internal.round_money(v_amount, i.currency), v_amount,
               i.period_start, i.period_end, jsonb_build_object('billing_timing', c.billing_timing));
+    ELSIF c.groups IS NOT NULL THEN
+      -- a grouped charge: one line per group (fill_group_lines)
+      v_sum := v_sum + fluxrate_internal.fill_group_lines(i, c.id, c.meter_id, c.groups,
+                                                           coalesce(c.display_name, c.meter_name), v_pos - 1);
+      v_pos := v_pos + fluxrate_internal.group_line_count(c.groups) - 1;
+      CONTINUE;
     ELSE
       -- the closer computes every usage of its batch in one statement and passes it in
       v_usage := coalesce((usage_map->>(c.id::text))::numeric,
@@ -215,9 +318,11 @@ BEGIN
   -- late usage: fill_late_lines()
   v_pos := fluxrate_internal.fill_late_lines(i, v_pos);
 
-  IF p.minimum_commitment IS NOT NULL AND v_sum < p.minimum_commitment * v_frac THEN
+  -- the subscription's minimum commitment: its override, else the plan's
+  v_min := fluxrate_internal.subscription_minimum(i.org_id, s.id, p.id);
+  IF v_min IS NOT NULL AND v_sum < v_min * v_frac THEN
     v_pos := v_pos + 1;
-    v_amount := p.minimum_commitment * v_frac - v_sum;
+    v_amount := v_min * v_frac - v_sum;
     INSERT INTO fluxrate_internal.invoice_lines (org_id, invoice_id, position, line_type, description,
         quantity, unit_amount, line_total, amount_unrounded, period_start, period_end)
     VALUES (i.org_id, i.id, v_pos, 'minimum', 'Minimum commitment true-up', 1, v_amount,

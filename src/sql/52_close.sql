@@ -49,6 +49,15 @@ BEGIN
       period_end timestamptz, usage numeric NOT NULL,
       PRIMARY KEY (org_id, customer_id, meter_id, period_start, period_end));
   END IF;
+  -- the same for the grouped charges' meters: usage by group ({value: usage},
+  -- 24_dimensions.sql), from the rollups keyed by group (org_period_group_usage)
+  IF pg_catalog.to_regclass('pg_temp.fr_close_group_usage') IS NULL THEN
+    CREATE TEMPORARY TABLE fr_close_group_scope (org_id uuid, meter_id uuid, period_start timestamptz, period_end timestamptz,
+      PRIMARY KEY (org_id, meter_id, period_start, period_end));
+    CREATE TEMPORARY TABLE fr_close_group_usage (org_id uuid, customer_id uuid, meter_id uuid, period_start timestamptz,
+      period_end timestamptz, groups jsonb NOT NULL,
+      PRIMARY KEY (org_id, customer_id, meter_id, period_start, period_end));
+  END IF;
   -- how many periods of each subscription this run has closed (the catch-up
   -- cap, sys_close_claim)
   IF pg_catalog.to_regclass('pg_temp.fr_close_run') IS NULL THEN
@@ -66,6 +75,9 @@ CREATE FUNCTION fluxrate_internal.sys_close_finish() RETURNS void
 BEGIN
   IF pg_catalog.to_regclass('pg_temp.fr_close_usage') IS NOT NULL THEN
     TRUNCATE pg_temp.fr_close_scope, pg_temp.fr_close_usage;
+  END IF;
+  IF pg_catalog.to_regclass('pg_temp.fr_close_group_usage') IS NOT NULL THEN
+    TRUNCATE pg_temp.fr_close_group_scope, pg_temp.fr_close_group_usage;
   END IF;
   IF pg_catalog.to_regclass('pg_temp.fr_close_run') IS NOT NULL THEN
     TRUNCATE pg_temp.fr_close_run;
@@ -223,7 +235,7 @@ DECLARE
   v_meters uuid[];
 BEGIN
   PERFORM fluxrate_internal.sys_close_tables();
-  TRUNCATE pg_temp.fr_close_scope, pg_temp.fr_close_usage;
+  TRUNCATE pg_temp.fr_close_scope, pg_temp.fr_close_usage, pg_temp.fr_close_group_scope, pg_temp.fr_close_group_usage;
   FOR g IN
     SELECT d.org_id, d.ps, d.pe, d.n::numeric / greatest(d.subscribed, 1) AS customer_share,
            mt.aggregation_type AS agg, array_agg(DISTINCT mt.id) AS meters
@@ -297,7 +309,57 @@ BEGIN
         FROM fluxrate_internal.org_period_usage(g.org_id, g.ps, g.pe, g.agg, v_meters) u;
     END LOOP;
   END IF;
-  ANALYZE pg_temp.fr_close_scope, pg_temp.fr_close_usage;
+  -- The grouped charges' meters (24_dimensions.sql): their usage by group,
+  -- from the rollups keyed by group value, for the periods that are due now
+  -- (late usage of grouped charges is rare and read from the events).  The
+  -- same customer-share rule.
+  v_rows := v_rows + fluxrate_internal.sys_close_prepare_groups(min_benefit);
+  ANALYZE pg_temp.fr_close_scope, pg_temp.fr_close_usage, pg_temp.fr_close_group_scope, pg_temp.fr_close_group_usage;
+  RETURN v_rows;
+END
+$$;
+
+-- sys_close_prepare()'s grouped part: for each (organization, period) due
+-- now whose plans have grouped charges (or subscriptions with grouped
+-- overrides: the groups are the charge's, the meter the same), the usage by
+-- group of their dimensioned meters, one statement per (organization, period).
+-- Returns the number of (organization, meter, period) covered.
+CREATE FUNCTION fluxrate_internal.sys_close_prepare_groups(min_benefit numeric) RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  v_now timestamptz := fluxrate.now();
+  g record;
+  v_rows bigint := 0;
+  v_n bigint;
+BEGIN
+  FOR g IN
+    SELECT d.org_id, d.ps, d.pe, array_agg(DISTINCT c.meter_id) AS meters
+      FROM (SELECT x.org_id, x.current_period_start AS ps, x.current_period_end AS pe,
+                   array_agg(DISTINCT x.plan_id) AS plans, count(DISTINCT x.customer_id) AS n,
+                   (SELECT count(DISTINCT l.customer_id) FROM fluxrate_internal.subscriptions l
+                     WHERE l.org_id = x.org_id AND l.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE')) AS subscribed
+              FROM fluxrate_internal.subscriptions x
+             WHERE x.status IN ('ACTIVE', 'PAST_DUE') AND x.current_period_end <= v_now
+             GROUP BY 1, 2, 3) d
+      JOIN fluxrate_internal.charges c ON c.org_id = d.org_id AND c.plan_id = ANY (d.plans)
+           AND c.type = 'USAGE' AND c.status = 'ACTIVE'
+      JOIN fluxrate_internal.charge_dimensions cd ON cd.org_id = c.org_id AND cd.charge_id = c.id
+      JOIN fluxrate_internal.meters mt ON mt.org_id = c.org_id AND mt.id = c.meter_id AND mt.filters = '[]'::jsonb
+     WHERE d.n >= min_benefit * d.subscribed
+       AND (min_benefit <= 0 OR (fluxrate_internal.whole_utc_days(d.ps, d.pe) AND fluxrate_internal.rollup_snapshot() IS NOT NULL))
+     GROUP BY 1, 2, 3
+     ORDER BY 1, 2, 3
+  LOOP
+    INSERT INTO pg_temp.fr_close_group_scope (org_id, meter_id, period_start, period_end)
+    SELECT g.org_id, m, g.ps, g.pe FROM unnest(g.meters) m;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    v_rows := v_rows + v_n;
+    INSERT INTO pg_temp.fr_close_group_usage (org_id, customer_id, meter_id, period_start, period_end, groups)
+    SELECT g.org_id, u.customer_id, u.meter_id, g.ps, g.pe, u.groups
+      FROM fluxrate_internal.org_period_group_usage(g.org_id, g.ps, g.pe, g.meters) u;
+  END LOOP;
   RETURN v_rows;
 END
 $$;
@@ -546,7 +608,12 @@ CREATE FUNCTION fluxrate_internal.close_sql_periods() RETURNS text
            fluxrate_internal.period_boundary(x.billing_anchor, x.billing_interval, x.alignment,
                                              x.current_period_index + 2) AS next_end,
            (SELECT p.currency FROM fluxrate_internal.plans p WHERE p.org_id = x.org_id AND p.id = x.plan_id) AS currency,
-           (SELECT p.minimum_commitment FROM fluxrate_internal.plans p WHERE p.org_id = x.org_id AND p.id = x.plan_id) AS minimum,
+           -- the subscription's own minimum commitment, else the plan's (23_overrides.sql:
+           -- subscription_minimum(), inline: a scalar subquery, not a function call per row)
+           (SELECT CASE WHEN mo.subscription_id IS NOT NULL THEN mo.minimum_commitment ELSE p.minimum_commitment END
+              FROM fluxrate_internal.plans p
+              LEFT JOIN fluxrate_internal.minimum_overrides mo ON mo.org_id = x.org_id AND mo.subscription_id = x.id
+             WHERE p.org_id = x.org_id AND p.id = x.plan_id) AS minimum,
            (SELECT p.version FROM fluxrate_internal.plans p WHERE p.org_id = x.org_id AND p.id = x.plan_id) AS plan_version,
            (SELECT o.grace_period FROM fluxrate_internal.organizations o WHERE o.org_id = x.org_id) AS grace,
            -- tax_rate_for(), inline: a state-specific rate beats the country-wide one; none = 0
@@ -571,13 +638,14 @@ CREATE FUNCTION fluxrate_internal.close_sql_periods() RETURNS text
     -- the subscriptions to invoice: how many charge lines, and the in-advance fees the
     -- period itself was charged (for the minimum commitment)
     SELECT b.*,
-           (SELECT count(*) FROM fluxrate_internal.charges c
-             WHERE c.org_id = b.org_id AND c.plan_id = b.plan_id AND c.status = 'ACTIVE'
+           -- (a grouped charge writes a line per group)
+           (SELECT count(*) + coalesce(sum(CASE WHEN c.groups IS NOT NULL THEN fluxrate_internal.group_line_count(c.groups) - 1 END), 0)
+              FROM fluxrate_internal.subscription_charges(b.org_id, b.sub_id, b.plan_id) c
+             WHERE c.status = 'ACTIVE'
                AND NOT (c.type = 'FIXED' AND c.billing_timing = 'in_advance' AND b.ending))::integer AS n_main,
            CASE WHEN b.minimum IS NOT NULL THEN
-             coalesce((SELECT sum(c.unit_price * b.frac) FROM fluxrate_internal.charges c
-                        WHERE c.org_id = b.org_id AND c.plan_id = b.plan_id AND c.status = 'ACTIVE'
-                          AND c.type = 'FIXED' AND c.billing_timing = 'in_advance'), 0) END AS advance_paid
+             coalesce((SELECT sum(c.unit_price * b.frac) FROM fluxrate_internal.subscription_charges(b.org_id, b.sub_id, b.plan_id) c
+                        WHERE c.status = 'ACTIVE' AND c.type = 'FIXED' AND c.billing_timing = 'in_advance'), 0) END AS advance_paid
       FROM b WHERE NOT b.already
   )
 $sql$ $fn$;
@@ -587,25 +655,51 @@ CREATE FUNCTION fluxrate_internal.close_sql_charge_lines() RETURNS text
   LANGUAGE sql IMMUTABLE
   AS $fn$ SELECT $sql$
   main AS MATERIALIZED (
-    -- one line per ACTIVE charge, in charge order (fill_lines' first loop)
+    -- one line per ACTIVE charge, in charge order (fill_lines' first loop), as
+    -- priced for the subscription (subscription_charges: its overrides); a
+    -- grouped charge one line per group (group_lines), its usage by group from
+    -- the run's snapshot where it covers the pair, else from the events
     SELECT y.*,
-           CASE WHEN y.type = 'USAGE' THEN
+           CASE WHEN y.groups IS NOT NULL THEN y.group_amount
+                WHEN y.type = 'USAGE' THEN
                   fluxrate_internal.rate_usage(y.pricing_model, y.unit_price, y.tiers, y.package_size,
                                                y.package_price, y.free_units, y.usage)
                 WHEN y.advance THEN y.unit_price
                 ELSE y.unit_price * y.frac END AS amount
-      FROM (SELECT sb.org_id, sb.sub_id, sb.invoice_id, sb.currency, sb.frac, sb.ps, sb.pe, sb.pe AS adv_start, sb.next_end AS adv_end,
-                   c.id AS charge_id, c.type, c.billing_timing, c.meter_id, c.pricing_model, c.unit_price, c.tiers,
-                   c.package_size, c.package_price, c.free_units,
+      FROM (SELECT z.*, row_number() OVER (PARTITION BY z.org_id, z.sub_id ORDER BY z.type, z.created_at, z.charge_id, z.gpos)::integer AS pos
+              FROM (
+            -- the plain charges (no function call per row: most charges are these)
+            SELECT sb.org_id, sb.sub_id, sb.invoice_id, sb.currency, sb.frac, sb.ps, sb.pe, sb.pe AS adv_start, sb.next_end AS adv_end,
+                   c.id AS charge_id, c.type, c.billing_timing, c.meter_id, c.created_at, c.pricing_model, c.unit_price, c.tiers,
+                   c.package_size, c.package_price, c.free_units, c.groups, NULL::integer AS gpos, NULL::text AS group_value,
+                   NULL::boolean AS unpriced, NULL::numeric AS group_amount,
                    (c.type = 'FIXED' AND c.billing_timing = 'in_advance') AS advance,
                    coalesce(c.display_name, CASE WHEN c.type = 'FIXED' THEN 'Fixed fee' ELSE m.meter_name END) AS name,
                    CASE WHEN c.type = 'USAGE' THEN coalesce((sb.uj->'u'->>(c.id::text))::numeric,
-                     fluxrate_internal.meter_usage(sb.org_id, sb.customer_id, c.meter_id, sb.ps, sb.pe)) END AS usage,
-                   row_number() OVER (PARTITION BY sb.org_id, sb.sub_id ORDER BY c.type, c.created_at, c.id)::integer AS pos
+                     fluxrate_internal.meter_usage(sb.org_id, sb.customer_id, c.meter_id, sb.ps, sb.pe)) END AS usage
               FROM sb
-              JOIN fluxrate_internal.charges c ON c.org_id = sb.org_id AND c.plan_id = sb.plan_id AND c.status = 'ACTIVE'
-              LEFT JOIN fluxrate_internal.meters m ON m.org_id = c.org_id AND m.id = c.meter_id
-             WHERE NOT (c.type = 'FIXED' AND c.billing_timing = 'in_advance' AND sb.ending)) y
+              CROSS JOIN LATERAL fluxrate_internal.subscription_charges(sb.org_id, sb.sub_id, sb.plan_id) c
+              LEFT JOIN fluxrate_internal.meters m ON m.org_id = sb.org_id AND m.id = c.meter_id
+             WHERE c.status = 'ACTIVE' AND c.groups IS NULL
+               AND NOT (c.type = 'FIXED' AND c.billing_timing = 'in_advance' AND sb.ending)
+            UNION ALL
+            -- the grouped charges: a line per group
+            SELECT sb.org_id, sb.sub_id, sb.invoice_id, sb.currency, sb.frac, sb.ps, sb.pe, sb.pe, sb.next_end,
+                   c.id, c.type, c.billing_timing, c.meter_id, c.created_at, gl.pricing_model, gl.unit_price, c.tiers,
+                   c.package_size, c.package_price, c.free_units, c.groups, gl.gpos, gl.group_value, gl.unpriced, gl.amount,
+                   false, gl.name, gl.usage
+              FROM sb
+              CROSS JOIN LATERAL fluxrate_internal.subscription_charges(sb.org_id, sb.sub_id, sb.plan_id) c
+              LEFT JOIN fluxrate_internal.meters m ON m.org_id = sb.org_id AND m.id = c.meter_id
+              CROSS JOIN LATERAL fluxrate_internal.group_lines(c.groups,
+                  CASE WHEN EXISTS (SELECT 1 FROM pg_temp.fr_close_group_scope gs WHERE gs.org_id = sb.org_id
+                                       AND gs.meter_id = c.meter_id AND gs.period_start = sb.ps AND gs.period_end = sb.pe)
+                         THEN coalesce((SELECT gu.groups FROM pg_temp.fr_close_group_usage gu
+                                         WHERE gu.org_id = sb.org_id AND gu.customer_id = sb.customer_id AND gu.meter_id = c.meter_id
+                                           AND gu.period_start = sb.ps AND gu.period_end = sb.pe), '{}'::jsonb)
+                       ELSE fluxrate_internal.meter_group_usage(sb.org_id, sb.customer_id, c.meter_id, sb.ps, sb.pe) END,
+                  coalesce(c.display_name, m.meter_name)) gl
+             WHERE c.status = 'ACTIVE' AND c.groups IS NOT NULL) z) y
   )
 $sql$ $fn$;
 
@@ -615,19 +709,27 @@ CREATE FUNCTION fluxrate_internal.close_sql_late_lines() RETURNS text
   AS $fn$ SELECT $sql$
   late AS MATERIALIZED (
     -- late usage (fill_lines' second loop): only increases, priced incrementally, after the charges
-    SELECT y.*, y.n_main + row_number() OVER (PARTITION BY y.org_id, y.sub_id ORDER BY y.lps, y.charge_id)::integer AS pos
+    -- priced as the subscription's charge is now (subscription_charge: its
+    -- override); a grouped charge by group (group_late_usage)
+    SELECT y.*, y.n_main + row_number() OVER (PARTITION BY y.org_id, y.sub_id ORDER BY y.lps, y.charge_id, y.gpos)::integer AS pos
       FROM (SELECT sb.org_id, sb.sub_id, sb.invoice_id, sb.currency, sb.n_main, c.id AS charge_id, c.meter_id,
-                   coalesce(c.display_name, m.meter_name) AS name,
+                   coalesce(gl.name, c.display_name, m.meter_name) AS name, c.groups, gl.gpos, gl.group_value, gl.unpriced,
                    (e->>'ps')::timestamptz AS lps, (e->>'pe')::timestamptz AS lpe,
-                   (e->>'billed')::numeric AS billed, (e->>'now')::numeric AS now_usage,
+                   coalesce(gl.billed, (e->>'billed')::numeric) AS billed, coalesce(gl.usage_now, (e->>'now')::numeric) AS now_usage,
+                   CASE WHEN c.groups IS NOT NULL THEN gl.amount ELSE
                    fluxrate_internal.rate_usage(c.pricing_model, c.unit_price, c.tiers, c.package_size, c.package_price,
                                                 c.free_units, (e->>'now')::numeric)
                  - fluxrate_internal.rate_usage(c.pricing_model, c.unit_price, c.tiers, c.package_size, c.package_price,
-                                                c.free_units, (e->>'billed')::numeric) AS amount
+                                                c.free_units, (e->>'billed')::numeric) END AS amount
               FROM sb
               CROSS JOIN LATERAL jsonb_array_elements(sb.uj->'late') e
-              JOIN fluxrate_internal.charges c ON c.org_id = sb.org_id AND c.id = (e->>'c')::uuid
-              JOIN fluxrate_internal.meters m ON m.org_id = c.org_id AND m.id = c.meter_id) y
+              CROSS JOIN LATERAL fluxrate_internal.subscription_charge(sb.org_id, sb.sub_id, (e->>'c')::uuid) c
+              JOIN fluxrate_internal.meters m ON m.org_id = sb.org_id AND m.id = c.meter_id
+              LEFT JOIN LATERAL fluxrate_internal.group_late_usage(sb.org_id, sb.sub_id, sb.ps, c.id, c.groups,
+                  coalesce(c.display_name, m.meter_name), (e->>'ps')::timestamptz, (e->>'pe')::timestamptz,
+                  CASE WHEN c.groups IS NOT NULL THEN fluxrate_internal.meter_group_usage(sb.org_id, sb.customer_id, c.meter_id,
+                                                          (e->>'ps')::timestamptz, (e->>'pe')::timestamptz) END) gl ON true
+             WHERE c.groups IS NULL OR gl.gpos IS NOT NULL) y
      WHERE y.amount > 0
   )
 $sql$ $fn$;
@@ -663,12 +765,14 @@ CREATE FUNCTION fluxrate_internal.close_sql_lines() RETURNS text
                CASE m.type WHEN 'USAGE' THEN 'usage' ELSE 'fixed' END AS line_type, m.charge_id,
                m.name || CASE WHEN m.type = 'FIXED' AND NOT m.advance AND m.frac <> 1 THEN ' (prorated)' ELSE '' END AS description,
                CASE WHEN m.type = 'USAGE' THEN m.usage WHEN m.advance OR m.frac = 1 THEN 1 ELSE round(m.frac, 12) END AS quantity,
-               CASE WHEN m.type = 'FIXED' OR m.pricing_model = 'per_unit' THEN m.unit_price
+               CASE WHEN m.type = 'FIXED' OR m.pricing_model IN ('per_unit', 'unpriced') THEN m.unit_price
                     WHEN m.usage = 0 THEN 0 ELSE round(m.amount / m.usage, 12) END AS unit_amount,
                m.amount,
                CASE WHEN m.advance THEN m.adv_start ELSE m.ps END AS line_start,
                CASE WHEN m.advance THEN m.adv_end ELSE m.pe END AS line_end,
-               CASE WHEN m.type = 'USAGE' THEN jsonb_build_object('meter_id', m.meter_id, 'usage', m.usage, 'pricing_model', m.pricing_model)
+               CASE WHEN m.groups IS NOT NULL THEN jsonb_build_object('meter_id', m.meter_id, 'usage', m.usage, 'pricing_model', m.pricing_model,
+                                                                      'group', m.group_value, 'unpriced', m.unpriced)
+                    WHEN m.type = 'USAGE' THEN jsonb_build_object('meter_id', m.meter_id, 'usage', m.usage, 'pricing_model', m.pricing_model)
                     ELSE jsonb_build_object('billing_timing', m.billing_timing) END AS meta
           FROM main m
         UNION ALL
@@ -678,6 +782,8 @@ CREATE FUNCTION fluxrate_internal.close_sql_lines() RETURNS text
                l.now_usage - l.billed, round(l.amount / (l.now_usage - l.billed), 12), l.amount, l.lps, l.lpe,
                jsonb_build_object('meter_id', l.meter_id, 'usage_delta', l.now_usage - l.billed, 'usage_now', l.now_usage,
                                   'billed_before', l.billed)
+               || CASE WHEN l.groups IS NOT NULL THEN jsonb_build_object('group', l.group_value, 'unpriced', l.unpriced)
+                       ELSE '{}'::jsonb END
           FROM late l
         UNION ALL
         SELECT n.org_id, n.sub_id, n.invoice_id, n.currency, n.pos, 'minimum', NULL, 'Minimum commitment true-up', 1,

@@ -32,6 +32,46 @@ CREATE FUNCTION fluxrate_internal.scheduled_change(s fluxrate_internal.subscript
    WHERE c.org_id = s.org_id AND c.subscription_id = s.id AND c.status = 'SCHEDULED'
 $$;
 
+-- A subscription's charge overrides (23_overrides.sql) follow it to another
+-- version of the same plan (migrate_subscriptions, or a change to the plan's
+-- current version): each goes to the charge of the new version with the same
+-- origin, unless the subscription overrides that one already.  An override is
+-- a contract price, and a new list price does not undo a contract.  A change
+-- to another plan carries none: the override named a charge of the old plan.
+-- The old rows stay, for the late usage of periods billed before the change.
+-- Returns the number carried.
+CREATE FUNCTION fluxrate_internal.carry_overrides(org_id uuid, subscription_id uuid, from_plan uuid, to_plan uuid)
+  RETURNS integer
+  LANGUAGE plpgsql VOLATILE
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  n integer;
+BEGIN
+  INSERT INTO fluxrate_internal.charge_overrides (org_id, subscription_id, charge_id, pricing_model, unit_price, tiers,
+      package_size, package_price, free_units, groups, created_at, updated_at)
+  SELECT o.org_id, o.subscription_id, nc.id, o.pricing_model, o.unit_price, o.tiers, o.package_size, o.package_price,
+         o.free_units,
+         -- a grouped override keeps its groups only if the new version's charge is grouped on the same property
+         CASE WHEN ncd.property IS NOT DISTINCT FROM ocd.property THEN o.groups END,
+         fluxrate.now(), fluxrate.now()
+    FROM fluxrate_internal.plans fp
+    JOIN fluxrate_internal.plans tp ON tp.org_id = fp.org_id AND tp.id = carry_overrides.to_plan
+         AND coalesce(tp.family_id, tp.id) = coalesce(fp.family_id, fp.id)
+    JOIN fluxrate_internal.charge_overrides o ON o.org_id = fp.org_id AND o.subscription_id = carry_overrides.subscription_id
+    JOIN fluxrate_internal.charges oc ON oc.org_id = o.org_id AND oc.id = o.charge_id AND oc.plan_id = fp.id
+    JOIN fluxrate_internal.charges nc ON nc.org_id = tp.org_id AND nc.plan_id = tp.id AND nc.status = 'ACTIVE'
+         AND coalesce(nc.origin_id, nc.id) = coalesce(oc.origin_id, oc.id)
+    LEFT JOIN fluxrate_internal.charge_dimensions ocd ON ocd.org_id = oc.org_id AND ocd.charge_id = oc.id
+    LEFT JOIN fluxrate_internal.charge_dimensions ncd ON ncd.org_id = nc.org_id AND ncd.charge_id = nc.id
+   WHERE fp.org_id = carry_overrides.org_id AND fp.id = carry_overrides.from_plan
+     AND (ocd.property IS NOT DISTINCT FROM ncd.property)   -- groups of another property are another price
+  ON CONFLICT ON CONSTRAINT charge_overrides_pkey DO NOTHING;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
 -- The subscription moves to the plan of scheduled change c at the end of its
 -- period (which the caller has just closed): the same anchor and the next
 -- period, or, for another billing interval, a new anchor at that instant; then
@@ -48,6 +88,7 @@ DECLARE
   v_open uuid;
 BEGIN
   SELECT * INTO p FROM fluxrate_internal.plans x WHERE x.org_id = s.org_id AND x.id = c.to_plan_id;
+  PERFORM fluxrate_internal.carry_overrides(s.org_id, s.id, c.from_plan_id, c.to_plan_id);
   IF c.new_anchor THEN
     UPDATE fluxrate_internal.subscriptions x
        SET plan_id = p.id, billing_interval = p.billing_interval, billing_anchor = s.current_period_end,
@@ -183,11 +224,13 @@ BEGIN
   v_r := extract(epoch FROM (v_ce - v_cs))
        / extract(epoch FROM ((i.meta_data->>'nominal_end')::timestamptz - (i.meta_data->>'nominal_start')::timestamptz));
   FOR c IN
-    SELECT ch.*, p.name AS plan_name, p.version, x.sign
+    -- each plan's fees as priced for this subscription (its overrides,
+    -- 23_overrides.sql: the credit gives back what it was charged)
+    SELECT ch.*, p.id AS plan_id, p.name AS plan_name, p.version, x.sign
       FROM (VALUES ((i.meta_data->>'plan_id')::uuid, -1, 1), ((i.meta_data->>'change_to')::uuid, 1, 2)) x(plan_id, sign, k)
       JOIN fluxrate_internal.plans p ON p.org_id = i.org_id AND p.id = x.plan_id
-      JOIN fluxrate_internal.charges ch ON ch.org_id = p.org_id AND ch.plan_id = p.id AND ch.status = 'ACTIVE'
-           AND ch.type = 'FIXED' AND ch.billing_timing = 'in_advance'
+     CROSS JOIN LATERAL fluxrate_internal.subscription_charges(i.org_id, i.subscription_id, p.id) ch
+     WHERE ch.status = 'ACTIVE' AND ch.type = 'FIXED' AND ch.billing_timing = 'in_advance'
      ORDER BY x.k, ch.created_at, ch.id
   LOOP
     v_pos := v_pos + 1;
@@ -294,6 +337,9 @@ BEGIN
     PERFORM fluxrate_internal.fail('PT409', 'the subscription changed plan at this instant already',
       format('A change invoice of subscription %s ends at %s.', s.id, v_now), 'Change it again later, or at the period end.');
   END IF;
+  -- before the change invoice: its charge of the new plan's remaining time
+  -- is the subscription's price (a carried override)
+  PERFORM fluxrate_internal.carry_overrides(s.org_id, s.id, s.plan_id, p.id);
   SELECT * INTO np FROM fluxrate_internal.nominal_period(s);
   c.invoice_id := fluxrate_internal.create_period_invoice(s, s.current_period_start, v_now, np.nominal_start, np.nominal_end,
     'change', NULL, NULL, NULL,

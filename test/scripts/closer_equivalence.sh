@@ -21,6 +21,14 @@
 # occurs as 180 and as 180.0 answered whichever its scan met last, and the
 # snapshot's pass meets events in another order than meter_usage()'s index
 # scan; MAX and MIN now answer trim_scale()'d values on every path.
+# Issue 15: a 'tokens' SUM meter split by a dimension (model: ten values, the
+# rest "other"), grouped charges on it (random groups, each its own pricing
+# model, with or without a default group), and per-subscription overrides of
+# every kind (tiers, per unit, package, free units, FIXED fees, grouped
+# groups, the minimum commitment), some changed or removed between rounds.
+# The closer reads grouped usage from the rollups keyed by group value; an
+# independent oracle checks each grouped line's usage against the events of
+# its group and each overridden line's amount against the override's row.
 # EQ_STRICT=0 only reports text differences.  EQ_SEED=N (0-399) runs another
 # seeded scenario; EQ_KEEP=1 leaves the cluster running after a failure.
 set -euo pipefail
@@ -41,6 +49,8 @@ SET TimeZone = 'UTC';
 CREATE TABLE public.eq_meters (org_id uuid, meter_id uuid, name text, agg text, scale numeric, plain boolean);
 CREATE TABLE public.eq_plans (org_id uuid, plan_id uuid, n integer, billing_interval text, currency text);
 CREATE TABLE public.eq_subs (org_id uuid, sub_id uuid, customer_id uuid, n integer, note text);
+CREATE TABLE public.eq_grouped_meters (org_id uuid, meter_id uuid);
+CREATE TABLE public.eq_pricing (k integer, grouped_lines integer, priced_lines integer);
 CREATE TABLE public.eq_rounds (k integer PRIMARY KEY, at timestamptz, mode text, opu_calls bigint, snapshot bigint, drafts integer, lines integer,
   late_lines integer, min_lines integer, adv_lines integer, prorated integer, diffs integer, strict_diffs integer);
 
@@ -86,6 +96,12 @@ BEGIN
     INSERT INTO public.eq_meters VALUES (v_org, (f->>'meter_id')::uuid, m.name, m.agg, m.scale,
       m.filters IS NULL AND m.agg IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG'));
   END LOOP;
+  -- the grouped meter: tokens by model, ten values kept apart (issue 15)
+  f := fluxrate.create_feature(name => 'tokens', lookup_key => 'tokens', type => 'meter', meter_name => 'tokens',
+         property_name => 'value', aggregation_type => 'SUM');
+  PERFORM fluxrate.set_meter_dimension((f->>'meter_id')::uuid, 'model', ARRAY(SELECT 'm' || g FROM generate_series(1, 10) g));
+  INSERT INTO public.eq_grouped_meters VALUES (v_org, (f->>'meter_id')::uuid);
+  INSERT INTO public.eq_meters VALUES (v_org, (f->>'meter_id')::uuid, 'tokens', 'SUM', 2000, true);
 
   FOR i IN 1..n_plans LOOP
     -- plans 1-11 monthly, 12-15 weekly, 16-17 daily, 18 quarterly; the last two special
@@ -124,7 +140,7 @@ BEGIN
       v_scale := m.scale;
       v_model := public.pick(ARRAY['per_unit', 'per_unit', 'graduated', 'volume', 'package']);
       b1 := round(v_scale * (0.2 + random() * 0.6));
-      b2 := b1 + round(v_scale * (0.1 + random()));
+      b2 := b1 + greatest(1, round(v_scale * (0.1 + random())));  -- (a 4-unit scale could round to b1)
       v_tiers := jsonb_build_array(
         jsonb_build_object('up_to', b1, 'unit_price', round((random() * 40 / v_scale)::numeric, 6),
                            'flat_fee', CASE WHEN random() < 0.3 THEN round((random() * 10)::numeric, 2) ELSE 0 END),
@@ -143,6 +159,12 @@ BEGIN
         package_price => CASE WHEN v_model = 'package' THEN round((1 + random() * 20)::numeric, 2) END,
         free_units => CASE WHEN random() < 0.3 THEN round((v_scale * random() * 0.3)::numeric, 2) END);
     END LOOP;
+    -- a grouped charge on tokens, on four plans in ten
+    IF random() < 0.4 THEN
+      f := fluxrate.add_charge(p, 'USAGE', meter_id => (SELECT g.meter_id FROM public.eq_grouped_meters g WHERE g.org_id = v_org),
+             display_name => CASE WHEN random() < 0.7 THEN 'Tokens' END, unit_price => 0);
+      PERFORM fluxrate.set_charge_groups((f->>'id')::uuid, 'model', public.eq_random_groups(random() < 0.5));
+    END IF;
   END LOOP;
 
   FOR i IN 1..n_subs LOOP
@@ -192,6 +214,90 @@ BEGIN
     INSERT INTO public.eq_subs VALUES (v_org, (v_sub->>'id')::uuid, v_cust, i,
       m.billing_interval || ' ' || v_align || ' ' || v_note);
   END LOOP;
+  PERFORM public.eq_overrides(v_org, 0.25);
+END
+$fn$;
+
+-- Random groups for the tokens meter: 1 to 6 of its values (and, with_default, a
+-- default group), each with a random pricing model.
+CREATE FUNCTION public.eq_random_groups(with_default boolean) RETURNS jsonb LANGUAGE plpgsql AS $fn$
+DECLARE
+  v_out jsonb := '[]'; v text; v_model text;
+BEGIN
+  FOR v IN SELECT 'm' || g FROM generate_series(1, 10) g ORDER BY random() LIMIT (1 + floor(random() * 6))::int LOOP
+    v_out := v_out || jsonb_build_array(public.eq_random_price(v));
+  END LOOP;
+  IF with_default THEN
+    v_out := v_out || jsonb_build_array(public.eq_random_price(NULL));
+  END IF;
+  RETURN v_out;
+END
+$fn$;
+CREATE FUNCTION public.eq_random_price(v text) RETURNS jsonb LANGUAGE plpgsql AS $fn$
+DECLARE
+  v_model text := public.pick(ARRAY['per_unit', 'per_unit', 'graduated', 'volume', 'package']);
+  b1 numeric := round(200 + random() * 400);
+BEGIN
+  RETURN jsonb_build_object('value', v, 'pricing_model', v_model,
+    'unit_price', CASE WHEN v_model = 'per_unit' THEN round((random() * 0.05)::numeric, 6) END,
+    'tiers', CASE WHEN v_model IN ('graduated', 'volume') THEN jsonb_build_array(
+               jsonb_build_object('up_to', b1, 'unit_price', round((random() * 0.04)::numeric, 6), 'flat_fee', round((random() * 2)::numeric, 2)),
+               jsonb_build_object('up_to', NULL, 'unit_price', round((random() * 0.02)::numeric, 7))) END,
+    'package_size', CASE WHEN v_model = 'package' THEN public.pick(ARRAY[50, 100, 250]) END,
+    'package_price', CASE WHEN v_model = 'package' THEN round((0.5 + random() * 3)::numeric, 2) END,
+    'free_units', CASE WHEN random() < 0.3 THEN round((random() * 100)::numeric, 1) ELSE 0 END);
+END
+$fn$;
+
+-- Per-subscription overrides (issue 15, item 2) for a share of the organization's live
+-- subscriptions: one random charge of the plan each (a grouped charge gets new groups, a FIXED
+-- fee a new amount, a usage charge a random price of any model), some a minimum commitment of
+-- their own (or none); some earlier overrides removed.  Returns how many were set.
+CREATE FUNCTION public.eq_overrides(v_org uuid, share float8) RETURNS integer LANGUAGE plpgsql AS $fn$
+DECLARE
+  s record; c record; n integer := 0; v_model text; b1 numeric; pr jsonb;
+BEGIN
+  PERFORM fluxrate.act_as(v_org);
+  FOR s IN SELECT x.id, x.plan_id FROM public.eq_subs e JOIN fluxrate_internal.subscriptions x ON x.org_id = e.org_id AND x.id = e.sub_id
+            WHERE e.org_id = v_org AND x.status <> 'CANCELED' ORDER BY e.n LOOP
+    CONTINUE WHEN random() >= share;
+    SELECT ch.*, (cd.charge_id IS NOT NULL) AS grouped, m.name AS meter_name, coalesce(m.scale, 1) AS scale INTO c
+      FROM fluxrate_internal.charges ch
+      LEFT JOIN fluxrate_internal.charge_dimensions cd ON cd.org_id = ch.org_id AND cd.charge_id = ch.id
+      LEFT JOIN public.eq_meters m ON m.org_id = ch.org_id AND m.meter_id = ch.meter_id
+     WHERE ch.org_id = v_org AND ch.plan_id = s.plan_id AND ch.status = 'ACTIVE'
+     ORDER BY ch.type, ch.created_at, ch.pricing_model, ch.unit_price, m.name, random() LIMIT 1;
+    IF FOUND THEN
+      IF c.grouped THEN
+        PERFORM fluxrate.set_charge_override(s.id, c.id, groups => public.eq_random_groups(random() < 0.5));
+      ELSIF c.type = 'FIXED' THEN
+        PERFORM fluxrate.set_charge_override(s.id, c.id, unit_price => round((random() * 80)::numeric, 2));
+      ELSE
+        pr := public.eq_random_price(NULL);
+        v_model := pr->>'pricing_model';
+        b1 := round(c.scale * (0.2 + random() * 0.6));
+        PERFORM fluxrate.set_charge_override(s.id, c.id, pricing_model => v_model,
+          unit_price => CASE WHEN v_model = 'per_unit' THEN round((random() * 60 / c.scale)::numeric, 8) END,
+          tiers => CASE WHEN v_model IN ('graduated', 'volume') THEN jsonb_build_array(
+                     jsonb_build_object('up_to', b1, 'unit_price', round((random() * 40 / c.scale)::numeric, 6), 'flat_fee', 1),
+                     jsonb_build_object('up_to', NULL, 'unit_price', round((random() * 10 / c.scale)::numeric, 7))) END,
+          package_size => CASE WHEN v_model = 'package' THEN greatest(round(c.scale / public.pick(ARRAY[3, 10, 40]), 1), 0.5) END,
+          package_price => CASE WHEN v_model = 'package' THEN round((1 + random() * 20)::numeric, 2) END,
+          free_units => CASE WHEN random() < 0.4 THEN round((c.scale * random() * 0.3)::numeric, 2) END);
+      END IF;
+      n := n + 1;
+    END IF;
+    IF random() < 0.3 THEN
+      PERFORM fluxrate.set_minimum_commitment_override(s.id, CASE WHEN random() < 0.7 THEN round((10 + random() * 150)::numeric, 2) END);
+    END IF;
+  END LOOP;
+  -- and a few removed again
+  PERFORM fluxrate.remove_charge_override(o.subscription_id, o.charge_id)
+     FROM (SELECT o.subscription_id, o.charge_id FROM fluxrate_internal.charge_overrides o
+             JOIN fluxrate_internal.subscriptions x ON x.org_id = o.org_id AND x.id = o.subscription_id
+            WHERE o.org_id = v_org AND x.status <> 'CANCELED'
+            ORDER BY o.updated_at DESC, o.pricing_model, o.unit_price LIMIT 2) o;
+  RETURN n;
 END
 $fn$;
 
@@ -302,6 +408,9 @@ BEGIN
                   WHEN pr.agg = 'COUNT' THEN 1
                   ELSE round((random() * pr.scale / 3)::numeric, floor(random() * 4)::int) END;
       md := jsonb_build_object('region', public.pick(ARRAY['eu', 'us']))
+            || CASE WHEN pr.name = 'tokens' AND random() < 0.9
+                    THEN jsonb_build_object('model', public.pick(ARRAY['m1', 'm2', 'm3', 'm4', 'm5', 'm6', 'm7', 'm8', 'm9', 'm10', 'other']))
+                    ELSE '{}' END
             || CASE WHEN random() < 0.9 THEN jsonb_build_object('user_id', 'u' || floor(random() * 6)) ELSE '{}' END;
       INSERT INTO eq_new VALUES (random(), pr.customer_id, pr.meter_id, qty, ts,
         coalesce(v_ingested, ts + floor(random() * 600) * interval '1 second'), md);
@@ -535,6 +644,10 @@ CREATE FUNCTION public.eq_invariants(v_now timestamptz) RETURNS TABLE (rule text
        -- first invoice is the new plan's)
        AND NOT EXISTS (SELECT 1 FROM fluxrate_internal.subscription_changes x
                         WHERE x.org_id = s.org_id AND x.subscription_id = s.id AND x.status = 'APPLIED')
+       -- (an interim invoice of in-advance fees only is not written, and its period restarts at that
+       -- instant; the grouped meter of issue 15 changed the scenario's draws so that one of the eight
+       -- interim invoices falls on such a plan)
+       AND NOT public.eq_fees_only(s.org_id, s.plan_id)
     UNION ALL SELECT 'a live subscription''s current period follows its last closing period', c.subscription_id::text
       FROM closing c JOIN fluxrate_internal.subscriptions s ON s.org_id = c.org_id AND s.id = c.subscription_id
      WHERE c.k_desc = 1 AND s.status <> 'CANCELED' AND c.period_end <> s.current_period_start
@@ -709,7 +822,47 @@ SELECT 'oracle|' || count(*) || '|'
                         FROM fluxrate_internal.usage_events e
                        WHERE e.org_id = c.org_id AND e.customer_id = c.customer_id AND e.meter_id = m.id
                          AND e."timestamp" >= c.period_start AND e."timestamp" < c.period_end) d
- WHERE c.line_type IN ('usage', 'late_usage') AND m.filters = '[]' AND m.aggregation_type IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG');
+ WHERE c.line_type IN ('usage', 'late_usage') AND m.filters = '[]' AND m.aggregation_type IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG')
+   AND NOT c.meta ? 'group';
+-- the same for the grouped lines (issue 15), each against the events of its group: its model,
+-- or (the default and the unpriced line) every model the charge's groups do not list -- the
+-- subscription's override of the groups, else the plan charge's, read from their tables
+SELECT 'groracle|' || count(*) || '|'
+    || count(*) FILTER (WHERE CASE c.line_type WHEN 'usage' THEN c.quantity ELSE (c.meta->>'usage_now')::numeric END
+                              IS DISTINCT FROM d.usage)
+  FROM eq_c c
+  CROSS JOIN LATERAL (SELECT ARRAY(SELECT g->>'value' FROM jsonb_array_elements(coalesce(o.groups, cd.groups)) g
+                                    WHERE g->>'value' IS NOT NULL) AS listed
+                        FROM fluxrate_internal.charge_dimensions cd
+                        LEFT JOIN fluxrate_internal.charge_overrides o ON o.org_id = cd.org_id AND o.charge_id = cd.charge_id
+                             AND o.subscription_id = c.subscription_id
+                       WHERE cd.org_id = c.org_id AND cd.charge_id = c.charge_id) gr
+  CROSS JOIN LATERAL (SELECT coalesce(sum(e.quantity), 0) AS usage FROM fluxrate_internal.usage_events e
+                       WHERE e.org_id = c.org_id AND e.customer_id = c.customer_id AND e.meter_id = (c.meta->>'meter_id')::uuid
+                         AND e."timestamp" >= c.period_start AND e."timestamp" < c.period_end
+                         AND CASE WHEN c.meta->>'group' IS NOT NULL THEN e.metadata->>'model' = c.meta->>'group'
+                                  ELSE coalesce(e.metadata->>'model', '') <> ALL (gr.listed) END) d
+ WHERE c.line_type IN ('usage', 'late_usage') AND c.meta ? 'group';
+-- the overridden prices (issue 15): each usage line of an overridden charge priced by the
+-- override's row, each grouped line by its group's price (the unpriced line at 0), each
+-- overridden FIXED fee at the override's amount
+SELECT 'ovoracle|' || count(*) || '|'
+    || count(*) FILTER (WHERE CASE WHEN c.line_type = 'fixed' THEN c.unit_amount IS DISTINCT FROM o.unit_price
+                                   WHEN c.meta ? 'group' THEN c.amount_unrounded IS DISTINCT FROM
+                                     CASE WHEN (c.meta->>'unpriced')::boolean THEN 0 ELSE
+                                       fluxrate_internal.rate_usage(g->>'pricing_model', (g->>'unit_price')::numeric, g->'tiers',
+                                         (g->>'package_size')::numeric, (g->>'package_price')::numeric, (g->>'free_units')::numeric,
+                                         c.quantity) END
+                                   ELSE c.amount_unrounded IS DISTINCT FROM
+                                     fluxrate_internal.rate_usage(o.pricing_model, o.unit_price, o.tiers, o.package_size,
+                                                                  o.package_price, o.free_units, c.quantity) END)
+  FROM eq_c c
+  LEFT JOIN fluxrate_internal.charge_dimensions cd ON cd.org_id = c.org_id AND cd.charge_id = c.charge_id
+  LEFT JOIN fluxrate_internal.charge_overrides o ON o.org_id = c.org_id AND o.subscription_id = c.subscription_id
+       AND o.charge_id = c.charge_id
+  LEFT JOIN LATERAL (SELECT x FROM jsonb_array_elements(coalesce(o.groups, cd.groups)) x
+                      WHERE x->>'value' IS NOT DISTINCT FROM c.meta->>'group') gg(g) ON true
+ WHERE c.line_type IN ('usage', 'fixed') AND (o.charge_id IS NOT NULL OR c.meta ? 'group');
 -- one invoice.created event per draft, with its total, as the closer wrote it
 WITH ev AS (SELECT o.org_id, (o.payload->'data'->>'invoice_id')::uuid AS id, (o.payload->'data'->>'total')::numeric AS total, count(*) AS n
               FROM fluxrate_internal.outbox o WHERE o.event = 'invoice.created' AND o.created_at = :'at' GROUP BY 1, 2, 3)
@@ -724,6 +877,15 @@ SQL
   local counts oracle
   counts=$(echo "$out" | grep '^counts|')
   oracle=$(echo "$out" | grep '^oracle|')
+  local groracle ovoracle
+  groracle=$(echo "$out" | grep '^groracle|')
+  ovoracle=$(echo "$out" | grep '^ovoracle|')
+  IFS='|' read -r _ g_lines g_bad <<<"$groracle"
+  IFS='|' read -r _ ov_lines ov_bad <<<"$ovoracle"
+  echo "round $K: grouped lines vs the events of their group $g_lines, wrong $g_bad; overridden or grouped prices vs their rows $ov_lines, wrong $ov_bad"
+  q "INSERT INTO public.eq_pricing VALUES ($K, $g_lines, $ov_lines)"
+  [ "$g_bad" = 0 ] || fail "round $K: $g_bad grouped lines differ from the events of their group"
+  [ "$ov_bad" = 0 ] || fail "round $K: $ov_bad lines are not priced by their override or group" 
   IFS='|' read -r _ drafts lines late_l min_l adv_l pror diffs strict orgs <<<"$counts"
   IFS='|' read -r _ o_lines o_bad <<<"$oracle"
   local recomputed bad_events
@@ -852,6 +1014,8 @@ SELECT fluxrate.update_charge(c.plan_id, c.id, 'INACTIVE') FROM (
    WHERE ch.org_id = '$ORG' AND ch.type = 'USAGE' AND p.n = 2
    ORDER BY ch.created_at, m.meter_name, ch.pricing_model, ch.unit_price, ch.free_units LIMIT 1) c;
 SELECT fluxrate.set_tax_rate('DE', 0.16, name => 'MwSt (reduced)');
+-- overrides set, changed and removed mid-period (the price in force at the close prices the period)
+SELECT public.eq_overrides('$ORG', 0.15);
 -- subscriptions created now that started in the past: they catch up at the next close
 INSERT INTO public.eq_subs
 SELECT '$ORG', (s->>'id')::uuid, c.customer_id, 1000 + g, 'backdated'
@@ -925,6 +1089,13 @@ q "SELECT fluxrate.refresh_usage_rollups()" >/dev/null
 rd=$(q "SELECT count(*) FROM fluxrate_internal.organizations o, fluxrate_internal.rollup_differences(o.org_id) d")
 echo "usage rollups against the events: $rd differences"
 [ "$rd" = 0 ] || fail "$rd rollup rows differ from the events"
+q "SELECT 'pricing (issue 15): ' || sum(grouped_lines) || ' grouped lines, ' || sum(priced_lines) || ' overridden or grouped prices checked; '
+          || (SELECT count(*) FROM fluxrate_internal.charge_overrides) || ' overrides, '
+          || (SELECT count(*) FROM fluxrate_internal.charge_dimensions) || ' grouped charges' FROM public.eq_pricing"
+[ "$(q "SELECT sum(grouped_lines) > 0 AND sum(priced_lines) > sum(grouped_lines) FROM public.eq_pricing")" = t ] \
+  || fail "expected grouped lines and overridden prices"
+[ "$(q "SELECT count(*) > 0 FROM fluxrate_internal.invoice_lines WHERE line_type = 'late_usage' AND meta ? 'group'")" = t ] \
+  || fail "expected late usage of a grouped charge"
 [ "$(q "SELECT sum(late_lines) > 0 AND sum(min_lines) > 0 AND sum(adv_lines) > 0 AND sum(prorated) > 0 FROM public.eq_rounds")" = t ] \
   || fail "expected late usage, minimum, in-advance and prorated lines"
 # the scheduled plan changes were applied by the closing runs at their period end, none is overdue
@@ -934,6 +1105,11 @@ q "SELECT 'plan changes: ' || string_agg(effective || '/' || status || ' ' || n,
             AND count(*) FILTER (WHERE status = 'SCHEDULED' AND effective_at <= fluxrate.now()) = 0
             AND count(*) FILTER (WHERE status = 'CANCELED') >= 2 FROM fluxrate_internal.subscription_changes")" = t ] \
   || fail "expected scheduled plan changes applied at their period end, none overdue, two canceled"
+q "SELECT 'note: subscriptions of in-advance-fees-only plans whose first closing period starts after the anchor (an interim invoice without lines): ' || count(*)
+     FROM (SELECT DISTINCT ON (i.subscription_id) i.subscription_id, i.period_start, s.billing_anchor, s.org_id, s.plan_id
+             FROM fluxrate_internal.invoices i JOIN fluxrate_internal.subscriptions s ON s.org_id = i.org_id AND s.id = i.subscription_id
+            WHERE i.kind = 'subscription' ORDER BY i.subscription_id, i.period_start) f
+    WHERE f.period_start <> f.billing_anchor AND public.eq_fees_only(f.org_id, f.plan_id)"
 q "ALTER DATABASE fluxrate RESET fluxrate.pinned_now"
 echo "run time: $(( $(date +%s) - t0 )) s"
 echo "ok"

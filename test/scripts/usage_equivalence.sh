@@ -1107,6 +1107,182 @@ SQL
 echo "cross-organization checks: $(q "SELECT count(*) FROM public.uq_checks WHERE what LIKE 'another organization%'") ($(lap))"
 
 # ---------------------------------------------------------------------------
+# Issue 15: usage by group of a meter's dimension, and prices by group and by override.
+# A SUM meter per organization split by "model" (values a-e; everything else, JSON null, a
+# number, "A", and no model at all are "other", ''), random events over February and March,
+# the rollups refreshed, then more events (the tail).  Per customer, group and period (a whole
+# month and whole days: the rollups and the tail; an odd period: the events), against an
+# independent SQL reference (the model if it is one of a-e, else ''): meter_group_usage,
+# org_period_group_usage, get_meter_usage's groups, get_subscription_usage's groups; then the
+# preview of subscriptions on a plan with a grouped charge (one with an override of the groups)
+# and an overridden plain charge, each line against rate_usage() of the price row it names.
+# ---------------------------------------------------------------------------
+qf <<SQL >/dev/null
+SET TimeZone = 'UTC';
+SELECT setseed(0.61 - $SEED / 2000.0);
+CREATE FUNCTION public.uq_group_ref(v_org uuid, v_cust uuid, v_meter uuid, s timestamptz, e timestamptz, g text) RETURNS numeric
+  LANGUAGE sql STABLE AS \$\$
+  SELECT coalesce(sum(x.quantity), 0) FROM fluxrate_internal.usage_events x
+   WHERE x.org_id = v_org AND x.customer_id = v_cust AND x.meter_id = v_meter AND x."timestamp" >= s AND x."timestamp" < e
+     AND CASE WHEN x.metadata->>'model' IN ('a', 'b', 'c', 'd', 'e') THEN x.metadata->>'model' ELSE '' END = g
+\$\$;
+CREATE FUNCTION public.uq_group_build(v_org uuid, v_n integer) RETURNS uuid LANGUAGE plpgsql AS \$fn\$
+DECLARE
+  f jsonb; v_meter uuid; c record; i integer;
+BEGIN
+  PERFORM fluxrate.act_as(v_org);
+  f := fluxrate.create_feature(name => 'gtokens', lookup_key => 'gtokens', type => 'meter', meter_name => 'gtokens',
+         property_name => 'value', aggregation_type => 'SUM');
+  v_meter := (f->>'meter_id')::uuid;
+  PERFORM fluxrate.set_meter_dimension(v_meter, 'model', ARRAY['a', 'b', 'c', 'd', 'e']);
+  INSERT INTO public.uq_meters VALUES (v_org, v_meter, (f->>'id')::uuid, f->>'meter_token', 'gtokens', 'SUM', 'dimension',
+                                       '[]', 'value', 100);
+  FOR c IN SELECT * FROM public.uq_customers x WHERE x.org_id = v_org AND NOT x.empty ORDER BY x.ext LOOP
+    FOR i IN 1..v_n LOOP
+      INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at, metadata)
+      VALUES (v_org, fluxrate_internal.uuid_v7(), c.customer_id, v_meter, round((random() * 500)::numeric, floor(random() * 4)::int),
+              '2027-02-01'::timestamptz + random() * interval '48 days', '2027-03-20',
+              (ARRAY['{"model": "a"}', '{"model": "b"}', '{"model": "c"}', '{"model": "d"}', '{"model": "e"}', '{"model": "zz"}',
+                     '{"model": null}', '{"model": 1}', '{"model": "A"}', '{}'])[1 + floor(random() * 10)::int]::jsonb);
+    END LOOP;
+  END LOOP;
+  RETURN v_meter;
+END
+\$fn\$;
+SQL
+GM_A=$(q "SELECT public.uq_group_build('$ORG_A', 12)")
+GM_B=$(q "SELECT public.uq_group_build('$ORG_B', 5)")
+q "SELECT fluxrate.refresh_usage_rollups()" >/dev/null
+# the tail: events the rollups have not counted yet
+qf <<SQL >/dev/null
+SET TimeZone = 'UTC';
+SELECT setseed(0.27 - $SEED / 2000.0);
+INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at, metadata)
+SELECT m.org_id, fluxrate_internal.uuid_v7(), c.customer_id, m.meter_id, round((random() * 90)::numeric, 2),
+       '2027-02-01'::timestamptz + random() * interval '48 days', '2027-03-20',
+       jsonb_build_object('model', public.pick(ARRAY['a', 'c', 'e', 'q']))
+  FROM public.uq_meters m JOIN public.uq_customers c ON c.org_id = m.org_id AND NOT c.empty, generate_series(1, 3)
+ WHERE m.name = 'gtokens';
+-- every (customer, group, period)
+CREATE TEMP TABLE gq AS
+SELECT m.org_id, c.customer_id, m.meter_id, p.ps, p.pe, g.g
+  FROM public.uq_meters m JOIN public.uq_customers c ON c.org_id = m.org_id,
+       (VALUES ('2027-02-01'::timestamptz, '2027-03-01'::timestamptz), ('2027-02-10', '2027-03-05'),
+               ('2027-02-03 07:30', '2027-03-11 18:00:00.5')) p(ps, pe),
+       unnest(ARRAY['a', 'b', 'c', 'd', 'e', '']) g(g)
+ WHERE m.name = 'gtokens';
+INSERT INTO public.uq_cmp
+SELECT 'group: meter_group_usage', q.org_id, q.customer_id, q.meter_id, q.ps, q.pe,
+       coalesce((fluxrate_internal.meter_group_usage(q.org_id, q.customer_id, q.meter_id, q.ps, q.pe)->>q.g)::numeric, 0),
+       NULL, public.uq_group_ref(q.org_id, q.customer_id, q.meter_id, q.ps, q.pe, q.g), 'group ' || q.g
+  FROM gq q;
+INSERT INTO public.uq_cmp
+SELECT 'group: org_period_group_usage ' || CASE WHEN fluxrate_internal.whole_utc_days(q.ps, q.pe) THEN '(rollups + tail)' ELSE '(events)' END,
+       q.org_id, q.customer_id, q.meter_id, q.ps, q.pe,
+       coalesce((SELECT (u.groups->>q.g)::numeric FROM fluxrate_internal.org_period_group_usage(q.org_id, q.ps, q.pe, ARRAY[q.meter_id]) u
+                  WHERE u.customer_id = q.customer_id), 0),
+       NULL, public.uq_group_ref(q.org_id, q.customer_id, q.meter_id, q.ps, q.pe, q.g), 'group ' || q.g
+  FROM gq q;
+SQL
+# the API: get_meter_usage's groups for one customer (as the organization), and the live usage
+for org in "$ORG_A" "$ORG_B"; do
+  qf <<SQL >/dev/null
+SET TimeZone = 'UTC';
+SELECT fluxrate.act_as('$org', true);
+INSERT INTO public.uq_cmp
+SELECT 'group: get_meter_usage', q.org_id, q.customer_id, q.meter_id, q.ps, q.pe,
+       coalesce((SELECT (je.value->>'usage')::numeric
+                   FROM json_array_elements((fluxrate.get_meter_usage(q.meter_id, q.ps, q.pe, 'month', q.customer_id))->'groups') je
+                  WHERE (je.value->>'value') IS NOT DISTINCT FROM nullif(q.g, '')), 0),
+       NULL, public.uq_group_ref(q.org_id, q.customer_id, q.meter_id, q.ps, q.pe, q.g), 'group ' || q.g
+  FROM (SELECT DISTINCT m.org_id, c.customer_id, m.meter_id, p.ps, p.pe, g.g
+          FROM public.uq_meters m JOIN public.uq_customers c ON c.org_id = m.org_id,
+               (VALUES ('2027-02-01'::timestamptz, '2027-03-01'::timestamptz), ('2027-02-03 07:30', '2027-03-11 18:00')) p(ps, pe),
+               unnest(ARRAY['a', 'b', 'c', 'd', 'e', '']) g(g)
+         WHERE m.name = 'gtokens' AND m.org_id = '$org') q;
+SQL
+done
+# a plan with a grouped charge (a: per unit, b: graduated, c: package, default per unit) and an
+# overridden plain charge on the same meter; five customers subscribed from March 1, one with
+# its groups overridden; live usage and previews on March 20
+qf <<SQL >/dev/null
+SET TimeZone = 'UTC';
+SET fluxrate.pinned_now = '2027-02-15 00:00:00+00';
+SELECT fluxrate.act_as('$ORG_A', true);
+CREATE TEMP TABLE gp AS SELECT (fluxrate.create_plan(name => 'Grouped', lookup_id => 'grouped', type => 'USAGE',
+                                 billing_interval => 'month', currency => 'USD'))->>'id' AS plan_id;
+CREATE TEMP TABLE gc AS SELECT (fluxrate.add_charge((SELECT plan_id::uuid FROM gp), 'USAGE', meter_id => '$GM_A', unit_price => 0,
+                                 display_name => 'Tokens'))->>'id' AS grouped_id,
+                               (fluxrate.add_charge((SELECT plan_id::uuid FROM gp), 'USAGE', meter_id => '$GM_A', unit_price => 0.003,
+                                 display_name => 'All tokens'))->>'id' AS plain_id;
+SELECT fluxrate.set_charge_groups((SELECT grouped_id::uuid FROM gc), 'model', '[
+  {"value": "a", "unit_price": 0.011},
+  {"value": "b", "pricing_model": "graduated", "tiers": [{"up_to": 300, "unit_price": 0.02, "flat_fee": 1}, {"up_to": null, "unit_price": 0.005}]},
+  {"value": "c", "pricing_model": "package", "package_size": 100, "package_price": 0.7, "free_units": 10},
+  {"value": null, "unit_price": 0.0004}]');
+CREATE TABLE public.uq_gsubs AS
+SELECT c.customer_id, (fluxrate.create_subscription(c.customer_id, (SELECT plan_id::uuid FROM gp),
+                         start_date => '2027-03-01 00:00:00+00', alignment => 'calendar'))->>'id' AS sub_id,
+       row_number() OVER (ORDER BY c.ext) AS k
+  FROM (SELECT * FROM public.uq_customers WHERE org_id = '$ORG_A' AND NOT empty ORDER BY ext LIMIT 5) c;
+SELECT fluxrate.set_charge_override((SELECT sub_id::uuid FROM public.uq_gsubs WHERE k = 1), (SELECT grouped_id::uuid FROM gc),
+       groups => '[{"value": "e", "pricing_model": "volume", "tiers": [{"up_to": 200, "unit_price": 0.03}, {"up_to": null, "unit_price": 0.01}]}]');
+SELECT fluxrate.set_charge_override(s.sub_id::uuid, (SELECT plain_id::uuid FROM gc), pricing_model => 'graduated', free_units => 25,
+       tiers => '[{"up_to": 1000, "unit_price": 0.004}, {"up_to": null, "unit_price": 0.001}]')
+  FROM public.uq_gsubs s WHERE s.k IN (2, 3);
+CREATE TABLE public.uq_gcharges AS SELECT * FROM gc;
+SQL
+qf <<SQL >/dev/null
+SET TimeZone = 'UTC';
+SET fluxrate.pinned_now = '$NOW';
+SELECT fluxrate.act_as('$ORG_A', true);
+INSERT INTO public.uq_cmp
+SELECT 'group: get_subscription_usage', '$ORG_A', s.customer_id, '$GM_A', '2027-03-01', '2027-04-01',
+       coalesce((SELECT (je.value->>'usage')::numeric FROM json_array_elements(uu.u->'groups') je
+                  WHERE (je.value->>'value') IS NOT DISTINCT FROM nullif(gg.g, '')), 0),
+       NULL, public.uq_group_ref('$ORG_A', s.customer_id, '$GM_A', '2027-03-01', '2027-04-01', gg.g), 'group ' || gg.g
+  FROM public.uq_gsubs s
+  CROSS JOIN LATERAL (SELECT u FROM json_array_elements((fluxrate.get_subscription_usage(s.sub_id::uuid))->'usage') u
+                       WHERE u->>'meter_id' = '$GM_A') uu(u)
+  CROSS JOIN unnest(ARRAY['a', 'b', 'c', 'd', 'e', '']) gg(g);
+-- previews: every line's amount against rate_usage() of the price it should have (the
+-- override's row, else the charge's; the group's JSON by value, the default for the rest),
+-- on the independent usage
+INSERT INTO public.uq_cmp
+SELECT 'price: preview_invoice (groups and overrides)', '$ORG_A', s.customer_id, '$GM_A', '2027-03-01', '2027-04-01',
+       (l->>'line_total')::numeric, NULL,
+       fluxrate_internal.round_money(CASE WHEN l->>'charge_id' = c.plain_id THEN
+              coalesce((SELECT fluxrate_internal.rate_usage(o.pricing_model, o.unit_price, o.tiers, o.package_size, o.package_price,
+                                                           o.free_units, u.total)
+                          FROM fluxrate_internal.charge_overrides o WHERE o.subscription_id = s.sub_id::uuid AND o.charge_id = c.plain_id::uuid),
+                       0.003 * u.total)
+            ELSE (SELECT fluxrate_internal.rate_usage(g->>'pricing_model', (g->>'unit_price')::numeric, g->'tiers',
+                           (g->>'package_size')::numeric, (g->>'package_price')::numeric, (g->>'free_units')::numeric,
+                           CASE WHEN g->>'value' IS NOT NULL
+                                THEN public.uq_group_ref('$ORG_A', s.customer_id, '$GM_A', '2027-03-01', '2027-04-01', g->>'value')
+                                ELSE u.total - coalesce((SELECT sum(public.uq_group_ref('$ORG_A', s.customer_id, '$GM_A', '2027-03-01',
+                                                                  '2027-04-01', h->>'value'))
+                                                           FROM jsonb_array_elements(gr.groups) h WHERE h->>'value' IS NOT NULL), 0) END)
+                    FROM jsonb_array_elements(gr.groups) g
+                   WHERE (g->>'value') IS NOT DISTINCT FROM nullif(substring(l->>'description' FROM '^Tokens - (.*)$'), 'other')) END, 'USD'),
+       l->>'description'
+  FROM public.uq_gsubs s CROSS JOIN public.uq_gcharges c
+  CROSS JOIN LATERAL (SELECT coalesce(sum(x.quantity), 0) AS total FROM fluxrate_internal.usage_events x
+                       WHERE x.org_id = '$ORG_A' AND x.customer_id = s.customer_id AND x.meter_id = '$GM_A'
+                         AND x."timestamp" >= '2027-03-01' AND x."timestamp" < '2027-04-01') u
+  CROSS JOIN LATERAL (SELECT coalesce(o.groups, cd.groups) AS groups FROM fluxrate_internal.charge_dimensions cd
+                        LEFT JOIN fluxrate_internal.charge_overrides o ON o.charge_id = cd.charge_id AND o.subscription_id = s.sub_id::uuid
+                       WHERE cd.charge_id = c.grouped_id::uuid) gr
+  CROSS JOIN LATERAL jsonb_array_elements((fluxrate.preview_invoice(s.sub_id::uuid))->'line_items') l
+ WHERE l->>'description' <> 'Tokens - unpriced';
+INSERT INTO public.uq_checks
+SELECT 'preview: a grouped charge has one line per group (and an unpriced line without a default)',
+       count(*) = (SELECT count(*) FROM public.uq_gsubs) * 5 - 2, count(*)::text
+  FROM public.uq_gsubs s CROSS JOIN LATERAL jsonb_array_elements((fluxrate.preview_invoice(s.sub_id::uuid))->'line_items') l;
+SQL
+echo "grouped usage and prices: $(q "SELECT count(*) FROM public.uq_cmp WHERE path LIKE 'group:%' OR path LIKE 'price:%'") comparisons ($(lap))"
+
+# ---------------------------------------------------------------------------
 # Summary: per path, comparisons with meter_usage (ref1) and with the independent reference
 # (ref2): value differences (numeric <>, or no answer) and text-only differences (same value,
 # another scale), separately

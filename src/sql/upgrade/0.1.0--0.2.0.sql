@@ -115,3 +115,59 @@ CREATE INDEX subscription_changes_subscription_idx ON fluxrate_internal.subscrip
 -- (a change invoice's prorations): a new parameter is a new signature.
 DROP FUNCTION fluxrate_internal.create_period_invoice(fluxrate_internal.subscriptions, timestamptz, timestamptz,
   timestamptz, timestamptz, text, jsonb, timestamptz, timestamptz);
+-- ==== Per-subscription overrides and prices by event dimension (issue 15, items 2 and 3) ====
+-- The tables of 23_overrides.sql and 24_dimensions.sql, as there.
+CREATE TABLE fluxrate_internal.charge_overrides (
+  org_id           uuid NOT NULL,
+  subscription_id  uuid NOT NULL,
+  charge_id        uuid NOT NULL,
+  pricing_model    text NOT NULL CHECK (pricing_model IN ('per_unit', 'graduated', 'volume', 'package', 'flat')),
+  unit_price       numeric,
+  tiers            jsonb,
+  package_size     numeric,
+  package_price    numeric,
+  free_units       numeric NOT NULL DEFAULT 0 CHECK (free_units >= 0),
+  groups           jsonb,
+  created_at       timestamptz NOT NULL,
+  updated_at       timestamptz NOT NULL,
+  PRIMARY KEY (org_id, subscription_id, charge_id),
+  FOREIGN KEY (org_id, subscription_id) REFERENCES fluxrate_internal.subscriptions (org_id, id) ON DELETE CASCADE,
+  FOREIGN KEY (org_id, charge_id) REFERENCES fluxrate_internal.charges (org_id, id) ON DELETE CASCADE
+);
+CREATE INDEX charge_overrides_charge_idx ON fluxrate_internal.charge_overrides (org_id, charge_id);
+CREATE TABLE fluxrate_internal.minimum_overrides (
+  org_id              uuid NOT NULL,
+  subscription_id     uuid NOT NULL,
+  minimum_commitment  numeric CHECK (minimum_commitment >= 0),
+  created_at          timestamptz NOT NULL,
+  updated_at          timestamptz NOT NULL,
+  PRIMARY KEY (org_id, subscription_id),
+  FOREIGN KEY (org_id, subscription_id) REFERENCES fluxrate_internal.subscriptions (org_id, id) ON DELETE CASCADE
+);
+CREATE TABLE fluxrate_internal.meter_dimensions (
+  org_id      uuid NOT NULL,
+  meter_id    uuid NOT NULL,
+  property    text NOT NULL CHECK (pg_catalog.length(property) BETWEEN 1 AND 255),
+  "values"    text[] NOT NULL CHECK (pg_catalog.cardinality("values") BETWEEN 1 AND 100),
+  created_at  timestamptz NOT NULL,
+  PRIMARY KEY (org_id, meter_id),
+  FOREIGN KEY (org_id, meter_id) REFERENCES fluxrate_internal.meters (org_id, id) ON DELETE CASCADE
+);
+CREATE TABLE fluxrate_internal.charge_dimensions (
+  org_id      uuid NOT NULL,
+  charge_id   uuid NOT NULL,
+  property    text NOT NULL,
+  groups      jsonb NOT NULL,
+  created_at  timestamptz NOT NULL,
+  PRIMARY KEY (org_id, charge_id),
+  FOREIGN KEY (org_id, charge_id) REFERENCES fluxrate_internal.charges (org_id, id) ON DELETE CASCADE
+);
+-- The rollups are keyed by group value too (41_rollups.sql).  No meter had a
+-- dimension before 0.2.0, so every existing rollup row is the group '' of its
+-- (customer, meter, bucket): the migration is the default, the rows stay valid
+-- for the recorded snapshot, and nothing is recounted.
+ALTER TABLE fluxrate_internal.usage_rollups ADD COLUMN group_value text NOT NULL DEFAULT '';
+ALTER TABLE fluxrate_internal.usage_rollups DROP CONSTRAINT usage_rollups_pkey;
+ALTER TABLE fluxrate_internal.usage_rollups ADD PRIMARY KEY (org_id, width, bucket, customer_id, meter_id, group_value);
+-- rollup_differences names the group: a new return type
+DROP FUNCTION fluxrate_internal.rollup_differences(uuid);
