@@ -265,7 +265,9 @@ CREATE TABLE fluxrate_internal.invoices (
   org_id                 uuid NOT NULL,
   id                     uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
   invoice_number         text,                -- INV-YYYY-NNNN, assigned at finalization
-  kind                   text NOT NULL DEFAULT 'subscription' CHECK (kind IN ('subscription', 'opening', 'manual', 'final')),
+  -- top_up: sells prepaid credits (59_wallets.sql); untaxed, never paid by credits
+  kind                   text NOT NULL DEFAULT 'subscription'
+                           CHECK (kind IN ('subscription', 'opening', 'manual', 'final', 'top_up')),
   status                 text NOT NULL DEFAULT 'DRAFT'
                            CHECK (status IN ('DRAFT', 'OPEN', 'PAID', 'VOID', 'UNCOLLECTIBLE')),
   customer_id            uuid NOT NULL,
@@ -289,6 +291,9 @@ CREATE TABLE fluxrate_internal.invoices (
   meta_data              jsonb NOT NULL DEFAULT '{}',
   created_at             timestamptz NOT NULL,
   updated_at             timestamptz NOT NULL,
+  -- what prepaid credits paid at finalization (59_wallets.sql): amount_due =
+  -- total - credits_applied - amount_paid
+  credits_applied        numeric NOT NULL DEFAULT 0,
   PRIMARY KEY (org_id, id),
   UNIQUE (org_id, invoice_number),
   FOREIGN KEY (org_id, customer_id) REFERENCES fluxrate_internal.customers (org_id, id) ON DELETE CASCADE

@@ -125,7 +125,7 @@ CREATE FUNCTION fluxrate_internal.webhook_event_types() RETURNS text[]
   LANGUAGE sql IMMUTABLE
   AS $$ SELECT ARRAY['invoice.created', 'invoice.finalized', 'invoice.paid', 'invoice.voided',
                      'invoice.uncollectible', 'subscription.created', 'subscription.activated',
-                     'subscription.canceled']::text[] $$;
+                     'subscription.canceled', 'credit_grant.expired', 'wallet.balance_low']::text[] $$;
 
 -- Called by emit_event() in the transaction of the change.
 -- (sys_close_batch() writes the same webhook rows set-based for the events it

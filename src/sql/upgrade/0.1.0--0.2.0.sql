@@ -72,3 +72,68 @@ CREATE TABLE fluxrate_internal.rollup_errors (
 -- (sys_close_claim, docs/security.md "Job fairness").
 CREATE INDEX subscriptions_org_due_idx ON fluxrate_internal.subscriptions (org_id, current_period_end, id)
   WHERE status IN ('TRIAL', 'ACTIVE', 'PAST_DUE');
+
+-- wallets (issue 16, item 2; 59_wallets.sql, docs/ledger.md): what prepaid
+-- credits paid on an invoice, the top-up invoice kind, the grants, their
+-- movements and the low-balance alerts.
+ALTER TABLE fluxrate_internal.invoices ADD COLUMN credits_applied numeric NOT NULL DEFAULT 0;
+ALTER TABLE fluxrate_internal.invoices DROP CONSTRAINT invoices_kind_check;
+ALTER TABLE fluxrate_internal.invoices ADD CONSTRAINT invoices_kind_check
+  CHECK (kind IN ('subscription', 'opening', 'manual', 'final', 'top_up'));
+CREATE TABLE fluxrate_internal.credit_grants (
+  org_id          uuid NOT NULL,
+  id              uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
+  customer_id     uuid NOT NULL,
+  currency        text NOT NULL CHECK (currency ~ '^[A-Z]{3}$'),
+  amount          numeric NOT NULL CHECK (amount > 0),
+  remaining       numeric NOT NULL,
+  grant_type      text NOT NULL CHECK (grant_type IN ('paid', 'promotional')),
+  priority        integer NOT NULL DEFAULT 100 CHECK (priority BETWEEN 0 AND 1000),
+  effective_at    timestamptz NOT NULL,
+  expires_at      timestamptz,
+  status          text NOT NULL CHECK (status IN ('PENDING', 'ACTIVE', 'EXPIRED', 'VOIDED')),
+  source          text NOT NULL DEFAULT 'manual' CHECK (source IN ('manual', 'top_up', 'credit_note')),
+  invoice_id      uuid,
+  source_id       uuid,
+  name            text CHECK (pg_catalog.length(name) <= 200),
+  expired_amount  numeric NOT NULL DEFAULT 0,
+  created_at      timestamptz NOT NULL,
+  PRIMARY KEY (org_id, id),
+  FOREIGN KEY (org_id, customer_id) REFERENCES fluxrate_internal.customers (org_id, id) ON DELETE CASCADE,
+  FOREIGN KEY (org_id, invoice_id) REFERENCES fluxrate_internal.invoices (org_id, id),
+  CHECK (remaining >= 0 AND remaining <= amount),
+  CHECK (expires_at IS NULL OR expires_at > effective_at)
+);
+CREATE INDEX credit_grants_customer_idx ON fluxrate_internal.credit_grants (org_id, customer_id, currency)
+  WHERE status = 'ACTIVE';
+CREATE INDEX credit_grants_expiry_idx ON fluxrate_internal.credit_grants (expires_at) WHERE status = 'ACTIVE';
+CREATE UNIQUE INDEX credit_grants_invoice_idx ON fluxrate_internal.credit_grants (org_id, invoice_id)
+  WHERE invoice_id IS NOT NULL;
+CREATE TABLE fluxrate_internal.credit_transactions (
+  org_id       uuid NOT NULL,
+  id           uuid NOT NULL,
+  grant_id     uuid NOT NULL,
+  customer_id  uuid NOT NULL,
+  currency     text NOT NULL,
+  kind         text NOT NULL CHECK (kind IN ('grant', 'use', 'reversal', 'expiry')),
+  amount       numeric NOT NULL CHECK (amount <> 0),
+  invoice_id   uuid,
+  at           timestamptz NOT NULL,
+  PRIMARY KEY (org_id, id),
+  FOREIGN KEY (org_id, grant_id) REFERENCES fluxrate_internal.credit_grants (org_id, id) ON DELETE CASCADE,
+  CHECK ((kind IN ('grant', 'reversal')) = (amount > 0))
+);
+CREATE INDEX credit_transactions_customer_idx ON fluxrate_internal.credit_transactions (org_id, customer_id, at);
+CREATE INDEX credit_transactions_invoice_idx ON fluxrate_internal.credit_transactions (org_id, invoice_id)
+  WHERE invoice_id IS NOT NULL;
+CREATE TABLE fluxrate_internal.wallet_alerts (
+  org_id       uuid NOT NULL,
+  customer_id  uuid NOT NULL,
+  currency     text NOT NULL CHECK (currency ~ '^[A-Z]{3}$'),
+  threshold    numeric NOT NULL CHECK (threshold >= 0),
+  below        boolean NOT NULL DEFAULT false,
+  crossed_at   timestamptz,
+  created_at   timestamptz NOT NULL,
+  PRIMARY KEY (org_id, customer_id, currency),
+  FOREIGN KEY (org_id, customer_id) REFERENCES fluxrate_internal.customers (org_id, id) ON DELETE CASCADE
+);
