@@ -59,7 +59,7 @@ SELECT name, amount, remaining, grant_type, priority, status, effective_at, expi
 -- a low-balance threshold of $100.  Available now: 570 (500 + 60 + 10) less the
 -- period so far: Platform 40.00 (in arrears, billed whole) + 0 calls = 40.00, tax 4.00 -> 44.00
 -- unbilled -> 526.00 available: not below
-SELECT fluxrate.set_credit_alert(:'cust', 'USD', 100);
+SELECT fluxrate.set_credit_alert(:'cust', 'USD', 100) - 'customer_id' AS alert;
 SELECT fluxrate.set_credit_alert(:'cust', 'USD', 'NaN');                                          -- PT422
 SELECT fluxrate.set_credit_alert(:'cust', 'USD', -1);                                             -- PT422
 

@@ -237,6 +237,7 @@ DECLARE
   v_type text := lower(create_credit_grant.grant_type);
   v_eff timestamptz := coalesce(create_credit_grant.effective_at, fluxrate.now());
   g fluxrate_internal.credit_grants;
+  v_amount numeric;
 BEGIN
   PERFORM fluxrate_internal.load_customer(v_org, create_credit_grant.customer_id);
   PERFORM fluxrate_internal.required(create_credit_grant.amount, 'amount');
@@ -252,9 +253,11 @@ BEGIN
     PERFORM fluxrate_internal.fail('PT422', 'price is the top-up invoice''s amount', NULL, 'Send invoice => true with a price.');
   END IF;
   PERFORM fluxrate_internal.check_decimal(price, 'price', allow_zero => false);
+  -- written at the currency's scale (50 -> 50.00), as invoices are
+  v_amount := round(create_credit_grant.amount, fluxrate_internal.currency_exponent(v_cur));
   INSERT INTO fluxrate_internal.credit_grants AS x (org_id, customer_id, currency, amount, remaining, grant_type, priority,
       effective_at, expires_at, status, source, name, created_at)
-  VALUES (v_org, create_credit_grant.customer_id, v_cur, create_credit_grant.amount, create_credit_grant.amount, v_type,
+  VALUES (v_org, create_credit_grant.customer_id, v_cur, v_amount, v_amount, v_type,
           create_credit_grant.priority, v_eff, create_credit_grant.expires_at,
           CASE WHEN coalesce(invoice, false) THEN 'PENDING' ELSE 'ACTIVE' END,
           CASE WHEN coalesce(invoice, false) THEN 'top_up' ELSE 'manual' END, create_credit_grant.name, fluxrate.now())

@@ -27,7 +27,7 @@ CREATE FUNCTION fluxrate_internal.grant_order(g fluxrate_internal.credit_grants)
   LANGUAGE sql STABLE
   AS $$
   SELECT pg_catalog.lpad(g.priority::text, 4, '0')
-         || pg_catalog.coalesce(pg_catalog.to_char(g.expires_at AT TIME ZONE 'UTC', 'YYYYMMDDHH24MISSUS'), '99999999999999999999')
+         || COALESCE(pg_catalog.to_char(g.expires_at AT TIME ZONE 'UTC', 'YYYYMMDDHH24MISSUS'), '99999999999999999999')
          || pg_catalog.to_char(g.created_at AT TIME ZONE 'UTC', 'YYYYMMDDHH24MISSUS') || g.id::text
 $$;
 
@@ -56,7 +56,7 @@ CREATE FUNCTION fluxrate_internal.ledger_entries(org_id uuid, customer_id uuid)
      AND i.finalized_at IS NOT NULL
   UNION ALL
   -- the credit movements: a use pays part of an invoice, a reversal undoes it
-  SELECT t.at, 'credit_' || t.kind, t.currency, CASE WHEN t.kind IN ('use', 'reversal') THEN -t.amount ELSE 0 END,
+  SELECT t.at, 'credit_' || t.kind, t.currency, CASE WHEN t.kind IN ('use', 'reversal') THEN t.amount ELSE 0 END,
          t.amount, t.invoice_id, t.grant_id, 'credit_grant', t.grant_id,
          coalesce(g.name, g.grant_type || ' credits') || CASE t.kind WHEN 'use' THEN ' applied to ' || i.invoice_number
            WHEN 'reversal' THEN ' given back by the void of ' || i.invoice_number ELSE '' END,
@@ -76,8 +76,9 @@ CREATE FUNCTION fluxrate_internal.ledger_entries(org_id uuid, customer_id uuid)
 $$;
 
 -- GET /customers/{id}/ledger: the entries in time order, each with the
--- receivable (balance) and the credits (credit_balance) after it, per currency.
-CREATE FUNCTION fluxrate.list_customer_ledger(customer_id uuid, currency text DEFAULT NULL)
+-- receivable (balance) and the credits (credit_balance) after it, per currency
+-- (currency_code: one of them).
+CREATE FUNCTION fluxrate.list_customer_ledger(customer_id uuid, currency_code text DEFAULT NULL)
   RETURNS TABLE (at timestamptz, entry text, currency text, amount numeric, credit numeric, balance numeric,
                  credit_balance numeric, invoice_id uuid, grant_id uuid, cause text, cause_id uuid, description text)
   LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -92,7 +93,7 @@ BEGIN
            sum(e.amount) OVER w, sum(e.credit) OVER w,
            e.invoice_id, e.grant_id, e.cause, e.cause_id, e.description
       FROM fluxrate_internal.ledger_entries(v_org, list_customer_ledger.customer_id) e
-     WHERE list_customer_ledger.currency IS NULL OR e.currency = upper(list_customer_ledger.currency)
+     WHERE list_customer_ledger.currency_code IS NULL OR e.currency = upper(list_customer_ledger.currency_code)
     WINDOW w AS (PARTITION BY e.currency ORDER BY e.at, e.ord, e.tiebreak ROWS UNBOUNDED PRECEDING)
      ORDER BY e.currency, e.at, e.ord, e.tiebreak;
 END
