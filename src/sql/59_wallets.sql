@@ -476,6 +476,10 @@ BEGIN
     FOR r IN SELECT x.id, x.subscription_id, x.period_start, x.period_end, x.meta_data FROM fluxrate_internal.invoices x
               WHERE x.org_id = unbilled_totals.org_id AND x.customer_id = unbilled_totals.customer_id
                 AND x.status = 'DRAFT' AND x.kind <> 'top_up'
+                -- a draft being finalized right now counts at its stored total:
+                -- a balance read never waits for (or deadlocks with) a finalizer,
+                -- nor refreshes a draft at the same time as one
+                FOR UPDATE SKIP LOCKED
     LOOP
       IF r.subscription_id IS NOT NULL THEN
         PERFORM fluxrate_internal.fill_lines(unbilled_totals.org_id, r.id,
