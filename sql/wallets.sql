@@ -185,6 +185,21 @@ SELECT (fluxrate.create_credit_grant(:'cust', 50, 'USD', grant_type => 'paid', i
 SELECT (fluxrate.void_invoice(:'unpaid'))->>'status' AS voided;
 SELECT name, status, remaining FROM w_grants WHERE name = 'Unpaid';              -- VOIDED 0
 
+-- a top-up paid after its expiry: $25 expiring Apr 10, paid Apr 11: granted and
+-- expired at the payment, both recorded (25.00 expired); the balance is unchanged (20.00)
+SELECT (fluxrate.create_credit_grant(:'cust', 25, 'USD', grant_type => 'paid', invoice => true, expires_at => '2026-04-10',
+        name => 'Late'))->>'invoice_id' AS late \gset
+SET fluxrate.pinned_now = '2026-04-11 00:00:00+00';
+SELECT (fluxrate.pay_invoice(:'late'))->>'amount_paid' AS paid;                  -- 25.00
+SELECT name, status, remaining, expired_amount FROM w_grants WHERE name = 'Late'; -- EXPIRED 0 25.00
+SELECT t.kind, t.amount, t.at FROM fluxrate_internal.credit_transactions t JOIN w_grants g ON g.id = t.grant_id
+ WHERE g.name = 'Late' ORDER BY t.id;
+SELECT w->>'balance' AS balance FROM jsonb_array_elements(fluxrate.get_credit_balance(:'cust')->'wallets') w;  -- 20.00
+-- the rendered invoice shows the credits: INV-2026-0004 759.00, credits applied -759.00, due 0.00
+SELECT line FROM regexp_split_to_table(fluxrate.invoice_text((SELECT id FROM fluxrate_internal.invoices
+         WHERE org_id = :'org' AND invoice_number = 'INV-2026-0004')), E'\n') line
+ WHERE line ~ 'Total|Credits applied|Amount due';
+
 -- Tenancy: Other Co sees none of it and cannot grant to, read or spend Wallet Co's wallet
 SELECT fluxrate.act_as(:'org_b', true) IS NOT NULL AS acting_b;
 SELECT fluxrate.create_credit_grant(:'cust', 100, 'USD');                                         -- PT404
@@ -198,9 +213,9 @@ SELECT count(*) AS grants_through_rls, (SELECT count(*) FROM fluxrate_internal.c
        (SELECT count(*) FROM fluxrate_internal.wallet_alerts) AS alerts
   FROM fluxrate_internal.credit_grants;                                                           -- 0 0 0
 SELECT set_config('fluxrate.current_org', :'org', false) IS NOT NULL AS as_a;
-SELECT count(*) AS grants_through_rls FROM fluxrate_internal.credit_grants;                      -- 5
+SELECT count(*) AS grants_through_rls FROM fluxrate_internal.credit_grants;                      -- 6
 RESET ROLE;
 SELECT set_config('fluxrate.current_org', '', false) IS NOT NULL AS reset;
 SELECT fluxrate.act_as(:'org', true) IS NOT NULL AS acting;
-SELECT jsonb_array_length(fluxrate.list_credit_grants(:'cust')) AS own_grants;                   -- 5
+SELECT jsonb_array_length(fluxrate.list_credit_grants(:'cust')) AS own_grants;                   -- 6
 RESET fluxrate.pinned_now;

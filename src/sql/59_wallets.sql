@@ -390,11 +390,15 @@ BEGIN
   IF NOT FOUND THEN
     RETURN;
   END IF;
-  IF status = 'PAID' THEN
-    UPDATE fluxrate_internal.credit_grants x
-       SET status = 'ACTIVE', effective_at = greatest(x.effective_at, v_now),
-           -- paid after its expiry: effective and expired at the payment (the job records it)
-           expires_at = CASE WHEN x.expires_at <= v_now THEN v_now + interval '1 microsecond' ELSE x.expires_at END
+  IF status = 'PAID' AND g.expires_at <= v_now THEN
+    -- paid after its expiry: granted and expired at the payment, both recorded
+    UPDATE fluxrate_internal.credit_grants x SET status = 'EXPIRED', remaining = 0, expired_amount = x.amount
+     WHERE x.org_id = g.org_id AND x.id = g.id;
+    INSERT INTO fluxrate_internal.credit_transactions (org_id, id, grant_id, customer_id, currency, kind, amount, at)
+    VALUES (g.org_id, fluxrate_internal.uuid_v7(), g.id, g.customer_id, g.currency, 'grant', g.amount, v_now),
+           (g.org_id, fluxrate_internal.uuid_v7(), g.id, g.customer_id, g.currency, 'expiry', -g.amount, v_now);
+  ELSIF status = 'PAID' THEN
+    UPDATE fluxrate_internal.credit_grants x SET status = 'ACTIVE', effective_at = greatest(x.effective_at, v_now)
      WHERE x.org_id = g.org_id AND x.id = g.id
     RETURNING * INTO g;
     PERFORM fluxrate_internal.record_grant(g);
