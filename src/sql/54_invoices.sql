@@ -162,8 +162,9 @@ BEGIN
     UPDATE fluxrate_internal.invoices x
        SET status = v_to,
            paid_at = CASE WHEN v_to = 'PAID' THEN v_now ELSE x.paid_at END,
-           -- what is paid in money: the total less the credits applied at finalization
-           amount_paid = CASE WHEN v_to = 'PAID' THEN x.total - x.credits_applied ELSE x.amount_paid END,
+           -- what is paid in money: what was due (the total less the credits applied
+           -- at finalization and what credit notes took off)
+           amount_paid = CASE WHEN v_to = 'PAID' THEN x.amount_paid + x.amount_due ELSE x.amount_paid END,
            amount_due = CASE WHEN v_to IN ('PAID', 'VOID') THEN 0 ELSE x.amount_due END,
            voided_at = CASE WHEN v_to = 'VOID' THEN v_now ELSE x.voided_at END,
            updated_at = v_now

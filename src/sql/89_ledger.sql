@@ -60,7 +60,9 @@ CREATE FUNCTION fluxrate_internal.ledger_entries(org_id uuid, customer_id uuid)
          t.amount, t.invoice_id, t.grant_id, 'credit_grant', t.grant_id,
          coalesce(g.name, g.grant_type || ' credits') || CASE t.kind WHEN 'use' THEN ' applied to ' || i.invoice_number
            WHEN 'reversal' THEN ' given back by the void of ' || i.invoice_number ELSE '' END,
-         CASE t.kind WHEN 'grant' THEN 0 WHEN 'use' THEN 2 WHEN 'reversal' THEN 6 ELSE 7 END,
+         -- (a credit note's grant after the credit note it settles)
+         CASE t.kind WHEN 'grant' THEN CASE WHEN g.source = 'credit_note' THEN 9 ELSE 0 END
+                     WHEN 'use' THEN 2 WHEN 'reversal' THEN 6 ELSE 7 END,
          fluxrate_internal.grant_order(g) || coalesce(i.invoice_number, '')
     FROM fluxrate_internal.credit_transactions t
     JOIN fluxrate_internal.credit_grants g ON g.org_id = t.org_id AND g.id = t.grant_id

@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """The scenario and the reference of test/scripts/ledger_equivalence.sh.
 
-python3 ledger_equivalence.py SEED OUTDIR writes
+python3 ledger_equivalence.py SEED OUTDIR [N_CUSTOMERS] [adjust] writes
   OUTDIR/scenario.sql   the engine's side: an organization, customers on plans in
                         USD/EUR/JPY with and without tax, six months of usage,
                         credit grants (priorities, future effect, expiries, top-ups
                         sold by invoices, paid or voided), manual invoices, payments
-                        and voids, each at its own pinned instant, the jobs between
+                        and voids, each at its own pinned instant, the jobs between;
+                        with `adjust` (discounts and credit notes are installed), a
+                        15%-for-3-months coupon redeemed on some subscriptions and
+                        credit notes (amounts or all that is left) on OPEN and PAID
+                        invoices, refunded or to the wallet
   OUTDIR/reference.sql  what must come out, computed here, independently of the
                         engine (no call to it, no SQL): every invoice (total,
                         credits applied, due, paid, status), every grant (remaining,
@@ -20,7 +24,11 @@ the grants spendable at that instant ([effective_at, expires_at), ACTIVE) in
 priority, expiry (never last), creation order; an invoice paid in full by credits is
 PAID; a grant past expires_at is expired by the job with its remainder recorded; a
 void gives the credits back (to an already expired grant: given back and expired
-again); a top-up's grant is effective from its invoice's payment; the ledger rows.
+again); a top-up's grant is effective from its invoice's payment; a percentage
+discount takes its share of the unrounded lines of the periods it covers, its line
+rounded once, before tax; a credit note credits before tax (the invoice's rate,
+rounded once; the last one takes the tax that is left), first off what an OPEN
+invoice has due, the rest refunded or granted to the wallet; the ledger rows.
 """
 import random
 import sys
@@ -47,8 +55,11 @@ def ts(t):
 
 
 class World:
-    def __init__(self, seed, n_customers):
+    def __init__(self, seed, n_customers, adjust=False):
         self.r = random.Random(seed)
+        self.adjust = adjust
+        self.credit_notes = []  # dicts, in number order
+        self.redeemed = {}      # customer ext -> first discounted month
         self.sql = []
         self.customers = []
         self.invoices = []      # dicts, in finalization order
@@ -77,6 +88,9 @@ class World:
                       " fluxrate.add_charge(:'plan_%s', 'USAGE', meter_id => (SELECT id FROM fluxrate_internal.meters"
                       " WHERE org_id = :'org'), unit_price => %s) IS NOT NULL;"
                       % (cur, cur, cur, cur.lower(), cur.lower(), fee, cur.lower(), price))
+        if self.adjust:
+            self.emit(t, "SELECT fluxrate.create_coupon('SAVE15', 'Save 15', 'percentage', percent_off => 15,"
+                      " duration => 'repeating', duration_periods => 3) IS NOT NULL;")
         for c in self.customers:
             self.emit(t, "SELECT fluxrate.create_subscription(((fluxrate.create_customer('%s', '%s@eq.test', '%s',"
                       " billing_address_country => '%s'))->>'id')::uuid, :'plan_%s', start_date => '2026-01-01 00:00+00') IS NOT NULL;"
@@ -90,10 +104,13 @@ class World:
               and g["exp"] > t and g["remaining"] > 0]
         return sorted(gs, key=lambda g: (g["priority"], g["exp"], g["created"]))
 
-    def finalize(self, c, t, total, kind):
+    def finalize(self, c, t, total, kind, subtotal=None, tax=D(0), rate=D(0), discount=D(0)):
         inv = {"cust": c, "at": t, "total": total, "credits": D(0), "paid": D(0), "status": "OPEN", "kind": kind,
-               "uses": []}
-        self.ledger.append((c, "invoice", total, D(0), t))
+               "uses": [], "subtotal": total if subtotal is None else subtotal, "tax": tax, "rate": rate,
+               "credited_sub": D(0), "credited_tax": D(0), "credited_due": D(0)}
+        self.ledger.append((c, "invoice", total - discount, D(0), t))
+        if discount != 0:
+            self.ledger.append((c, "discount", discount, D(0), t))
         if kind != "top_up":
             left = total
             for g in self.spendable(c, t):
@@ -119,11 +136,21 @@ class World:
         self.emit(t_fin, "CALL fluxrate.finalize_due_invoices();")
         for c in self.customers:
             fee, price = PLANS[c["cur"]]
-            q = self.usage.get((c["ext"], m), D(0))
-            unrounded = fee + q * price
-            sub = rnd(fee, c["cur"]) + rnd(q * price, c["cur"])
-            total = sub + rnd(unrounded * RATE[c["country"]], c["cur"])
-            self.finalize(c, t_fin, total, "subscription")
+            sub, tax, disc = self.rate_month(c, m)
+            self.finalize(c, t_fin, sub + tax, "subscription", sub, tax, RATE[c["country"]], disc)
+
+    def rate_month(self, c, m):
+        """A subscription invoice of month m: (subtotal, tax, discount line)."""
+        fee, price = PLANS[c["cur"]]
+        q = self.usage.get((c["ext"], m), D(0))
+        unrounded = fee + q * price
+        sub = rnd(fee, c["cur"]) + rnd(q * price, c["cur"])
+        disc_u = D(0)
+        m0 = self.redeemed.get(c["ext"])
+        if m0 is not None and m0 <= m < m0 + 3:
+            disc_u = unrounded * D("0.15")     # (a zero usage line is not a positive line: nothing of it)
+        disc = -rnd(disc_u, c["cur"])
+        return sub + disc, rnd((unrounded - disc_u) * RATE[c["country"]], c["cur"]), disc
 
     def expire(self, t):
         for g in self.grants:
@@ -177,7 +204,7 @@ class World:
                   % ("void" if void else "pay", self.cust_sql(c), k))
         if not void:
             inv["status"] = "PAID"
-            inv["paid"] = inv["total"] - inv["credits"]
+            inv["paid"] = inv["total"] - inv["credits"] - inv["credited_due"]
             if inv["paid"] != 0:
                 self.ledger.append((c, "payment", -inv["paid"], D(0), t))
             g = inv.get("grant")
@@ -188,7 +215,7 @@ class World:
                 self.ledger.append((c, "credit_grant", D(0), g["amount"], g["eff"]))
             return
         inv["status"] = "VOID"
-        self.ledger.append((c, "void", -inv["total"], D(0), t))
+        self.ledger.append((c, "void", -(inv["total"] - inv["credited_due"]), D(0), t))
         g = inv.get("grant")
         if g is not None:
             g["status"] = "VOIDED"
@@ -204,13 +231,51 @@ class World:
             else:
                 gg["remaining"] += back
 
+    def credit_note(self, c, t):
+        mine = [i for i in self.invoices if i["cust"] is c and i["kind"] != "top_up"]
+        cands = [i for i in mine if i["status"] in ("OPEN", "PAID") and i["subtotal"] - i["credited_sub"] > 0]
+        if not cands:
+            return
+        inv = self.r.choice(cands)
+        cur = c["cur"]
+        left_sub, left_tax = inv["subtotal"] - inv["credited_sub"], inv["tax"] - inv["credited_tax"]
+        unit = D(1).scaleb(-EXP[cur])
+        whole = self.r.random() < 0.3
+        amount = left_sub if whole else unit * self.r.randint(1, int(left_sub / unit))
+        tax = left_tax if amount == left_sub else min(rnd(amount * inv["rate"], cur), left_tax)
+        n = amount + tax
+        due_now = inv["total"] - inv["credits"] - inv["credited_due"] - inv["paid"]
+        to_due = min(n, due_now) if inv["status"] == "OPEN" else D(0)
+        refunded = n - to_due
+        dest = self.r.choice(["refund", "wallet"])
+        number = "CN-2026-%04d" % (len(self.credit_notes) + 1)
+        self.emit(t, "SELECT fluxrate.create_credit_note((SELECT id FROM fluxrate_internal.invoices WHERE org_id = :'org'"
+                  " AND customer_id = %s AND kind <> 'top_up' AND finalized_at IS NOT NULL ORDER BY finalized_at OFFSET %d LIMIT 1),"
+                  " 'other', amount => %s, destination => '%s') IS NOT NULL;"
+                  % (self.cust_sql(c), mine.index(inv), "NULL" if whole else amount, dest))
+        self.credit_notes.append({"number": number, "cust": c, "total": n, "to_due": to_due, "refunded": refunded})
+        inv["credited_sub"] += amount
+        inv["credited_tax"] += tax
+        inv["credited_due"] += to_due
+        self.ledger.append((c, "credit_note", -n, D(0), t))
+        if inv["status"] == "OPEN" and due_now - to_due == 0:
+            inv["status"] = "PAID"
+        if refunded > 0 and dest == "refund":
+            self.ledger.append((c, "refund", refunded, D(0), t))
+        elif refunded > 0:
+            g = {"cust": c, "name": "Credit note " + number, "amount": refunded, "remaining": refunded, "priority": 100,
+                 "eff": t, "exp": INF, "created": t, "status": "ACTIVE", "expired": D(0), "invoice": None}
+            self.grants.append(g)
+            self.ledger.append((c, "credit_grant", refunded, refunded, t))
+
     def manual(self, c, t):
         cur = c["cur"]
         a = rnd(D(self.r.randint(100, 20000)) / D(100) * (D(100) if cur == "JPY" else D(1)), cur)
         self.emit(t, "SELECT fluxrate.finalize_invoice(((fluxrate.create_invoice(%s, '%s', line_items =>"
                   " '[{\"description\": \"Extra\", \"quantity\": 1, \"unit_amount\": %s}]'))->>'id')::uuid) IS NOT NULL;"
                   % (self.cust_sql(c), cur, a))
-        self.finalize(c, t, a + rnd(a * RATE[c["country"]], cur), "manual")
+        tax = rnd(a * RATE[c["country"]], cur)
+        self.finalize(c, t, a + tax, "manual", a, tax, RATE[c["country"]])
 
     def step(self, m, day):
         base = datetime(2026, m, day, 12, 0, tzinfo=timezone.utc)
@@ -236,6 +301,13 @@ class World:
                 self.pay_or_void(c, t, void=True)
             elif x < 0.28:
                 self.manual(c, t)
+            elif self.adjust and x < 0.31 and c["ext"] not in self.redeemed:
+                self.redeemed[c["ext"]] = m
+                self.emit(t, "SELECT fluxrate.redeem_coupon(code => 'SAVE15', subscription_id => (SELECT id FROM"
+                          " fluxrate_internal.subscriptions WHERE org_id = :'org' AND customer_id = %s)) IS NOT NULL;"
+                          % self.cust_sql(c))
+            elif self.adjust and x < 0.36:
+                self.credit_note(c, t)
         t = base + timedelta(seconds=s + 1)
         self.expire(t)
         self.emit(t, "CALL fluxrate.finalize_due_invoices();")
@@ -259,9 +331,13 @@ class World:
                " credits_applied numeric, amount_due numeric, amount_paid numeric, status text);",
                "CREATE TABLE ref_grants (name text, ext text, remaining numeric, expired_amount numeric, status text);",
                "CREATE TABLE ref_ledger (ext text, entry text, currency text, n bigint, amount numeric, credit numeric);",
-               "CREATE TABLE ref_balance (ext text, currency text, balance numeric, unbilled numeric);"]
+               "CREATE TABLE ref_balance (ext text, currency text, balance numeric, unbilled numeric);",
+               "CREATE TABLE ref_credit_notes (number text, ext text, total numeric, applied_to_due numeric, refunded numeric);"]
+        for cn in self.credit_notes:
+            out.append("INSERT INTO ref_credit_notes VALUES ('%s', '%s', %s, %s, %s);" % (
+                cn["number"], cn["cust"]["ext"], cn["total"], cn["to_due"], cn["refunded"]))
         for i in self.invoices:
-            due = D(0) if i["status"] in ("PAID", "VOID") else i["total"] - i["credits"]
+            due = D(0) if i["status"] in ("PAID", "VOID") else i["total"] - i["credits"] - i["credited_due"]
             out.append("INSERT INTO ref_invoices VALUES ('%s', '%s', '%s', %s, %s, %s, %s, '%s');" % (
                 i["cust"]["ext"], i["kind"], ts(i["at"]), i["total"], i["credits"], due, i["paid"], i["status"]))
         for g in self.grants:
@@ -281,10 +357,8 @@ class World:
         for c in self.customers:
             bal = sum((g["remaining"] for g in self.grants if g["cust"] is c and g["status"] == "ACTIVE"
                        and g["eff"] <= t_end and g["exp"] > t_end), D(0))
-            fee, price = PLANS[c["cur"]]
-            q = self.usage.get((c["ext"], 6), D(0))
-            sub = rnd(fee, c["cur"]) + rnd(q * price, c["cur"])
-            unbilled = sub + rnd((fee + q * price) * RATE[c["country"]], c["cur"])
+            sub, tax, _ = self.rate_month(c, 6)
+            unbilled = sub + tax
             out.append("INSERT INTO ref_balance VALUES ('%s', '%s', %s, %s);" % (c["ext"], c["cur"], bal, unbilled))
         return "\n".join(out) + "\n"
 
@@ -292,7 +366,7 @@ class World:
 def main():
     seed, outdir = int(sys.argv[1]), sys.argv[2]
     n = int(sys.argv[3]) if len(sys.argv) > 3 else 40
-    w = World(seed, n)
+    w = World(seed, n, adjust=len(sys.argv) > 4 and sys.argv[4] == "adjust")
     t_end = w.run()
     with open(outdir + "/scenario.sql", "w") as f:
         f.write("SET TimeZone = 'UTC';\n" + "\n".join(w.sql) + "\n")
@@ -303,10 +377,10 @@ def main():
     kinds = {}
     for _, k, *_ in w.ledger:
         kinds[k] = kinds.get(k, 0) + 1
-    print("customers %d, invoices %d (%s), grants %d, ledger movements %s, ends %s" % (
+    print("customers %d, invoices %d (%s), grants %d, coupons redeemed %d, credit notes %d, ledger movements %s, ends %s" % (
         n, len(w.invoices), ", ".join("%s %d" % (k, sum(1 for i in w.invoices if i["kind"] == k))
                                       for k in ("subscription", "manual", "top_up")),
-        len(w.grants), ", ".join("%s %d" % kv for kv in sorted(kinds.items())), ts(t_end)))
+        len(w.grants), len(w.redeemed), len(w.credit_notes), ", ".join("%s %d" % kv for kv in sorted(kinds.items())), ts(t_end)))
 
 
 if __name__ == "__main__":
