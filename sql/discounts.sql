@@ -88,7 +88,7 @@ SELECT fluxrate.create_coupon('BAD8', 'x', 'percentage', percent_off => 5, durat
 SELECT fluxrate.create_coupon('BAD9', 'x', 'percentage', percent_off => 5, carry_over => true);   -- PT422 carry_over is for fixed
 SELECT fluxrate.create_coupon('TENOFF', 'again', 'percentage', percent_off => 5);     -- PT409 code taken
 SELECT fluxrate.create_coupon('BAD10', 'x', 'bogus');                                  -- 22023 discount_type
-SELECT count(*) AS coupons, sum(times_redeemed) AS redeemed FROM fluxrate_internal.coupons WHERE org_id = :'org';  -- 11, 8
+SELECT count(*) AS coupons, sum(times_redeemed) AS redeemed FROM fluxrate_internal.coupons WHERE org_id = :'org';  -- 10, 8
 SELECT count(*) AS redemptions FROM fluxrate_internal.coupon_redemptions WHERE org_id = :'org';                   -- 8
 
 -- Tenancy: the other organization sees none of it and cannot redeem it
@@ -196,7 +196,7 @@ SELECT count(*) AS differences FROM (
      FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
     WHERE i.org_id = :'org' AND i.period_start = '2026-05-01' AND i.status = 'DRAFT'
    EXCEPT SELECT * FROM closer_lines)) d;
-SELECT count(*) AS may_discount_lines FROM closer_lines WHERE line_type = 'discount';   -- Gus none (0.00), Hana FEEFREE + ONEUSE 5% none (0 left) = 1
+SELECT count(*) AS may_discount_lines FROM closer_lines WHERE line_type = 'discount';   -- Gus none (no usage), Hana FEEFREE on the June fee (ONEUSE finds 0 left) = 1
 
 -- Removing a redemption: Hana's FEEFREE; the June draft, refreshed, carries no discount:
 --   calls 0.00 + July fee 49.00 - ONEUSE 5% 2.45 = 46.55
