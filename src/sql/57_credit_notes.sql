@@ -278,6 +278,8 @@ BEGIN
     v_lines := jsonb_build_array(jsonb_build_object('l', NULL, 'a', v_sub, 'd', format(CASE WHEN create_credit_note.amount IS NULL
       THEN 'Credit of invoice %s' ELSE 'Credit against invoice %s' END, i.invoice_number)));
   END IF;
+  -- (in the minor unit already: checked; rounding only sets the scale, 300 -> 300.00)
+  v_sub := fluxrate_internal.round_money(v_sub, i.currency);
   IF v_sub > i.subtotal - c.credited_subtotal THEN
     PERFORM fluxrate_internal.fail('PT422', 'the credit note is above the invoice''s creditable amount',
       format('%s %s asked before tax; %s left of invoice %s.', v_sub, i.currency, i.subtotal - c.credited_subtotal, i.invoice_number),
@@ -288,7 +290,7 @@ BEGIN
   IF v_sub + v_tax <= 0 THEN
     PERFORM fluxrate_internal.fail('PT422', 'a credit note credits more than zero', NULL);
   END IF;
-  v_due := CASE WHEN i.status = 'OPEN' THEN least(v_sub + v_tax, i.amount_due) ELSE 0 END;
+  v_due := fluxrate_internal.round_money(CASE WHEN i.status = 'OPEN' THEN least(v_sub + v_tax, i.amount_due) ELSE 0 END, i.currency);
   INSERT INTO fluxrate_internal.credit_notes (org_id, credit_note_number, invoice_id, customer_id, currency, reason, memo,
       destination, subtotal, tax, total, applied_to_due, refunded, invoice_status, issued_at, public_token, created_at)
   VALUES (v_org, fluxrate_internal.next_credit_note_number(v_org, v_now), i.id, i.customer_id, i.currency,
@@ -296,7 +298,7 @@ BEGIN
           v_sub + v_tax - v_due, i.status, v_now, gen_random_uuid(), v_now)
   RETURNING * INTO cn;
   INSERT INTO fluxrate_internal.credit_note_lines (org_id, credit_note_id, position, invoice_line_id, description, amount)
-  SELECT v_org, cn.id, e.n, (e.x->>'l')::uuid, e.x->>'d', (e.x->>'a')::numeric
+  SELECT v_org, cn.id, e.n, (e.x->>'l')::uuid, e.x->>'d', fluxrate_internal.round_money((e.x->>'a')::numeric, i.currency)
     FROM jsonb_array_elements(v_lines) WITH ORDINALITY e(x, n);
   PERFORM fluxrate_internal.settle_credited_invoice(i, cn);
   PERFORM fluxrate_internal.emit_event(v_org, 'credit_note.created', jsonb_build_object('credit_note_id', cn.id,
@@ -401,12 +403,12 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'customer not found', format('No customer %s in this organization.', customer_id));
   END IF;
-  RETURN coalesce((SELECT jsonb_agg(d.doc ORDER BY d.at, d.k, d.id) FROM (
-      SELECT i.created_at AS at, 1 AS k, i.id, jsonb_build_object('document_type', 'invoice')
+  RETURN coalesce((SELECT jsonb_agg(d.doc ORDER BY d.at, d.k, d.num, d.id) FROM (
+      SELECT i.created_at AS at, 1 AS k, coalesce(i.invoice_number, '') AS num, i.id, jsonb_build_object('document_type', 'invoice')
              || fluxrate_internal.invoice_json(i, false) || jsonb_build_object('amount_credited', i.amount_credited) AS doc
         FROM fluxrate_internal.invoices i WHERE i.org_id = v_org AND i.customer_id = list_customer_documents.customer_id
       UNION ALL
-      SELECT cn.issued_at, 2, cn.id, jsonb_build_object('document_type', 'credit_note') || fluxrate_internal.credit_note_json(cn, false)
+      SELECT cn.issued_at, 2, cn.credit_note_number, cn.id, jsonb_build_object('document_type', 'credit_note') || fluxrate_internal.credit_note_json(cn, false)
         FROM fluxrate_internal.credit_notes cn WHERE cn.org_id = v_org AND cn.customer_id = list_customer_documents.customer_id) d),
     '[]'::jsonb);
 END
