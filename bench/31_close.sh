@@ -22,6 +22,16 @@ q "INSERT INTO fluxrate_internal.customers (org_id, name, email, external_id, cr
 q "SELECT fluxrate.act_as('$ORG');
    SELECT count(fluxrate.create_subscription(c.id, '$PLAN', start_date => '2026-10-01 00:00+00'))
      FROM fluxrate_internal.customers c WHERE c.org_id = '$ORG'" >/dev/null
+# BENCH_COUPON=1 (bench/32_close_coupon.sh): a coupon on every subscription,
+# 20% off forever, so every invoice carries a discount line (issue 16)
+COUPON=${BENCH_COUPON:-0}
+if [ "$COUPON" = 1 ]; then
+  q "SELECT fluxrate.act_as('$ORG');
+     SELECT fluxrate.create_coupon('BENCH20', 'Bench 20%', 'percentage', percent_off => 20, duration => 'forever');
+     SELECT count(fluxrate.redeem_coupon(code => 'BENCH20', subscription_id => s.id))
+       FROM fluxrate_internal.subscriptions s WHERE s.org_id = '$ORG'" >/dev/null
+  echo "a 20% coupon redeemed on each of the $SUBS subscriptions"
+fi
 echo "generating $EVENTS events for $SUBS customers x 3 meters in October 2026"
 # (customer and meter numbers are joined, not subscripted out of an array: a
 # 10,000-element array would be detoasted for every row)
@@ -66,10 +76,10 @@ psql -X -q -c "CALL fluxrate.close_due_periods()"
 e=$(date +%s.%N)
 inv=$(q "SELECT count(*) || ' invoices, ' || (SELECT count(*) FROM fluxrate_internal.invoice_lines WHERE org_id = '$ORG') || ' lines, total ' || sum(total) FROM fluxrate_internal.invoices WHERE org_id = '$ORG'")
 echo "closed: $inv"
-awk -v n="$EVENTS" -v s="$s" -v b="$b" -v e="$e" 'BEGIN {
+awk -v n="$EVENTS" -v s="$s" -v b="$b" -v e="$e" -v suffix="$([ "$COUPON" = 1 ] && echo _coupon)" 'BEGIN {
   base = n / (b - s); ours = n / (e - b);
   printf "baseline GROUP BY: %.2f s; closing: %.2f s\n", b - s, e - b;
-  printf "bench close_periods: ours=%.0f/s baseline=%.0f/s ratio=%.3f\n", ours, base, ours / base }'
+  printf "bench close_periods%s: ours=%.0f/s baseline=%.0f/s ratio=%.3f\n", suffix, ours, base, ours / base }'
 # The next close (reported, no goal): October finalized after its grace hour,
 # November without events.  Every close re-checks the usage of the periods on
 # each subscription's last finalized invoices for late events; here October's,

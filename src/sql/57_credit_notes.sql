@@ -121,7 +121,8 @@ CREATE FUNCTION fluxrate_internal.sys_credit_note_to_wallet(org_id uuid, credit_
   AS $$
 BEGIN
   RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = 'credit notes cannot go to a wallet yet',
-    DETAIL = 'Prepaid credit wallets are not built in this version.',
+    DETAIL = format('Prepaid credit wallets are not built in this version (credit note %s of organization %s).',
+                    sys_credit_note_to_wallet.credit_note_id, sys_credit_note_to_wallet.org_id),
     HINT = 'Use destination => ''refund'': the credit becomes a refund record (list_refunds).';
 END
 $$;
@@ -167,12 +168,12 @@ DECLARE
   v_amount numeric;
   l fluxrate_internal.invoice_lines;
   v_left numeric;
-  v_asked jsonb := '{}';   -- what this request already asked of each line
+  v_asked jsonb := '{}'::jsonb;   -- what this request already asked of each line
 BEGIN
   IF jsonb_typeof(lines) <> 'array' OR jsonb_array_length(lines) NOT BETWEEN 1 AND 1000 THEN
     PERFORM fluxrate_internal.fail('22023', 'lines must be an array of 1 to 1000 {invoice_line_id, amount}', NULL);
   END IF;
-  FOR e IN SELECT x FROM jsonb_array_elements(lines) x LOOP
+  FOR e IN SELECT x.value FROM jsonb_array_elements(lines) x LOOP
     BEGIN
       v_line := (e->>'invoice_line_id')::uuid;
       v_amount := (e->>'amount')::numeric;
