@@ -154,17 +154,29 @@ CREATE FUNCTION fluxrate_internal.close_sql_discounts() RETURNS text
     -- what all the percentages took of each line
     SELECT c.org_id, c.sub_id, c.pos, sum(c.left_before * c.percent_off / 100) AS taken
       FROM dcover c WHERE c.discount_type = 'percentage' GROUP BY 1, 2, 3
+  ), dtake AS (
+    -- per redemption: what a percentage takes of its lines; what the percentages
+    -- left of a fixed amount's lines
+    SELECT c.org_id, c.sub_id, c.redemption_id,
+           sum(c.left_before * c.percent_off / 100) FILTER (WHERE c.discount_type = 'percentage') AS pct_taken,
+           sum(c.amount - coalesce(p.taken, 0)) FILTER (WHERE c.discount_type = 'fixed') AS fixed_room
+      FROM dcover c
+      LEFT JOIN dpct p ON p.org_id = c.org_id AND p.sub_id = c.sub_id AND p.pos = c.pos
+     GROUP BY 1, 2, 3
+  ), dinv AS (
+    -- per invoice with redemptions: its positive lines (unrounded and rounded), its last position
+    SELECT l.org_id, l.sub_id,
+           coalesce(sum(l.amount) FILTER (WHERE l.line_type <> 'discount' AND l.amount > 0), 0) AS whole,
+           coalesce(sum(l.line_total) FILTER (WHERE l.line_type <> 'discount' AND l.amount > 0), 0) AS whole_rounded,
+           coalesce(max(l.pos), 0) AS last_pos
+      FROM lines l
+     WHERE (l.org_id, l.sub_id) IN (SELECT r.org_id, r.sub_id FROM dred r)
+     GROUP BY 1, 2
   ), draw AS (
     -- each redemption's own amount, before the invoice-wide cap
-    SELECT r.*,
-           CASE WHEN r.discount_type = 'percentage' THEN
-                  coalesce((SELECT sum(c.left_before * c.percent_off / 100) FROM dcover c
-                             WHERE c.org_id = r.org_id AND c.sub_id = r.sub_id AND c.redemption_id = r.redemption_id), 0)
-                ELSE greatest(0, least(
-                  -- what the percentages left of its lines
-                  coalesce((SELECT sum(c.amount - coalesce(p.taken, 0)) FROM dcover c
-                              LEFT JOIN dpct p ON p.org_id = c.org_id AND p.sub_id = c.sub_id AND p.pos = c.pos
-                             WHERE c.org_id = r.org_id AND c.sub_id = r.sub_id AND c.redemption_id = r.redemption_id), 0),
+    SELECT r.*, v.whole, v.whole_rounded, v.last_pos,
+           CASE WHEN r.discount_type = 'percentage' THEN coalesce(t.pct_taken, 0)
+                ELSE greatest(0, least(coalesce(t.fixed_room, 0),
                   -- its allowance: what other invoices of the period (carry_over: of the window) did not take
                   r.amount_off - coalesce((SELECT -sum(il.amount_unrounded)
                       FROM fluxrate_internal.invoice_lines il
@@ -172,21 +184,17 @@ CREATE FUNCTION fluxrate_internal.close_sql_discounts() RETURNS text
                      WHERE il.org_id = r.org_id AND il.redemption_id = r.redemption_id AND il.invoice_id <> r.invoice_id
                        AND iv.status <> 'VOID' AND (r.carry_over OR iv.period_start = r.ps)), 0))) END AS raw
       FROM dred r
+      JOIN dinv v ON v.org_id = r.org_id AND v.sub_id = r.sub_id
+      LEFT JOIN dtake t ON t.org_id = r.org_id AND t.sub_id = r.sub_id AND t.redemption_id = r.redemption_id
   ), dcap AS (
     SELECT w.*,
            least(w.whole, sum(w.raw) OVER (PARTITION BY w.org_id, w.sub_id ORDER BY w.ord)) AS cum,
            least(w.whole_rounded, sum(fluxrate_internal.round_money(w.raw, w.currency))
                  OVER (PARTITION BY w.org_id, w.sub_id ORDER BY w.ord)) AS cum_rounded
-      FROM (SELECT d.*,
-                   (SELECT coalesce(sum(l.amount), 0) FROM lines l
-                     WHERE l.org_id = d.org_id AND l.sub_id = d.sub_id AND l.line_type <> 'discount' AND l.amount > 0) AS whole,
-                   (SELECT coalesce(sum(l.line_total), 0) FROM lines l
-                     WHERE l.org_id = d.org_id AND l.sub_id = d.sub_id AND l.line_type <> 'discount' AND l.amount > 0) AS whole_rounded
-              FROM draw d) w
+      FROM draw w
   ), disc AS MATERIALIZED (
     SELECT x.org_id, x.sub_id, x.invoice_id, x.currency,
-           (SELECT coalesce(max(l.pos), 0) FROM lines l WHERE l.org_id = x.org_id AND l.sub_id = x.sub_id)
-             + row_number() OVER (PARTITION BY x.org_id, x.sub_id ORDER BY x.ord)::integer AS pos,
+           x.last_pos + row_number() OVER (PARTITION BY x.org_id, x.sub_id ORDER BY x.ord)::integer AS pos,
            'discount'::text AS line_type, NULL::uuid AS charge_id,
            x.name || ' (' || x.code || ')' AS description,
            1::numeric AS quantity, trim_scale(round(-x.amount, 12)) AS unit_amount, -x.amount AS amount, x.ps AS line_start, x.pe AS line_end,
