@@ -139,53 +139,53 @@ CREATE FUNCTION fluxrate_internal.close_sql_discounts() RETURNS text
       JOIN fluxrate_internal.coupons k ON k.org_id = r.org_id AND k.id = r.coupon_id
      WHERE (k.plan_ids IS NULL OR d.plan_id = ANY (k.plan_ids))
        AND (k.currency IS NULL OR k.currency = d.currency)
+  ), dlines AS (
+    -- the lines, each with its invoice's positive total (unrounded and rounded) and
+    -- last position: window functions, so that no later step joins two CTEs
+    -- (their row estimates are guesses; a misestimated join of two was a nested
+    -- loop over the whole batch, quadratic)
+    SELECT l.org_id, l.sub_id, l.pos, l.line_type, l.charge_id, l.amount, l.line_start, l.line_end,
+           coalesce(sum(l.amount) FILTER (WHERE l.line_type <> 'discount' AND l.amount > 0)
+                    OVER (PARTITION BY l.org_id, l.sub_id), 0) AS whole,
+           coalesce(sum(l.line_total) FILTER (WHERE l.line_type <> 'discount' AND l.amount > 0)
+                    OVER (PARTITION BY l.org_id, l.sub_id), 0) AS whole_rounded,
+           max(l.pos) OVER (PARTITION BY l.org_id, l.sub_id) AS last_pos
+      FROM lines l
   ), dcover AS MATERIALIZED (
     -- each (redemption, line) it covers, with what the earlier percentages left of the line
-    SELECT r.org_id, r.sub_id, r.redemption_id, r.ord, r.discount_type, r.percent_off, l.pos, l.amount,
+    SELECT r.*, l.pos, l.amount, l.whole, l.whole_rounded, l.last_pos,
            l.amount * coalesce(fluxrate_internal.numeric_product(1 - r.percent_off / 100)
              FILTER (WHERE r.discount_type = 'percentage')
              OVER (PARTITION BY r.org_id, r.sub_id, l.pos ORDER BY r.ord ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 1) AS left_before
       FROM dred r
-      JOIN lines l ON l.org_id = r.org_id AND l.sub_id = r.sub_id
+      JOIN dlines l ON l.org_id = r.org_id AND l.sub_id = r.sub_id
      WHERE l.line_type <> 'discount' AND l.amount > 0
        AND l.line_end > r.applies_from AND (r.applies_until IS NULL OR l.line_start < r.applies_until)
        AND (r.charge_ids IS NULL OR l.charge_id = ANY (r.charge_ids))
-  ), dpct AS (
-    -- what all the percentages took of each line
-    SELECT c.org_id, c.sub_id, c.pos, sum(c.left_before * c.percent_off / 100) AS taken
-      FROM dcover c WHERE c.discount_type = 'percentage' GROUP BY 1, 2, 3
-  ), dtake AS (
-    -- per redemption: what a percentage takes of its lines; what the percentages
-    -- left of a fixed amount's lines
-    SELECT c.org_id, c.sub_id, c.redemption_id,
-           sum(c.left_before * c.percent_off / 100) FILTER (WHERE c.discount_type = 'percentage') AS pct_taken,
-           sum(c.amount - coalesce(p.taken, 0)) FILTER (WHERE c.discount_type = 'fixed') AS fixed_room
+  ), dcover2 AS (
+    -- and what all the percentages took of that line
+    SELECT c.*, coalesce(sum(c.left_before * c.percent_off / 100) FILTER (WHERE c.discount_type = 'percentage')
+                         OVER (PARTITION BY c.org_id, c.sub_id, c.pos), 0) AS line_taken
       FROM dcover c
-      LEFT JOIN dpct p ON p.org_id = c.org_id AND p.sub_id = c.sub_id AND p.pos = c.pos
-     GROUP BY 1, 2, 3
-  ), dinv AS (
-    -- per invoice with redemptions: its positive lines (unrounded and rounded), its last position
-    SELECT l.org_id, l.sub_id,
-           coalesce(sum(l.amount) FILTER (WHERE l.line_type <> 'discount' AND l.amount > 0), 0) AS whole,
-           coalesce(sum(l.line_total) FILTER (WHERE l.line_type <> 'discount' AND l.amount > 0), 0) AS whole_rounded,
-           coalesce(max(l.pos), 0) AS last_pos
-      FROM lines l
-     WHERE (l.org_id, l.sub_id) IN (SELECT r.org_id, r.sub_id FROM dred r)
-     GROUP BY 1, 2
   ), draw AS (
-    -- each redemption's own amount, before the invoice-wide cap
-    SELECT r.*, v.whole, v.whole_rounded, v.last_pos,
-           CASE WHEN r.discount_type = 'percentage' THEN coalesce(t.pct_taken, 0)
-                ELSE greatest(0, least(coalesce(t.fixed_room, 0),
+    -- each redemption that covers a line: its own amount, before the invoice-wide cap
+    SELECT t.*,
+           CASE WHEN t.discount_type = 'percentage' THEN t.pct_taken
+                ELSE greatest(0, least(t.fixed_room,
                   -- its allowance: what other invoices of the period (carry_over: of the window) did not take
-                  r.amount_off - coalesce((SELECT -sum(il.amount_unrounded)
+                  t.amount_off - coalesce((SELECT -sum(il.amount_unrounded)
                       FROM fluxrate_internal.invoice_lines il
                       JOIN fluxrate_internal.invoices iv ON iv.org_id = il.org_id AND iv.id = il.invoice_id
-                     WHERE il.org_id = r.org_id AND il.redemption_id = r.redemption_id AND il.invoice_id <> r.invoice_id
-                       AND iv.status <> 'VOID' AND (r.carry_over OR iv.period_start = r.ps)), 0))) END AS raw
-      FROM dred r
-      JOIN dinv v ON v.org_id = r.org_id AND v.sub_id = r.sub_id
-      LEFT JOIN dtake t ON t.org_id = r.org_id AND t.sub_id = r.sub_id AND t.redemption_id = r.redemption_id
+                     WHERE il.org_id = t.org_id AND il.redemption_id = t.redemption_id AND il.invoice_id <> t.invoice_id
+                       AND iv.status <> 'VOID' AND (t.carry_over OR iv.period_start = t.ps)), 0))) END AS raw
+      FROM (SELECT c.org_id, c.sub_id, c.invoice_id, c.currency, c.ps, c.pe, c.redemption_id, c.coupon_id, c.code, c.name,
+                   c.discount_type, c.percent_off, c.amount_off, c.carry_over, c.ord,
+                   max(c.whole) AS whole, max(c.whole_rounded) AS whole_rounded, max(c.last_pos) AS last_pos,
+                   coalesce(sum(c.left_before * c.percent_off / 100) FILTER (WHERE c.discount_type = 'percentage'), 0) AS pct_taken,
+                   coalesce(sum(c.amount - c.line_taken) FILTER (WHERE c.discount_type = 'fixed'), 0) AS fixed_room
+              FROM dcover2 c
+             GROUP BY c.org_id, c.sub_id, c.invoice_id, c.currency, c.ps, c.pe, c.redemption_id, c.coupon_id, c.code, c.name,
+                      c.discount_type, c.percent_off, c.amount_off, c.carry_over, c.ord) t
   ), dcap AS (
     SELECT w.*,
            least(w.whole, sum(w.raw) OVER (PARTITION BY w.org_id, w.sub_id ORDER BY w.ord)) AS cum,
