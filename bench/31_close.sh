@@ -22,6 +22,16 @@ q "INSERT INTO fluxrate_internal.customers (org_id, name, email, external_id, cr
 q "SELECT fluxrate.act_as('$ORG');
    SELECT count(fluxrate.create_subscription(c.id, '$PLAN', start_date => '2026-10-01 00:00+00'))
      FROM fluxrate_internal.customers c WHERE c.org_id = '$ORG'" >/dev/null
+# BENCH_COUPON=1 (bench/32_close_coupon.sh): a coupon on every subscription,
+# 20% off forever, so every invoice carries a discount line (issue 16)
+COUPON=${BENCH_COUPON:-0}
+if [ "$COUPON" = 1 ]; then
+  q "SELECT fluxrate.act_as('$ORG');
+     SELECT fluxrate.create_coupon('BENCH20', 'Bench 20%', 'percentage', percent_off => 20, duration => 'forever');
+     SELECT count(fluxrate.redeem_coupon(code => 'BENCH20', subscription_id => s.id))
+       FROM fluxrate_internal.subscriptions s WHERE s.org_id = '$ORG'" >/dev/null
+  echo "a 20% coupon redeemed on each of the $SUBS subscriptions"
+fi
 # BENCH_WALLET=1: a wallet on every subscription (issue 16): each customer holds
 # two credit grants (a paid one and an expiring promotional one of a higher
 # priority), which the finalization after the close draws down
@@ -76,10 +86,10 @@ psql -X -q -c "CALL fluxrate.close_due_periods()"
 e=$(date +%s.%N)
 inv=$(q "SELECT count(*) || ' invoices, ' || (SELECT count(*) FROM fluxrate_internal.invoice_lines WHERE org_id = '$ORG') || ' lines, total ' || sum(total) FROM fluxrate_internal.invoices WHERE org_id = '$ORG'")
 echo "closed: $inv"
-awk -v n="$EVENTS" -v s="$s" -v b="$b" -v e="$e" 'BEGIN {
+awk -v n="$EVENTS" -v s="$s" -v b="$b" -v e="$e" -v suffix="$([ "$COUPON" = 1 ] && echo _coupon)$([ "${BENCH_WALLET:-0}" = 1 ] && echo _wallet)" 'BEGIN {
   base = n / (b - s); ours = n / (e - b);
   printf "baseline GROUP BY: %.2f s; closing: %.2f s\n", b - s, e - b;
-  printf "bench close_periods: ours=%.0f/s baseline=%.0f/s ratio=%.3f\n", ours, base, ours / base }'
+  printf "bench close_periods%s: ours=%.0f/s baseline=%.0f/s ratio=%.3f\n", suffix, ours, base, ours / base }'
 # The next close (reported, no goal): October finalized after its grace hour,
 # November without events.  Every close re-checks the usage of the periods on
 # each subscription's last finalized invoices for late events; here October's,

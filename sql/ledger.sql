@@ -111,4 +111,76 @@ SELECT set_config('fluxrate.current_org', :'org_b', false) IS NOT NULL AS as_b;
 SELECT count(*) AS through_rls FROM fluxrate_internal.ledger_entries(:'org', :'cust');  -- 0: row-level security
 RESET ROLE;
 SELECT set_config('fluxrate.current_org', '', false) IS NOT NULL AS reset;
+
+-- Discounts, credit notes and refunds in the ledger (issue 16, items 1 and 3), in
+-- an organization of its own: Seat $100/month in arrears, tax 10%, SPRING 20% off
+-- for 2 months on the subscription.  The issue's "partial credit note on a PAID
+-- invoice refunded to the wallet" is CN-2026-0001.
+SET fluxrate.pinned_now = '2026-01-01 00:00:00+00';
+SELECT (fluxrate.create_organization('Adjusted Co'))->>'id' AS org_c \gset
+SELECT fluxrate.act_as(:'org_c', true) IS NOT NULL AS acting_c;
+SELECT (fluxrate.set_tax_rate('US', 0.10, name => 'Sales tax'))->>'rate' AS tax;
+SELECT (fluxrate.create_plan('Seats', 'seats', 'FIXED', 'month', 'USD'))->>'id' AS plan_c \gset
+SELECT (fluxrate.add_charge(:'plan_c', 'FIXED', unit_price => 100, display_name => 'Seat', billing_timing => 'in_arrears'))->>'status' AS fixed;
+SELECT (fluxrate.create_customer('Adjusted Inc', 'ap@adjusted.test', 'adjusted', billing_address_country => 'US'))->>'id' AS adj \gset
+SELECT (fluxrate.create_subscription(:'adj', :'plan_c', start_date => '2026-01-01 00:00+00'))->>'id' AS sub_c \gset
+SELECT (fluxrate.redeem_coupon(((fluxrate.create_coupon('SPRING', 'Spring', 'percentage', percent_off => 20, duration => 'repeating',
+        duration_periods => 2))->>'id')::uuid, subscription_id => :'sub_c'))->>'status' AS redeemed;
+-- Feb 1: INV-2026-0001 Seat 100.00 - 20.00 = 80.00, tax 8.00 -> 88.00; paid Feb 2
+SET fluxrate.pinned_now = '2026-02-01 00:00:30+00';
+CALL fluxrate.close_due_periods();
+SET fluxrate.pinned_now = '2026-02-01 01:01:00+00';
+CALL fluxrate.finalize_due_invoices();
+SET fluxrate.pinned_now = '2026-02-02 00:00:00+00';
+SELECT (fluxrate.pay_invoice(id))->>'amount_paid' AS paid FROM fluxrate_internal.invoices WHERE org_id = :'org_c' AND invoice_number = 'INV-2026-0001';  -- 88.00
+-- Feb 3: CN-2026-0001, a partial credit note on the PAID invoice, refunded to the wallet:
+-- 50.00 + 5.00 tax = 55.00, all of it paid: a grant of 55.00 (paid, never expires)
+SET fluxrate.pinned_now = '2026-02-03 00:00:00+00';
+SELECT c->>'credit_note_number' AS number, c->>'total' AS total, c->>'refunded' AS refunded, c->>'destination' AS destination
+  FROM fluxrate.create_credit_note((SELECT id FROM fluxrate_internal.invoices WHERE org_id = :'org_c' AND invoice_number = 'INV-2026-0001'),
+         'service_issue', amount => 50, destination => 'wallet') c;
+SELECT name, amount, remaining, grant_type, source, status FROM fluxrate_internal.credit_grants WHERE org_id = :'org_c';  -- 55.00
+-- Mar 1: INV-2026-0002 88.00 again (the second discounted month): the 55.00 pays part, 33.00 due; paid Mar 2
+SET fluxrate.pinned_now = '2026-03-01 00:00:30+00';
+CALL fluxrate.close_due_periods();
+SET fluxrate.pinned_now = '2026-03-01 01:01:00+00';
+CALL fluxrate.finalize_due_invoices();
+SET fluxrate.pinned_now = '2026-03-02 00:00:00+00';
+SELECT (fluxrate.pay_invoice(id))->>'amount_paid' AS paid FROM fluxrate_internal.invoices WHERE org_id = :'org_c' AND invoice_number = 'INV-2026-0002';  -- 33.00
+-- Mar 3: CN-2026-0002 on it, 20.00 + 2.00 = 22.00 refunded as a refund record
+SET fluxrate.pinned_now = '2026-03-03 00:00:00+00';
+SELECT c->>'credit_note_number' AS number, c->>'total' AS total, c->'refund'->>'amount' AS refund
+  FROM fluxrate.create_credit_note((SELECT id FROM fluxrate_internal.invoices WHERE org_id = :'org_c' AND invoice_number = 'INV-2026-0002'),
+         'order_change', amount => 20) c;
+-- Apr 1: INV-2026-0003 110.00 (no discount left); Apr 2: CN-2026-0003 of 10.00 + 1.00 on it while OPEN:
+-- 11.00 off what is due, nothing refunded: 99.00 due
+SET fluxrate.pinned_now = '2026-04-01 00:00:30+00';
+CALL fluxrate.close_due_periods();
+SET fluxrate.pinned_now = '2026-04-01 01:01:00+00';
+CALL fluxrate.finalize_due_invoices();
+SET fluxrate.pinned_now = '2026-04-02 00:00:00+00';
+SELECT c->>'credit_note_number' AS number, c->>'applied_to_due' AS to_due, c->>'refunded' AS refunded
+  FROM fluxrate.create_credit_note((SELECT id FROM fluxrate_internal.invoices WHERE org_id = :'org_c' AND invoice_number = 'INV-2026-0003'),
+         'other', amount => 10) c;
+-- The ledger, by hand (USD):
+--   Feb 01 01:01  invoice      INV-2026-0001 before its discount  +108.00   bal 108.00
+--   Feb 01 01:01  discount     Spring (SPRING)                     -20.00   bal  88.00
+--   Feb 02        payment      INV-2026-0001                       -88.00   bal   0.00
+--   Feb 03        credit_note  CN-2026-0001                        -55.00   bal -55.00
+--   Feb 03        credit_grant CN-2026-0001 to the wallet          +55.00 / +55.00  bal 0.00  cb 55.00
+--   Mar 01 01:01  invoice      INV-2026-0002                      +108.00   bal 108.00
+--   Mar 01 01:01  discount     Spring (SPRING)                     -20.00   bal  88.00
+--   Mar 01 01:01  credit_use   CN-2026-0001's grant                -55.00 / -55.00  bal 33.00  cb 0.00
+--   Mar 02        payment      INV-2026-0002                       -33.00   bal   0.00
+--   Mar 03        credit_note  CN-2026-0002                        -22.00   bal -22.00
+--   Mar 03        refund       CN-2026-0002                        +22.00   bal   0.00
+--   Apr 01 01:01  invoice      INV-2026-0003                      +110.00   bal 110.00
+--   Apr 02        credit_note  CN-2026-0003                        -11.00   bal  99.00
+-- Ends at 99.00 owed (INV-2026-0003) and no credit.
+SELECT to_char(at, 'Mon DD HH24:MI') AS at, entry, amount, credit, balance, credit_balance, cause, description
+  FROM fluxrate.list_customer_ledger(:'adj');
+SELECT (SELECT sum(l.amount) FROM fluxrate.list_customer_ledger(:'adj') l) AS ledger_owed,
+       (SELECT sum(i.amount_due) FROM fluxrate_internal.invoices i WHERE i.org_id = :'org_c' AND i.status IN ('OPEN', 'UNCOLLECTIBLE')) AS invoices_owed,
+       (SELECT sum(l.credit) FROM fluxrate.list_customer_ledger(:'adj') l) AS ledger_credit,
+       (SELECT (w->>'balance')::numeric FROM jsonb_array_elements(fluxrate.get_credit_balance(:'adj')->'wallets') w) AS wallet_balance;  -- 99.00 99.00 0.00 0.00
 RESET fluxrate.pinned_now;

@@ -204,6 +204,7 @@ BEGIN
   END LOOP;
   IF v_opening THEN
     -- only the period's in-advance fees: no usage yet, no true-up (that is the closing invoice's)
+    PERFORM fluxrate_internal.write_discount_lines(i);
     PERFORM fluxrate_internal.recompute_totals(i.org_id, i.id);
     RETURN;
   END IF;
@@ -218,6 +219,8 @@ BEGIN
     VALUES (i.org_id, i.id, v_pos, 'minimum', 'Minimum commitment true-up', 1, v_amount,
             fluxrate_internal.round_money(v_amount, i.currency), v_amount, i.period_start, i.period_end);
   END IF;
+  -- the coupons (56_discounts.sql), after every other line, before the totals
+  PERFORM fluxrate_internal.write_discount_lines(i);
   PERFORM fluxrate_internal.recompute_totals(i.org_id, i.id);
 END
 $$;

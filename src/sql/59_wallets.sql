@@ -7,6 +7,7 @@
 --   sys_expire_grants()     the minute job records every expired remainder (58_jobs.sql)
 --   unbilled_totals(), credit_balance(), get_credit_balance()   the live burn-down balance
 --   set_credit_alert(), wallet_alert_check(), sys_wallet_alerts()  low-balance webhook, once per crossing
+--   sys_credit_note_to_wallet()   a credit note refunded to the wallet (57_credit_notes.sql calls it)
 --
 -- Credits are payment-like: they apply to an invoice's total after tax (the tax
 -- is owed on the supply however it is paid), at finalization, in the order
@@ -660,6 +661,38 @@ BEGIN
     END IF;
   END LOOP;
   RETURN n;
+END
+$$;
+
+-- Credit notes to the wallet (issue 16, item 3's destination 'wallet'; 57_credit_notes.sql
+-- calls this in the credit note's transaction, after writing it): what the credit
+-- note gives back (its `refunded` part: what had been paid of the invoice, in money
+-- or credits) becomes a paid grant of the invoice's currency, effective now, never
+-- expiring, priority 100, source 'credit_note' (source_id: the credit note).  The
+-- part that lowered an OPEN invoice's amount due moves no money and grants nothing.
+CREATE FUNCTION fluxrate_internal.sys_credit_note_to_wallet(org_id uuid, credit_note_id uuid) RETURNS void
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$
+DECLARE
+  cn fluxrate_internal.credit_notes;
+  g fluxrate_internal.credit_grants;
+BEGIN
+  SELECT * INTO cn FROM fluxrate_internal.credit_notes x
+   WHERE x.org_id = sys_credit_note_to_wallet.org_id AND x.id = sys_credit_note_to_wallet.credit_note_id;
+  IF NOT FOUND THEN
+    PERFORM fluxrate_internal.fail('PT404', 'credit note not found', format('No credit note %s in this organization.', credit_note_id));
+  END IF;
+  IF cn.refunded <= 0 THEN
+    RETURN;
+  END IF;
+  INSERT INTO fluxrate_internal.credit_grants (org_id, customer_id, currency, amount, remaining, grant_type, priority,
+      effective_at, status, source, source_id, name, created_at)
+  VALUES (cn.org_id, cn.customer_id, cn.currency, cn.refunded, cn.refunded, 'paid', 100, fluxrate.now(), 'ACTIVE',
+          'credit_note', cn.id, 'Credit note ' || cn.credit_note_number, fluxrate.now())
+  RETURNING * INTO g;
+  PERFORM fluxrate_internal.record_grant(g);
+  PERFORM fluxrate_internal.wallet_alert_check(g.org_id, g.customer_id, g.currency);
 END
 $$;
 

@@ -37,11 +37,37 @@ CREATE FUNCTION fluxrate_internal.ledger_entries(org_id uuid, customer_id uuid)
   LANGUAGE sql STABLE
   SET search_path = pg_catalog, pg_temp
   AS $$
-  -- an invoice finalized: the customer owes its total
-  SELECT i.finalized_at, 'invoice', i.currency, i.total, 0::numeric, i.id, NULL::uuid, 'invoice', i.id,
+  -- an invoice finalized: the customer owes its total, shown before its discounts
+  -- (the discount row below takes them off: together, the total)
+  SELECT i.finalized_at, 'invoice', i.currency, i.total - coalesce(d.discounted, 0), 0::numeric, i.id, NULL::uuid, 'invoice', i.id,
          i.invoice_number || CASE WHEN i.kind = 'top_up' THEN ' (credit top-up)' ELSE '' END, 1, i.invoice_number
     FROM fluxrate_internal.invoices i
+    LEFT JOIN LATERAL (SELECT sum(l.line_total) AS discounted FROM fluxrate_internal.invoice_lines l
+                        WHERE l.org_id = i.org_id AND l.invoice_id = i.id AND l.line_type = 'discount') d ON true
    WHERE i.org_id = ledger_entries.org_id AND i.customer_id = ledger_entries.customer_id AND i.finalized_at IS NOT NULL
+  UNION ALL
+  -- its discounts (56_discounts.sql), before tax: the discount lines of the invoice
+  SELECT i.finalized_at, 'discount', i.currency, sum(l.line_total), 0, i.id, NULL, 'invoice', i.id,
+         string_agg(l.description, ', ' ORDER BY l.position) || ' on ' || i.invoice_number, 1, i.invoice_number || '/d'
+    FROM fluxrate_internal.invoices i
+    JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id AND l.line_type = 'discount'
+   WHERE i.org_id = ledger_entries.org_id AND i.customer_id = ledger_entries.customer_id AND i.finalized_at IS NOT NULL
+   GROUP BY i.org_id, i.id
+  UNION ALL
+  -- a credit note (57_credit_notes.sql): what it credits is no longer owed (what had been
+  -- paid of it goes back below, as a refund or to the wallet)
+  SELECT cn.issued_at, 'credit_note', cn.currency, -cn.total, 0, cn.invoice_id, NULL, 'credit_note', cn.id,
+         cn.credit_note_number || ' on ' || i.invoice_number || ' (' || cn.reason || ')', 8, cn.credit_note_number
+    FROM fluxrate_internal.credit_notes cn
+    JOIN fluxrate_internal.invoices i ON i.org_id = cn.org_id AND i.id = cn.invoice_id
+   WHERE cn.org_id = ledger_entries.org_id AND cn.customer_id = ledger_entries.customer_id
+  UNION ALL
+  -- a refund record: the money owed back to the customer
+  SELECT r.created_at, 'refund', r.currency, r.amount, 0, r.invoice_id, NULL, 'credit_note', r.credit_note_id,
+         'refund of ' || cn.credit_note_number || ' (' || lower(r.status) || ')', 9, cn.credit_note_number
+    FROM fluxrate_internal.refunds r
+    JOIN fluxrate_internal.credit_notes cn ON cn.org_id = r.org_id AND cn.id = r.credit_note_id
+   WHERE r.org_id = ledger_entries.org_id AND r.customer_id = ledger_entries.customer_id
   UNION ALL
   -- paid in money (what credits did not pay)
   SELECT i.paid_at, 'payment', i.currency, -i.amount_paid, 0, i.id, NULL, 'invoice', i.id, 'payment of ' || i.invoice_number, 4, i.invoice_number
@@ -50,13 +76,20 @@ CREATE FUNCTION fluxrate_internal.ledger_entries(org_id uuid, customer_id uuid)
      AND i.amount_paid <> 0
   UNION ALL
   -- a finalized invoice voided: its total is no longer owed (the credits it used come back below)
-  SELECT i.voided_at, 'void', i.currency, -i.total, 0, i.id, NULL, 'invoice', i.id, 'void of ' || i.invoice_number, 5, i.invoice_number
+  -- (less what its credit notes had already taken off what was due)
+  SELECT i.voided_at, 'void', i.currency,
+         -(i.total - coalesce((SELECT sum(cn.applied_to_due) FROM fluxrate_internal.credit_notes cn
+                                WHERE cn.org_id = i.org_id AND cn.invoice_id = i.id), 0)),
+         0, i.id, NULL, 'invoice', i.id, 'void of ' || i.invoice_number, 5, i.invoice_number
     FROM fluxrate_internal.invoices i
    WHERE i.org_id = ledger_entries.org_id AND i.customer_id = ledger_entries.customer_id AND i.status = 'VOID'
      AND i.finalized_at IS NOT NULL
   UNION ALL
   -- the credit movements: a use pays part of an invoice, a reversal undoes it
-  SELECT t.at, 'credit_' || t.kind, t.currency, CASE WHEN t.kind IN ('use', 'reversal') THEN t.amount ELSE 0 END,
+  -- (a grant made by a credit note refunded to the wallet settles what the credit note
+  -- gave back: it moves the receivable too)
+  SELECT t.at, 'credit_' || t.kind, t.currency,
+         CASE WHEN t.kind IN ('use', 'reversal') OR (t.kind = 'grant' AND g.source = 'credit_note') THEN t.amount ELSE 0 END,
          t.amount, t.invoice_id, t.grant_id, 'credit_grant', t.grant_id,
          coalesce(g.name, g.grant_type || ' credits') || CASE t.kind WHEN 'use' THEN ' applied to ' || i.invoice_number
            WHEN 'reversal' THEN ' given back by the void of ' || i.invoice_number ELSE '' END,
