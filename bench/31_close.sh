@@ -43,6 +43,26 @@ q "INSERT INTO fluxrate_internal.customers (org_id, name, email, external_id, cr
 q "SELECT fluxrate.act_as('$ORG');
    SELECT count(fluxrate.create_subscription(c.id, '$PLAN', start_date => '2026-10-01 00:00+00'))
      FROM fluxrate_internal.customers c WHERE c.org_id = '$ORG'" >/dev/null
+# BENCH_COUPON=1 (bench/32_close_coupon.sh): a coupon on every subscription,
+# 20% off forever, so every invoice carries a discount line (issue 16)
+COUPON=${BENCH_COUPON:-0}
+if [ "$COUPON" = 1 ]; then
+  q "SELECT fluxrate.act_as('$ORG');
+     SELECT fluxrate.create_coupon('BENCH20', 'Bench 20%', 'percentage', percent_off => 20, duration => 'forever');
+     SELECT count(fluxrate.redeem_coupon(code => 'BENCH20', subscription_id => s.id))
+       FROM fluxrate_internal.subscriptions s WHERE s.org_id = '$ORG'" >/dev/null
+  echo "a 20% coupon redeemed on each of the $SUBS subscriptions"
+fi
+# BENCH_WALLET=1: a wallet on every subscription (issue 16): each customer holds
+# two credit grants (a paid one and an expiring promotional one of a higher
+# priority), which the finalization after the close draws down
+if [ "${BENCH_WALLET:-0}" = 1 ]; then
+  q "SELECT fluxrate.act_as('$ORG');
+     SELECT count(fluxrate.create_credit_grant(c.id, 40, 'USD', grant_type => 'paid')),
+            count(fluxrate.create_credit_grant(c.id, 5, 'USD', expires_at => '2026-12-15', priority => 10))
+       FROM fluxrate_internal.customers c WHERE c.org_id = '$ORG'" >/dev/null
+  echo "wallets: $(q "SELECT count(*) || ' grants, ' || sum(amount) || ' USD' FROM fluxrate_internal.credit_grants WHERE org_id = '$ORG'")"
+fi
 echo "generating $EVENTS events for $SUBS customers x 3 meters in October 2026"
 # (customer and meter numbers are joined, not subscripted out of an array: a
 # 10,000-element array would be detoasted for every row)
@@ -93,7 +113,7 @@ psql -X -q -c "CALL fluxrate.close_due_periods()"
 e=$(date +%s.%N)
 inv=$(q "SELECT count(*) || ' invoices, ' || (SELECT count(*) FROM fluxrate_internal.invoice_lines WHERE org_id = '$ORG') || ' lines, total ' || sum(total) FROM fluxrate_internal.invoices WHERE org_id = '$ORG'")
 echo "closed: $inv"
-awk -v n="$EVENTS" -v s="$s" -v b="$b" -v e="$e" -v suffix="$([ "$NGROUPS" -gt 0 ] && echo "_grouped_$NGROUPS" || true)" 'BEGIN {
+awk -v n="$EVENTS" -v s="$s" -v b="$b" -v e="$e" -v suffix="$([ "$NGROUPS" -gt 0 ] && echo "_grouped_$NGROUPS" || true)$([ "$COUPON" = 1 ] && echo _coupon)$([ "${BENCH_WALLET:-0}" = 1 ] && echo _wallet)" 'BEGIN {
   base = n / (b - s); ours = n / (e - b);
   printf "baseline GROUP BY: %.2f s; closing: %.2f s\n", b - s, e - b;
   printf "bench close_periods%s: ours=%.0f/s baseline=%.0f/s ratio=%.3f\n", suffix, ours, base, ours / base }'
@@ -102,7 +122,12 @@ awk -v n="$EVENTS" -v s="$s" -v b="$b" -v e="$e" -v suffix="$([ "$NGROUPS" -gt 0
 # each subscription's last finalized invoices for late events; here October's,
 # read from the rollups.
 q "ALTER DATABASE $PGDATABASE SET fluxrate.pinned_now = '2026-11-01 01:00:30+00'"
+f0=$(date +%s.%N)
 psql -X -q -c "CALL fluxrate.finalize_due_invoices()"
+f1=$(date +%s.%N)
+awk -v a="$f0" -v b="$f1" -v c="$(q "SELECT count(*) || ' invoices, credits applied ' || sum(credits_applied) || ', due ' || sum(amount_due)
+                                     FROM fluxrate_internal.invoices WHERE org_id = '$ORG' AND status <> 'DRAFT'")" \
+  'BEGIN { printf "finalization (reported, no goal): %.2f s, %s\n", b - a, c }'
 q "SELECT fluxrate.refresh_usage_rollups()" >/dev/null
 q "ALTER DATABASE $PGDATABASE SET fluxrate.pinned_now = '2026-12-01 00:00:30+00'"
 n0=$(date +%s.%N)

@@ -116,7 +116,7 @@ CREATE TABLE fluxrate_internal.plans (
   is_active           boolean NOT NULL DEFAULT true,
   minimum_commitment  numeric CHECK (minimum_commitment >= 0),
   created_at          timestamptz NOT NULL,
-  -- versions (23_plan_versions.sql): editing the prices of a plan that has
+  -- versions (25_plan_versions.sql): editing the prices of a plan that has
   -- subscriptions makes a new row, version + 1, of the same family (the first
   -- version's id; NULL on the first version itself); the old row gets
   -- superseded_by and keeps billing its subscriptions
@@ -276,7 +276,10 @@ CREATE TABLE fluxrate_internal.invoices (
   org_id                 uuid NOT NULL,
   id                     uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
   invoice_number         text,                -- INV-YYYY-NNNN, assigned at finalization
-  kind                   text NOT NULL DEFAULT 'subscription' CHECK (kind IN ('subscription', 'opening', 'manual', 'final', 'change')),
+  -- change: a plan change's invoice (55_plan_changes.sql); top_up: sells
+  -- prepaid credits (59_wallets.sql), untaxed, never paid by credits
+  kind                   text NOT NULL DEFAULT 'subscription'
+                           CHECK (kind IN ('subscription', 'opening', 'manual', 'final', 'change', 'top_up')),
   status                 text NOT NULL DEFAULT 'DRAFT'
                            CHECK (status IN ('DRAFT', 'OPEN', 'PAID', 'VOID', 'UNCOLLECTIBLE')),
   customer_id            uuid NOT NULL,
@@ -300,6 +303,9 @@ CREATE TABLE fluxrate_internal.invoices (
   meta_data              jsonb NOT NULL DEFAULT '{}',
   created_at             timestamptz NOT NULL,
   updated_at             timestamptz NOT NULL,
+  -- what prepaid credits paid at finalization (59_wallets.sql): amount_due =
+  -- total - credits_applied - amount_paid
+  credits_applied        numeric NOT NULL DEFAULT 0,
   PRIMARY KEY (org_id, id),
   UNIQUE (org_id, invoice_number),
   FOREIGN KEY (org_id, customer_id) REFERENCES fluxrate_internal.customers (org_id, id) ON DELETE CASCADE
@@ -312,7 +318,7 @@ CREATE UNIQUE INDEX invoices_period_once_idx ON fluxrate_internal.invoices (org_
 -- it has its own kind and key
 CREATE UNIQUE INDEX invoices_opening_once_idx ON fluxrate_internal.invoices (org_id, subscription_id, period_start)
   WHERE kind = 'opening';
--- and one plan-change invoice (56_plan_changes.sql: the old plan's part of the
+-- and one plan-change invoice (55_plan_changes.sql: the old plan's part of the
 -- period [start, change instant) with the prorations) per change instant
 CREATE UNIQUE INDEX invoices_change_once_idx ON fluxrate_internal.invoices (org_id, subscription_id, period_end)
   WHERE kind = 'change';
@@ -341,7 +347,7 @@ CREATE TABLE fluxrate_internal.invoice_lines (
   FOREIGN KEY (org_id, invoice_id) REFERENCES fluxrate_internal.invoices (org_id, id) ON DELETE CASCADE
 );
 
--- Plan changes (56_plan_changes.sql): applied ones are the subscription's
+-- Plan changes (55_plan_changes.sql): applied ones are the subscription's
 -- history; a SCHEDULED one (at most one per subscription) waits for its
 -- period end, when the closer applies it.
 CREATE TABLE fluxrate_internal.subscription_changes (

@@ -319,7 +319,7 @@ CREATE FUNCTION fluxrate_internal.plan_json(p fluxrate_internal.plans, with_chil
     'billing_interval', p.billing_interval, 'currency', p.currency, 'trial_days', p.trial_days,
     'description', p.description, 'is_active', p.is_active, 'minimum_commitment', p.minimum_commitment,
     'created_at', p.created_at,
-    -- versions (23_plan_versions.sql): family_id is the first version's id
+    -- versions (25_plan_versions.sql): family_id is the first version's id
     'version', p.version, 'family_id', coalesce(p.family_id, p.id), 'superseded_by', p.superseded_by)
   || CASE WHEN with_children THEN pg_catalog.jsonb_build_object(
        'charges', coalesce((SELECT pg_catalog.jsonb_agg(fluxrate_internal.charge_json(c) ORDER BY c.created_at, c.id)
@@ -565,7 +565,7 @@ BEGIN
     END IF;
   END IF;
 
-  -- a plan with subscriptions gets a new version for the new charge (23_plan_versions.sql)
+  -- a plan with subscriptions gets a new version for the new charge (25_plan_versions.sql)
   v_plan := (fluxrate_internal.plan_for_edit(v_org, add_charge.plan_id)).id;
   INSERT INTO fluxrate_internal.charges (org_id, plan_id, type, meter_id, display_name, pricing_model, unit_price,
       tiers, package_size, package_price, free_units, billing_timing, created_at)
@@ -597,7 +597,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'charge not found', pg_catalog.format('No charge %s on plan %s.', charge_id, plan_id));
   END IF;
-  -- deactivating a charge of a plan with subscriptions: in a new version (23_plan_versions.sql)
+  -- deactivating a charge of a plan with subscriptions: in a new version (25_plan_versions.sql)
   IF c.status = 'ACTIVE' AND upper(update_charge.status) = 'INACTIVE' THEN
     c := fluxrate_internal.charge_in_version(fluxrate_internal.plan_for_edit(v_org, update_charge.plan_id), c.id);
   END IF;

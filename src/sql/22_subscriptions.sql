@@ -49,7 +49,7 @@ CREATE FUNCTION fluxrate_internal.subscription_json(s fluxrate_internal.subscrip
   -- only after a failed closing (see sys_close_isolated): when, why, next try
   || CASE WHEN s.close_error IS NOT NULL THEN pg_catalog.jsonb_build_object('close_error', s.close_error,
        'close_retry_at', s.close_retry_at) ELSE '{}'::jsonb END
-  -- a plan change waiting for the period end (56_plan_changes.sql)
+  -- a plan change waiting for the period end (55_plan_changes.sql)
   || coalesce((SELECT pg_catalog.jsonb_build_object('scheduled_change', pg_catalog.jsonb_build_object('id', c.id,
                  'to_plan_id', c.to_plan_id, 'to_plan_name', t.name, 'to_plan_version', t.version, 'effective_at', c.effective_at,
                  'new_anchor', c.new_anchor, 'billing_interval', t.billing_interval))
@@ -135,7 +135,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'plan not found', pg_catalog.format('No plan %s in this organization.', create_subscription.plan_id));
   END IF;
-  -- a superseded version's id subscribes to the current version (23_plan_versions.sql)
+  -- a superseded version's id subscribes to the current version (25_plan_versions.sql)
   p := fluxrate_internal.current_plan_version(p);
   IF NOT p.is_active THEN
     PERFORM fluxrate_internal.fail('PT422', 'plan is deactivated', pg_catalog.format('Plan %s takes no new subscriptions.', p.lookup_id));

@@ -172,7 +172,7 @@ $$;
 -- Price a usage charge of the plan by the meter's dimension (replaces its
 -- groups).  Groups are prices, and a plan's prices do not change under its
 -- subscribers (issue 15, item 4): on a plan with subscriptions this writes a
--- new version of the plan (23_plan_versions.sql, plan_for_edit), whose charge
+-- new version of the plan (25_plan_versions.sql, plan_for_edit), whose charge
 -- gets the groups; the subscribers stay on theirs until migrated.  One
 -- subscription's groups: set_charge_override(groups => ...).
 CREATE FUNCTION fluxrate.set_charge_groups(charge_id uuid DEFAULT NULL, property text DEFAULT NULL, groups jsonb DEFAULT NULL)

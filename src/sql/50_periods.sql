@@ -243,7 +243,7 @@ BEGIN
   SELECT * INTO s FROM fluxrate_internal.subscriptions x WHERE x.org_id = i.org_id AND x.id = i.subscription_id;
   -- the plan (version) the invoice is rated with, as recorded when it was
   -- written: after a plan change the subscription is on another plan
-  -- (56_plan_changes.sql); invoices from before 0.2.0 carry none
+  -- (55_plan_changes.sql); invoices from before 0.2.0 carry none
   s.plan_id := coalesce((i.meta_data->>'plan_id')::uuid, s.plan_id);
   SELECT * INTO p FROM fluxrate_internal.plans x WHERE x.org_id = i.org_id AND x.id = s.plan_id;
   DELETE FROM fluxrate_internal.invoice_lines l WHERE l.org_id = i.org_id AND l.invoice_id = i.id;
@@ -312,6 +312,7 @@ BEGIN
   END LOOP;
   IF v_opening THEN
     -- only the period's in-advance fees: no usage yet, no true-up (that is the closing invoice's)
+    PERFORM fluxrate_internal.write_discount_lines(i);
     PERFORM fluxrate_internal.recompute_totals(i.org_id, i.id);
     RETURN;
   END IF;
@@ -329,8 +330,10 @@ BEGIN
             fluxrate_internal.round_money(v_amount, i.currency), v_amount, i.period_start, i.period_end);
   END IF;
   -- a plan change's invoice: the old plan's in-advance fees credited and the
-  -- new plan's charged for the rest of the period (56_plan_changes.sql)
+  -- new plan's charged for the rest of the period (55_plan_changes.sql)
   v_pos := fluxrate_internal.fill_change_lines(i, v_pos);
+  -- the coupons (56_discounts.sql), after every other line, before the totals
+  PERFORM fluxrate_internal.write_discount_lines(i);
   PERFORM fluxrate_internal.recompute_totals(i.org_id, i.id);
 END
 $$;

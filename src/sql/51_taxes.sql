@@ -94,14 +94,15 @@ DECLARE
   v_tax numeric;
 BEGIN
   SELECT * INTO i FROM fluxrate_internal.invoices x WHERE x.org_id = recompute_totals.org_id AND x.id = recompute_totals.invoice_id;
-  v_rate := fluxrate_internal.tax_rate_for(i.org_id, i.customer_id);
+  -- a top-up invoice sells credits, which are taxed on the invoices they pay
+  v_rate := CASE WHEN i.kind = 'top_up' THEN 0 ELSE fluxrate_internal.tax_rate_for(i.org_id, i.customer_id) END;
   SELECT coalesce(sum(l.line_total), 0), coalesce(sum(coalesce(l.amount_unrounded, l.line_total)), 0)
     INTO v_sub, v_unrounded
     FROM fluxrate_internal.invoice_lines l WHERE l.org_id = i.org_id AND l.invoice_id = i.id;
   v_tax := fluxrate_internal.round_money(v_unrounded * v_rate, i.currency);
   UPDATE fluxrate_internal.invoices x
      SET subtotal = v_sub, tax = v_tax, tax_rate = v_rate, total = v_sub + v_tax,
-         amount_due = v_sub + v_tax - x.amount_paid, updated_at = fluxrate.now()
+         amount_due = v_sub + v_tax - x.credits_applied - x.amount_paid, updated_at = fluxrate.now()
    WHERE x.org_id = i.org_id AND x.id = i.id;
 END
 $$;

@@ -465,9 +465,12 @@ BEGIN
   END IF;
   PERFORM fluxrate_internal.sys_close_trials(v_batch);
   -- scheduled plan changes due at this period end go one by one too
-  -- (56_plan_changes.sql); the statement closes the others
+  -- (55_plan_changes.sql); the statement closes the others
   v_rest := fluxrate_internal.sys_close_changes(v_batch);
   v_usage := fluxrate_internal.sys_close_usage(v_rest);
+  -- the fixed-amount coupons the statement's invoices may spend, locked before
+  -- its snapshot (56_discounts.sql)
+  PERFORM fluxrate_internal.lock_fixed_redemptions(v_rest);
   -- periods, lines, invoices, advance, outbox
   EXECUTE fluxrate_internal.close_statement() USING v_rest, v_now, v_usage;
   -- account: the run's count per subscription; one that did not advance is set aside
@@ -796,10 +799,19 @@ $sql$ $fn$;
 CREATE FUNCTION fluxrate_internal.close_sql_invoices() RETURNS text
   LANGUAGE sql IMMUTABLE
   AS $fn$ SELECT $sql$
-  totals AS (
+  all_lines AS (
+    -- the charge, late-usage and minimum lines, then the discounts (close_sql_discounts)
+    SELECT l.org_id, l.sub_id, l.invoice_id, l.pos, l.line_type, l.charge_id, l.description, l.quantity, l.unit_amount,
+           l.line_total, l.amount, l.line_start, l.line_end, l.meta, NULL::uuid AS redemption_id
+      FROM lines l
+    UNION ALL
+    SELECT d.org_id, d.sub_id, d.invoice_id, d.pos, d.line_type, d.charge_id, d.description, d.quantity, d.unit_amount,
+           d.line_total, d.amount, d.line_start, d.line_end, d.meta, d.redemption_id
+      FROM disc d
+  ), totals AS (
     -- per invoice: the sum of the rounded lines and of the unrounded amounts
     SELECT l.org_id, l.sub_id, sum(l.line_total) AS subtotal, sum(l.amount) AS unrounded
-      FROM lines l GROUP BY 1, 2
+      FROM all_lines l GROUP BY 1, 2
   ), inv AS (
     -- an invoice with no line (in-advance fees only, last period) is not written
     INSERT INTO fluxrate_internal.invoices AS i (org_id, id, kind, customer_id, subscription_id, currency, subtotal, tax, tax_rate,
@@ -819,10 +831,10 @@ CREATE FUNCTION fluxrate_internal.close_sql_invoices() RETURNS text
     RETURNING i.org_id, i.id, i.subscription_id, i.customer_id, i.total, i.currency, i.status
   ), ins_lines AS (
     INSERT INTO fluxrate_internal.invoice_lines (org_id, invoice_id, position, line_type, charge_id, description,
-        quantity, unit_amount, line_total, amount_unrounded, period_start, period_end, meta)
+        quantity, unit_amount, line_total, amount_unrounded, period_start, period_end, meta, redemption_id)
     SELECT l.org_id, l.invoice_id, l.pos, l.line_type, l.charge_id, l.description, l.quantity, l.unit_amount, l.line_total,
-           l.amount, l.line_start, l.line_end, l.meta
-      FROM lines l
+           l.amount, l.line_start, l.line_end, l.meta, l.redemption_id
+      FROM all_lines l
   )
 $sql$ $fn$;
 
@@ -883,19 +895,26 @@ $sql$ $fn$;
 
 -- The closing statement: its parts in order (defined after them: a SQL body is
 -- checked at CREATE).
+-- PL/pgSQL, not SQL: close_sql_discounts() is defined later, in 56_discounts.sql
+-- (a SQL body is checked at CREATE, a PL/pgSQL one when it runs).
 CREATE FUNCTION fluxrate_internal.close_statement() RETURNS text
-  LANGUAGE sql IMMUTABLE
+  LANGUAGE plpgsql IMMUTABLE
   AS $$
-  SELECT 'WITH '
+BEGIN
+  RETURN 'WITH '
          || fluxrate_internal.close_sql_periods() || ', '
          || fluxrate_internal.close_sql_charge_lines() || ', '
          || fluxrate_internal.close_sql_late_lines() || ', '
          || fluxrate_internal.close_sql_minimum() || ', '
          || fluxrate_internal.close_sql_lines() || ', '
+         -- the discounts read dctx (the invoices) and lines
+         || 'dctx AS (SELECT sb.org_id, sb.sub_id, sb.customer_id, sb.plan_id, sb.invoice_id, sb.currency, sb.ps, sb.pe FROM sb), '
+         || fluxrate_internal.close_sql_discounts() || ', '
          || fluxrate_internal.close_sql_invoices() || ', '
          || fluxrate_internal.close_sql_advance() || ', '
          || fluxrate_internal.close_sql_outbox()
-         || ' SELECT count(*) FROM dl'
+         || ' SELECT count(*) FROM dl';
+END
 $$;
 
 -- Errors that say nothing about the row being processed: serialization failures

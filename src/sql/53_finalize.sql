@@ -53,6 +53,8 @@ BEGIN
   ELSE
     PERFORM fluxrate_internal.recompute_totals(i.org_id, i.id);
   END IF;
+  -- prepaid credits pay what is due, after tax (59_wallets.sql, docs/ledger.md)
+  PERFORM fluxrate_internal.wallet_apply(i.org_id, i.id);
   SELECT o.payment_terms_days INTO v_terms FROM fluxrate_internal.organizations o WHERE o.org_id = i.org_id;
   UPDATE fluxrate_internal.invoices x
      SET status = 'OPEN', invoice_number = fluxrate_internal.next_invoice_number(i.org_id, v_now),
@@ -67,6 +69,15 @@ BEGIN
   PERFORM fluxrate_internal.emit_event(i.org_id, 'invoice.finalized',
     jsonb_build_object('invoice_id', i.id, 'invoice_number', i.invoice_number, 'customer_id', i.customer_id,
                        'total', i.total, 'currency', i.currency, 'status', i.status));
+  -- paid in full by credits: nothing is left to collect, so it is PAID now (an
+  -- OPEN invoice of nothing due would go past due)
+  IF i.credits_applied > 0 AND i.amount_due = 0 THEN
+    UPDATE fluxrate_internal.invoices x SET status = 'PAID', paid_at = v_now, updated_at = v_now
+     WHERE x.org_id = i.org_id AND x.id = i.id;
+    PERFORM fluxrate_internal.emit_event(i.org_id, 'invoice.paid',
+      jsonb_build_object('invoice_id', i.id, 'invoice_number', i.invoice_number, 'customer_id', i.customer_id,
+                         'total', i.total, 'currency', i.currency, 'status', 'PAID'));
+  END IF;
 END
 $$;
 

@@ -13,8 +13,8 @@ CREATE FUNCTION fluxrate_internal.invoice_json(i fluxrate_internal.invoices, wit
   AS $$
   SELECT pg_catalog.jsonb_build_object('id', i.id, 'invoice_number', i.invoice_number, 'status', i.status,
     'kind', i.kind, 'customer_id', i.customer_id, 'subscription_id', i.subscription_id, 'currency', i.currency,
-    'subtotal', i.subtotal, 'tax', i.tax, 'tax_rate', i.tax_rate, 'total', i.total, 'amount_due', i.amount_due,
-    'amount_paid', i.amount_paid, 'period_start', i.period_start, 'period_end', i.period_end,
+    'subtotal', i.subtotal, 'tax', i.tax, 'tax_rate', i.tax_rate, 'total', i.total, 'credits_applied', i.credits_applied,
+    'amount_due', i.amount_due, 'amount_paid', i.amount_paid, 'period_start', i.period_start, 'period_end', i.period_end,
     'issue_date', i.issue_date, 'due_date', i.due_date, 'scheduled_finalize_at', i.scheduled_finalize_at,
     'finalized_at', i.finalized_at, 'paid_at', i.paid_at, 'voided_at', i.voided_at,
     'public_token', i.public_token, 'meta_data', i.meta_data, 'created_at', i.created_at)
@@ -162,7 +162,9 @@ BEGIN
     UPDATE fluxrate_internal.invoices x
        SET status = v_to,
            paid_at = CASE WHEN v_to = 'PAID' THEN v_now ELSE x.paid_at END,
-           amount_paid = CASE WHEN v_to = 'PAID' THEN x.total ELSE x.amount_paid END,
+           -- what is paid in money: what was due (the total less the credits applied
+           -- at finalization and what credit notes took off)
+           amount_paid = CASE WHEN v_to = 'PAID' THEN x.amount_paid + x.amount_due ELSE x.amount_paid END,
            amount_due = CASE WHEN v_to IN ('PAID', 'VOID') THEN 0 ELSE x.amount_due END,
            voided_at = CASE WHEN v_to = 'VOID' THEN v_now ELSE x.voided_at END,
            updated_at = v_now
@@ -171,6 +173,10 @@ BEGIN
                                                 ELSE 'invoice.uncollectible' END,
       jsonb_build_object('invoice_id', i.id, 'invoice_number', i.invoice_number, 'customer_id', i.customer_id,
                          'total', i.total, 'currency', i.currency, 'status', v_to));
+    -- credits: a top-up invoice's grant, a voided invoice's credits back (59_wallets.sql)
+    IF v_to IN ('PAID', 'VOID') THEN
+      PERFORM fluxrate_internal.wallet_on_invoice_status(v_org, i.id, v_to);
+    END IF;
     -- a paid invoice may bring a PAST_DUE subscription back to ACTIVE
     IF v_to IN ('PAID', 'VOID') AND i.subscription_id IS NOT NULL THEN
       UPDATE fluxrate_internal.subscriptions s SET status = 'ACTIVE'

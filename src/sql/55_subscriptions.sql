@@ -73,7 +73,7 @@ BEGIN
   IF s.current_period_end <= v_now THEN
     -- what the closer would do: usage of the ended period, in-advance fees of the
     -- next one, or the end of the subscription, or a scheduled plan change
-    -- (close_ended_period, 56_plan_changes.sql)
+    -- (close_ended_period, 55_plan_changes.sql)
     v_id := fluxrate_internal.close_ended_period(s);
   ELSIF s.current_period_start >= v_now THEN
     PERFORM fluxrate_internal.fail('PT409', 'nothing to invoice yet', 'The current period has just started.');

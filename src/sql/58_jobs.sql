@@ -58,13 +58,24 @@ BEGIN
 END
 $$;
 
+-- The finalizing job also keeps the wallets (59_wallets.sql): first the grants
+-- whose expires_at has passed are recorded as expired (consumption never takes
+-- from them after that instant, so the order is for the record only), last the
+-- low-balance alerts are checked against the burn-down balance.
 CREATE PROCEDURE fluxrate.finalize_due_invoices(batch_size integer DEFAULT 500)
   LANGUAGE plpgsql
   AS $$
 DECLARE
   n integer;
   v_done bigint := 0;
+  v_expired bigint := 0;
 BEGIN
+  LOOP
+    n := fluxrate_internal.sys_expire_grants(1000);
+    EXIT WHEN n = 0;
+    v_expired := v_expired + n;
+    COMMIT;
+  END LOOP;
   LOOP
     BEGIN
       n := fluxrate_internal.sys_finalize_batch(batch_size);
@@ -79,8 +90,12 @@ BEGIN
     v_done := v_done + n;
     COMMIT;
   END LOOP;
+  PERFORM fluxrate_internal.sys_wallet_alerts();
   IF v_done > 0 THEN
     PERFORM fluxrate_internal.job_log('finalize_due_invoices', format('finalized %s invoice%s', v_done, CASE WHEN v_done = 1 THEN '' ELSE 's' END));
+  END IF;
+  IF v_expired > 0 THEN
+    PERFORM fluxrate_internal.job_log('finalize_due_invoices', format('expired %s credit grant%s', v_expired, CASE WHEN v_expired = 1 THEN '' ELSE 's' END));
   END IF;
 END
 $$;
@@ -161,3 +176,4 @@ GRANT EXECUTE ON FUNCTION fluxrate_internal.sys_close_batch(integer, uuid), flux
   fluxrate_internal.sys_close_claim(integer, uuid), fluxrate_internal.sys_close_account(fluxrate_internal.subscriptions[]),
   fluxrate_internal.sys_mark_past_due(), fluxrate_internal.transient_error(text),
   fluxrate_internal.sys_refresh_rollups(boolean) TO fluxrate_app;
+-- (the wallet jobs' functions are granted in 59_wallets.sql, where they are made)

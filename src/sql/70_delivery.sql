@@ -97,6 +97,10 @@ CREATE TABLE fluxrate_internal.deliveries (
   FOREIGN KEY (org_id, endpoint_id) REFERENCES fluxrate_internal.webhook_endpoints (org_id, id) ON DELETE CASCADE,
   FOREIGN KEY (org_id, invoice_id) REFERENCES fluxrate_internal.invoices (org_id, id) ON DELETE CASCADE
 );
+-- a credit note's e-mail (57_credit_notes.sql): invoice_id is its invoice
+ALTER TABLE fluxrate_internal.deliveries ADD COLUMN credit_note_id uuid;
+ALTER TABLE fluxrate_internal.deliveries ADD CONSTRAINT deliveries_credit_note_fkey
+  FOREIGN KEY (org_id, credit_note_id) REFERENCES fluxrate_internal.credit_notes (org_id, id) ON DELETE CASCADE;
 -- the delivery run takes due rows in time order across organizations
 CREATE INDEX deliveries_due_idx ON fluxrate_internal.deliveries (next_attempt_at) WHERE status = 'PENDING';
 CREATE INDEX deliveries_event_idx ON fluxrate_internal.deliveries (org_id, event_id);
@@ -125,7 +129,8 @@ CREATE FUNCTION fluxrate_internal.webhook_event_types() RETURNS text[]
   LANGUAGE sql IMMUTABLE
   AS $$ SELECT ARRAY['invoice.created', 'invoice.finalized', 'invoice.paid', 'invoice.voided',
                      'invoice.uncollectible', 'subscription.created', 'subscription.activated',
-                     'subscription.canceled', 'subscription.plan_changed']::text[] $$;
+                     'subscription.canceled', 'subscription.plan_changed', 'coupon.redeemed', 'credit_note.created',
+                     'credit_grant.expired', 'wallet.balance_low']::text[] $$;
 
 -- Called by emit_event() in the transaction of the change.
 -- (sys_close_batch() writes the same webhook rows set-based for the events it
@@ -150,6 +155,11 @@ BEGIN
   IF fan_out.event = 'invoice.finalized' THEN
     PERFORM fluxrate_internal.enqueue_invoice_email(fan_out.org_id, (fan_out.data->>'invoice_id')::uuid,
       fan_out.event_id, fan_out.at, automatic => true);
+  END IF;
+  -- a credit note is e-mailed like an invoice (57_credit_notes.sql)
+  IF fan_out.event = 'credit_note.created' THEN
+    PERFORM fluxrate_internal.enqueue_credit_note_email(fan_out.org_id, (fan_out.data->>'credit_note_id')::uuid,
+      fan_out.event_id, fan_out.at);
   END IF;
 END
 $$;
@@ -471,7 +481,11 @@ BEGIN
           IF s.password_enc IS NOT NULL AND v_password IS NULL THEN
             v_error := 'the smtp password cannot be decrypted (server secret changed?)';
           ELSE
-            v_mail := fluxrate_internal.invoice_email(d.org_id, d.invoice_id, d.id, d.recipient);
+            IF d.credit_note_id IS NOT NULL THEN
+              v_mail := fluxrate_internal.credit_note_email(d.org_id, d.credit_note_id, d.id, d.recipient);
+            ELSE
+              v_mail := fluxrate_internal.invoice_email(d.org_id, d.invoice_id, d.id, d.recipient);
+            END IF;
             PERFORM fluxrate_internal.outbound_start_smtp(d.org_id, d.id, v_now, s.host, s.port, s.security, s.username, v_password,
                                                           s.from_email, d.recipient, v_mail.message, timeout_ms);
           END IF;

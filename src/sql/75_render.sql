@@ -79,6 +79,9 @@ BEGIN
                   ['Tax' || CASE WHEN i.tax_rate > 0 THEN ' (' || trim_scale(i.tax_rate * 100) || '%)' ELSE '' END,
                    fluxrate_internal.money_text(i.tax, i.currency)],
                   ['Total', fluxrate_internal.money_text(i.total, i.currency)]];
+  IF i.credits_applied <> 0 THEN
+    totals := totals || ARRAY[['Credits applied', fluxrate_internal.money_text(-i.credits_applied, i.currency)]];
+  END IF;
   IF i.amount_paid <> 0 THEN
     totals := totals || ARRAY[['Amount paid', fluxrate_internal.money_text(i.amount_paid, i.currency)]];
   END IF;
@@ -359,7 +362,7 @@ CREATE OR REPLACE FUNCTION fluxrate_internal.ordered_json(doc jsonb) RETURNS jso
     -- quantities and money
     'quantity', 'unit_amount', 'line_total', 'period', 'usage', 'total_usage', 'event_count', 'total_events',
     'unique_customers', 'first_event_date', 'last_event_date', 'today_usage', 'this_week_usage', 'this_month_usage',
-    'subtotal', 'tax', 'tax_rate', 'total', 'amount_due', 'amount_paid',
+    'subtotal', 'tax', 'tax_rate', 'total', 'credits_applied', 'amount_due', 'amount_paid',
     -- when
     'period_start', 'period_end', 'current_period_start', 'current_period_end', 'start_date', 'trial_end_date',
     'cancel_at_period_end', 'canceled_at', 'cancel_reason', 'ended_at', 'issue_date', 'due_date', 'scheduled_finalize_at',

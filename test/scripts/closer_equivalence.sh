@@ -544,12 +544,14 @@ CREATE FUNCTION public.eq_check_changes(v_at timestamptz) RETURNS TABLE (rule te
   LANGUAGE sql AS $fn$
   WITH ch AS (SELECT * FROM public.eq_changes WHERE at = v_at AND effective = 'now'),
   exp AS (
-    SELECT c.invoice_id, x.id AS charge_id, k.sign * x.unit_price
+    -- (the subscription's price: its override of the fee, when it has one)
+    SELECT c.invoice_id, x.id AS charge_id, k.sign * CASE WHEN o.charge_id IS NULL THEN x.unit_price ELSE o.unit_price END
              * (extract(epoch FROM (c.pe - c.at)) / extract(epoch FROM (c.ne - c.ns))) AS amount
       FROM ch c
       CROSS JOIN LATERAL (VALUES (c.from_plan, -1), (CASE WHEN NOT c.new_anchor THEN c.to_plan END, 1)) k(plan_id, sign)
       JOIN fluxrate_internal.charges x ON x.org_id = c.org_id AND x.plan_id = k.plan_id AND x.status = 'ACTIVE'
            AND x.type = 'FIXED' AND x.billing_timing = 'in_advance'
+      LEFT JOIN fluxrate_internal.charge_overrides o ON o.org_id = c.org_id AND o.subscription_id = c.sub_id AND o.charge_id = x.id
   ), got AS (
     SELECT l.invoice_id, l.charge_id, l.amount_unrounded AS amount FROM ch c
       JOIN fluxrate_internal.invoice_lines l ON l.org_id = c.org_id AND l.invoice_id = c.invoice_id AND l.meta ? 'proration'
@@ -570,6 +572,7 @@ CREATE FUNCTION public.eq_check_changes(v_at timestamptz) RETURNS TABLE (rule te
   UNION ALL
   SELECT 'plain usage on a change invoice differs from the events', count(*)
     FROM ch c JOIN fluxrate_internal.invoice_lines l ON l.org_id = c.org_id AND l.invoice_id = c.invoice_id AND l.line_type = 'usage'
+         AND NOT l.meta ? 'group'   -- (a grouped charge's lines: one group's usage each, checked with the others)
     JOIN fluxrate_internal.meters m ON m.org_id = l.org_id AND m.id = (l.meta->>'meter_id')::uuid
      AND m.filters = '[]' AND m.aggregation_type IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG')
     JOIN fluxrate_internal.subscriptions s ON s.org_id = c.org_id AND s.id = c.sub_id
@@ -577,6 +580,17 @@ CREATE FUNCTION public.eq_check_changes(v_at timestamptz) RETURNS TABLE (rule te
                                           WHEN 'MAX' THEN max(e.quantity) WHEN 'MIN' THEN min(e.quantity) ELSE avg(e.quantity) END, 0) AS usage
                           FROM fluxrate_internal.usage_events e
                          WHERE e.org_id = c.org_id AND e.customer_id = s.customer_id AND e.meter_id = m.id
+                           AND e."timestamp" >= c.ps AND e."timestamp" < c.at) d
+   WHERE l.quantity IS DISTINCT FROM d.usage
+  HAVING count(*) > 0
+  UNION ALL
+  SELECT 'a named group''s usage on a change invoice differs from its events', count(*)
+    FROM ch c JOIN fluxrate_internal.invoice_lines l ON l.org_id = c.org_id AND l.invoice_id = c.invoice_id AND l.line_type = 'usage'
+         AND l.meta->>'group' IS NOT NULL
+    JOIN fluxrate_internal.subscriptions s ON s.org_id = c.org_id AND s.id = c.sub_id
+    CROSS JOIN LATERAL (SELECT coalesce(sum(e.quantity), 0) AS usage FROM fluxrate_internal.usage_events e
+                         WHERE e.org_id = c.org_id AND e.customer_id = s.customer_id AND e.meter_id = (l.meta->>'meter_id')::uuid
+                           AND e.metadata->>'model' = l.meta->>'group'
                            AND e."timestamp" >= c.ps AND e."timestamp" < c.at) d
    WHERE l.quantity IS DISTINCT FROM d.usage
   HAVING count(*) > 0

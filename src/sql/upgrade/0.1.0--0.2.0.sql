@@ -73,8 +73,8 @@ CREATE TABLE fluxrate_internal.rollup_errors (
 CREATE INDEX subscriptions_org_due_idx ON fluxrate_internal.subscriptions (org_id, current_period_end, id)
   WHERE status IN ('TRIAL', 'ACTIVE', 'PAST_DUE');
 
--- issue 15, items 1 and 4 (plan changes, versioned plans; 23_plan_versions.sql,
--- 56_plan_changes.sql, docs/lifecycle.md "Plan changes", docs/rating.md
+-- issue 15, items 1 and 4 (plan changes, versioned plans; 25_plan_versions.sql,
+-- 55_plan_changes.sql, docs/lifecycle.md "Plan changes", docs/rating.md
 -- "Plan versions").  Existing plans are version 1 of their own family; a
 -- lookup_id names the current version, so the unique constraint becomes a
 -- partial unique index.
@@ -171,3 +171,233 @@ ALTER TABLE fluxrate_internal.usage_rollups DROP CONSTRAINT usage_rollups_pkey;
 ALTER TABLE fluxrate_internal.usage_rollups ADD PRIMARY KEY (org_id, width, bucket, customer_id, meter_id, group_value);
 -- rollup_differences names the group: a new return type
 DROP FUNCTION fluxrate_internal.rollup_differences(uuid);
+-- ==== Issue 16, items 1 and 3: discounts (56_discounts.sql) and credit notes
+-- (57_credit_notes.sql).  The same statements as the parts.
+CREATE TABLE fluxrate_internal.coupons (
+  org_id            uuid NOT NULL REFERENCES fluxrate_internal.organizations ON DELETE CASCADE,
+  id                uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
+  code              text NOT NULL CHECK (code ~ '^[A-Za-z0-9_-]{1,64}$'),
+  name              text NOT NULL CHECK (pg_catalog.length(name) BETWEEN 1 AND 200),
+  discount_type     text NOT NULL CHECK (discount_type IN ('percentage', 'fixed')),
+  percent_off       numeric CHECK (percent_off > 0 AND percent_off <= 100),
+  amount_off        numeric CHECK (amount_off > 0),
+  currency          text CHECK (currency ~ '^[A-Z]{3}$'),
+  duration          text NOT NULL CHECK (duration IN ('once', 'repeating', 'forever')),
+  duration_periods  integer CHECK (duration_periods BETWEEN 1 AND 1200),
+  -- fixed amounts: false = the amount is per billing period, what a period
+  -- does not use is lost; true = one budget for the whole window, spent
+  -- invoice by invoice until it is used up
+  carry_over        boolean NOT NULL DEFAULT false,
+  charge_ids        uuid[],               -- NULL: every charge (and the minimum true-up)
+  plan_ids          uuid[],               -- NULL: every plan
+  max_redemptions   integer CHECK (max_redemptions > 0),
+  times_redeemed    integer NOT NULL DEFAULT 0 CHECK (times_redeemed >= 0),
+  redeem_by         timestamptz,          -- no redemption at or after it
+  status            text NOT NULL DEFAULT 'ACTIVE' CHECK (status IN ('ACTIVE', 'ARCHIVED')),
+  created_at        timestamptz NOT NULL,
+  PRIMARY KEY (org_id, id),
+  UNIQUE (org_id, code),
+  CHECK ((discount_type = 'percentage') = (percent_off IS NOT NULL)),
+  CHECK ((discount_type = 'fixed') = (amount_off IS NOT NULL AND currency IS NOT NULL)),
+  CHECK ((duration = 'repeating') = (duration_periods IS NOT NULL)),
+  CHECK (NOT carry_over OR discount_type = 'fixed'),
+  -- the redemption limit holds under concurrent redemptions: the counter row
+  -- is updated under its lock, and this refuses what a bug would let through
+  CHECK (max_redemptions IS NULL OR times_redeemed <= max_redemptions)
+);
+
+CREATE TABLE fluxrate_internal.coupon_redemptions (
+  org_id           uuid NOT NULL,
+  id               uuid NOT NULL,         -- UUIDv7: redemptions of one instant apply in creation order
+  coupon_id        uuid NOT NULL,
+  customer_id      uuid NOT NULL,
+  subscription_id  uuid,                  -- NULL: every subscription of the customer
+  applies_from     timestamptz NOT NULL,
+  applies_until    timestamptz,           -- NULL: forever
+  status           text NOT NULL DEFAULT 'ACTIVE' CHECK (status IN ('ACTIVE', 'REMOVED')),
+  redeemed_at      timestamptz NOT NULL,
+  removed_at       timestamptz,
+  PRIMARY KEY (org_id, id),
+  FOREIGN KEY (org_id, coupon_id) REFERENCES fluxrate_internal.coupons (org_id, id),
+  FOREIGN KEY (org_id, customer_id) REFERENCES fluxrate_internal.customers (org_id, id) ON DELETE CASCADE,
+  FOREIGN KEY (org_id, subscription_id) REFERENCES fluxrate_internal.subscriptions (org_id, id) ON DELETE CASCADE,
+  CHECK (applies_until IS NULL OR applies_until > applies_from)
+);
+-- a coupon is redeemed once per subscription (or once customer-wide) while active
+CREATE UNIQUE INDEX coupon_redemptions_sub_once_idx ON fluxrate_internal.coupon_redemptions (org_id, subscription_id, coupon_id)
+  WHERE status = 'ACTIVE' AND subscription_id IS NOT NULL;
+CREATE UNIQUE INDEX coupon_redemptions_cust_once_idx ON fluxrate_internal.coupon_redemptions (org_id, customer_id, coupon_id)
+  WHERE status = 'ACTIVE' AND subscription_id IS NULL;
+CREATE INDEX coupon_redemptions_coupon_idx ON fluxrate_internal.coupon_redemptions (org_id, coupon_id);
+
+-- The discount line: its own kind, pointing at its redemption (the ledger's cause).
+ALTER TABLE fluxrate_internal.invoice_lines DROP CONSTRAINT invoice_lines_line_type_check;
+ALTER TABLE fluxrate_internal.invoice_lines ADD CONSTRAINT invoice_lines_line_type_check
+  CHECK (line_type IN ('fixed', 'usage', 'late_usage', 'minimum', 'manual', 'discount'));
+ALTER TABLE fluxrate_internal.invoice_lines ADD COLUMN redemption_id uuid;
+ALTER TABLE fluxrate_internal.invoice_lines ADD CONSTRAINT invoice_lines_redemption_fkey
+  FOREIGN KEY (org_id, redemption_id) REFERENCES fluxrate_internal.coupon_redemptions (org_id, id);
+ALTER TABLE fluxrate_internal.invoice_lines ADD CONSTRAINT invoice_lines_discount_check
+  CHECK ((line_type = 'discount') = (redemption_id IS NOT NULL));
+-- exactly-once: a redemption is applied at most once to an invoice (and the
+-- closer writes one invoice per period); also the lookup of what a fixed
+-- amount has already used
+CREATE UNIQUE INDEX invoice_lines_redemption_once_idx ON fluxrate_internal.invoice_lines (org_id, redemption_id, invoice_id)
+  WHERE redemption_id IS NOT NULL;
+
+-- the exact product aggregate the compounding percentages use
+CREATE AGGREGATE fluxrate_internal.numeric_product(numeric) (
+  SFUNC = pg_catalog.numeric_mul, STYPE = numeric, PARALLEL = SAFE
+);
+
+CREATE TABLE fluxrate_internal.credit_note_counters (
+  org_id    uuid NOT NULL REFERENCES fluxrate_internal.organizations ON DELETE CASCADE,
+  year      integer NOT NULL,
+  last_seq  integer NOT NULL,
+  PRIMARY KEY (org_id, year)
+);
+
+CREATE TABLE fluxrate_internal.credit_notes (
+  org_id              uuid NOT NULL,
+  id                  uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
+  credit_note_number  text NOT NULL,            -- CN-YYYY-NNNN
+  invoice_id          uuid NOT NULL,
+  customer_id         uuid NOT NULL,
+  currency            text NOT NULL CHECK (currency ~ '^[A-Z]{3}$'),
+  reason              text NOT NULL CHECK (reason IN ('duplicate', 'fraudulent', 'order_change',
+                                                       'product_unsatisfactory', 'service_issue', 'other')),
+  memo                text CHECK (pg_catalog.length(memo) <= 2000),
+  -- where the credit goes: 'refund' = a refund record (refunds); 'wallet' = a
+  -- credit grant of the customer's wallet (sys_credit_note_to_wallet, not yet)
+  destination         text NOT NULL CHECK (destination IN ('refund', 'wallet')),
+  subtotal            numeric NOT NULL CHECK (subtotal >= 0),   -- the credited amount before tax
+  tax                 numeric NOT NULL CHECK (tax >= 0),
+  total               numeric NOT NULL CHECK (total > 0),       -- subtotal + tax
+  -- of the total: what reduced the invoice's amount due (OPEN), and what went
+  -- back to the customer (refund or wallet: what had been paid)
+  applied_to_due      numeric NOT NULL CHECK (applied_to_due >= 0),
+  refunded            numeric NOT NULL CHECK (refunded >= 0),
+  invoice_status      text NOT NULL,            -- the invoice's status when credited
+  status              text NOT NULL DEFAULT 'ISSUED' CHECK (status IN ('ISSUED')),
+  issued_at           timestamptz NOT NULL,
+  public_token        uuid,
+  meta_data           jsonb NOT NULL DEFAULT '{}',
+  created_at          timestamptz NOT NULL,
+  PRIMARY KEY (org_id, id),
+  UNIQUE (org_id, credit_note_number),
+  FOREIGN KEY (org_id, invoice_id) REFERENCES fluxrate_internal.invoices (org_id, id) ON DELETE CASCADE,
+  FOREIGN KEY (org_id, customer_id) REFERENCES fluxrate_internal.customers (org_id, id) ON DELETE CASCADE,
+  CHECK (total = subtotal + tax),
+  CHECK (applied_to_due + refunded = total)
+);
+CREATE INDEX credit_notes_invoice_idx ON fluxrate_internal.credit_notes (org_id, invoice_id);
+CREATE INDEX credit_notes_customer_idx ON fluxrate_internal.credit_notes (org_id, customer_id);
+
+CREATE TABLE fluxrate_internal.credit_note_lines (
+  org_id           uuid NOT NULL,
+  id               uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
+  credit_note_id   uuid NOT NULL,
+  position         integer NOT NULL,
+  invoice_line_id  uuid,                      -- NULL: an amount against the invoice as a whole
+  description      text NOT NULL,
+  amount           numeric NOT NULL CHECK (amount > 0),   -- before tax, in the minor unit
+  PRIMARY KEY (org_id, id),
+  UNIQUE (org_id, credit_note_id, position),
+  FOREIGN KEY (org_id, credit_note_id) REFERENCES fluxrate_internal.credit_notes (org_id, id) ON DELETE CASCADE,
+  FOREIGN KEY (org_id, invoice_line_id) REFERENCES fluxrate_internal.invoice_lines (org_id, id) ON DELETE CASCADE
+);
+CREATE INDEX credit_note_lines_invoice_line_idx ON fluxrate_internal.credit_note_lines (org_id, invoice_line_id)
+  WHERE invoice_line_id IS NOT NULL;
+
+-- A refund owed to the customer: the credit of a credit note on what had been
+-- paid.  PENDING until the organization records that the money went back.
+CREATE TABLE fluxrate_internal.refunds (
+  org_id          uuid NOT NULL,
+  id              uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
+  credit_note_id  uuid NOT NULL,
+  invoice_id      uuid NOT NULL,
+  customer_id     uuid NOT NULL,
+  currency        text NOT NULL CHECK (currency ~ '^[A-Z]{3}$'),
+  amount          numeric NOT NULL CHECK (amount > 0),
+  status          text NOT NULL DEFAULT 'PENDING' CHECK (status IN ('PENDING', 'SUCCEEDED')),
+  created_at      timestamptz NOT NULL,
+  PRIMARY KEY (org_id, id),
+  UNIQUE (org_id, credit_note_id),
+  FOREIGN KEY (org_id, credit_note_id) REFERENCES fluxrate_internal.credit_notes (org_id, id) ON DELETE CASCADE,
+  FOREIGN KEY (org_id, invoice_id) REFERENCES fluxrate_internal.invoices (org_id, id) ON DELETE CASCADE,
+  FOREIGN KEY (org_id, customer_id) REFERENCES fluxrate_internal.customers (org_id, id) ON DELETE CASCADE
+);
+CREATE INDEX refunds_customer_idx ON fluxrate_internal.refunds (org_id, customer_id);
+
+-- what the invoice has been credited so far (the remaining creditable total is
+-- total - credited); the credit-note e-mails' deliveries.credit_note_id is in 70_delivery.sql
+ALTER TABLE fluxrate_internal.invoices ADD COLUMN amount_credited numeric NOT NULL DEFAULT 0;
+
+-- a credit note's e-mail (70_delivery.sql)
+ALTER TABLE fluxrate_internal.deliveries ADD COLUMN credit_note_id uuid;
+ALTER TABLE fluxrate_internal.deliveries ADD CONSTRAINT deliveries_credit_note_fkey
+  FOREIGN KEY (org_id, credit_note_id) REFERENCES fluxrate_internal.credit_notes (org_id, id) ON DELETE CASCADE;
+-- wallets (issue 16, item 2; 59_wallets.sql, docs/ledger.md): what prepaid
+-- credits paid on an invoice, the top-up invoice kind, the grants, their
+-- movements and the low-balance alerts.
+ALTER TABLE fluxrate_internal.invoices ADD COLUMN credits_applied numeric NOT NULL DEFAULT 0;
+ALTER TABLE fluxrate_internal.invoices DROP CONSTRAINT invoices_kind_check;
+ALTER TABLE fluxrate_internal.invoices ADD CONSTRAINT invoices_kind_check
+  CHECK (kind IN ('subscription', 'opening', 'manual', 'final', 'change', 'top_up'));
+CREATE TABLE fluxrate_internal.credit_grants (
+  org_id          uuid NOT NULL,
+  id              uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
+  customer_id     uuid NOT NULL,
+  currency        text NOT NULL CHECK (currency ~ '^[A-Z]{3}$'),
+  amount          numeric NOT NULL CHECK (amount > 0),
+  remaining       numeric NOT NULL,
+  grant_type      text NOT NULL CHECK (grant_type IN ('paid', 'promotional')),
+  priority        integer NOT NULL DEFAULT 100 CHECK (priority BETWEEN 0 AND 1000),
+  effective_at    timestamptz NOT NULL,
+  expires_at      timestamptz,
+  status          text NOT NULL CHECK (status IN ('PENDING', 'ACTIVE', 'EXPIRED', 'VOIDED')),
+  source          text NOT NULL DEFAULT 'manual' CHECK (source IN ('manual', 'top_up', 'credit_note')),
+  invoice_id      uuid,
+  source_id       uuid,
+  name            text CHECK (pg_catalog.length(name) <= 200),
+  expired_amount  numeric NOT NULL DEFAULT 0,
+  created_at      timestamptz NOT NULL,
+  PRIMARY KEY (org_id, id),
+  FOREIGN KEY (org_id, customer_id) REFERENCES fluxrate_internal.customers (org_id, id) ON DELETE CASCADE,
+  FOREIGN KEY (org_id, invoice_id) REFERENCES fluxrate_internal.invoices (org_id, id),
+  CHECK (remaining >= 0 AND remaining <= amount),
+  CHECK (expires_at IS NULL OR expires_at > effective_at)
+);
+CREATE INDEX credit_grants_customer_idx ON fluxrate_internal.credit_grants (org_id, customer_id, currency)
+  WHERE status = 'ACTIVE';
+CREATE INDEX credit_grants_expiry_idx ON fluxrate_internal.credit_grants (expires_at) WHERE status = 'ACTIVE';
+CREATE UNIQUE INDEX credit_grants_invoice_idx ON fluxrate_internal.credit_grants (org_id, invoice_id)
+  WHERE invoice_id IS NOT NULL;
+CREATE TABLE fluxrate_internal.credit_transactions (
+  org_id       uuid NOT NULL,
+  id           uuid NOT NULL,
+  grant_id     uuid NOT NULL,
+  customer_id  uuid NOT NULL,
+  currency     text NOT NULL,
+  kind         text NOT NULL CHECK (kind IN ('grant', 'use', 'reversal', 'expiry')),
+  amount       numeric NOT NULL CHECK (amount <> 0),
+  invoice_id   uuid,
+  at           timestamptz NOT NULL,
+  PRIMARY KEY (org_id, id),
+  FOREIGN KEY (org_id, grant_id) REFERENCES fluxrate_internal.credit_grants (org_id, id) ON DELETE CASCADE,
+  CHECK ((kind IN ('grant', 'reversal')) = (amount > 0))
+);
+CREATE INDEX credit_transactions_customer_idx ON fluxrate_internal.credit_transactions (org_id, customer_id, at);
+CREATE INDEX credit_transactions_invoice_idx ON fluxrate_internal.credit_transactions (org_id, invoice_id)
+  WHERE invoice_id IS NOT NULL;
+CREATE TABLE fluxrate_internal.wallet_alerts (
+  org_id       uuid NOT NULL,
+  customer_id  uuid NOT NULL,
+  currency     text NOT NULL CHECK (currency ~ '^[A-Z]{3}$'),
+  threshold    numeric NOT NULL CHECK (threshold >= 0),
+  below        boolean NOT NULL DEFAULT false,
+  crossed_at   timestamptz,
+  created_at   timestamptz NOT NULL,
+  PRIMARY KEY (org_id, customer_id, currency),
+  FOREIGN KEY (org_id, customer_id) REFERENCES fluxrate_internal.customers (org_id, id) ON DELETE CASCADE
+);

@@ -1,4 +1,4 @@
--- 23_plan_versions.sql: versioned plans (issue 15, item 4; docs/rating.md,
+-- 25_plan_versions.sql: versioned plans (issue 15, item 4; docs/rating.md,
 -- "Plan versions").
 --   current_plan_version()   the version a plan id stands for today
 --   plan_for_edit()          the plan row an edit of prices may change: the plan

@@ -1,4 +1,4 @@
--- 56_plan_changes.sql: moving a subscription to another plan (issue 15, item 1;
+-- 55_plan_changes.sql: moving a subscription to another plan (issue 15, item 1;
 -- docs/lifecycle.md, "Plan changes").
 --   close_ended_period(), apply_scheduled_change()   closing one ended period
 --                        by hand or for a scheduled change (generate_invoice,
