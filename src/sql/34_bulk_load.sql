@@ -43,7 +43,7 @@ COMMENT ON FUNCTION fluxrate_internal.event_payload_hash(uuid, uuid, numeric, ti
 -- there is none to take (load_refusal says why).
 CREATE FUNCTION fluxrate_internal.load_quantity(quantity numeric, properties jsonb, property_name text, agg text)
   RETURNS numeric
-  LANGUAGE sql IMMUTABLE
+  LANGUAGE sql STABLE
   AS $$
   SELECT CASE
     WHEN quantity IS NOT NULL THEN quantity
@@ -57,15 +57,16 @@ $$;
 
 -- Why a row is refused, as 'SQLSTATE message', or NULL: the checks of
 -- FrCheckInputShape, FrPrepareEvent and FrCheckQuantity (src/ingest_event.c),
--- in their order, with their codes and messages.
+-- in their order, with their codes and messages.  STABLE, no SET: inlined
+-- into the load's statement (a function call per row cost 0.1 ms).
 CREATE FUNCTION fluxrate_internal.load_refusal(r fluxrate.event_load_row, meter_found boolean, agg text,
     property_name text, unique_property text, q numeric, meta jsonb, now timestamptz)
   RETURNS text
-  LANGUAGE sql IMMUTABLE
+  LANGUAGE sql STABLE
   AS $$
   SELECT CASE
     WHEN r.meter_token IS NULL AND r.meter_name IS NULL THEN '22004 meter_token is required'
-    WHEN r.customer_external_id IS NULL OR r.customer_external_id ~ '^[ \t\n\r\f\v]*$' THEN '22004 customer_external_id is required'
+    WHEN r.customer_external_id IS NULL OR btrim(r.customer_external_id, E' \t\n\r\f\v') = '' THEN '22004 customer_external_id is required'
     WHEN length(r.customer_external_id) > 255 THEN '22023 customer_external_id is longer than 255 characters'
     WHEN r.idempotency_key IS NOT NULL AND (r.idempotency_key = '' OR length(r.idempotency_key) > 255)
       THEN '22023 idempotency_key must be 1 to 255 characters'
@@ -138,6 +139,9 @@ $$;
 CREATE FUNCTION fluxrate.load_events(staging regclass) RETURNS jsonb
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
+  -- the CTEs' row estimates are guesses (a few dozen rows for millions): a
+  -- nested loop over the customers was 6 s of a 10 s load of 20,000 rows
+  SET enable_nestloop = off
   AS $$
 DECLARE
   v_org uuid := fluxrate_internal.require_org('usage.write');
@@ -206,7 +210,6 @@ BEGIN
     ins_keys AS (
       INSERT INTO fluxrate_internal.usage_event_keys (org_id, idempotency_key, event_id, "timestamp", payload_hash)
       SELECT $1, j.k, j.id, j.ts, j.h FROM judged j WHERE j.k IS NOT NULL AND NOT j.stored AND NOT j.later
-      ON CONFLICT (org_id, idempotency_key) DO NOTHING
       RETURNING event_id
     ),
     ins AS (
