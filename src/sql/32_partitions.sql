@@ -187,20 +187,22 @@ EXCEPTION WHEN lock_not_available THEN
 END
 $$;
 
--- The minute job (fluxrate-event-storage, 58_jobs.sql): partitions, then retention.
+-- The minute job (fluxrate-event-storage, 58_jobs.sql): partitions, then
+-- retention (33_retention.sql).
 CREATE FUNCTION fluxrate.maintain_event_storage() RETURNS jsonb
   LANGUAGE plpgsql VOLATILE
   SET search_path = pg_catalog, pg_temp
   AS $$
 DECLARE
   r jsonb := fluxrate_internal.maintain_event_partitions();
+  a jsonb := fluxrate_internal.maintain_event_retention();
 BEGIN
-  IF jsonb_array_length(r->'made') > 0 THEN
+  IF jsonb_array_length(r->'made') > 0 OR jsonb_array_length(a->'archived') > 0 THEN
     PERFORM fluxrate_internal.job_log('maintain_event_storage',
-      format('made %s event partitions', jsonb_array_length(r->'made')));
+      format('made %s event partitions, archived %s', jsonb_array_length(r->'made'), jsonb_array_length(a->'archived')));
   END IF;
-  RETURN jsonb_build_object('partitions', r);
+  RETURN jsonb_build_object('partitions', r, 'retention', a);
 END
 $$;
 COMMENT ON FUNCTION fluxrate.maintain_event_storage() IS
-  'the minute job of event storage: makes the usage_events partitions of this month and the next two, and moves the default partition''s months into their own';
+  'the minute job of event storage: makes the usage_events partitions of this month and the next two, moves the default partition''s months into their own, archives the months retention allows';

@@ -150,3 +150,17 @@ CREATE TYPE fluxrate.event_load_row AS (
   metadata              jsonb,
   properties            jsonb
 );
+-- retention (33_retention.sql): the organizations' policies and what left
+CREATE TABLE fluxrate_internal.event_retention (
+  org_id      uuid PRIMARY KEY REFERENCES fluxrate_internal.organizations ON DELETE CASCADE,
+  keep_days   integer NOT NULL CHECK (keep_days >= 0 AND keep_days <= 36500),
+  updated_at  timestamptz NOT NULL
+);
+CREATE TABLE fluxrate_internal.archived_events (
+  org_id         uuid NOT NULL REFERENCES fluxrate_internal.organizations ON DELETE CASCADE,
+  month          timestamptz NOT NULL,
+  archived_at    timestamptz NOT NULL,
+  events         bigint NOT NULL,
+  archive_table  text NOT NULL,
+  PRIMARY KEY (org_id, month, archived_at)
+);
