@@ -322,6 +322,28 @@ SELECT t, pg_temp.sqlstate_of(format($$SELECT fluxrate_internal.jwt_verify(%L, c
   FROM (VALUES ('bm90IGpzb24.e30.c2ln'),             -- "not json"
                ('eyJhbGciOiJIUzI1NiI.e30.c2ln'),     -- {"alg":"HS256" (cut)
                ('_w.e30.c2ln')) v(t);                -- 0xff
+-- time claims: a whole number of seconds from 0 to 253402300799, anything else
+-- is PT401 (exp 1e1000 was 22003 from the numeric to double conversion)
+SELECT c AS claims, pg_temp.sqlstate_of(format($$SELECT fluxrate_internal.jwt_verify(%L, convert_to(repeat('s', 32), 'UTF8'))$$,
+         fluxrate_internal.jwt_sign(c::jsonb, convert_to(repeat('s', 32), 'UTF8')))) AS sqlstate
+  FROM (VALUES ('{"org_id": "x", "exp": 1e1000}'), ('{"exp": -1e1000}'), ('{"exp": -1}'), ('{"exp": 1781654400.5}'),
+               ('{"exp": "1781654400"}'), ('{"exp": null}'), ('{"exp": 253402300800}'),
+               ('{"nbf": 1e1000}'), ('{"nbf": -5}'), ('{"iat": 1e1000}'), ('{"iat": 0.5}'), ('{"iat": [1]}'),
+               ('{"exp": 1781654400, "nbf": 1781481600, "iat": 1781481600}'),  -- 2026-06-17, 06-15: valid
+               ('{"exp": 253402300799}'),                                       -- the last accepted second
+               ('{"exp": 1781481570}')) v(c);                                   -- now - 30 s: expired
+-- external_id: 1 to 255 characters on create_customer and update_customer
+-- (3 KB reached the unique index: 54000), as on track and track_batch
+SELECT fluxrate.act_as(:'org_n', true) IS NOT NULL AS acting;
+SELECT pg_temp.sqlstate_of(format('SELECT fluxrate.create_customer(%L, %L, %L)', 'Long', 'long@ext.example', repeat('x', 3000))) AS create_3kb,
+       pg_temp.sqlstate_of(format('SELECT fluxrate.create_customer(%L, %L, %L)', 'Long', 'long@ext.example', repeat('é', 256))) AS create_256_chars,
+       pg_temp.sqlstate_of(format('SELECT fluxrate.update_customer(%L, external_id => %L)', :'cust_n', repeat('x', 3000))) AS update_3kb;
+SELECT (fluxrate.create_customer('Wide', 'wide@ext.example', repeat('é', 255)))->>'external_id' = repeat('é', 255) AS create_255_chars;
+RESET fluxrate.acting_org;
+SELECT pg_temp.sqlstate_of(format($$SELECT fluxrate.track(api_key => %L, meter_name => 'calls', customer_external_id => %L, properties => '{"n": 1}')$$,
+         :'key_n', repeat('x', 3000))) AS track_autocreate_3kb;
+SELECT (fluxrate.track_batch(jsonb_build_array(jsonb_build_object('meter_name', 'calls', 'customer_external_id', repeat('x', 3000),
+         'properties', jsonb_build_object('n', 1))), api_key => :'key_n'))->'results'->0->>'code' AS batch_autocreate_3kb;
 -- passwords: 8 to 1,024 characters, as documented (the C hash said 256)
 SELECT pg_temp.sqlstate_of(format('SELECT fluxrate.signup(%L, %L, %L)', 'long@pw.example', repeat('é', 1024), 'Long')) AS pw_1024,
        pg_temp.sqlstate_of(format('SELECT fluxrate.signup(%L, %L, %L)', 'longer@pw.example', repeat('é', 1025), 'Longer')) AS pw_1025;

@@ -66,6 +66,7 @@ extern void FrBecomeSystem(Oid *save_user, int *save_sec);
 extern unsigned char *FrServerSecret(const char *name);
 /* jwt.c */
 extern void FrHmacSha256(const unsigned char *key, size_t keylen, const char *msg, size_t msglen, unsigned char mac[32]);
+extern char *FrJwtVerifyText(const char *token, const unsigned char *key, size_t keylen, double now);
 /* currency.c */
 extern int FrCurrencyExponent(const char *code);
 

@@ -91,6 +91,11 @@ extern bool FrEventKeysTable(void);
 /* ingest_cache.c */
 extern bool FrLookupKey(const unsigned char hash[32], bytea *hash_datum, KeyRow *kr);
 extern void FrLookupMeterAndCustomer(Datum org, TrackInput *in, Lookup *lk);
+/* ingest_lock.c */
+extern uint32 FrEventLockBucket(const char *external_id);
+extern void FrLockEventBuckets(Datum org, const bool *buckets);
+extern void FrLockCustomerEvents(Datum org, const char *external_id);
+#define FR_EVENT_LOCK_BUCKETS	16
 
 /* ingest_event.c: pure code, no database access (the batch catches its errors in place) */
 extern void FrReadBatchEvent(Jsonb *ev, TrackInput *in);

@@ -265,6 +265,19 @@ ResolveBatchCustomers(Datum org, BatchEvent *ev, int n, TimestampTz now)
 		return;
 	qsort(ids, nids, sizeof(char *), CompareCStrings);
 
+	/*
+	 * The deletion locks of the batch's customers (at most 16 buckets) before
+	 * they are read (ingest_lock.c): a deletion that committed while this
+	 * waited is seen by the lookups below (READ COMMITTED: new snapshots).
+	 */
+	{
+		bool		buckets[FR_EVENT_LOCK_BUCKETS] = {false};
+
+		for (int i = 0; i < nids; i++)
+			buckets[FrEventLockBucket(ids[i])] = true;
+		FrLockEventBuckets(org, buckets);
+	}
+
 	for (int pass = 0; pass < 2; pass++)
 	{
 		Datum		args[2];

@@ -559,6 +559,33 @@ FrLookupMeterAndCustomer(Datum org, TrackInput *in, Lookup *lk)
 	lk->meter_found = LookupMeter(org, in, &lk->m);
 	lk->customer_found = (in->customer_external_id != NULL &&
 						  LookupCustomer(org, in->customer_external_id, &lk->customer));
+
+	/*
+	 * REPEATABLE READ, SERIALIZABLE: the transaction's snapshot may predate a
+	 * deletion of the customer that committed before the caller took its
+	 * deletion lock (ingest_lock.c).  Read it again with a new snapshot: a
+	 * customer deleted meanwhile is a serialization failure, as a foreign key
+	 * would make it, not an event for a customer that no longer exists.
+	 */
+	if (lk->customer_found && IsolationUsesXactSnapshot())
+	{
+		Datum		keys[2];
+		TupleTableSlot *slot;
+		bool		isnull;
+		bool		same;
+
+		keys[0] = org;
+		keys[1] = CStringGetTextDatum(in->customer_external_id);
+		same = DlFetch(DL_CUSTOMER, keys, true, &slot) &&
+			memcmp(DatumGetUUIDP(DlGet(slot, DL_CUSTOMER, 0, &isnull)), &lk->customer, sizeof(pg_uuid_t)) == 0;
+		ExecDropSingleTupleTableSlot(slot);
+		if (!same)
+			ereport(ERROR,
+					(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+					 errmsg("could not serialize access due to a concurrent deletion of customer \"%s\"",
+							in->customer_external_id),
+					 errhint("Retry the transaction: the track then creates the customer anew.")));
+	}
 }
 
 /* The row of the key with this hash; from the row cache when it can be */

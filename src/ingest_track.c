@@ -126,6 +126,20 @@ LookupWithKey(const char *key, TrackInput *in, TimestampTz now, Lookup *lk)
 	FrApiKeyAcceptHash(hash, kr.stored_ok ? kr.stored_hash : NULL, kr.active);
 	memcpy(org, &kr.org, sizeof(pg_uuid_t));
 
+	/*
+	 * The customer's deletion lock before the customer is read (ingest_lock.c),
+	 * then the key again: an organization deleted while this waited has taken
+	 * its keys along (PT401), and the invalidations it queued drop the caches.
+	 */
+	if (in->customer_external_id != NULL)
+	{
+		FrLockCustomerEvents(UUIDPGetDatum(org), in->customer_external_id);
+		AcceptInvalidationMessages();
+		if (!FrLookupKey(hash, hash_datum, &kr))
+			FrApiKeyAcceptHash(hash, NULL, false);
+		FrApiKeyAcceptHash(hash, kr.stored_ok ? kr.stored_hash : NULL, kr.active);
+	}
+
 	/* last_used_at at most once a minute */
 	if (kr.last_used_null || kr.last_used < now - USECS_PER_MINUTE)
 		TouchKeyAsSystem(UUIDPGetDatum(org), UUIDPGetDatum(&kr.id), now);
@@ -451,6 +465,12 @@ fr_track(PG_FUNCTION_ARGS)
 	else
 	{
 		org = FrRequireOrg("usage.write");
+		/* the customer's deletion lock before the customer is read (ingest_lock.c) */
+		if (in.customer_external_id != NULL)
+		{
+			FrLockCustomerEvents(org, in.customer_external_id);
+			AcceptInvalidationMessages();
+		}
 		FrLookupMeterAndCustomer(org, &in, &lk);
 	}
 	result = TrackOne(org, &in, &lk, now, &replay);

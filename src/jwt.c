@@ -112,42 +112,190 @@ Refuse(const char *why)
 			 errhint("Log in again.")));
 }
 
-/* A numeric claim (exp, nbf) as seconds, if present */
-static bool
-NumericClaim(Jsonb *jb, const char *key, double *out)
-{
-	JsonbValue	k;
-	JsonbValue *v;
+/*
+ * What verification reads of a header or of the claims: a few top-level
+ * members, with the JSON parser of PostgreSQL's common library (the one
+ * jsonb_in runs on), whose semantic actions report every member.  The last of
+ * duplicate members wins, as in the jsonb the claims become (FrRequireOrg
+ * reads org_id and scopes there).  Nothing here needs a backend, so the
+ * fuzzers run it under AddressSanitizer (test/fuzz/standalone.c).
+ */
+#define JWT_MEMBERS 4			/* alg; exp, nbf, iat */
 
-	k.type = jbvString;
-	k.val.string.val = (char *) key;
-	k.val.string.len = strlen(key);
-	v = findJsonbValueFromContainer(&jb->root, JB_FOBJECT, &k);
-	if (v == NULL)
+typedef struct JwtParse
+{
+	const char *const *names;	/* the members wanted */
+	int			depth;
+	bool		object;			/* the root is an object */
+	int			cur;			/* the wanted member whose value comes next, or -1 */
+	JsonTokenType type[JWT_MEMBERS];	/* JSON_TOKEN_END: absent; JSON_TOKEN_INVALID: not a scalar */
+	char	   *text[JWT_MEMBERS];
+} JwtParse;
+
+static void
+JwtObjectStart(void *state)
+{
+	JwtParse   *p = state;
+
+	if (p->depth++ == 0)
+		p->object = true;
+}
+
+static void
+JwtEnd(void *state)
+{
+	((JwtParse *) state)->depth--;
+}
+
+static void
+JwtArrayStart(void *state)
+{
+	((JwtParse *) state)->depth++;
+}
+
+static void
+JwtFieldStart(void *state, char *fname, bool isnull)
+{
+	JwtParse   *p = state;
+
+	p->cur = -1;
+	if (p->depth != 1)
+		return;
+	for (int i = 0; i < JWT_MEMBERS && p->names[i] != NULL; i++)
+		if (strcmp(fname, p->names[i]) == 0)
+		{
+			p->cur = i;
+			p->type[i] = JSON_TOKEN_INVALID;	/* until a scalar says otherwise */
+			p->text[i] = NULL;
+		}
+}
+
+static void
+JwtScalar(void *state, char *token, JsonTokenType tokentype)
+{
+	JwtParse   *p = state;
+
+	if (p->depth == 1 && p->cur >= 0)
+	{
+		p->type[p->cur] = tokentype;
+		p->text[p->cur] = token;
+	}
+	p->cur = -1;
+}
+
+/*
+ * Parse a decoded header or claims part into p: false unless it is JSON text
+ * valid in the database encoding (UTF-8 for a token's parts) with no NUL
+ * inside -- what jsonb_in would take -- so that a part that is not JSON is a
+ * PT401 refusal of the token like every other, not jsonb_in's 22P02 (400).
+ */
+static bool
+JwtParsePart(const unsigned char *text, size_t len, const char *const *names, JwtParse *p)
+{
+	JsonLexContext *lex;
+	JsonSemAction sem = {0};
+
+	memset(p, 0, sizeof(*p));
+	p->names = names;
+	p->cur = -1;
+	for (int i = 0; i < JWT_MEMBERS; i++)
+		p->type[i] = JSON_TOKEN_END;
+	if (len > INT_MAX || memchr(text, '\0', len) != NULL ||
+		!pg_verifymbstr((const char *) text, (int) len, true))
 		return false;
-	if (v->type != jbvNumeric)
-		Refuse("a time claim is not a number");
-	*out = DatumGetFloat8(DirectFunctionCall1(numeric_float8, NumericGetDatum(v->val.numeric)));
+	sem.semstate = p;
+	sem.object_start = JwtObjectStart;
+	sem.object_end = JwtEnd;
+	sem.array_start = JwtArrayStart;
+	sem.array_end = JwtEnd;
+	sem.object_field_start = JwtFieldStart;
+	sem.scalar = JwtScalar;
+	lex = makeJsonLexContextCstringLen((char *) text, (int) len, GetDatabaseEncoding(), true);
+	return pg_parse_json(lex, &sem) == JSON_SUCCESS;
+}
+
+/*
+ * A time claim (exp, nbf, iat) as seconds since 1970, if present: a JSON
+ * integer from 0 to 253402300799 (9999-12-31 23:59:59 UTC), digits only.
+ * Anything else -- a string, 1e1000, -1, 1.5, 1e9 -- refuses the token
+ * (PT401): no issuer of ours writes it, and read as a double or a numeric it
+ * overflowed (22003, HTTP 400) or compared as infinity.
+ */
+#define JWT_MAX_TIME INT64CONST(253402300799)
+
+static bool
+TimeClaim(JwtParse *p, int i, int64 *out)
+{
+	const char *t = p->text[i];
+	int64		v = 0;
+
+	if (p->type[i] == JSON_TOKEN_END)
+		return false;
+	if (p->type[i] != JSON_TOKEN_NUMBER || t == NULL || *t == '\0' || strlen(t) > 12)
+		Refuse("A time claim (exp, nbf, iat) is not a whole number of seconds from 0 to 253402300799.");
+	for (; *t; t++)
+	{
+		if (*t < '0' || *t > '9')
+			Refuse("A time claim (exp, nbf, iat) is not a whole number of seconds from 0 to 253402300799.");
+		v = v * 10 + (*t - '0');
+	}
+	if (v > JWT_MAX_TIME)
+		Refuse("A time claim (exp, nbf, iat) is not a whole number of seconds from 0 to 253402300799.");
+	*out = v;
 	return true;
 }
 
 /*
- * Is this decoded token part JSON text that jsonb_in will take?  Checked
- * first with the JSON lexer, which reports instead of raising, so that a
- * header or payload that is not JSON (or not valid in the database encoding,
- * or with a NUL inside) is a PT401 refusal of the token like every other,
- * not jsonb_in's 22P02 (HTTP 400).
+ * Verify an HS256 token against key at now (seconds since 1970): its claims
+ * as JSON text (a JSON object), or PT401.  Every refusal is PT401 and
+ * nothing else (test/fuzz checks it).
  */
-static bool
-IsJsonText(const unsigned char *text, size_t len)
+char *
+FrJwtVerifyText(const char *token, const unsigned char *key, size_t keylen, double now)
 {
-	JsonLexContext *lex;
+	static const char *const header_names[] = {"alg", NULL};
+	static const char *const claim_names[] = {"exp", "nbf", "iat", NULL};
+	const char *dot1 = strchr(token, '.');
+	const char *dot2 = dot1 ? strchr(dot1 + 1, '.') : NULL;
+	unsigned char *header,
+			   *payload,
+			   *sig;
+	size_t		hlen,
+				plen,
+				slen;
+	unsigned char mac[32];
+	JwtParse	p;
+	int64		t;
 
-	if (memchr(text, '\0', len) != NULL ||
-		!pg_verifymbstr((const char *) text, (int) len, true))
-		return false;
-	lex = makeJsonLexContextCstringLen((char *) text, (int) len, GetDatabaseEncoding(), true);
-	return pg_parse_json(lex, &nullSemAction) == JSON_SUCCESS;
+	if (dot1 == NULL || dot2 == NULL || strchr(dot2 + 1, '.') != NULL)
+		Refuse("A token has three dot-separated parts.");
+	if (!B64UrlDecode(token, dot1 - token, &header, &hlen) ||
+		!B64UrlDecode(dot1 + 1, dot2 - dot1 - 1, &payload, &plen) ||
+		!B64UrlDecode(dot2 + 1, strlen(dot2 + 1), &sig, &slen))
+		Refuse("The token is not base64url.");
+
+	/* the algorithm first: only HS256 ("none" included, everything else is refused) */
+	if (!JwtParsePart(header, hlen, header_names, &p))
+		Refuse("The token header is not JSON.");
+	if (!p.object)
+		Refuse("The token header is not a JSON object.");
+	if (p.type[0] != JSON_TOKEN_STRING || strcmp(p.text[0], "HS256") != 0)
+		Refuse("Only HS256 tokens are accepted.");
+
+	FrHmacSha256(key, keylen, token, dot2 - token, mac);
+	if (slen != 32 || CRYPTO_memcmp(mac, sig, 32) != 0)
+		Refuse("The signature does not match.");
+
+	if (!JwtParsePart(payload, plen, claim_names, &p))
+		Refuse("The token claims are not JSON.");
+	if (!p.object)
+		Refuse("The token claims are not a JSON object.");
+	if (TimeClaim(&p, 0, &t) && now >= (double) t + JWT_SKEW_SECONDS)
+		Refuse("The token has expired.");
+	if (TimeClaim(&p, 1, &t) && now + JWT_SKEW_SECONDS < (double) t)
+		Refuse("The token is not valid yet.");
+	(void) TimeClaim(&p, 2, &t);	/* iat: its form only */
+	return (char *) payload;
 }
 
 /* fluxrate_internal.jwt_verify(token text, secret bytea) -> jsonb claims, or PT401 */
@@ -157,58 +305,14 @@ fr_jwt_verify(PG_FUNCTION_ARGS)
 {
 	char	   *token = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	bytea	   *secret = PG_GETARG_BYTEA_PP(1);
-	char	   *dot1 = strchr(token, '.');
-	char	   *dot2 = dot1 ? strchr(dot1 + 1, '.') : NULL;
-	unsigned char *header,
-			   *payload,
-			   *sig;
-	size_t		hlen,
-				plen,
-				slen;
-	unsigned char mac[32];
-	Jsonb	   *hjb,
-			   *claims;
-	JsonbValue	k;
-	JsonbValue *alg;
-	double		t;
 	double		now = (double) (FrNow() - SetEpochTimestamp()) / USECS_PER_SEC;
+	char	   *claims;
 
 	CheckSecret(secret);
-	if (dot1 == NULL || dot2 == NULL || strchr(dot2 + 1, '.') != NULL)
-		Refuse("A token has three dot-separated parts.");
-	if (!B64UrlDecode(token, dot1 - token, &header, &hlen) ||
-		!B64UrlDecode(dot1 + 1, dot2 - dot1 - 1, &payload, &plen) ||
-		!B64UrlDecode(dot2 + 1, strlen(dot2 + 1), &sig, &slen))
-		Refuse("The token is not base64url.");
-
-	/* the algorithm first: only HS256 ("none" included, everything else is refused) */
-	if (!IsJsonText(header, hlen))
-		Refuse("The token header is not JSON.");
-	hjb = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum((char *) header)));
-	if (!JB_ROOT_IS_OBJECT(hjb) || JB_ROOT_IS_SCALAR(hjb))
-		Refuse("The token header is not a JSON object.");
-	k.type = jbvString;
-	k.val.string.val = "alg";
-	k.val.string.len = 3;
-	alg = findJsonbValueFromContainer(&hjb->root, JB_FOBJECT, &k);
-	if (alg == NULL || alg->type != jbvString || alg->val.string.len != 5 ||
-		memcmp(alg->val.string.val, "HS256", 5) != 0)
-		Refuse("Only HS256 tokens are accepted.");
-
-	FrHmacSha256((const unsigned char *) VARDATA_ANY(secret), VARSIZE_ANY_EXHDR(secret), token, dot2 - token, mac);
-	if (slen != 32 || CRYPTO_memcmp(mac, sig, 32) != 0)
-		Refuse("The signature does not match.");
-
-	if (!IsJsonText(payload, plen))
-		Refuse("The token claims are not JSON.");
-	claims = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum((char *) payload)));
-	if (!JB_ROOT_IS_OBJECT(claims) || JB_ROOT_IS_SCALAR(claims))
-		Refuse("The token claims are not a JSON object.");
-	if (NumericClaim(claims, "exp", &t) && now >= t + JWT_SKEW_SECONDS)
-		Refuse("The token has expired.");
-	if (NumericClaim(claims, "nbf", &t) && now + JWT_SKEW_SECONDS < t)
-		Refuse("The token is not valid yet.");
-	PG_RETURN_JSONB_P(claims);
+	claims = FrJwtVerifyText(token, (const unsigned char *) VARDATA_ANY(secret),
+							 VARSIZE_ANY_EXHDR(secret), now);
+	/* JSON text the same parser accepted: jsonb_in takes it */
+	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in, CStringGetDatum(claims)));
 }
 
 /* fluxrate_internal.password_hash(password text) -> argon2id string */

@@ -190,9 +190,8 @@ $$;
 -- (another's is "not found", as everywhere).  Its API keys, users and refresh
 -- tokens go with it, so its credentials stop working at once: a key is looked
 -- up by its row, and the pre-request refuses an access token whose user no
--- longer exists.  A track that raced the deletion (its key verified before the
--- delete committed) leaves an event for a customer that no longer exists,
--- which the next rollup refresh deletes.
+-- longer exists.  A track that raced the deletion is waited for, or waits and
+-- then finds the key gone (src/ingest_lock.c).
 CREATE FUNCTION fluxrate.delete_organization(org_id uuid DEFAULT NULL) RETURNS jsonb
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
@@ -208,6 +207,9 @@ BEGIN
       'Send the id of the organization you are signed in to (get_organization).');
   END IF;
   PERFORM 1 FROM fluxrate_internal.organizations o WHERE o.org_id = v_org FOR UPDATE;
+  -- wait for every open track of the organization and hold off new ones until
+  -- commit (src/ingest_lock.c): no event is left behind
+  PERFORM fluxrate_internal.lock_org_events(v_org);
   -- as delete_customer: never interleaved with a rollup refresh
   PERFORM pg_advisory_xact_lock_shared(fluxrate_internal.rollup_lock_key());
   DELETE FROM fluxrate_internal.usage_events e WHERE e.org_id = v_org;

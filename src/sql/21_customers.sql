@@ -41,6 +41,13 @@ BEGIN
   PERFORM fluxrate_internal.required(create_customer.name, 'name');
   PERFORM fluxrate_internal.required(create_customer.email, 'email');
   PERFORM fluxrate_internal.check_email(create_customer.email);
+  -- identifiers are 1 to 255 characters (docs/security.md, "Ingestion bounds"):
+  -- a 3 KB external_id reached the unique index and failed with 54000
+  IF pg_catalog.length(create_customer.external_id) > 255 THEN
+    PERFORM fluxrate_internal.fail('22023', 'external_id must be 1 to 255 characters',
+      pg_catalog.format('external_id has %s characters.', pg_catalog.length(create_customer.external_id)),
+      'Use a shorter identifier of the customer in your system.');
+  END IF;
   IF create_customer.billing_address_country IS NOT NULL AND upper(create_customer.billing_address_country) !~ '^[A-Z]{2}$' THEN
     PERFORM fluxrate_internal.fail('22023', pg_catalog.format('invalid billing_address_country: %s', create_customer.billing_address_country),
       'billing_address_country is an ISO 3166 two-letter code such as US or IN.');
@@ -112,6 +119,13 @@ DECLARE
   c fluxrate_internal.customers;
 BEGIN
   PERFORM fluxrate_internal.check_email(update_customer.email);
+  -- identifiers are 1 to 255 characters (docs/security.md, "Ingestion bounds"):
+  -- a 3 KB external_id reached the unique index and failed with 54000
+  IF pg_catalog.length(update_customer.external_id) > 255 THEN
+    PERFORM fluxrate_internal.fail('22023', 'external_id must be 1 to 255 characters',
+      pg_catalog.format('external_id has %s characters.', pg_catalog.length(update_customer.external_id)),
+      'Use a shorter identifier of the customer in your system.');
+  END IF;
   IF update_customer.billing_address_country IS NOT NULL AND upper(update_customer.billing_address_country) !~ '^[A-Z]{2}$' THEN
     PERFORM fluxrate_internal.fail('22023', pg_catalog.format('invalid billing_address_country: %s', update_customer.billing_address_country),
       'billing_address_country is an ISO 3166 two-letter code such as US or IN.');
@@ -145,11 +159,18 @@ CREATE FUNCTION fluxrate.delete_customer(customer_id uuid) RETURNS jsonb
   AS $$
 DECLARE
   v_org uuid := fluxrate_internal.require_org('customers.write');
+  v_ext text;
 BEGIN
-  DELETE FROM fluxrate_internal.customers x WHERE x.org_id = v_org AND x.id = delete_customer.customer_id;
+  SELECT x.external_id INTO v_ext FROM fluxrate_internal.customers x
+   WHERE x.org_id = v_org AND x.id = delete_customer.customer_id FOR UPDATE;
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'customer not found', pg_catalog.format('No customer %s in this organization.', customer_id));
   END IF;
+  -- wait for the open tracks of this customer, and hold off new ones until
+  -- commit (src/ingest_lock.c): the statements below see every event tracked
+  -- before, and a track after sees the customer gone
+  PERFORM fluxrate_internal.lock_customer_events(v_org, v_ext);
+  DELETE FROM fluxrate_internal.customers x WHERE x.org_id = v_org AND x.id = delete_customer.customer_id;
   -- the events and their rollups together, never interleaved with a rollup
   -- refresh (one that had read these events could write their rollups back)
   PERFORM pg_advisory_xact_lock_shared(fluxrate_internal.rollup_lock_key());
@@ -162,9 +183,9 @@ BEGIN
   DELETE FROM fluxrate_internal.usage_rollups r WHERE r.org_id = v_org AND r.customer_id = delete_customer.customer_id;
   -- its outbox events and their deliveries, sent or not (its invoices, and the
   -- deliveries that name them, went with the customer row: ON DELETE CASCADE).
-  -- A track that raced this delete and commits after it wrote an event for a
-  -- customer that no longer exists: the next rollup refresh deletes it
-  -- (sys_rollup_add), docs/security.md "Deletion".
+  -- (In REPEATABLE READ a track that committed after this transaction's
+  -- snapshot is not seen; the next rollup refresh deletes its event:
+  -- sys_rollup_add, docs/security.md "Deletion".)
   WITH ob AS (
     DELETE FROM fluxrate_internal.outbox o
      WHERE o.org_id = v_org AND o.payload->'data'->>'customer_id' = delete_customer.customer_id::text

@@ -141,6 +141,23 @@ ALTER TABLE fluxrate_internal.api_keys ENABLE ALWAYS TRIGGER ingest_cache_invali
 ALTER TABLE fluxrate_internal.meters ENABLE ALWAYS TRIGGER ingest_cache_invalidate;
 ALTER TABLE fluxrate_internal.customers ENABLE ALWAYS TRIGGER ingest_cache_invalidate;
 
+-- The deletion locks (src/ingest_lock.c, docs/security.md "Deletion"): every
+-- track holds one of 16 buckets of its organization in SHARE mode, by a hash
+-- of the customer's external id, from before it reads the customer until its
+-- transaction ends; a deletion takes its customer's bucket (or all 16 of the
+-- organization) EXCLUSIVE before it deletes, so it waits for the open tracks and
+-- a track that comes later sees it committed.
+CREATE FUNCTION fluxrate_internal.lock_customer_events(org_id uuid, external_id text) RETURNS void
+  LANGUAGE C STRICT VOLATILE
+  AS 'MODULE_PATHNAME', 'fr_lock_customer_events';
+COMMENT ON FUNCTION fluxrate_internal.lock_customer_events(uuid, text) IS
+  'delete_customer: wait for the open tracks of this customer''s lock bucket and hold them off until commit';
+CREATE FUNCTION fluxrate_internal.lock_org_events(org_id uuid) RETURNS void
+  LANGUAGE C STRICT VOLATILE
+  AS 'MODULE_PATHNAME', 'fr_lock_org_events';
+COMMENT ON FUNCTION fluxrate_internal.lock_org_events(uuid) IS
+  'delete_organization: wait for every open track of the organization and hold them off until commit';
+
 CREATE FUNCTION fluxrate.track_batch(events jsonb, api_key text DEFAULT NULL)
   RETURNS jsonb
   LANGUAGE C VOLATILE SECURITY DEFINER

@@ -22,14 +22,14 @@
  * so inputs with a NUL byte or invalid UTF-8 are skipped (the server refuses
  * them before any fluxrate code runs).
  *
+ * The parsers that need no backend (the token, the API key, the numeric
+ * syntax) are fuzzed standalone under AddressSanitizer: test/fuzz/standalone.c.
+ *
  * Targets (test/fuzz/corpus/<target>/ holds each seed corpus):
- *	  jwt		fr_jwt_verify on the input as a token (structure, base64url,
- *				header JSON, algorithm, signature)
  *	  claims	input = header JSON, newline, claims JSON: signed with the test
  *				secret so verification reaches the claims (exp, nbf), then the
  *				claims are read as request.jwt.claims by FrRequireOrg (org_id,
  *				scopes): the path of a bearer token and of the access_token cookie
- *	  apikey	FrApiKeyHash (format, keyed hash) and FrApiKeyAcceptHash
  *	  tiers		input = usage, newline, tier table JSON: fr_rate_usage with
  *				graduated and volume pricing (ParseTiers, the tier walk)
  *	  batch		input = a track_batch JSON array: FrReadBatchEvent,
@@ -76,13 +76,6 @@ Secret(void)
 	return secret;
 }
 
-static void
-TargetJwt(const char *s, size_t len)
-{
-	DirectFunctionCall2(fr_jwt_verify, PointerGetDatum(cstring_to_text_with_len(s, len)),
-						PointerGetDatum(Secret()));
-}
-
 static char *
 B64(const char *in, size_t len)
 {
@@ -125,15 +118,6 @@ TargetClaims(const char *s, size_t len)
 		SetConfigOption("request.jwt.claims", "", PGC_SUSET, PGC_S_SESSION);
 	}
 	PG_END_TRY();
-}
-
-static void
-TargetApikey(const char *s, size_t len)
-{
-	unsigned char hash[32];
-
-	FrApiKeyHash(pnstrdup(s, len), hash);
-	FrApiKeyAcceptHash(hash, NULL, true);	/* unknown key: PT401 */
 }
 
 static void
@@ -275,9 +259,7 @@ fr_fuzz_main(PG_FUNCTION_ARGS)
 		Target		fn;
 	}			targets[] =
 	{
-		{"jwt", TargetJwt},
 		{"claims", TargetClaims},
-		{"apikey", TargetApikey},
 		{"tiers", TargetTiers},
 		{"batch", TargetBatch},
 		{"quantity", TargetQuantity},

@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Build the libFuzzer harnesses (test/fuzz/driver.c with fluxrate's real
-# sources, clang -fsanitize=fuzzer-no-link) and run each target for
-# FUZZ_SECONDS inside a single-user PostgreSQL backend (why: test/fuzz/driver.c).  Needs ROOT and PGBIN (test/env.sh).
+# Build the libFuzzer harnesses and run each target for FUZZ_SECONDS:
+#  - under AddressSanitizer and UndefinedBehaviorSanitizer, standalone
+#    (test/fuzz/standalone.c, built by test/fuzz/build_asan.sh): jwt,
+#    jwt_claims, apikey, numeric_syntax (and selftest_asan);
+#  - inside a single-user PostgreSQL backend, without ASan, the parsers that
+#    need the backend's jsonb and numeric (test/fuzz/driver.c with fluxrate's
+#    real sources, clang -fsanitize=fuzzer-no-link): claims, tiers, batch,
+#    quantity (and selftest).
+# Needs ROOT and PGBIN (test/env.sh).
 #   FUZZ_SECONDS=60 FUZZ_TARGETS="jwt tiers" bash test/fuzz/run.sh
 # Every committed input under test/fuzz/corpus/<target>/ is replayed first:
 # a crash found once is committed there and stays a regression test.
@@ -10,7 +16,8 @@
 set -euo pipefail
 : "${ROOT:?}" "${PGBIN:?}"
 S=${FUZZ_SECONDS:-60}
-TARGETS=${FUZZ_TARGETS:-jwt claims apikey tiers batch quantity}
+TARGETS=${FUZZ_TARGETS:-jwt jwt_claims apikey numeric_syntax claims tiers batch quantity}
+ASAN_TARGETS=" jwt jwt_claims apikey numeric_syntax selftest_asan "
 mkdir -p "$ROOT/build/fuzz"
 B=$ROOT/build/fuzz
 RT=$(clang -print-resource-dir)/lib/linux
@@ -37,6 +44,12 @@ rm -rf "$B/data"
 "$PGBIN/initdb" -D "$B/data" -U postgres -A trust -E UTF8 --locale=C.UTF-8 --no-sync >/dev/null
 echo "CREATE EXTENSION fluxrate;" | "$PGBIN/postgres" --single -D "$B/data" -c log_min_messages=fatal postgres >/dev/null
 
+# the standalone ASan binary, when an ASan target is asked for
+ASAN_BIN=
+for t in $TARGETS; do
+  case "$ASAN_TARGETS" in *" $t "*) ASAN_BIN=$(bash "$ROOT/test/fuzz/build_asan.sh") || exit 1; break;; esac
+done
+
 fail=0
 for t in $TARGETS; do
   mkdir -p "$B/work/$t"
@@ -44,19 +57,29 @@ for t in $TARGETS; do
   seed_var=FUZZ_CORPUS_$t
   seed=${!seed_var:-$ROOT/test/fuzz/corpus/$t}
   rc=0
+  case "$ASAN_TARGETS" in
+  *" $t "*)
+    # a finding ends the run with a non-zero status (ASan, UBSan, an oracle's abort)
+    FLUXRATE_FUZZ_TARGET=${t%_asan} "$ASAN_BIN" "$B/work/$t" "$seed" -max_total_time="$S" -timeout=10 \
+      -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$B/crashes/$t-" > "$log" 2>&1 || rc=$?
+    kind="ASan+UBSan";;
+  *)
+  kind="backend, no ASan"
   # libFuzzer ends the backend itself (exit status 0, or non-zero on a finding)
   "$PGBIN/postgres" --single -D "$B/data" -c log_min_messages=fatal -c fluxrate.pinned_now='2026-06-01 00:00:00+00' postgres \
     > "$log" 2>&1 <<SQL || rc=$?
 CREATE OR REPLACE FUNCTION public.fuzz(text, text[]) RETURNS integer AS '$B/fluxrate_fuzz.so', 'fr_fuzz_main' LANGUAGE C STRICT;
 SELECT public.fuzz('$t', ARRAY['$B/work/$t', '$seed', '-max_total_time=$S', '-timeout=10', '-rss_limit_mb=0', '-print_final_stats=1', '-artifact_prefix=$B/crashes/$t-']);
 SQL
+  ;;
+  esac
   runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || true)
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 || true)
   seeds=$(ls "$seed" | wc -l)
   if [ "$rc" = 0 ] && [ -n "$runs" ] && [ "$runs" -gt 0 ]; then
-    echo "fuzz $t: ${S}s, $runs inputs, $cov, $seeds seeds replayed, no finding"
+    echo "fuzz $t ($kind): ${S}s, $runs inputs, $cov, $seeds seeds replayed, no finding"
   else
-    echo "fuzz $t: FAILED (exit $rc); log $log"; tail -40 "$log"; ls "$B/crashes" | grep "^$t-" || true
+    echo "fuzz $t ($kind): FAILED (exit $rc); log $log"; tail -40 "$log"; ls "$B/crashes" | grep "^$t-" || true
     fail=1
   fi
 done
