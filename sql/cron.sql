@@ -24,7 +24,7 @@ BEGIN
   FOR i IN 1..150 LOOP
     EXIT WHEN (SELECT count(*) FROM fluxrate_internal.invoices WHERE status = 'OPEN' AND total = 12.34 AND currency = 'EUR') = 2
           AND (SELECT count(DISTINCT j.jobname) FROM cron.job_run_details d JOIN cron.job j USING (jobid)
-                WHERE j.jobname LIKE 'fluxrate-%' AND d.status = 'succeeded') = 4;
+                WHERE j.jobname LIKE 'fluxrate-%' AND d.status = 'succeeded') = 5;
     PERFORM pg_sleep(1);
   END LOOP;
 END
@@ -36,7 +36,7 @@ SELECT i.kind, i.status, i.total, i.currency, i.period_start, i.period_end, l.pe
   FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
  WHERE i.org_id = :'org' ORDER BY l.period_start;
 SELECT string_agg(invoice_number, ', ' ORDER BY invoice_number) AS numbers FROM fluxrate_internal.invoices WHERE org_id = :'org';
--- each of the four jobs ran and succeeded (what delivery does: sql/delivery.sql, test/scripts/delivery.sh)
+-- each of the five every-minute jobs ran and succeeded (what delivery does: sql/delivery.sql, test/scripts/delivery.sh)
 SELECT j.jobname, bool_or(d.status = 'succeeded') AS ran_ok FROM cron.job j JOIN cron.job_run_details d USING (jobid)
  WHERE j.jobname LIKE 'fluxrate-%' GROUP BY j.jobname ORDER BY 1;
 SELECT fluxrate.unschedule_jobs() AS unscheduled;

@@ -86,6 +86,7 @@ typedef struct KeyRow
 /* ingest_track.c */
 extern SPIPlanPtr FrIngestPrepare(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types);
 extern void FrIngestSetStatus(const char *status);
+extern bool FrEventKeysTable(void);
 
 /* ingest_cache.c */
 extern bool FrLookupKey(const unsigned char hash[32], bytea *hash_datum, KeyRow *kr);

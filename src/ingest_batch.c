@@ -201,6 +201,8 @@ static SPIPlanPtr plan_batch_customers = NULL;
 static SPIPlanPtr plan_batch_customers_ins = NULL;
 static SPIPlanPtr plan_batch_insert = NULL;
 static SPIPlanPtr plan_batch_existing = NULL;
+static SPIPlanPtr plan_batch_insert_010 = NULL;	/* 0.1.0's schema, before ALTER EXTENSION UPDATE */
+static SPIPlanPtr plan_batch_existing_010 = NULL;
 
 /* qsort comparator of C strings (the batch's external ids, sorted before the create) */
 static int
@@ -369,6 +371,7 @@ InsertBatch(Datum org, BatchEvent *ev, int n, TimestampTz now)
 	Datum		args[10];
 	char	  **keyed;
 	int			nkeyed = 0;
+	bool		keys_table;
 
 	for (int i = 0; i < n; i++)
 	{
@@ -407,13 +410,27 @@ InsertBatch(Datum org, BatchEvent *ev, int n, TimestampTz now)
 	args[7] = PointerGetDatum(construct_md_array(keys, keynulls, 1, dims, lbs, TEXTOID, -1, false, TYPALIGN_INT));
 	args[8] = PointerGetDatum(construct_array(hashes, k, BYTEAOID, -1, false, TYPALIGN_INT));
 	args[9] = PointerGetDatum(construct_md_array(metas, metanulls, 1, dims, lbs, JSONBOID, -1, false, TYPALIGN_INT));
-	if (SPI_execute_plan(FrIngestPrepare(&plan_batch_insert,
+	keys_table = FrEventKeysTable();
+	if (SPI_execute_plan(!keys_table ? FrIngestPrepare(&plan_batch_insert_010,
 								 "INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "
 								 "\"timestamp\", ingested_at, idempotency_key, payload_hash, metadata) "
 								 "SELECT $1, u.id, u.c, u.m, u.q, u.t, $2, u.k, u.h, u.md "
 								 "FROM ROWS FROM (pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6), "
 								 "pg_catalog.unnest($7), pg_catalog.unnest($8), pg_catalog.unnest($9), pg_catalog.unnest($10)) AS u(id, c, m, q, t, k, h, md) "
 								 "ON CONFLICT (org_id, idempotency_key) DO NOTHING",
+								 10, (Oid[]) {UUIDOID, TIMESTAMPTZOID, UUIDARRAYOID, UUIDARRAYOID, UUIDARRAYOID,
+									 NUMERICARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID, BYTEAARRAYOID, JSONBARRAYOID}) :
+						 FrIngestPrepare(&plan_batch_insert,
+								 "WITH u AS (SELECT * FROM ROWS FROM (pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5), "
+								 "pg_catalog.unnest($6), pg_catalog.unnest($7), pg_catalog.unnest($8), pg_catalog.unnest($9), "
+								 "pg_catalog.unnest($10)) AS u(id, c, m, q, t, k, h, md)), "
+								 "k AS (INSERT INTO fluxrate_internal.usage_event_keys (org_id, idempotency_key, event_id, \"timestamp\", payload_hash) "
+								 "SELECT $1, u.k, u.id, u.t, u.h FROM u WHERE u.k IS NOT NULL "
+								 "ON CONFLICT (org_id, idempotency_key) DO NOTHING RETURNING event_id) "
+								 "INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "
+								 "\"timestamp\", ingested_at, idempotency_key, payload_hash, metadata) "
+								 "SELECT $1, u.id, u.c, u.m, u.q, u.t, $2, u.k, u.h, u.md FROM u "
+								 "WHERE u.k IS NULL OR u.id OPERATOR(pg_catalog.=) ANY (SELECT k.event_id FROM k)",
 								 10, (Oid[]) {UUIDOID, TIMESTAMPTZOID, UUIDARRAYOID, UUIDARRAYOID, UUIDARRAYOID,
 									 NUMERICARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID, BYTEAARRAYOID, JSONBARRAYOID}),
 						 args, NULL, false, 0) != SPI_OK_INSERT)
@@ -433,9 +450,14 @@ InsertBatch(Datum org, BatchEvent *ev, int n, TimestampTz now)
 
 		gargs[0] = org;
 		gargs[1] = PointerGetDatum(TextArray(keyed, nkeyed));
-		if (SPI_execute_plan(FrIngestPrepare(&plan_batch_existing,
+		if (SPI_execute_plan(!keys_table ? FrIngestPrepare(&plan_batch_existing_010,
 									 "SELECT e.idempotency_key, e.id, e.payload_hash FROM pg_catalog.unnest($2) AS x "
 									 "JOIN fluxrate_internal.usage_events e "
+									 "ON e.org_id OPERATOR(pg_catalog.=) $1 AND e.idempotency_key OPERATOR(pg_catalog.=) x",
+									 2, (Oid[]) {UUIDOID, TEXTARRAYOID}) :
+							 FrIngestPrepare(&plan_batch_existing,
+									 "SELECT e.idempotency_key, e.event_id, e.payload_hash FROM pg_catalog.unnest($2) AS x "
+									 "JOIN fluxrate_internal.usage_event_keys e "
 									 "ON e.org_id OPERATOR(pg_catalog.=) $1 AND e.idempotency_key OPERATOR(pg_catalog.=) x",
 									 2, (Oid[]) {UUIDOID, TEXTARRAYOID}), gargs, NULL, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not read the events of taken idempotency keys");

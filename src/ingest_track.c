@@ -3,10 +3,13 @@
  *	  fluxrate.track: one event, the hot path.
  *
  * One event = resolve the meter (by token or by name), resolve or create the
- * customer, validate the quantity, and insert into usage_events with
- * INSERT .. ON CONFLICT (org_id, idempotency_key) DO NOTHING, all in the
+ * customer, validate the quantity, and insert the key into usage_event_keys
+ * (ON CONFLICT (org_id, idempotency_key) DO NOTHING) and the event into
+ * usage_events only if the key went in, in one statement, all in the
  * caller's transaction: the event exists if and only if the caller commits.
- * Idempotency is exact and has no expiry: the unique index is the arbiter.
+ * Idempotency is exact and has no expiry: the key table's primary key is the
+ * arbiter (usage_events is partitioned by time and cannot hold a unique key
+ * without it: 32_partitions.sql).
  * A conflict is a replay when the payload hash matches (the original event is
  * returned, HTTP 200) and a PT409 conflict otherwise (nothing written).
  *
@@ -29,6 +32,7 @@
 #include "utils/guc.h"
 #include "utils/inval.h"
 #include "utils/jsonb.h"
+#include "utils/lsyscache.h"
 #include "utils/numeric.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
@@ -39,6 +43,23 @@ static SPIPlanPtr plan_customer = NULL;
 static SPIPlanPtr plan_customer_ins = NULL;
 static SPIPlanPtr plan_event_ins = NULL;
 static SPIPlanPtr plan_event_get = NULL;
+static SPIPlanPtr plan_event_ins_010 = NULL;
+static SPIPlanPtr plan_event_get_010 = NULL;
+
+/*
+ * Whether the schema is 0.2.0's, with usage_event_keys (32_partitions.sql), or
+ * still 0.1.0's (one unpartitioned table with a unique key), as between the
+ * installation of this library and ALTER EXTENSION fluxrate UPDATE: one
+ * library serves both scripts.  Two syscache probes per call, so a backend
+ * that started before the update writes the new way as soon as it is done.
+ */
+bool
+FrEventKeysTable(void)
+{
+	Oid			nsp = get_namespace_oid("fluxrate_internal", true);
+
+	return OidIsValid(nsp) && OidIsValid(get_relname_relid("usage_event_keys", nsp));
+}
 
 /* The plan kept in *slot, prepared and kept (SPI_keepplan) on first use */
 SPIPlanPtr
@@ -210,6 +231,7 @@ WriteEvent(Datum org, TrackInput *in, MeterInfo *m, pg_uuid_t *customer, Numeric
 	bytea	   *hb;
 	Datum		args[10];
 	char		nulls[10];
+	bool		keys;
 
 	FrPayloadHash(in, m, customer, q, ts, meta, hash);
 	hb = palloc(VARHDRSZ + 32);
@@ -230,11 +252,23 @@ WriteEvent(Datum org, TrackInput *in, MeterInfo *m, pg_uuid_t *customer, Numeric
 	args[8] = PointerGetDatum(hb);
 	args[9] = meta ? JsonbPGetDatum(meta) : (Datum) 0;
 	nulls[9] = meta ? ' ' : 'n';
-	if (SPI_execute_plan(FrIngestPrepare(&plan_event_ins,
+	keys = FrEventKeysTable();
+	if (SPI_execute_plan(!keys ? FrIngestPrepare(&plan_event_ins_010,
 								 "INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "
 								 "\"timestamp\", ingested_at, idempotency_key, payload_hash, metadata) "
 								 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
 								 "ON CONFLICT (org_id, idempotency_key) DO NOTHING",
+								 10, (Oid[]) {UUIDOID, UUIDOID, UUIDOID, UUIDOID, NUMERICOID, TIMESTAMPTZOID,
+									 TIMESTAMPTZOID, TEXTOID, BYTEAOID, JSONBOID}) :
+						 FrIngestPrepare(&plan_event_ins,
+								 "WITH k AS (INSERT INTO fluxrate_internal.usage_event_keys "
+								 "(org_id, idempotency_key, event_id, \"timestamp\", payload_hash) "
+								 "SELECT $1, $8, $2, $6, $9 WHERE $8 IS NOT NULL "
+								 "ON CONFLICT (org_id, idempotency_key) DO NOTHING RETURNING 1) "
+								 "INSERT INTO fluxrate_internal.usage_events (org_id, id, customer_id, meter_id, quantity, "
+								 "\"timestamp\", ingested_at, idempotency_key, payload_hash, metadata) "
+								 "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 "
+								 "WHERE $8 IS NULL OR EXISTS (SELECT FROM k)",
 								 10, (Oid[]) {UUIDOID, UUIDOID, UUIDOID, UUIDOID, NUMERICOID, TIMESTAMPTZOID,
 									 TIMESTAMPTZOID, TEXTOID, BYTEAOID, JSONBOID}),
 						 args, nulls, false, 0) != SPI_OK_INSERT)
@@ -261,10 +295,18 @@ WriteEvent(Datum org, TrackInput *in, MeterInfo *m, pg_uuid_t *customer, Numeric
 
 		gargs[0] = org;
 		gargs[1] = args[7];
-		if (SPI_execute_plan(FrIngestPrepare(&plan_event_get,
-									 "SELECT id, customer_id, meter_id, quantity, \"timestamp\", ingested_at, payload_hash, metadata "
+		if (SPI_execute_plan(!keys ? FrIngestPrepare(&plan_event_get_010,
+									 "SELECT id, customer_id, meter_id, quantity, \"timestamp\", ingested_at, payload_hash, metadata, true "
 									 "FROM fluxrate_internal.usage_events "
 									 "WHERE org_id OPERATOR(pg_catalog.=) $1 AND idempotency_key OPERATOR(pg_catalog.=) $2",
+									 2, (Oid[]) {UUIDOID, TEXTOID}) :
+							 FrIngestPrepare(&plan_event_get,
+									 "SELECT k.event_id, e.customer_id, e.meter_id, e.quantity, k.\"timestamp\", e.ingested_at, "
+									 "k.payload_hash, e.metadata, e.id IS NOT NULL "
+									 "FROM fluxrate_internal.usage_event_keys k "
+									 "LEFT JOIN fluxrate_internal.usage_events e ON e.org_id OPERATOR(pg_catalog.=) k.org_id "
+									 "AND e.id OPERATOR(pg_catalog.=) k.event_id AND e.\"timestamp\" OPERATOR(pg_catalog.=) k.\"timestamp\" "
+									 "WHERE k.org_id OPERATOR(pg_catalog.=) $1 AND k.idempotency_key OPERATOR(pg_catalog.=) $2",
 									 2, (Oid[]) {UUIDOID, TEXTOID}), gargs, NULL, false, 1) != SPI_OK_SELECT ||
 			SPI_processed != 1)
 			elog(ERROR, "could not read the event of idempotency key \"%s\"", in->idempotency_key);
@@ -276,10 +318,25 @@ WriteEvent(Datum org, TrackInput *in, MeterInfo *m, pg_uuid_t *customer, Numeric
 			sodium_memcmp(VARDATA_ANY(stored), hash, 32) != 0)
 			return EV_CONFLICT;
 		memcpy(&out->id, DatumGetUUIDP(SPI_getbinval(tup, td, 1, &isnull)), 16);
+		out->ts = DatumGetTimestampTz(SPI_getbinval(tup, td, 5, &isnull));
+		if (!DatumGetBool(SPI_getbinval(tup, td, 9, &isnull)))
+		{
+			/*
+			 * The key outlives its event (retention archived the event's month,
+			 * 33_retention.sql): the payload hash matched, so meter, customer,
+			 * quantity and metadata are the ones sent now; id and time are the
+			 * key's.  The ingestion time is gone with the row: the event time.
+			 */
+			out->customer = *customer;
+			out->meter = m->id;
+			out->quantity = q;
+			out->ingested = out->ts;
+			out->meta = meta;
+			return EV_REPLAY;
+		}
 		memcpy(&out->customer, DatumGetUUIDP(SPI_getbinval(tup, td, 2, &isnull)), 16);
 		memcpy(&out->meter, DatumGetUUIDP(SPI_getbinval(tup, td, 3, &isnull)), 16);
 		out->quantity = DatumGetNumeric(SPI_getbinval(tup, td, 4, &isnull));
-		out->ts = DatumGetTimestampTz(SPI_getbinval(tup, td, 5, &isnull));
 		out->ingested = DatumGetTimestampTz(SPI_getbinval(tup, td, 6, &isnull));
 		d = SPI_getbinval(tup, td, 8, &isnull);
 		out->meta = isnull ? NULL : DatumGetJsonbP(d);

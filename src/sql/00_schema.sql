@@ -234,6 +234,10 @@ CREATE INDEX subscriptions_org_due_idx ON fluxrate_internal.subscriptions (org_i
 -- the meter and the customer itself, and the RI triggers would add two lookups
 -- and a FOR KEY SHARE row lock on the customer to every insert (contention when
 -- one customer sends many events).  Customer deletion removes its events.
+-- Partitioned by event time, one partition per UTC month, made ahead by the
+-- minute job, plus a default partition (32_partitions.sql, docs/ingestion.md
+-- "Storage layout").  A unique key of a partitioned table must hold the
+-- partition key, so idempotency lives in its own table, usage_event_keys.
 CREATE TABLE fluxrate_internal.usage_events (
   org_id           uuid NOT NULL,
   id               uuid NOT NULL,              -- UUIDv7: time-ordered, appends to the PK index
@@ -249,9 +253,11 @@ CREATE TABLE fluxrate_internal.usage_events (
   -- what tells the usage rollups (41_rollups.sql) which events they have
   -- counted.  Not the timestamps: a transaction can commit after a later one.
   xact_id          bigint NOT NULL DEFAULT pg_catalog.txid_current(),
-  PRIMARY KEY (org_id, id),
-  UNIQUE (org_id, idempotency_key)             -- exact, no expiry, same transaction as the insert
-);
+  -- "timestamp" because a partitioned table's keys must hold its partition key
+  PRIMARY KEY (org_id, id, "timestamp")
+  -- idempotency: usage_event_keys (org_id, idempotency_key), written in the
+  -- same statement as the event (32_partitions.sql)
+) PARTITION BY RANGE ("timestamp");
 -- The rollup refresh reads the events of the transactions that committed since
 -- the last one, and a reader the events not rolled up yet: the table's newest
 -- pages.  BRIN, because events arrive in roughly

@@ -214,6 +214,7 @@ BEGIN
   PERFORM pg_advisory_xact_lock_shared(fluxrate_internal.rollup_lock_key());
   DELETE FROM fluxrate_internal.usage_events e WHERE e.org_id = v_org;
   GET DIAGNOSTICS v_events = ROW_COUNT;
+  DELETE FROM fluxrate_internal.usage_event_keys k WHERE k.org_id = v_org;
   DELETE FROM fluxrate_internal.usage_rollups r WHERE r.org_id = v_org;
   DELETE FROM fluxrate_internal.rollup_errors r WHERE r.org_id = v_org;
   DELETE FROM fluxrate_internal.outbox o WHERE o.org_id = v_org;

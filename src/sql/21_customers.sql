@@ -174,7 +174,12 @@ BEGIN
   -- the events and their rollups together, never interleaved with a rollup
   -- refresh (one that had read these events could write their rollups back)
   PERFORM pg_advisory_xact_lock_shared(fluxrate_internal.rollup_lock_key());
-  DELETE FROM fluxrate_internal.usage_events e WHERE e.org_id = v_org AND e.customer_id = delete_customer.customer_id;
+  -- (and their idempotency keys: 32_partitions.sql)
+  WITH gone AS (
+    DELETE FROM fluxrate_internal.usage_events e WHERE e.org_id = v_org AND e.customer_id = delete_customer.customer_id
+    RETURNING e.idempotency_key)
+  DELETE FROM fluxrate_internal.usage_event_keys k USING gone
+   WHERE k.org_id = v_org AND k.idempotency_key = gone.idempotency_key;
   DELETE FROM fluxrate_internal.usage_rollups r WHERE r.org_id = v_org AND r.customer_id = delete_customer.customer_id;
   -- its outbox events and their deliveries, sent or not (its invoices, and the
   -- deliveries that name them, went with the customer row: ON DELETE CASCADE).

@@ -192,6 +192,9 @@ BEGIN
        (SELECT * FROM fluxrate_internal.usage_events x WHERE x.org_id = v_org AND x.meter_id = list_meter_events.meter_id
         ORDER BY x."timestamp" DESC, x.id DESC LIMIT page_size OFFSET (page - 1) * page_size) e),
     page, page_size,
-    (SELECT count(*) FROM fluxrate_internal.usage_events x WHERE x.org_id = v_org AND x.meter_id = list_meter_events.meter_id));
+    (SELECT count(*) FROM fluxrate_internal.usage_events x WHERE x.org_id = v_org AND x.meter_id = list_meter_events.meter_id))
+    -- months whose raw events retention archived (33_retention.sql): not listed, said
+    || CASE WHEN EXISTS (SELECT 1 FROM fluxrate_internal.archived_events a WHERE a.org_id = v_org)
+            THEN jsonb_build_object('archived', fluxrate_internal.retention_json(v_org)->'archived') ELSE '{}'::jsonb END;
 END
 $$;

@@ -123,6 +123,19 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM fluxrate_internal.fail('PT404', 'meter not found', format('No meter %s in this organization.', meter_id));
   END IF;
+  -- a period with a month whose raw events were archived (33_retention.sql):
+  -- the usage rollups carry it, for the meters they hold (late usage of an
+  -- archived period is then billed from them)
+  IF m.filters = '[]'::jsonb AND m.aggregation_type IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG')
+     AND EXISTS (SELECT 1 FROM fluxrate_internal.archived_events a
+                  WHERE a.org_id = meter_usage.org_id AND a.month < meter_usage.period_end
+                    AND (a.month AT TIME ZONE 'UTC' + interval '1 month') AT TIME ZONE 'UTC' > meter_usage.period_start) THEN
+    SELECT u.usage INTO v
+      FROM fluxrate_internal.org_period_usage(meter_usage.org_id, meter_usage.period_start, meter_usage.period_end,
+                                              m.aggregation_type, ARRAY[meter_usage.meter_id]) u
+     WHERE u.customer_id = meter_usage.customer_id;
+    RETURN coalesce(v, 0);
+  END IF;
   -- plain meters: one index-only range scan of the covering index, computing only
   -- the meter's own aggregate (a CASE over five aggregates would compute all five
   -- for every event)

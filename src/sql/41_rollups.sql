@@ -128,13 +128,14 @@ CREATE FUNCTION fluxrate_internal.sys_rollup_add(prev_s txid_snapshot, now_s txi
   AS $$
 DECLARE
   v_gone tid[];
+  v_gone_rel oid[];
 BEGIN
   -- The previous xmin is a literal, for the BRIN index (events below it were
   -- all visible in prev_s); for a rebuild, a sequential scan.  The day is a UTC
   -- day whatever the session's TimeZone (date_bin on timestamptz is absolute).
   EXECUTE format(
     'WITH d AS MATERIALIZED (
-       SELECT e.ctid AS tid, e.org_id, e.customer_id, e.meter_id, e."timestamp", e.quantity, (c.id IS NOT NULL) AS live,
+       SELECT e.tableoid AS rel, e.ctid AS tid, e.org_id, e.customer_id, e.meter_id, e."timestamp", e.quantity, (c.id IS NOT NULL) AS live,
               CASE WHEN md.meter_id IS NULL THEN '''' ELSE fluxrate_internal.group_value(e.metadata, md.property, md."values") END AS gv
          FROM fluxrate_internal.usage_events e
          LEFT JOIN fluxrate_internal.customers c ON c.org_id = e.org_id AND c.id = e.customer_id
@@ -163,20 +164,27 @@ BEGIN
        RETURNING 1
      )
      SELECT coalesce((SELECT sum(n.events) FROM n), 0)::bigint, (SELECT count(*) FROM ins),
-            (SELECT array_agg(d.tid) FROM d WHERE NOT d.live)',
+            (SELECT array_agg(d.tid ORDER BY d.rel, d.tid) FROM d WHERE NOT d.live),
+            (SELECT array_agg(d.rel ORDER BY d.rel, d.tid) FROM d WHERE NOT d.live)',
     now_s, self,
     CASE WHEN prev_s IS NULL THEN '' ELSE format('AND e.xact_id >= %s AND (NOT txid_visible_in_snapshot(e.xact_id, %L::txid_snapshot) OR e.xact_id = %s)',
                                                  least(txid_snapshot_xmin(prev_s), refreshed_by), prev_s, coalesce(refreshed_by, 0)) END,
     CASE WHEN only_org IS NOT NULL THEN format('AND e.org_id = %L::uuid', only_org)
          WHEN cardinality(skip) > 0 THEN format('AND e.org_id <> ALL (%L::uuid[])', skip)
          ELSE '' END)
-    INTO events, buckets, v_gone;
+    INTO events, buckets, v_gone, v_gone_rel;
   -- (a second statement, by tid: a DELETE joined to the delta in the same
   -- statement may be planned as a pass over all events; nothing moves them in
-  -- between, and delete_customer waits for the lock this refresh holds)
+  -- between, and delete_customer waits for the lock this refresh holds).  A
+  -- tid names a row of one partition: (partition, tid) pairs (32_partitions.sql).
   swept := coalesce(cardinality(v_gone), 0);
   IF swept > 0 THEN
-    DELETE FROM fluxrate_internal.usage_events e WHERE e.ctid = ANY (v_gone);
+    WITH gone AS (
+      DELETE FROM fluxrate_internal.usage_events e
+       WHERE e.ctid = ANY (v_gone) AND (e.tableoid, e.ctid) IN (SELECT * FROM unnest(v_gone_rel, v_gone))
+      RETURNING e.org_id, e.idempotency_key)
+    DELETE FROM fluxrate_internal.usage_event_keys k USING gone
+     WHERE k.org_id = gone.org_id AND k.idempotency_key = gone.idempotency_key;
   END IF;
 END
 $$;

@@ -122,6 +122,7 @@ DECLARE
   v_deliver bigint;
   v_rollups bigint;
   v_purge bigint;
+  v_storage bigint;
 BEGIN
   -- roles that can claim to be any organization (docs/security.md, "Roles")
   PERFORM fluxrate_internal.warn_role_grants();
@@ -140,12 +141,15 @@ BEGIN
     USING 'fluxrate-deliver', '* * * * *', 'CALL fluxrate.deliver_pending()';
   EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO v_rollups
     USING 'fluxrate-usage-rollups', '* * * * *', 'SELECT fluxrate.refresh_usage_rollups()';
+  -- usage_events partitions made ahead, and retention (32_partitions.sql)
+  EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO v_storage
+    USING 'fluxrate-event-storage', '* * * * *', 'SELECT fluxrate.maintain_event_storage()';
   -- the delivery log's retention (70_delivery.sql), once a day
   EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO v_purge
     USING 'fluxrate-purge-deliveries', '17 3 * * *', 'CALL fluxrate.purge_deliveries()';
   RETURN jsonb_build_object('close_due_periods', v_close, 'finalize_due_invoices', v_final,
                             'deliver_pending', v_deliver, 'refresh_usage_rollups', v_rollups,
-                            'purge_deliveries', v_purge);
+                            'purge_deliveries', v_purge, 'maintain_event_storage', v_storage);
 END
 $$;
 

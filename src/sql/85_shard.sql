@@ -17,7 +17,7 @@ CREATE OR REPLACE FUNCTION fluxrate_internal.sys_org_tables(OUT tbl text, OUT co
   AS $$
   WITH RECURSIVE t AS (
     SELECT c.oid FROM pg_catalog.pg_class c
-     WHERE c.relnamespace OPERATOR(pg_catalog.=) 'fluxrate_internal'::regnamespace AND c.relkind IN ('r', 'p')
+     WHERE c.relnamespace OPERATOR(pg_catalog.=) 'fluxrate_internal'::regnamespace AND c.relkind IN ('r', 'p') AND NOT c.relispartition
        AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid
                      AND a.attname OPERATOR(pg_catalog.=) 'org_id' AND NOT a.attisdropped)
   ), d(oid, depth) AS (

@@ -112,7 +112,7 @@ GRANT EXECUTE ON FUNCTION fluxrate_internal.role_grant_warnings(), fluxrate_inte
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA fluxrate TO fluxrate_web;
 REVOKE EXECUTE ON FUNCTION fluxrate.create_organization(text, text, text, integer, interval),
   fluxrate.act_as(uuid, boolean), fluxrate.schedule_jobs(), fluxrate.unschedule_jobs(),
-  fluxrate.refresh_usage_rollups(boolean) FROM fluxrate_web;
+  fluxrate.refresh_usage_rollups(boolean), fluxrate.maintain_event_storage() FROM fluxrate_web;
 -- The closer keeps a run's usage snapshot in two temporary tables of its
 -- session (sys_close_prepare), created as fluxrate_system: granted here so that
 -- a database that revokes TEMPORARY from PUBLIC still closes its periods.

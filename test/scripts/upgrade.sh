@@ -71,6 +71,25 @@ if ! diff -u "$W/catalog-fresh.txt" "$W/catalog-updated.txt" >"$W/catalog.diff";
 fi
 echo "catalog: $(wc -l <"$W/catalog-fresh.txt") objects, no difference"
 
+echo "== the minute job moves 0.1.0's events into monthly partitions"
+# 0.1.0's events are in the default partition after the update (docs/ingestion.md,
+# "Upgrading from 0.1.0"); the job makes this month's partitions and those ahead,
+# then drains three months of the default per run: 2025-07 .. 2026-02 are eight
+# months, so three runs empty it
+for run in 1 2 3; do
+  q "SET fluxrate.pinned_now = '2026-02-20 12:00:00+00'; SELECT fluxrate.maintain_event_storage()" >/dev/null
+done
+PARTS=$(q "SELECT string_agg(c.relname, ',' ORDER BY c.relname) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+            WHERE i.inhparent = 'fluxrate_internal.usage_events'::regclass")
+expect_parts=usage_events_default,usage_events_y2025m07,usage_events_y2025m08,usage_events_y2025m09,usage_events_y2025m10,usage_events_y2025m11,usage_events_y2025m12,usage_events_y2026m01,usage_events_y2026m02,usage_events_y2026m03,usage_events_y2026m04
+[ "$PARTS" = "$expect_parts" ] || fail "partitions after the job: $PARTS, not $expect_parts"
+[ "$(q "SELECT count(*) FROM fluxrate_internal.usage_events_default")" = 0 ] || fail "the default partition still holds events"
+# 60 history events of 1..60 (sum 1,830), 10 a month; January 1,200 + 300 + 7, February 400
+[ "$(q "SELECT count(*) || ' ' || sum(quantity) FROM fluxrate_internal.usage_events_y2025m09")" = "10 255" ] \
+  || fail "September 2025 does not hold its 10 events 21..30 (sum 255)"
+[ "$(q "SELECT count(*) FROM fluxrate_internal.usage_event_keys")" = 64 ] || fail "not 64 idempotency keys (60 history, a-1, a-2, b-1, a-3)"
+echo "partitions: ${PARTS//,/ }; default empty; 64 keys"
+
 echo "== the stored invoices are untouched"
 stored >"$W/after.txt"
 diff -u "$W/before.txt" "$W/after.txt" || fail "the update changed stored invoices or events"
@@ -83,7 +102,10 @@ SET TimeZone = 'UTC';
 SET fluxrate.pinned_now = '2026-02-20 12:00:00+00';
 SELECT (fluxrate.track(api_key => :'key', meter_token => :'token', customer_external_id => 'initech',
         quantity => 600, idempotency_key => 'a-4'))->>'replay' AS replay;
--- a replay of a key stored by 0.1.0 is still a replay
+-- a replay of a key stored by 0.1.0 is still a replay, also one whose event moved
+-- to its month's partition (h-25: 25, on 2025-09-05)
+SELECT (fluxrate.track(api_key => :'key', meter_token => :'token', customer_external_id => 'history-co',
+        quantity => 25, idempotency_key => 'h-25', "timestamp" => '2025-09-05 00:00:00+00'))->>'replay' AS replay;
 SELECT (fluxrate.track(api_key => :'key', meter_token => :'token', customer_external_id => 'initech',
         quantity => 1200, idempotency_key => 'a-1', "timestamp" => '2026-01-05 10:00:00+00'))->>'replay' AS replay;
 SET fluxrate.pinned_now = '2026-03-01 00:01:00+00';
@@ -97,6 +119,6 @@ SELECT 'FEB ' || (i->>'invoice_number') || '|' || (i->>'status') || '|' || (i->>
 SQL
 grep -q '^FEB INV-2026-0003|OPEN|40.00|4.00|44.00$' "$W/after-update.log" \
   || { cat "$W/after-update.log"; fail "February after the update is not 40.00 + 4.00 = 44.00"; }
-[ "$(grep -c '^true$' "$W/after-update.log")" = 1 ] || { cat "$W/after-update.log"; fail "the 0.1.0 idempotency key did not replay"; }
+[ "$(grep -c '^true$' "$W/after-update.log")" = 2 ] || { cat "$W/after-update.log"; fail "the 0.1.0 idempotency keys did not replay"; }
 echo "February after the update: INV-2026-0003 40.00 + 4.00 = 44.00; the 0.1.0 key replays"
 echo "upgrade: ok"

@@ -73,6 +73,15 @@ SET fluxrate.pinned_now = '2026-02-10 12:00:00+00';
 SELECT (fluxrate.track(api_key => :'key_a', meter_token => :'token_a', customer_external_id => 'initech',
         quantity => 400, idempotency_key => 'a-3'))->>'replay' AS replay;
 
+-- History over six months (July to December 2025) for a customer without a
+-- subscription (so no invoice changes): 60 events, 10 a month, each with a key,
+-- for the upgrade's move into monthly partitions (issue 17)
+SELECT fluxrate.track_batch((SELECT jsonb_agg(jsonb_build_object('meter_token', :'token_a',
+         'customer_external_id', 'history-co', 'quantity', g, 'idempotency_key', 'h-' || g,
+         'timestamp', to_char(('2025-07-01 00:00:00+00'::timestamptz + ((g - 1) / 10) * interval '1 month'
+                               + ((g - 1) % 10) * interval '1 day') AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')))
+         FROM generate_series(1, 60) g), :'key_a') ->> 'created' AS history_created;
+
 -- for the rest of test/scripts/upgrade.sh
 \echo KEY_A :key_a
 \echo TOKEN_A :token_a

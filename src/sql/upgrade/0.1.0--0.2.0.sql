@@ -400,4 +400,94 @@ CREATE TABLE fluxrate_internal.wallet_alerts (
   created_at   timestamptz NOT NULL,
   PRIMARY KEY (org_id, customer_id, currency),
   FOREIGN KEY (org_id, customer_id) REFERENCES fluxrate_internal.customers (org_id, id) ON DELETE CASCADE
+-- issue 17 (32_partitions.sql, 34_bulk_load.sql): usage_events partitioned by
+-- event time, idempotency keys in their own table.  0.1.0's table is renamed
+-- (its indexes too, to free their names), the partitioned one is made as a
+-- fresh install makes it, 0.1.0's rows move into it with their ids and xact_ids
+-- (so the rollups' snapshot still tells which are counted) and their keys into
+-- usage_event_keys, and the old table goes.  The rows land in the default
+-- partition: monthly partitions are never extension members (pg_dump must dump
+-- them), so the minute job makes them, moving each month out of the default
+-- (maintain_event_partitions; docs/ingestion.md "Upgrading from 0.1.0").
+-- event_json's argument is the table's row type: dropped first, the replay
+-- below makes it again over the new table.
+DROP FUNCTION fluxrate_internal.event_json(fluxrate_internal.usage_events);
+ALTER TABLE fluxrate_internal.usage_events RENAME TO usage_events_0_1_0;
+ALTER INDEX fluxrate_internal.usage_events_pkey RENAME TO usage_events_0_1_0_pkey;
+ALTER INDEX fluxrate_internal.usage_events_org_id_idempotency_key_key RENAME TO usage_events_0_1_0_key;
+ALTER INDEX fluxrate_internal.usage_events_xact_idx RENAME TO usage_events_0_1_0_xact_idx;
+ALTER INDEX fluxrate_internal.usage_events_usage_idx RENAME TO usage_events_0_1_0_usage_idx;
+CREATE TABLE fluxrate_internal.usage_events (
+  org_id           uuid NOT NULL,
+  id               uuid NOT NULL,
+  customer_id      uuid NOT NULL,
+  meter_id         uuid NOT NULL,
+  quantity         numeric NOT NULL,
+  "timestamp"      timestamptz NOT NULL,
+  ingested_at      timestamptz NOT NULL,
+  idempotency_key  text,
+  payload_hash     bytea,
+  metadata         jsonb,
+  xact_id          bigint NOT NULL DEFAULT pg_catalog.txid_current(),
+  PRIMARY KEY (org_id, id, "timestamp")
+) PARTITION BY RANGE ("timestamp");
+CREATE INDEX usage_events_xact_idx ON fluxrate_internal.usage_events USING brin (xact_id)
+  WITH (autosummarize = on);
+CREATE INDEX usage_events_usage_idx ON fluxrate_internal.usage_events
+  (org_id, customer_id, meter_id, "timestamp") INCLUDE (quantity);
+CREATE TABLE fluxrate_internal.usage_events_default PARTITION OF fluxrate_internal.usage_events DEFAULT;
+CREATE INDEX usage_events_default_time_idx ON fluxrate_internal.usage_events_default ("timestamp");
+CREATE TABLE fluxrate_internal.usage_event_keys (
+  org_id           uuid NOT NULL,
+  idempotency_key  text NOT NULL,
+  event_id         uuid NOT NULL,
+  "timestamp"      timestamptz NOT NULL,
+  payload_hash     bytea,
+  PRIMARY KEY (org_id, idempotency_key)
+) PARTITION BY HASH (org_id);
+CREATE TABLE fluxrate_internal.usage_event_keys_h0 PARTITION OF fluxrate_internal.usage_event_keys FOR VALUES WITH (MODULUS 8, REMAINDER 0);
+CREATE TABLE fluxrate_internal.usage_event_keys_h1 PARTITION OF fluxrate_internal.usage_event_keys FOR VALUES WITH (MODULUS 8, REMAINDER 1);
+CREATE TABLE fluxrate_internal.usage_event_keys_h2 PARTITION OF fluxrate_internal.usage_event_keys FOR VALUES WITH (MODULUS 8, REMAINDER 2);
+CREATE TABLE fluxrate_internal.usage_event_keys_h3 PARTITION OF fluxrate_internal.usage_event_keys FOR VALUES WITH (MODULUS 8, REMAINDER 3);
+CREATE TABLE fluxrate_internal.usage_event_keys_h4 PARTITION OF fluxrate_internal.usage_event_keys FOR VALUES WITH (MODULUS 8, REMAINDER 4);
+CREATE TABLE fluxrate_internal.usage_event_keys_h5 PARTITION OF fluxrate_internal.usage_event_keys FOR VALUES WITH (MODULUS 8, REMAINDER 5);
+CREATE TABLE fluxrate_internal.usage_event_keys_h6 PARTITION OF fluxrate_internal.usage_event_keys FOR VALUES WITH (MODULUS 8, REMAINDER 6);
+CREATE TABLE fluxrate_internal.usage_event_keys_h7 PARTITION OF fluxrate_internal.usage_event_keys FOR VALUES WITH (MODULUS 8, REMAINDER 7);
+INSERT INTO fluxrate_internal.usage_events
+  (org_id, id, customer_id, meter_id, quantity, "timestamp", ingested_at, idempotency_key, payload_hash, metadata, xact_id)
+SELECT o.org_id, o.id, o.customer_id, o.meter_id, o.quantity, o."timestamp", o.ingested_at, o.idempotency_key,
+       o.payload_hash, o.metadata, o.xact_id
+  FROM fluxrate_internal.usage_events_0_1_0 o;
+INSERT INTO fluxrate_internal.usage_event_keys (org_id, idempotency_key, event_id, "timestamp", payload_hash)
+SELECT o.org_id, o.idempotency_key, o.id, o."timestamp", o.payload_hash
+  FROM fluxrate_internal.usage_events_0_1_0 o WHERE o.idempotency_key IS NOT NULL;
+-- (out of the extension first: that takes it off pg_dump's list of
+-- configuration tables too, which a plain DROP TABLE leaves behind)
+ALTER EXTENSION fluxrate DROP TABLE fluxrate_internal.usage_events_0_1_0;
+DROP TABLE fluxrate_internal.usage_events_0_1_0;
+-- the bulk load's staging row (34_bulk_load.sql); types are not replayed
+CREATE TYPE fluxrate.event_load_row AS (
+  line                  bigint,
+  meter_token           text,
+  meter_name            text,
+  customer_external_id  text,
+  quantity              numeric,
+  "timestamp"           timestamptz,
+  idempotency_key       text,
+  metadata              jsonb,
+  properties            jsonb
+);
+-- retention (33_retention.sql): the organizations' policies and what left
+CREATE TABLE fluxrate_internal.event_retention (
+  org_id      uuid PRIMARY KEY REFERENCES fluxrate_internal.organizations ON DELETE CASCADE,
+  keep_days   integer NOT NULL CHECK (keep_days >= 0 AND keep_days <= 36500),
+  updated_at  timestamptz NOT NULL
+);
+CREATE TABLE fluxrate_internal.archived_events (
+  org_id         uuid NOT NULL REFERENCES fluxrate_internal.organizations ON DELETE CASCADE,
+  month          timestamptz NOT NULL,
+  archived_at    timestamptz NOT NULL,
+  events         bigint NOT NULL,
+  archive_table  text NOT NULL,
+  PRIMARY KEY (org_id, month, archived_at)
 );

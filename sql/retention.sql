@@ -1,0 +1,112 @@
+-- Retention (issue 17, docs/rollups.md "Retention"): an organization keeps its
+-- raw events 10 days after their period is finalized; January 2032's
+-- partition is archived by the minute job only when every organization in it
+-- allows it; a late January event after the archival is billed once, from the
+-- rollups, on February's invoice.  Months of 2032, which no other test touches.
+SET TimeZone = 'UTC';
+\set VERBOSITY sqlstate
+-- the closes below close every organization's due periods: in the suite's
+-- shared database, other tests' subscriptions warn (security.sql's
+-- hostile ones are set aside every time); only errors are shown
+SET client_min_messages = error;
+SET fluxrate.pinned_now = '2032-01-01 00:00:00+00';
+SELECT (fluxrate.create_organization('Keeper', grace_period => '0'))->>'id' AS org \gset
+SELECT (fluxrate.create_organization('Hoarder', grace_period => '0'))->>'id' AS org_h \gset
+SELECT fluxrate.act_as(:'org', true) IS NOT NULL AS acting;
+SELECT f->>'meter_token' AS tok, f->>'meter_id' AS meter FROM fluxrate.create_feature('Calls', 'calls', 'meter',
+       meter_name => 'calls', property_name => 'n', aggregation_type => 'SUM') f \gset
+SELECT (fluxrate.create_plan('Usage', 'usage', 'USAGE', 'month', 'EUR'))->>'id' AS plan \gset
+SELECT (fluxrate.add_charge(:'plan', 'USAGE', unit_price => 0.50, meter_id => :'meter'))->>'status' AS charge;
+SELECT (fluxrate.create_customer('Cust', 'cust@example.com', 'cust'))->>'id' AS cust \gset
+SELECT (fluxrate.create_subscription(:'cust', :'plan', start_date => '2032-01-01 00:00+00'))->>'status' AS status;
+-- the policy: 10 days after finalization; refusals
+SELECT fluxrate.set_event_retention(-1);       -- 22023
+SELECT fluxrate.set_event_retention(40000);    -- 22023
+SELECT fluxrate.set_event_retention(10);
+-- the job makes January, February and March 2032
+SELECT x->>'partition' AS made FROM fluxrate.maintain_event_storage() p, jsonb_array_elements(p->'partitions'->'made') x
+ WHERE x->>'partition' LIKE '%2032%';
+
+-- January: 10 + 20 = 30 calls; the rollups count them
+SET fluxrate.pinned_now = '2032-01-20 00:00:00+00';
+SELECT (fluxrate.track(meter_token => :'tok', customer_external_id => 'cust', quantity => 10, "timestamp" => '2032-01-05 00:00+00',
+        idempotency_key => 'jan-1'))->>'replay' AS replay;
+SELECT (fluxrate.track(meter_token => :'tok', customer_external_id => 'cust', quantity => 20, "timestamp" => '2032-01-15 00:00+00'))->>'replay' AS replay;
+-- February 1: January closes and finalizes (grace 0): 30 x 0.50 = 15.00
+SET fluxrate.pinned_now = '2032-02-01 00:00:00+00';
+SELECT (fluxrate.refresh_usage_rollups())->>'skipped' AS skipped;
+CALL fluxrate.close_due_periods();
+CALL fluxrate.finalize_due_invoices();
+SELECT i.status, i.total, l.line_type, l.quantity, l.line_total FROM fluxrate_internal.invoices i
+  JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.org_id = :'org' AND i.period_start = '2032-01-01' ORDER BY l.position;
+
+-- February 5: finalized 4 days ago, not 10: January stays
+SET fluxrate.pinned_now = '2032-02-05 00:00:00+00';
+SELECT p->'retention'->'archived' AS archived FROM fluxrate.maintain_event_storage() p;
+-- February 12: 11 days, but Hoarder (no retention) has a January event: January stays for everyone
+SET fluxrate.pinned_now = '2032-02-12 00:00:00+00';
+SELECT fluxrate.act_as(:'org_h', true) IS NOT NULL AS acting_h;
+SELECT f->>'meter_token' AS tok_h FROM fluxrate.create_feature('Calls', 'calls', 'meter', meter_name => 'calls',
+       property_name => 'n', aggregation_type => 'SUM') f \gset
+SELECT (fluxrate.track(meter_token => :'tok_h', customer_external_id => 'h', quantity => 1, "timestamp" => '2032-01-07 00:00+00'))->>'replay' AS replay;
+SELECT (fluxrate.refresh_usage_rollups())->>'skipped' AS skipped;
+SELECT p->'retention'->'archived' AS archived FROM fluxrate.maintain_event_storage() p;
+-- Hoarder sets a retention too (no subscription: its events may go 0 days after): January goes
+SELECT (fluxrate.set_event_retention(0))->>'keep_days' AS keep_days_h;
+SELECT jsonb_array_length(p->'retention'->'archived') AS archived, p->'retention'->'archived'->0->>'month' AS month
+  FROM fluxrate.maintain_event_storage() p;
+SELECT fluxrate.act_as(:'org', true) IS NOT NULL AS acting;
+-- the partition left usage_events by DETACH and waits aside for the operator's COPY
+SELECT count(*) AS january_partitions FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+ WHERE i.inhparent = 'fluxrate_internal.usage_events'::regclass AND c.relname = 'usage_events_y2032m01';
+SELECT c.relname AS archive, (SELECT count(*) FROM pg_inherits i WHERE i.inhrelid = c.oid) AS still_attached
+  FROM pg_class c WHERE c.relname LIKE 'usage\_events\_y2032m01\_archived\_%';
+SELECT count(*) AS raw_january_events FROM fluxrate_internal.usage_events WHERE org_id = :'org' AND "timestamp" < '2032-02-01';
+-- what was archived, said by the policy and by list_meter_events
+SELECT x->>'month' AS month, x->>'events' AS events FROM jsonb_array_elements(fluxrate.get_event_retention()->'archived') x;
+SELECT (fluxrate.list_meter_events(:'meter'))->'archived'->0->>'events' AS listed_archived,
+       (fluxrate.list_meter_events(:'meter'))->'meta'->>'total' AS listed_events;
+-- the key of an archived event still replays (id and time from the key table)
+SELECT e->>'replay' AS replay, e->>'timestamp' AS ts
+  FROM fluxrate.track(meter_token => :'tok', customer_external_id => 'cust', quantity => 10, "timestamp" => '2032-01-05 00:00+00',
+       idempotency_key => 'jan-1') e;
+-- live usage of January from the rollups: still 30
+SELECT fluxrate_internal.meter_usage(:'org', :'cust', :'meter', '2032-01-01', '2032-02-01') AS january_usage;
+
+-- February 15: a late January event of 4 calls, and 6 calls in February
+SET fluxrate.pinned_now = '2032-02-15 00:00:00+00';
+SELECT (fluxrate.track(meter_token => :'tok', customer_external_id => 'cust', quantity => 4, "timestamp" => '2032-01-25 00:00+00',
+        idempotency_key => 'late-1'))->>'replay' AS late_replay;
+SELECT (fluxrate.track(meter_token => :'tok', customer_external_id => 'cust', quantity => 6, "timestamp" => '2032-02-10 00:00+00'))->>'replay' AS replay;
+-- the late event is in the default partition (January has none any more); the
+-- next job run gives January a partition again and moves it there
+SELECT count(*) AS in_default FROM fluxrate_internal.usage_events_default WHERE org_id = :'org';
+-- (the job's partition step, draining all of the default at once: the suite's
+-- shared database has other tests' older months in it)
+SELECT x->>'partition' AS made, x->>'moved' AS moved
+  FROM fluxrate_internal.maintain_event_partitions(drain => 100) p, jsonb_array_elements(p->'made') x
+ WHERE x->>'partition' LIKE '%2032%';
+-- March 1: February closes with 6 calls and the late 4 of January, priced once:
+--   usage      6 x 0.50 = 3.00
+--   late usage 4 x 0.50 = 2.00   (January now 30 archived + 4 = 34, billed 30 before)
+--   total 5.00 (no tax rate)
+SET fluxrate.pinned_now = '2032-03-01 00:00:00+00';
+SELECT (fluxrate.refresh_usage_rollups())->>'skipped' AS skipped;
+CALL fluxrate.close_due_periods();
+CALL fluxrate.finalize_due_invoices();
+SELECT i.status, i.total, l.line_type, l.quantity, l.line_total, l.meta->>'billed_before' AS billed_before
+  FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.org_id = :'org' AND i.period_start = '2032-02-01' ORDER BY l.position;
+-- April 1: March has no usage, and January's late 4 are not billed again
+--   usage 0 x 0.50 = 0.00, no late line: total 0.00
+SET fluxrate.pinned_now = '2032-04-01 00:00:00+00';
+SELECT (fluxrate.refresh_usage_rollups())->>'skipped' AS skipped;
+CALL fluxrate.close_due_periods();
+CALL fluxrate.finalize_due_invoices();
+SELECT i.status, i.total, l.line_type, l.quantity, l.line_total
+  FROM fluxrate_internal.invoices i JOIN fluxrate_internal.invoice_lines l ON l.org_id = i.org_id AND l.invoice_id = i.id
+ WHERE i.org_id = :'org' AND i.period_start = '2032-03-01' ORDER BY l.position;
+SELECT count(*) AS late_lines_for_january FROM fluxrate_internal.invoice_lines
+ WHERE org_id = :'org' AND line_type = 'late_usage' AND period_start = '2032-01-01';
+RESET fluxrate.acting_org;
