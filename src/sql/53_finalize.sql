@@ -97,13 +97,43 @@ DECLARE
   v_state text;
   v_msg text;
   v_attempts integer;
+  v_orgs uuid[];
+  v_ids uuid[];
+  v_metas jsonb[];
 BEGIN
+  SELECT coalesce(array_agg(c.org_id ORDER BY c.k), '{}'), coalesce(array_agg(c.id ORDER BY c.k), '{}'),
+         coalesce(array_agg(c.meta_data ORDER BY c.k), '{}')
+    INTO v_orgs, v_ids, v_metas
+    FROM (SELECT x.org_id, x.id, x.meta_data,
+                 row_number() OVER (ORDER BY x.scheduled_finalize_at, x.org_id, x.period_start, x.created_at, x.id) AS k
+            FROM (SELECT x.* FROM fluxrate_internal.invoices x
+                   WHERE x.status = 'DRAFT' AND x.scheduled_finalize_at <= v_now
+                   ORDER BY x.scheduled_finalize_at, x.org_id, x.period_start, x.created_at, x.id
+                   LIMIT batch_size
+                   FOR UPDATE SKIP LOCKED) x) c;
+  -- The rows two batches may share -- a customer's fixed-amount coupon
+  -- redemptions (the draft's refresh, 56_discounts.sql) and credit grants
+  -- (wallet_apply, 59_wallets.sql) -- are locked here, all at once and in key
+  -- order, before the batch's first invoice number: taken invoice by invoice,
+  -- a batch holding the organization's counter (numbering) could wait for a
+  -- redemption the other batch holds while that one waits for the counter.
+  PERFORM 1 FROM fluxrate_internal.coupon_redemptions rd
+    JOIN fluxrate_internal.coupons k ON k.org_id = rd.org_id AND k.id = rd.coupon_id AND k.discount_type = 'fixed'
+    JOIN fluxrate_internal.invoices i ON i.org_id = rd.org_id
+         AND (rd.subscription_id = i.subscription_id OR (rd.subscription_id IS NULL AND rd.customer_id = i.customer_id))
+    JOIN unnest(v_orgs, v_ids) b(org_id, id) ON b.org_id = i.org_id AND b.id = i.id
+   WHERE rd.status = 'ACTIVE'
+   ORDER BY rd.org_id, rd.id
+     FOR UPDATE OF rd;
+  PERFORM 1 FROM fluxrate_internal.credit_grants g
+    JOIN fluxrate_internal.invoices i ON i.org_id = g.org_id AND i.customer_id = g.customer_id AND i.currency = g.currency
+    JOIN unnest(v_orgs, v_ids) b(org_id, id) ON b.org_id = i.org_id AND b.id = i.id
+   WHERE g.status = 'ACTIVE'
+   ORDER BY g.org_id, g.id
+     FOR UPDATE OF g;
   FOR r IN
-    SELECT x.org_id, x.id, x.meta_data FROM fluxrate_internal.invoices x
-     WHERE x.status = 'DRAFT' AND x.scheduled_finalize_at <= v_now
-     ORDER BY x.scheduled_finalize_at, x.org_id, x.period_start, x.created_at, x.id
-     LIMIT batch_size
-     FOR UPDATE SKIP LOCKED
+    SELECT b.org_id, b.id, b.meta_data FROM unnest(v_orgs, v_ids, v_metas) WITH ORDINALITY b(org_id, id, meta_data, k)
+     ORDER BY b.k
   LOOP
     PERFORM set_config('fluxrate.current_org', r.org_id::text, true);
     IF NOT isolated THEN
