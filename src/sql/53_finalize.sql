@@ -129,7 +129,9 @@ BEGIN
     JOIN fluxrate_internal.invoices i ON i.org_id = g.org_id AND i.customer_id = g.customer_id AND i.currency = g.currency
     JOIN unnest(v_orgs, v_ids) b(org_id, id) ON b.org_id = i.org_id AND b.id = i.id
    WHERE g.status = 'ACTIVE'
-   ORDER BY g.org_id, g.id
+   -- (per customer, wallet_apply's own spending order: a finalize_invoice
+   -- beside the batch takes a subset of these rows in the same order)
+   ORDER BY g.org_id, g.customer_id, g.currency, g.priority, g.expires_at NULLS LAST, g.created_at, g.id
      FOR UPDATE OF g;
   FOR r IN
     SELECT b.org_id, b.id, b.meta_data FROM unnest(v_orgs, v_ids, v_metas) WITH ORDINALITY b(org_id, id, meta_data, k)

@@ -400,6 +400,7 @@ CREATE TABLE fluxrate_internal.wallet_alerts (
   created_at   timestamptz NOT NULL,
   PRIMARY KEY (org_id, customer_id, currency),
   FOREIGN KEY (org_id, customer_id) REFERENCES fluxrate_internal.customers (org_id, id) ON DELETE CASCADE
+);
 -- issue 17 (32_partitions.sql, 34_bulk_load.sql): usage_events partitioned by
 -- event time, idempotency keys in their own table.  0.1.0's table is renamed
 -- (its indexes too, to free their names), the partitioned one is made as a
