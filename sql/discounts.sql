@@ -216,3 +216,38 @@ SELECT jsonb_array_length(fluxrate.list_redemptions(customer_id => :'hana')) AS 
        (SELECT count(*) FROM jsonb_array_elements(fluxrate.list_redemptions(customer_id => :'hana')) r WHERE r->>'status' = 'REMOVED') AS removed;
 -- the outbox has the redemptions
 SELECT count(*) AS redeemed_events FROM fluxrate_internal.outbox WHERE org_id = :'org' AND event = 'coupon.redeemed';  -- 8
+
+-- A plan change splits a period in two invoices (docs/lifecycle.md "Plan
+-- changes"); a fixed amount per period is one allowance for the period, not one
+-- per invoice.  Org "Split Co": Basic, a $30 fee in arrears; Premium, $100 in
+-- arrears; a coupon of $10 off every period, on Ivy from April 1.  She moves to
+-- Premium on April 13 (12 of April's 30 days gone: 40%).
+--   the change invoice [Apr 1, Apr 13): 30 x 12/30 = 12.00, less 10.00 -> 2.00
+--   the close [Apr 13, May 1): 100 x 18/30 = 60.00; April's $10 is spent -> no discount, 60.00
+--   May [May 1, Jun 1): 100.00, less May's 10.00 -> 90.00
+SET fluxrate.pinned_now = '2026-04-01 00:00:00+00';
+SELECT (fluxrate.create_organization('Split Co'))->>'id' AS org_s \gset
+SELECT fluxrate.act_as(:'org_s', true) IS NOT NULL AS acting;
+SELECT (fluxrate.create_plan('Basic', 'basic', 'FIXED', 'month', 'USD'))->>'id' AS basic \gset
+SELECT (fluxrate.add_charge(:'basic', 'FIXED', unit_price => 30, display_name => 'Basic fee', billing_timing => 'in_arrears'))->>'status' AS basic_fee;
+SELECT (fluxrate.create_plan('Premium', 'premium', 'FIXED', 'month', 'USD'))->>'id' AS premium \gset
+SELECT (fluxrate.add_charge(:'premium', 'FIXED', unit_price => 100, display_name => 'Premium fee', billing_timing => 'in_arrears'))->>'status' AS premium_fee;
+SELECT (fluxrate.create_coupon('TENMONTHLY', '$10 off every month', 'fixed', amount_off => 10, currency => 'USD', duration => 'forever'))->>'code' AS coupon;
+SELECT (fluxrate.create_customer('Ivy', 'ivy@example.com', 'ivy'))->>'id' AS ivy \gset
+SELECT (fluxrate.create_subscription(:'ivy', :'basic', start_date => '2026-04-01 00:00+00'))->>'id' AS sub_ivy \gset
+SELECT (fluxrate.redeem_coupon(code => 'TENMONTHLY', subscription_id => :'sub_ivy'))->>'status' AS redeemed;
+SET fluxrate.pinned_now = '2026-04-13 00:00:00+00';
+SELECT (fluxrate.change_subscription(:'sub_ivy', :'premium'))->'change'->>'status' AS changed;
+SET fluxrate.pinned_now = '2026-05-01 00:00:00+00';
+CALL fluxrate.close_due_periods();
+SET fluxrate.pinned_now = '2026-06-01 00:00:00+00';
+CALL fluxrate.close_due_periods();
+SELECT i.kind, i.period_start::date, i.period_end::date, i.subtotal, i.total,
+       (SELECT string_agg(l.line_type || ' ' || l.line_total, ', ' ORDER BY l.position) FROM fluxrate_internal.invoice_lines l
+         WHERE l.org_id = i.org_id AND l.invoice_id = i.id) AS lines
+  FROM fluxrate_internal.invoices i WHERE i.org_id = :'org_s' AND i.subscription_id = :'sub_ivy' ORDER BY i.period_start;
+-- the finalizer's refresh of each draft (fill_lines) agrees: the same totals
+SET fluxrate.pinned_now = '2026-06-02 00:00:00+00';
+CALL fluxrate.finalize_due_invoices();
+SELECT i.kind, i.status, i.total FROM fluxrate_internal.invoices i
+ WHERE i.org_id = :'org_s' AND i.subscription_id = :'sub_ivy' ORDER BY i.period_start;

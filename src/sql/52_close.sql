@@ -908,7 +908,7 @@ BEGIN
          || fluxrate_internal.close_sql_minimum() || ', '
          || fluxrate_internal.close_sql_lines() || ', '
          -- the discounts read dctx (the invoices) and lines
-         || 'dctx AS (SELECT sb.org_id, sb.sub_id, sb.customer_id, sb.plan_id, sb.invoice_id, sb.currency, sb.ps, sb.pe FROM sb), '
+         || 'dctx AS (SELECT sb.org_id, sb.sub_id, sb.customer_id, sb.plan_id, sb.invoice_id, sb.currency, sb.ps, sb.pe, sb.nominal_start AS nps FROM sb), '
          || fluxrate_internal.close_sql_discounts() || ', '
          || fluxrate_internal.close_sql_invoices() || ', '
          || fluxrate_internal.close_sql_advance() || ', '

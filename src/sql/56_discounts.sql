@@ -102,7 +102,7 @@ CREATE AGGREGATE fluxrate_internal.numeric_product(numeric) (
 -- The discount lines, as a part of one WITH list (close_statement() in
 -- 52_close.sql; write_discount_lines() below).  It reads two CTEs its caller
 -- defines before it:
---   dctx  (org_id, sub_id, customer_id, plan_id, invoice_id, currency, ps, pe)
+--   dctx  (org_id, sub_id, customer_id, plan_id, invoice_id, currency, ps, pe, nps: the nominal period's start)
 --         one row per invoice being written
 --   lines (org_id, sub_id, pos, line_type, charge_id, amount, line_start,
 --          line_end, line_total): the invoice's other lines, amount unrounded
@@ -125,7 +125,7 @@ CREATE FUNCTION fluxrate_internal.close_sql_discounts() RETURNS text
   AS $fn$ SELECT $sql$
   dred AS MATERIALIZED (
     -- the redemptions of each invoice, in the order they apply
-    SELECT d.org_id, d.sub_id, d.invoice_id, d.currency, d.ps, d.pe, r.id AS redemption_id, r.applies_from, r.applies_until,
+    SELECT d.org_id, d.sub_id, d.invoice_id, d.currency, d.ps, d.pe, d.nps, r.id AS redemption_id, r.applies_from, r.applies_until,
            k.id AS coupon_id, k.code, k.name, k.discount_type, k.percent_off, k.amount_off, k.carry_over, k.charge_ids,
            row_number() OVER (PARTITION BY d.org_id, d.sub_id
                               ORDER BY k.discount_type = 'fixed', r.redeemed_at, r.id)::integer AS ord
@@ -172,19 +172,22 @@ CREATE FUNCTION fluxrate_internal.close_sql_discounts() RETURNS text
     SELECT t.*,
            CASE WHEN t.discount_type = 'percentage' THEN t.pct_taken
                 ELSE greatest(0, least(t.fixed_room,
-                  -- its allowance: what other invoices of the period (carry_over: of the window) did not take
+                  -- its allowance: what other invoices of the period (carry_over: of the window) did not take;
+                  -- the period is the nominal one, so the two invoices of a period a plan change split
+                  -- (55_plan_changes.sql) share one allowance
                   t.amount_off - coalesce((SELECT -sum(il.amount_unrounded)
                       FROM fluxrate_internal.invoice_lines il
                       JOIN fluxrate_internal.invoices iv ON iv.org_id = il.org_id AND iv.id = il.invoice_id
                      WHERE il.org_id = t.org_id AND il.redemption_id = t.redemption_id AND il.invoice_id <> t.invoice_id
-                       AND iv.status <> 'VOID' AND (t.carry_over OR iv.period_start = t.ps)), 0))) END AS raw
-      FROM (SELECT c.org_id, c.sub_id, c.invoice_id, c.currency, c.ps, c.pe, c.redemption_id, c.coupon_id, c.code, c.name,
+                       AND iv.status <> 'VOID'
+                       AND (t.carry_over OR coalesce((iv.meta_data->>'nominal_start')::timestamptz, iv.period_start) = t.nps)), 0))) END AS raw
+      FROM (SELECT c.org_id, c.sub_id, c.invoice_id, c.currency, c.ps, c.pe, c.nps, c.redemption_id, c.coupon_id, c.code, c.name,
                    c.discount_type, c.percent_off, c.amount_off, c.carry_over, c.ord,
                    max(c.whole) AS whole, max(c.whole_rounded) AS whole_rounded, max(c.last_pos) AS last_pos,
                    coalesce(sum(c.left_before * c.percent_off / 100) FILTER (WHERE c.discount_type = 'percentage'), 0) AS pct_taken,
                    coalesce(sum(c.amount - c.line_taken) FILTER (WHERE c.discount_type = 'fixed'), 0) AS fixed_room
               FROM dcover2 c
-             GROUP BY c.org_id, c.sub_id, c.invoice_id, c.currency, c.ps, c.pe, c.redemption_id, c.coupon_id, c.code, c.name,
+             GROUP BY c.org_id, c.sub_id, c.invoice_id, c.currency, c.ps, c.pe, c.nps, c.redemption_id, c.coupon_id, c.code, c.name,
                       c.discount_type, c.percent_off, c.amount_off, c.carry_over, c.ord) t
   ), dcap AS (
     SELECT w.*,
@@ -225,7 +228,9 @@ BEGIN
   IF i.subscription_id IS NULL THEN
     RETURN;
   END IF;
-  SELECT s.plan_id INTO v_plan FROM fluxrate_internal.subscriptions s WHERE s.org_id = i.org_id AND s.id = i.subscription_id;
+  -- the plan the invoice was rated with (a plan change may have moved the subscription since)
+  SELECT coalesce((i.meta_data->>'plan_id')::uuid, s.plan_id) INTO v_plan
+    FROM fluxrate_internal.subscriptions s WHERE s.org_id = i.org_id AND s.id = i.subscription_id;
   PERFORM 1 FROM fluxrate_internal.coupon_redemptions r
     JOIN fluxrate_internal.coupons k ON k.org_id = r.org_id AND k.id = r.coupon_id AND k.discount_type = 'fixed'
    WHERE r.org_id = i.org_id AND r.status = 'ACTIVE'
@@ -233,7 +238,8 @@ BEGIN
    ORDER BY r.id
      FOR UPDATE OF r;
   EXECUTE 'WITH dctx AS (SELECT $1::uuid AS org_id, $2::uuid AS sub_id, $3::uuid AS customer_id, $4::uuid AS plan_id,
-                                $5::uuid AS invoice_id, $6::text AS currency, $7::timestamptz AS ps, $8::timestamptz AS pe),
+                                $5::uuid AS invoice_id, $6::text AS currency, $7::timestamptz AS ps, $8::timestamptz AS pe,
+                                $9::timestamptz AS nps),
                 lines AS (SELECT l.org_id, $2::uuid AS sub_id, l.position AS pos, l.line_type, l.charge_id,
                                  coalesce(l.amount_unrounded, l.line_total) AS amount, l.period_start AS line_start,
                                  l.period_end AS line_end, l.line_total
@@ -243,7 +249,8 @@ BEGIN
         quantity, unit_amount, line_total, amount_unrounded, period_start, period_end, meta, redemption_id)
     SELECT d.org_id, d.invoice_id, d.pos, d.line_type, d.charge_id, d.description, d.quantity, d.unit_amount,
            d.line_total, d.amount, d.line_start, d.line_end, d.meta, d.redemption_id FROM disc d'
-  USING i.org_id, i.subscription_id, i.customer_id, v_plan, i.id, i.currency, i.period_start, i.period_end;
+  USING i.org_id, i.subscription_id, i.customer_id, v_plan, i.id, i.currency, i.period_start, i.period_end,
+        coalesce((i.meta_data->>'nominal_start')::timestamptz, i.period_start);
 END
 $$;
 
