@@ -5,7 +5,7 @@
 # The closer reads the month from the usage rollups that the minute job keeps
 # (refreshed here once, before the period ends, and timed apart) plus the
 # events that arrived after the last refresh.
-# BENCH_GROUPS=N (bench/32_close_grouped.sh: 10): the first meter carries a
+# BENCH_GROUPS=N (bench/34_close_grouped.sh: 10): the first meter carries a
 # dimension (model, N values) and its charge prices by it, N groups with their
 # own pricing (issue 15); the events carry the model; the rollups are keyed by
 # it and the closer reads them by group.  The baseline then groups by the
