@@ -195,6 +195,8 @@ BEGIN
                      ('fluxrate-finalize-invoices', 'finalize_due_invoices', interval '5 minutes'),
                      ('fluxrate-deliver', 'deliver_pending', interval '5 minutes'),
                      ('fluxrate-usage-rollups', 'refresh_usage_rollups', interval '5 minutes'),
+                     -- partitions made ahead and retention: behind, events of a new month land in the default
+                     ('fluxrate-event-storage', 'maintain_event_storage', interval '5 minutes'),
                      ('fluxrate-purge-deliveries', 'purge_deliveries', interval '25 hours')) x(jobname, command, stale)
         LEFT JOIN LATERAL (SELECT * FROM fluxrate_internal.cron_jobs() c WHERE c.jobname = x.jobname ORDER BY c.jobid LIMIT 1) c ON true
        ORDER BY x.jobname

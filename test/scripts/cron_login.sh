@@ -29,7 +29,7 @@ wait_for() {   # wait_for <seconds> <sql returning t when done>
 }
 
 echo "== 1. trust: schedule_jobs() logs in as pg_cron will, and schedules"
-[ "$(q "SELECT count(*) FROM jsonb_object_keys(fluxrate.schedule_jobs())")" = 5 ] || fail "schedule_jobs did not schedule 5 jobs"
+[ "$(q "SELECT count(*) FROM jsonb_object_keys(fluxrate.schedule_jobs())")" = 6 ] || fail "schedule_jobs did not schedule 6 jobs"
 clock=$(q "SELECT status || ' ' || detail FROM fluxrate.health WHERE area = 'clock'")
 echo "   clock: $clock"
 [[ $clock == "ok jobs log in over libpq (host=$CLUSTER_SOCK port=5432)" ]] || fail "clock row: $clock"
@@ -50,13 +50,13 @@ state=$(psql -X -q -v VERBOSITY=sqlstate -c 'SELECT fluxrate.schedule_jobs()' 2>
 [[ $err == *'no password supplied'* ]] || fail "detail carries libpq's reason"
 [[ $err == *'HINT:  Set cron.use_background_workers = on in postgresql.conf'* ]] || fail "hint names the setting"
 echo "   the minute jobs scheduled in 1 now fail for real (bounded wait; the daily purge does not run)"
-wait_for 75 "SELECT count(DISTINCT d.jobid) = 4 FROM cron.job_run_details d JOIN cron.job j USING (jobid)
+wait_for 75 "SELECT count(DISTINCT d.jobid) = 5 FROM cron.job_run_details d JOIN cron.job j USING (jobid)
               WHERE j.jobname LIKE 'fluxrate-%' AND j.schedule = '* * * * *' AND d.status = 'failed'" || fail "pg_cron's runs did not fail"
 # the operator (not a superuser) reads them through health()
 health=$(PGUSER=ops_reader PGPASSWORD=reader-pw qf -F ' | ' -c "SELECT item, status, count, detail FROM fluxrate.health WHERE area = 'job' ORDER BY item")
 echo "$health" | sed 's/^/   /'
-[ "$(echo "$health" | grep -c '| failing | ')" = 4 ] || fail "health() does not report the 4 jobs failing"
-[ "$(echo "$health" | grep -cE 'failed runs? (and no success|since its last success at [^;]*); the last( at .* UTC)?: connection failed')" = 4 ] || fail "health() does not give pg_cron's reason"
+[ "$(echo "$health" | grep -c '| failing | ')" = 5 ] || fail "health() does not report the 5 minute jobs failing"
+[ "$(echo "$health" | grep -cE 'failed runs? (and no success|since its last success at [^;]*); the last( at .* UTC)?: connection failed')" = 5 ] || fail "health() does not give pg_cron's reason"
 # a tenant (a trusted application role) is refused
 q "CREATE ROLE ops_tenant LOGIN PASSWORD 'tenant-pw'; GRANT fluxrate_app TO ops_tenant" >/dev/null
 t=$(PGUSER=ops_tenant PGPASSWORD=tenant-pw psql -X -q -v VERBOSITY=sqlstate -c 'SELECT * FROM fluxrate.health' 2>&1 || true)
@@ -65,7 +65,7 @@ t=$(PGUSER=ops_tenant PGPASSWORD=tenant-pw psql -X -q -v VERBOSITY=sqlstate -c '
 echo "== 3. the password in the server's .pgpass: accepted, and pg_cron bills a daily period by itself"
 printf '*:*:*:postgres:cron-login-test\n' > "$CLUSTER_DIR/pgpass"; chmod 600 "$CLUSTER_DIR/pgpass"
 PGPASSFILE=$CLUSTER_DIR/pgpass pg_ctl -D "$DATA" -l "$CLUSTER_DIR/server.log" -w restart >/dev/null
-[ "$(q "SELECT count(*) FROM jsonb_object_keys(fluxrate.schedule_jobs())")" = 5 ] || fail "schedule_jobs refused a working login"
+[ "$(q "SELECT count(*) FROM jsonb_object_keys(fluxrate.schedule_jobs())")" = 6 ] || fail "schedule_jobs refused a working login"
 # a daily plan whose first period ended a few seconds ago; grace period 0; 3.25 per day in arrears
 org=$(q "SELECT (fluxrate.create_organization('Cron login', grace_period => '0'))->>'id'")
 qf >/dev/null <<SQL
@@ -97,12 +97,12 @@ done
 echo "== 4. DROP EXTENSION fluxrate unschedules its jobs"
 jobs() { q "SELECT count(*) FROM cron.job WHERE jobname LIKE 'fluxrate-%'"; }
 q "CREATE EXTENSION pg_trgm; DROP EXTENSION pg_trgm" >/dev/null
-[ "$(jobs)" = 5 ] || fail "dropping another extension touched fluxrate's jobs"
+[ "$(jobs)" = 6 ] || fail "dropping another extension touched fluxrate's jobs"
 q "BEGIN; DROP EXTENSION fluxrate; ROLLBACK" >/dev/null 2>&1
-[ "$(jobs)" = 5 ] || fail "a rolled-back DROP EXTENSION unscheduled the jobs"
+[ "$(jobs)" = 6 ] || fail "a rolled-back DROP EXTENSION unscheduled the jobs"
 out=$(psql -X -q -c 'DROP EXTENSION fluxrate' 2>&1)
 echo "   $out"
-[[ $out == *'unscheduled its 5 pg_cron jobs'* ]] || fail "no notice: $out"
+[[ $out == *'unscheduled its 6 pg_cron jobs'* ]] || fail "no notice: $out"
 [ "$(jobs)" = 0 ] || fail "DROP EXTENSION fluxrate left $(jobs) jobs"
 # (pg_cron lets PUBLIC select its tables, under row-level security: look at the grants themselves)
 [ "$(q "SELECT count(*) FROM pg_class c, aclexplode(c.relacl) a

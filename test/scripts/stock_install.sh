@@ -55,7 +55,7 @@ tail -15 "/tmp/$NAME-install.log" | sed 's/^/   /'
 rm -f "/tmp/$NAME-install.sh" "/tmp/$NAME-install.log"
 LOG=/var/log/postgresql/postgresql-15-$NAME.log
 su_psql() { sudo -u postgres psql --cluster "15/$NAME" -d billing -X -q -t -A -v ON_ERROR_STOP=1 "$@"; }
-[ "$(su_psql -c "SELECT count(*) FROM cron.job WHERE jobname LIKE 'fluxrate-%'")" = 5 ] || fail "the jobs are not scheduled"
+[ "$(su_psql -c "SELECT count(*) FROM cron.job WHERE jobname LIKE 'fluxrate-%'")" = 6 ] || fail "the jobs are not scheduled"
 
 # the application's login: TCP to 127.0.0.1 with the password (scram-sha-256)
 APP="host=127.0.0.1 port=$PORT dbname=billing user=billing_app password='change me'"
