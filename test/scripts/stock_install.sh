@@ -101,7 +101,7 @@ echo "$out" | grep -Eq "^subscription\|INV-$(date -u +%Y)-0002\|OPEN\|14\.40$" |
 
 echo "== health(): the jobs succeed, the e-mails without SMTP are skipped, nothing is late"
 su_psql -F ' | ' -c "SELECT area, item, status, count, detail FROM fluxrate.health" | sed 's/^/   /'
-[ "$(su_psql -c "SELECT count(*) FROM fluxrate.health WHERE area = 'job' AND status = 'ok'")" = 5 ] || fail "jobs not ok"
+[ "$(su_psql -c "SELECT count(*) FROM fluxrate.health WHERE area = 'job' AND status = 'ok'")" = 6 ] || fail "jobs not ok"
 [ "$(su_psql -c "SELECT status FROM fluxrate.health WHERE item = 'skipped'")" = warning ] || fail "skipped e-mails not reported"
 [ "$(su_psql -c "SELECT count(*) FROM fluxrate.health WHERE area IN ('closing', 'finalizing') AND status <> 'ok'")" = 0 ] \
   || fail "something is late"
