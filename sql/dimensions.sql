@@ -181,6 +181,11 @@ SELECT (SELECT id FROM fluxrate_internal.plans WHERE org_id = :'org' AND family_
 SELECT count(*) AS on_version_1 FROM fluxrate_internal.subscriptions WHERE org_id = :'org' AND plan_id = :'plan';  -- 2
 SELECT jsonb_array_length(groups) AS v1_groups FROM fluxrate_internal.charge_dimensions WHERE charge_id = :'charge';  -- 3, unchanged
 SELECT fluxrate.update_charge_price(:'plan_v2', (SELECT id FROM fluxrate_internal.charges WHERE plan_id = :'plan_v2'), unit_price => 1); -- 22023 groups
+SELECT fluxrate.set_charge_groups(:'charge', 'model', '[{"value": null, "unit_price": 2}]');  -- PT409 version 1 is superseded: edit version 2
+SELECT (fluxrate.update_charge(:'plan3', :'charge_peak', 'INACTIVE'))->>'status' AS retired;
+SELECT fluxrate.set_charge_groups(:'charge_peak', 'model', '[{"value": null, "unit_price": 1}]');  -- PT409 not active
+SELECT count(*) AS v2_dimensions FROM fluxrate_internal.charge_dimensions d JOIN fluxrate_internal.charges c ON c.id = d.charge_id
+ WHERE c.plan_id = :'plan_v2';  -- 1: nothing written by the refusals
 -- Migrated at the end of March: March is billed at version 1, April at version 2.
 -- Cy's override (gpt-large 0.008, other 0.0005) is a contract price: it follows
 -- Cy to the new version's charge (same origin, grouped on the same property).

@@ -51,10 +51,7 @@ BEGIN
   INSERT INTO fluxrate_internal.charge_overrides (org_id, subscription_id, charge_id, pricing_model, unit_price, tiers,
       package_size, package_price, free_units, groups, created_at, updated_at)
   SELECT o.org_id, o.subscription_id, nc.id, o.pricing_model, o.unit_price, o.tiers, o.package_size, o.package_price,
-         o.free_units,
-         -- a grouped override keeps its groups only if the new version's charge is grouped on the same property
-         CASE WHEN ncd.property IS NOT DISTINCT FROM ocd.property THEN o.groups END,
-         fluxrate.now(), fluxrate.now()
+         o.free_units, o.groups, fluxrate.now(), fluxrate.now()
     FROM fluxrate_internal.plans fp
     JOIN fluxrate_internal.plans tp ON tp.org_id = fp.org_id AND tp.id = carry_overrides.to_plan
          AND coalesce(tp.family_id, tp.id) = coalesce(fp.family_id, fp.id)
