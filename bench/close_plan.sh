@@ -39,7 +39,7 @@ BEGIN
               WHERE x.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE') AND x.current_period_end <= fluxrate.now()
               ORDER BY x.current_period_end, x.org_id, x.id LIMIT 2000);
   u := fluxrate_internal.sys_close_usage(b);
-  FOR r IN EXECUTE 'EXPLAIN (VERBOSE) ' || stmt USING b, fluxrate.now(), u LOOP RETURN NEXT r; END LOOP;
+  FOR r IN EXECUTE 'EXPLAIN (VERBOSE) ' || stmt USING b, fluxrate.now(), u, true, true, true LOOP RETURN NEXT r; END LOOP;
 END $$;
 SELECT '==== new' UNION ALL SELECT * FROM pg_temp.plan_of(fluxrate_internal.close_statement());
 \if :has_old

@@ -334,6 +334,11 @@ DECLARE
   v_rows bigint := 0;
   v_n bigint;
 BEGIN
+  -- (most installations price nothing by dimension: then the pass over the due
+  -- subscriptions below is skipped; else it reads those organizations only)
+  IF NOT EXISTS (SELECT 1 FROM fluxrate_internal.charge_dimensions) THEN
+    RETURN 0;
+  END IF;
   FOR g IN
     SELECT d.org_id, d.ps, d.pe, array_agg(DISTINCT c.meter_id) AS meters
       FROM (SELECT x.org_id, x.current_period_start AS ps, x.current_period_end AS pe,
@@ -342,6 +347,7 @@ BEGIN
                      WHERE l.org_id = x.org_id AND l.status IN ('TRIAL', 'ACTIVE', 'PAST_DUE')) AS subscribed
               FROM fluxrate_internal.subscriptions x
              WHERE x.status IN ('ACTIVE', 'PAST_DUE') AND x.current_period_end <= v_now
+               AND x.org_id IN (SELECT cd.org_id FROM fluxrate_internal.charge_dimensions cd)
              GROUP BY 1, 2, 3) d
       JOIN fluxrate_internal.charges c ON c.org_id = d.org_id AND c.plan_id = ANY (d.plans)
            AND c.type = 'USAGE' AND c.status = 'ACTIVE'
@@ -454,6 +460,9 @@ DECLARE
   v_rest fluxrate_internal.subscriptions[];
   v_now timestamptz := fluxrate.now();
   v_usage jsonb;
+  v_overrides boolean;
+  v_groups boolean;
+  v_discounts boolean;
 BEGIN
   PERFORM fluxrate_internal.sys_close_tables();
   PERFORM fluxrate_internal.analyze_invoices_if_outgrown();
@@ -471,8 +480,22 @@ BEGIN
   -- the fixed-amount coupons the statement's invoices may spend, locked before
   -- its snapshot (56_discounts.sql)
   PERFORM fluxrate_internal.lock_fixed_redemptions(v_rest);
+  -- the batch's shape: which of the pricing parts it needs (each a constant for
+  -- the statement's plan, which then leaves out the parts' per-row probes when
+  -- false; bench/RESULTS.md: a tenth of a batch of plain subscriptions)
+  SELECT EXISTS (SELECT 1 FROM unnest(v_rest) x JOIN fluxrate_internal.charge_overrides o
+                     ON o.org_id = x.org_id AND o.subscription_id = x.id)
+      OR EXISTS (SELECT 1 FROM unnest(v_rest) x JOIN fluxrate_internal.minimum_overrides o
+                     ON o.org_id = x.org_id AND o.subscription_id = x.id),
+         EXISTS (SELECT 1 FROM (SELECT DISTINCT x.org_id, x.plan_id FROM unnest(v_rest) x) p
+                   JOIN fluxrate_internal.charges c ON c.org_id = p.org_id AND c.plan_id = p.plan_id
+                   JOIN fluxrate_internal.charge_dimensions d ON d.org_id = c.org_id AND d.charge_id = c.id),
+         -- (per organization: a redemption may be the customer's, for all its subscriptions)
+         EXISTS (SELECT 1 FROM fluxrate_internal.coupon_redemptions r
+                  WHERE r.org_id IN (SELECT x.org_id FROM unnest(v_rest) x) AND r.status = 'ACTIVE')
+    INTO v_overrides, v_groups, v_discounts;
   -- periods, lines, invoices, advance, outbox
-  EXECUTE fluxrate_internal.close_statement() USING v_rest, v_now, v_usage;
+  EXECUTE fluxrate_internal.close_statement() USING v_rest, v_now, v_usage, v_overrides, v_groups, v_discounts;
   -- account: the run's count per subscription; one that did not advance is set aside
   PERFORM fluxrate_internal.sys_close_account(v_batch);
   RETURN cardinality(v_batch);
@@ -588,8 +611,10 @@ END
 $$;
 
 -- The parts of the closing statement (close_statement(), after them).  Each is
--- a piece of one WITH list over $1 (the claimed subscriptions), $2 (now) and $3 (the usage
--- by subscription, of sys_close_usage()), and may name the CTEs of the parts
+-- a piece of one WITH list over $1 (the claimed subscriptions), $2 (now), $3 (the usage
+-- by subscription, of sys_close_usage()) and the batch's shape: $4 (some subscription
+-- of it has an override), $5 (some plan of it has a grouped charge), $6 (its
+-- organizations have active coupon redemptions), and may name the CTEs of the parts
 -- before it.  Each step derives from the claimed rows (b, sb) and carries what
 -- it needs forward, so no step joins two large intermediate results.
 -- (bench/close_plan.sh prints its plan.)
@@ -610,14 +635,7 @@ CREATE FUNCTION fluxrate_internal.close_sql_periods() RETURNS text
                    / extract(epoch FROM (np.nominal_end - np.nominal_start)) END AS frac,
            fluxrate_internal.period_boundary(x.billing_anchor, x.billing_interval, x.alignment,
                                              x.current_period_index + 2) AS next_end,
-           (SELECT p.currency FROM fluxrate_internal.plans p WHERE p.org_id = x.org_id AND p.id = x.plan_id) AS currency,
-           -- the subscription's own minimum commitment, else the plan's (23_overrides.sql:
-           -- subscription_minimum(), inline: a scalar subquery, not a function call per row)
-           (SELECT CASE WHEN mo.subscription_id IS NOT NULL THEN mo.minimum_commitment ELSE p.minimum_commitment END
-              FROM fluxrate_internal.plans p
-              LEFT JOIN fluxrate_internal.minimum_overrides mo ON mo.org_id = x.org_id AND mo.subscription_id = x.id
-             WHERE p.org_id = x.org_id AND p.id = x.plan_id) AS minimum,
-           (SELECT p.version FROM fluxrate_internal.plans p WHERE p.org_id = x.org_id AND p.id = x.plan_id) AS plan_version,
+           pl.currency, pl.minimum, pl.version AS plan_version,
            (SELECT o.grace_period FROM fluxrate_internal.organizations o WHERE o.org_id = x.org_id) AS grace,
            -- tax_rate_for(), inline: a state-specific rate beats the country-wide one; none = 0
            coalesce((SELECT t.rate FROM fluxrate_internal.customers c, fluxrate_internal.tax_rates t
@@ -636,6 +654,15 @@ CREATE FUNCTION fluxrate_internal.close_sql_periods() RETURNS text
                         AND i.period_start = x.current_period_start LIMIT 1), false) AS already
       FROM unnest($1) x
       CROSS JOIN LATERAL fluxrate_internal.nominal_period(x) np
+      -- the plan, in one probe: its currency, version, and the subscription's own minimum
+      -- commitment, else the plan's (23_overrides.sql: subscription_minimum(), inline;
+      -- $4: the batch's organizations have overrides, else that probe is left out)
+      LEFT JOIN LATERAL (
+        SELECT p.currency, p.version,
+               CASE WHEN mo.subscription_id IS NOT NULL THEN mo.minimum_commitment ELSE p.minimum_commitment END AS minimum
+          FROM fluxrate_internal.plans p
+          LEFT JOIN fluxrate_internal.minimum_overrides mo ON $4 AND mo.org_id = x.org_id AND mo.subscription_id = x.id
+         WHERE p.org_id = x.org_id AND p.id = x.plan_id) pl ON true
      WHERE x.status <> 'TRIAL'
   ), sb AS MATERIALIZED (
     -- the subscriptions to invoice: how many charge lines, and the in-advance fees the
@@ -643,11 +670,11 @@ CREATE FUNCTION fluxrate_internal.close_sql_periods() RETURNS text
     SELECT b.*,
            -- (a grouped charge writes a line per group)
            (SELECT count(*) + coalesce(sum(CASE WHEN c.groups IS NOT NULL THEN fluxrate_internal.group_line_count(c.groups) - 1 END), 0)
-              FROM fluxrate_internal.subscription_charges(b.org_id, b.sub_id, b.plan_id) c
+              FROM fluxrate_internal.subscription_charges(b.org_id, b.sub_id, b.plan_id, $4, $5) c
              WHERE c.status = 'ACTIVE'
                AND NOT (c.type = 'FIXED' AND c.billing_timing = 'in_advance' AND b.ending))::integer AS n_main,
            CASE WHEN b.minimum IS NOT NULL THEN
-             coalesce((SELECT sum(c.unit_price * b.frac) FROM fluxrate_internal.subscription_charges(b.org_id, b.sub_id, b.plan_id) c
+             coalesce((SELECT sum(c.unit_price * b.frac) FROM fluxrate_internal.subscription_charges(b.org_id, b.sub_id, b.plan_id, $4, $5) c
                         WHERE c.status = 'ACTIVE' AND c.type = 'FIXED' AND c.billing_timing = 'in_advance'), 0) END AS advance_paid
       FROM b WHERE NOT b.already
   )
@@ -681,7 +708,7 @@ CREATE FUNCTION fluxrate_internal.close_sql_charge_lines() RETURNS text
                    CASE WHEN c.type = 'USAGE' THEN coalesce((sb.uj->'u'->>(c.id::text))::numeric,
                      fluxrate_internal.meter_usage(sb.org_id, sb.customer_id, c.meter_id, sb.ps, sb.pe)) END AS usage
               FROM sb
-              CROSS JOIN LATERAL fluxrate_internal.subscription_charges(sb.org_id, sb.sub_id, sb.plan_id) c
+              CROSS JOIN LATERAL fluxrate_internal.subscription_charges(sb.org_id, sb.sub_id, sb.plan_id, $4, $5) c
               LEFT JOIN fluxrate_internal.meters m ON m.org_id = sb.org_id AND m.id = c.meter_id
              WHERE c.status = 'ACTIVE' AND c.groups IS NULL
                AND NOT (c.type = 'FIXED' AND c.billing_timing = 'in_advance' AND sb.ending)
@@ -692,7 +719,7 @@ CREATE FUNCTION fluxrate_internal.close_sql_charge_lines() RETURNS text
                    c.package_size, c.package_price, c.free_units, c.groups, gl.gpos, gl.group_value, gl.unpriced, gl.amount,
                    false, gl.name, gl.usage
               FROM sb
-              CROSS JOIN LATERAL fluxrate_internal.subscription_charges(sb.org_id, sb.sub_id, sb.plan_id) c
+              CROSS JOIN LATERAL fluxrate_internal.subscription_charges(sb.org_id, sb.sub_id, sb.plan_id, $4, $5) c
               LEFT JOIN fluxrate_internal.meters m ON m.org_id = sb.org_id AND m.id = c.meter_id
               CROSS JOIN LATERAL fluxrate_internal.group_lines(c.groups,
                   CASE WHEN EXISTS (SELECT 1 FROM pg_temp.fr_close_group_scope gs WHERE gs.org_id = sb.org_id
@@ -702,7 +729,7 @@ CREATE FUNCTION fluxrate_internal.close_sql_charge_lines() RETURNS text
                                            AND gu.period_start = sb.ps AND gu.period_end = sb.pe), '{}'::jsonb)
                        ELSE fluxrate_internal.meter_group_usage(sb.org_id, sb.customer_id, c.meter_id, sb.ps, sb.pe) END,
                   coalesce(c.display_name, m.meter_name)) gl
-             WHERE c.status = 'ACTIVE' AND c.groups IS NOT NULL) z) y
+             WHERE $5 AND c.status = 'ACTIVE' AND c.groups IS NOT NULL) z) y
   )
 $sql$ $fn$;
 
@@ -908,7 +935,8 @@ BEGIN
          || fluxrate_internal.close_sql_minimum() || ', '
          || fluxrate_internal.close_sql_lines() || ', '
          -- the discounts read dctx (the invoices) and lines
-         || 'dctx AS (SELECT sb.org_id, sb.sub_id, sb.customer_id, sb.plan_id, sb.invoice_id, sb.currency, sb.ps, sb.pe, sb.nominal_start AS nps FROM sb), '
+         -- ($6: the batch's organizations have active redemptions; else none to read)
+         || 'dctx AS (SELECT sb.org_id, sb.sub_id, sb.customer_id, sb.plan_id, sb.invoice_id, sb.currency, sb.ps, sb.pe, sb.nominal_start AS nps FROM sb WHERE $6), '
          || fluxrate_internal.close_sql_discounts() || ', '
          || fluxrate_internal.close_sql_invoices() || ', '
          || fluxrate_internal.close_sql_advance() || ', '
