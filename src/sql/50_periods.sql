@@ -13,22 +13,10 @@
 
 -- The nominal bounds of period n of a subscription.
 CREATE FUNCTION fluxrate_internal.nominal_period(s fluxrate_internal.subscriptions, OUT nominal_start timestamptz, OUT nominal_end timestamptz)
-  LANGUAGE plpgsql IMMUTABLE
-  SET search_path = pg_catalog, pg_temp
-  AS $$
-DECLARE
-  step interval := CASE s.billing_interval WHEN 'day' THEN interval '1 day' WHEN 'week' THEN interval '7 days'
-    WHEN 'month' THEN interval '1 month' WHEN 'quarter' THEN interval '3 months' ELSE interval '1 year' END;
-BEGIN
-  nominal_end := fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, s.current_period_index + 1);
-  IF s.current_period_index = 0 AND s.alignment = 'calendar' THEN
-    -- the partial first calendar period prorates against the whole calendar interval it ends
-    nominal_start := ((nominal_end AT TIME ZONE 'UTC') - step) AT TIME ZONE 'UTC';
-  ELSE
-    nominal_start := fluxrate_internal.period_boundary(s.billing_anchor, s.billing_interval, s.alignment, s.current_period_index);
-  END IF;
-END
-$$;
+  LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE
+  -- src/periods.c: the calendar first period's nominal start is one whole
+  -- interval before its end; every other period's are boundaries n and n + 1
+  AS 'MODULE_PATHNAME', 'fr_nominal_period';
 
 -- The late-usage window, defined once for fill_lines, sys_close_batch and
 -- sys_close_prepare: the usage and late-usage lines, for periods ending by

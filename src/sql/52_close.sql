@@ -665,14 +665,9 @@ CREATE FUNCTION fluxrate_internal.close_sql_periods() RETURNS text
          WHERE p.org_id = x.org_id AND p.id = x.plan_id) pl ON true
      WHERE x.status <> 'TRIAL'
   ), sb AS MATERIALIZED (
-    -- the subscriptions to invoice: how many charge lines, and the in-advance fees the
-    -- period itself was charged (for the minimum commitment)
+    -- the subscriptions to invoice, and the in-advance fees the period itself
+    -- was charged (for the minimum commitment)
     SELECT b.*,
-           -- (a grouped charge writes a line per group)
-           (SELECT count(*) + coalesce(sum(CASE WHEN c.groups IS NOT NULL THEN fluxrate_internal.group_line_count(c.groups) - 1 END), 0)
-              FROM fluxrate_internal.subscription_charges(b.org_id, b.sub_id, b.plan_id, $4, $5) c
-             WHERE c.status = 'ACTIVE'
-               AND NOT (c.type = 'FIXED' AND c.billing_timing = 'in_advance' AND b.ending))::integer AS n_main,
            CASE WHEN b.minimum IS NOT NULL THEN
              coalesce((SELECT sum(c.unit_price * b.frac) FROM fluxrate_internal.subscription_charges(b.org_id, b.sub_id, b.plan_id, $4, $5) c
                         WHERE c.status = 'ACTIVE' AND c.type = 'FIXED' AND c.billing_timing = 'in_advance'), 0) END AS advance_paid
@@ -730,6 +725,11 @@ CREATE FUNCTION fluxrate_internal.close_sql_charge_lines() RETURNS text
                        ELSE fluxrate_internal.meter_group_usage(sb.org_id, sb.customer_id, c.meter_id, sb.ps, sb.pe) END,
                   coalesce(c.display_name, m.meter_name)) gl
              WHERE $5 AND c.status = 'ACTIVE' AND c.groups IS NOT NULL) z) y
+  ), nmain AS (
+    -- how many charge lines each invoice has: the late and minimum lines come
+    -- after them (counted from main rather than probed per subscription in sb:
+    -- main is small, and most invoices have neither)
+    SELECT m.org_id, m.sub_id, count(*)::integer AS n FROM main m GROUP BY 1, 2
   )
 $sql$ $fn$;
 
@@ -742,7 +742,9 @@ CREATE FUNCTION fluxrate_internal.close_sql_late_lines() RETURNS text
     -- priced as the subscription's charge is now (subscription_charge: its
     -- override); a grouped charge by group (group_late_usage)
     SELECT y.*, y.n_main + row_number() OVER (PARTITION BY y.org_id, y.sub_id ORDER BY y.lps, y.charge_id, y.gpos)::integer AS pos
-      FROM (SELECT sb.org_id, sb.sub_id, sb.invoice_id, sb.currency, sb.n_main, c.id AS charge_id, c.meter_id,
+      FROM (SELECT sb.org_id, sb.sub_id, sb.invoice_id, sb.currency,
+                   coalesce(nm.n, 0) AS n_main,
+                   c.id AS charge_id, c.meter_id,
                    coalesce(gl.name, c.display_name, m.meter_name) AS name, c.groups, gl.gpos, gl.group_value, gl.unpriced,
                    (e->>'ps')::timestamptz AS lps, (e->>'pe')::timestamptz AS lpe,
                    coalesce(gl.billed, (e->>'billed')::numeric) AS billed, coalesce(gl.usage_now, (e->>'now')::numeric) AS now_usage,
@@ -753,6 +755,7 @@ CREATE FUNCTION fluxrate_internal.close_sql_late_lines() RETURNS text
                                                 c.free_units, (e->>'billed')::numeric) END AS amount
               FROM sb
               CROSS JOIN LATERAL jsonb_array_elements(sb.uj->'late') e
+              LEFT JOIN nmain nm ON nm.org_id = sb.org_id AND nm.sub_id = sb.sub_id
               CROSS JOIN LATERAL fluxrate_internal.subscription_charge(sb.org_id, sb.sub_id, (e->>'c')::uuid) c
               JOIN fluxrate_internal.meters m ON m.org_id = sb.org_id AND m.id = c.meter_id
               LEFT JOIN LATERAL fluxrate_internal.group_late_usage(sb.org_id, sb.sub_id, sb.ps, c.id, c.groups,
@@ -773,9 +776,10 @@ CREATE FUNCTION fluxrate_internal.close_sql_minimum() RETURNS text
     -- fees (billed before) included, the next period's excluded; after the late lines
     SELECT sb.org_id, sb.sub_id, sb.invoice_id, sb.currency, sb.ps, sb.pe,
            sb.minimum * sb.frac - (coalesce(ms.period_sum, 0) + sb.advance_paid) AS amount,
-           sb.n_main + coalesce(nl.n, 0)::integer + 1 AS pos
+           coalesce(ms.n_main, 0) + coalesce(nl.n, 0)::integer + 1 AS pos
       FROM sb
-      LEFT JOIN (SELECT m.org_id, m.sub_id, sum(m.amount) FILTER (WHERE NOT m.advance) AS period_sum
+      LEFT JOIN (SELECT m.org_id, m.sub_id, sum(m.amount) FILTER (WHERE NOT m.advance) AS period_sum,
+                        count(*)::integer AS n_main
                    FROM main m GROUP BY 1, 2) ms ON ms.org_id = sb.org_id AND ms.sub_id = sb.sub_id
       LEFT JOIN (SELECT l.org_id, l.sub_id, count(*) AS n FROM late l GROUP BY 1, 2) nl
              ON nl.org_id = sb.org_id AND nl.sub_id = sb.sub_id
@@ -826,8 +830,10 @@ $sql$ $fn$;
 CREATE FUNCTION fluxrate_internal.close_sql_invoices() RETURNS text
   LANGUAGE sql IMMUTABLE
   AS $fn$ SELECT $sql$
-  all_lines AS (
-    -- the charge, late-usage and minimum lines, then the discounts (close_sql_discounts)
+  all_lines AS NOT MATERIALIZED (
+    -- the charge, late-usage and minimum lines, then the discounts
+    -- (close_sql_discounts); read twice, from lines and disc, both materialized:
+    -- cheaper than a third copy of every line
     SELECT l.org_id, l.sub_id, l.invoice_id, l.pos, l.line_type, l.charge_id, l.description, l.quantity, l.unit_amount,
            l.line_total, l.amount, l.line_start, l.line_end, l.meta, NULL::uuid AS redemption_id
       FROM lines l
