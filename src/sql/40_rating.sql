@@ -203,18 +203,39 @@ $$;
 CREATE FUNCTION fluxrate_internal.meter_group_usage(org_id uuid, customer_id uuid, meter_id uuid,
     period_start timestamptz, period_end timestamptz)
   RETURNS jsonb
-  LANGUAGE sql STABLE
+  LANGUAGE plpgsql STABLE
   SET search_path = pg_catalog, pg_temp
   AS $$
-  SELECT coalesce(jsonb_object_agg(q.g, q.u), '{}'::jsonb)
+DECLARE
+  v jsonb;
+BEGIN
+  -- a period with a month whose raw events were archived (33_retention.sql):
+  -- the rollups carry it by group, as meter_usage() reads them for the
+  -- ungrouped meters (a grouped charge's late usage of an archived month is
+  -- then billed from them, group by group)
+  IF EXISTS (SELECT 1 FROM fluxrate_internal.meters m
+              WHERE m.org_id = meter_group_usage.org_id AND m.id = meter_group_usage.meter_id AND m.filters = '[]'::jsonb)
+     AND EXISTS (SELECT 1 FROM fluxrate_internal.archived_events a
+                  WHERE a.org_id = meter_group_usage.org_id AND a.month < meter_group_usage.period_end
+                    AND (a.month AT TIME ZONE 'UTC' + interval '1 month') AT TIME ZONE 'UTC' > meter_group_usage.period_start) THEN
+    SELECT u.groups INTO v
+      FROM fluxrate_internal.org_period_group_usage(meter_group_usage.org_id, meter_group_usage.period_start,
+                                                    meter_group_usage.period_end, ARRAY[meter_group_usage.meter_id]) u
+     WHERE u.customer_id = meter_group_usage.customer_id;
+    RETURN coalesce(v, '{}'::jsonb);
+  END IF;
+  SELECT coalesce(jsonb_object_agg(q.g, q.u), '{}'::jsonb) INTO v
     FROM (SELECT fluxrate_internal.group_value(e.metadata, d.property, d."values") AS g,
                  CASE WHEN m.aggregation_type = 'COUNT' THEN count(*)::numeric ELSE sum(e.quantity) END AS u
             FROM fluxrate_internal.meters m
             JOIN fluxrate_internal.meter_dimensions d ON d.org_id = m.org_id AND d.meter_id = m.id
-            JOIN fluxrate_internal.usage_events e ON e.org_id = m.org_id AND e.customer_id = $2 AND e.meter_id = m.id
-                 AND e."timestamp" >= $4 AND e."timestamp" < $5
-           WHERE m.org_id = $1 AND m.id = $3 AND fluxrate_internal.filters_match(e.metadata, m.filters)
-           GROUP BY 1, m.aggregation_type) q
+            JOIN fluxrate_internal.usage_events e ON e.org_id = m.org_id AND e.customer_id = meter_group_usage.customer_id
+                 AND e.meter_id = m.id AND e."timestamp" >= meter_group_usage.period_start AND e."timestamp" < meter_group_usage.period_end
+           WHERE m.org_id = meter_group_usage.org_id AND m.id = meter_group_usage.meter_id
+             AND fluxrate_internal.filters_match(e.metadata, m.filters)
+           GROUP BY 1, m.aggregation_type) q;
+  RETURN v;
+END
 $$;
 
 -- The lines of a grouped charge for usage by group ({value: usage}, '' =

@@ -212,7 +212,9 @@ CREATE FUNCTION fluxrate_internal.max_analytics_work() RETURNS bigint
 -- (default the last 30 days up to now), by hour/day/week/month bucket of the
 -- range (at most 10,000), for all customers or one.  Only the buckets with
 -- events or usage, unless include_empty => true asks for every bucket of the
--- range (zeros included, the 0.1.0 behaviour).
+-- range (zeros included, the 0.1.0 behaviour).  Counted from the stored
+-- events: a month of the range whose raw events were archived is listed under
+-- "archived" (its usage is billed from the rollups, not shown here).
 CREATE FUNCTION fluxrate.get_meter_usage(meter_id uuid, start_date timestamptz DEFAULT NULL,
     end_date timestamptz DEFAULT NULL, group_by text DEFAULT 'day', customer_id uuid DEFAULT NULL,
     include_empty boolean DEFAULT false)
@@ -309,6 +311,16 @@ BEGIN
      WHERE coalesce(get_meter_usage.include_empty, false) OR r.n > 0 OR r.usage <> 0))
     -- the split by the meter's dimension, if it has one
     || fluxrate_internal.meter_dimension_usage(v_org, m, get_meter_usage.customer_id, v_start, v_end)
+    -- months of the range whose raw events retention archived (33_retention.sql):
+    -- the counts above are of the events still stored; said, as list_meter_events
+    -- says it (invoices bill those months from the rollups)
+    || coalesce((SELECT jsonb_build_object('archived', jsonb_agg(jsonb_build_object('month', a.month, 'events', a.events,
+                                                                                    'archived_at', a.archived_at)
+                                                                 ORDER BY a.month, a.archived_at))
+                   FROM fluxrate_internal.archived_events a
+                  WHERE a.org_id = v_org AND a.month < v_end
+                    AND (a.month AT TIME ZONE 'UTC' + interval '1 month') AT TIME ZONE 'UTC' > v_start
+                 HAVING count(*) > 0), '{}'::jsonb)
     INTO v_result;
   RETURN fluxrate_internal.ordered_json(v_result);
 END
