@@ -63,7 +63,7 @@ SELECT p->'retention'->'archived' AS archived FROM fluxrate.maintain_event_stora
 -- February 12: 11 days, but Hoarder (no retention) has a January event: January stays for everyone
 SET fluxrate.pinned_now = '2032-02-12 00:00:00+00';
 SELECT fluxrate.act_as(:'org_h', true) IS NOT NULL AS acting_h;
-SELECT f->>'meter_token' AS tok_h FROM fluxrate.create_feature('Calls', 'calls', 'meter', meter_name => 'calls',
+SELECT f->>'meter_token' AS tok_h, f->>'meter_id' AS meter_h FROM fluxrate.create_feature('Calls', 'calls', 'meter', meter_name => 'calls',
        property_name => 'n', aggregation_type => 'SUM') f \gset
 SELECT (fluxrate.track(meter_token => :'tok_h', customer_external_id => 'h', quantity => 1, "timestamp" => '2032-01-07 00:00+00'))->>'replay' AS replay;
 SELECT (fluxrate.refresh_usage_rollups())->>'skipped' AS skipped;
@@ -90,10 +90,17 @@ SELECT e->>'replay' AS replay, e->>'timestamp' AS ts
 -- live usage of January from the rollups: still 30
 SELECT fluxrate_internal.meter_usage(:'org', :'cust', :'meter', '2032-01-01', '2032-02-01') AS january_usage;
 -- the meter's analytics count the stored events, and say what was archived
-SELECT u->>'total_usage' AS stored_usage, u->'archived'->0->>'month' AS archived_month, u->'archived'->0->>'events' AS archived_events
+SELECT u->>'total_usage' AS stored_usage, json_array_length(u->'archived') AS archived_months,
+       u->'archived'->0->>'month' AS archived_month, u->'archived'->0->>'events' AS archived_events
   FROM fluxrate.get_meter_usage(:'meter', '2032-01-01', '2032-02-01', 'month') u;
 SELECT u->'archived' IS NULL AS nothing_archived_in_march
   FROM fluxrate.get_meter_usage(:'meter', '2032-03-01', '2032-04-01', 'month') u;
+-- Hoarder sees its own archived January (1 event), never Keeper's, and not Keeper's meter
+SELECT fluxrate.act_as(:'org_h', true) IS NOT NULL AS acting_h;
+SELECT json_array_length(u->'archived') AS archived_months_h, u->'archived'->0->>'events' AS archived_events_h
+  FROM fluxrate.get_meter_usage(:'meter_h', '2032-01-01', '2032-02-01', 'month') u;
+SELECT fluxrate.get_meter_usage(:'meter', '2032-01-01', '2032-02-01', 'month');   -- PT404
+SELECT fluxrate.act_as(:'org', true) IS NOT NULL AS acting;
 -- and January's tokens by model, from the rollups keyed by group (no raw event left)
 SELECT fluxrate_internal.meter_group_usage(:'org', :'cust', :'meter_t', '2032-01-01', '2032-02-01') AS january_tokens;
 

@@ -34,6 +34,19 @@ CREATE TABLE fluxrate_internal.archived_events (
   PRIMARY KEY (org_id, month, archived_at)
 );
 
+-- The organization's archived months that overlap [range_start, range_end):
+-- what meter_usage() and meter_group_usage() read from the rollups instead of
+-- the events, and what get_meter_usage() says it could not count.  Plain SQL
+-- without SET clauses, so that it is inlined into its callers' queries (they
+-- pin search_path).
+CREATE FUNCTION fluxrate_internal.archived_months(org_id uuid, range_start timestamptz, range_end timestamptz)
+  RETURNS SETOF fluxrate_internal.archived_events
+  LANGUAGE sql STABLE
+  AS $$
+  SELECT a.* FROM fluxrate_internal.archived_events a
+   WHERE a.org_id = $1 AND a.month < $3 AND (a.month AT TIME ZONE 'UTC' + interval '1 month') AT TIME ZONE 'UTC' > $2
+$$;
+
 -- The time before which the organization's raw events may leave: NULL
 -- without a retention; else the earliest of now - keep_days and, for each
 -- subscription, the start of its first invoice not finalized keep_days ago

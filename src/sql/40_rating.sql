@@ -127,9 +127,7 @@ BEGIN
   -- the usage rollups carry it, for the meters they hold (late usage of an
   -- archived period is then billed from them)
   IF m.filters = '[]'::jsonb AND m.aggregation_type IN ('SUM', 'COUNT', 'MAX', 'MIN', 'AVG')
-     AND EXISTS (SELECT 1 FROM fluxrate_internal.archived_events a
-                  WHERE a.org_id = meter_usage.org_id AND a.month < meter_usage.period_end
-                    AND (a.month AT TIME ZONE 'UTC' + interval '1 month') AT TIME ZONE 'UTC' > meter_usage.period_start) THEN
+     AND EXISTS (SELECT 1 FROM fluxrate_internal.archived_months(meter_usage.org_id, meter_usage.period_start, meter_usage.period_end)) THEN
     SELECT u.usage INTO v
       FROM fluxrate_internal.org_period_usage(meter_usage.org_id, meter_usage.period_start, meter_usage.period_end,
                                               m.aggregation_type, ARRAY[meter_usage.meter_id]) u
@@ -215,9 +213,8 @@ BEGIN
   -- then billed from them, group by group)
   IF EXISTS (SELECT 1 FROM fluxrate_internal.meters m
               WHERE m.org_id = meter_group_usage.org_id AND m.id = meter_group_usage.meter_id AND m.filters = '[]'::jsonb)
-     AND EXISTS (SELECT 1 FROM fluxrate_internal.archived_events a
-                  WHERE a.org_id = meter_group_usage.org_id AND a.month < meter_group_usage.period_end
-                    AND (a.month AT TIME ZONE 'UTC' + interval '1 month') AT TIME ZONE 'UTC' > meter_group_usage.period_start) THEN
+     AND EXISTS (SELECT 1 FROM fluxrate_internal.archived_months(meter_group_usage.org_id, meter_group_usage.period_start,
+                                                                 meter_group_usage.period_end)) THEN
     SELECT u.groups INTO v
       FROM fluxrate_internal.org_period_group_usage(meter_group_usage.org_id, meter_group_usage.period_start,
                                                     meter_group_usage.period_end, ARRAY[meter_group_usage.meter_id]) u

@@ -317,9 +317,7 @@ BEGIN
     || coalesce((SELECT jsonb_build_object('archived', jsonb_agg(jsonb_build_object('month', a.month, 'events', a.events,
                                                                                     'archived_at', a.archived_at)
                                                                  ORDER BY a.month, a.archived_at))
-                   FROM fluxrate_internal.archived_events a
-                  WHERE a.org_id = v_org AND a.month < v_end
-                    AND (a.month AT TIME ZONE 'UTC' + interval '1 month') AT TIME ZONE 'UTC' > v_start
+                   FROM fluxrate_internal.archived_months(v_org, v_start, v_end) a
                  HAVING count(*) > 0), '{}'::jsonb)
     INTO v_result;
   RETURN fluxrate_internal.ordered_json(v_result);
